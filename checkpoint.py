@@ -1,0 +1,242 @@
+"""The one checkpoint format, writer and loader (training resume, inference, eval, GRPO seed).
+
+Layout: RUN_DIR/checkpoints/step_XXXXXXX/ with
+  model.safetensors   raw weights (no `module.` / `_orig_mod.` prefixes)
+  ema.safetensors     EMA weights (absent when EMA is off)
+  state.pt            optimizer, step, data position, RNG, ... (torch.load(weights_only=True))
+  config.yaml         the resolved config of the run
+  manifest.json       sha256 + size of every file above and `meta` (sample_shape, ...); written last
+A checkpoint is written to a hidden temp dir and renamed into place, so a directory named
+step_* is complete unless its bytes were damaged later, which the manifest catches.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or incompatible."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    config: DictConfig
+    model: dict[str, torch.Tensor] | None
+    ema: dict[str, torch.Tensor] | None
+    state: dict | None
+    meta: dict  # free-form facts for loaders, e.g. sample_shape, num_classes
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP's `module.` and torch.compile's `_orig_mod.` prefixes; contiguous CPU copies."""
+    out = {}
+    for name, tensor in state_dict.items():
+        name = name.replace("_orig_mod.", "").removeprefix("module.").replace(".module.", ".")
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    state: dict,
+    config: DictConfig,
+    keep_last: int | None = None,
+    meta: dict | None = None,
+) -> Path:
+    """Atomically write step_XXXXXXX under run_dir/checkpoints; returns its path.
+
+    Writing the same step twice keeps the first copy if it verifies (a re-save after resume
+    is a no-op) and refuses otherwise: nothing already saved is overwritten.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    if final.exists():
+        verify_checkpoint(final)
+        return final
+    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save; never complete
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
+    tmp.mkdir()
+    files = {"model.safetensors": lambda p: save_file(clean_state_dict(model), p)}
+    if ema is not None:
+        files["ema.safetensors"] = lambda p: save_file(clean_state_dict(ema), p)
+    files["state.pt"] = lambda p: torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, p)
+    files["config.yaml"] = lambda p: Path(p).write_text(OmegaConf.to_yaml(config, resolve=True))
+    for name, write in files.items():
+        write(str(tmp / name))
+    _write_manifest(tmp, step, list(files), meta or {})
+    _fsync_dir(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep_last:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def _write_manifest(directory: Path, step: int, names: list[str], meta: dict) -> None:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "meta": meta,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": {n: {"sha256": _sha256(directory / n), "bytes": (directory / n).stat().st_size} for n in names},
+    }
+    with open(directory / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check the manifest against the files; returns the manifest or raises CheckpointError."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no manifest.json: it is incomplete (interrupted save?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path}: manifest.json is unreadable ({e})") from None
+    for required in ("model.safetensors", "state.pt", "config.yaml"):
+        if required not in files:
+            raise CheckpointError(f"checkpoint {path}: manifest does not list {required}")
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if file.stat().st_size != meta["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} has {file.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)"
+            )
+        if _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} fails its sha256 check (corrupted on disk)")
+    return manifest
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every step_* dir under run_dir/checkpoints, oldest first (unverified)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def latest_valid_checkpoint(run_dir: str | Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies. Damaged newer ones are reported (never silently
+    skipped) and renamed to step_*.corrupt so a later save cannot collide with them."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            quarantined = path.with_name(f"{path.name}.corrupt")
+            log(f"WARNING: {e}; moving it aside to {quarantined.name} and trying the previous checkpoint")
+            if not quarantined.exists():
+                path.rename(quarantined)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, a run dir, or RUN_DIR/checkpoints/latest -> a verified checkpoint dir."""
+    path = Path(path)
+    if path.name == "latest" and not path.exists():
+        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if (path / "manifest.json").is_file() or STEP_DIR.match(path.name):
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        verify_checkpoint(path)
+        return path
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = latest_valid_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"run dir {path} holds no complete checkpoint under {path / 'checkpoints'}")
+        return found
+    raise CheckpointError(
+        f"{path} is neither a checkpoint dir (with manifest.json), a run dir (with checkpoints/), "
+        f"nor RUN_DIR/checkpoints/latest"
+    )
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location="cpu",
+    load_model: bool = True,
+    load_ema: bool = True,
+    load_state: bool = True,
+) -> Checkpoint:
+    """Resolve, verify and read a checkpoint; each part can be skipped (selective loading)."""
+    path = resolve_checkpoint(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    device = str(map_location)
+    model = load_file(str(path / "model.safetensors"), device=device) if load_model else None
+    ema = None
+    if load_ema and (path / "ema.safetensors").is_file():
+        ema = load_file(str(path / "ema.safetensors"), device=device)
+    state = torch.load(path / "state.pt", map_location=map_location, weights_only=True) if load_state else None
+    config = OmegaConf.create((path / "config.yaml").read_text())
+    return Checkpoint(path=path, step=int(manifest["step"]), config=config, model=model, ema=ema, state=state,
+                      meta=manifest.get("meta", {}))
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict) with one readable error naming what does not match."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not fit this model (was it trained with another model config?)"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(weights, strict=True)
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step_* checkpoints."""
+    for _, path in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,349 @@
+"""Config schema and loading: Hydra composes `configs/`, this file types and validates it.
+
+Entry points call `load_config(argv)` once; everything after works on a validated, read-only
+DictConfig. Swappable parts (model, dataset, scheduler, time sampler, weighting) are written as
+`{name: <registry key>, <constructor kwargs>...}` and checked against the constructor's signature,
+so a typo fails before any work with the key and the allowed values in the message.
+"""
+
+import dataclasses
+import inspect
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot work; the message names the key and what is allowed."""
+
+
+@dataclass
+class FlowConfig:
+    scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "condot"})
+    prediction: str = "velocity"  # what the network outputs: velocity | data | noise
+    denominator_min: float = 0.05  # clip on 1-t (data prediction) / t (noise prediction), as in JiT
+    time_sampler: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
+    weighting: dict[str, Any] = field(default_factory=lambda: {"name": "uniform"})
+
+
+@dataclass
+class TrainingConfig:
+    run_dir: str | None = None  # default runs/<experiment>_<timestamp>, chosen once on rank 0
+    resume: str | None = None  # null | auto | PATH (checkpoint dir, run dir or RUN/checkpoints/latest)
+    epochs: int = 100  # sets the LR-schedule horizon: epochs * steps_per_epoch optimizer steps
+    max_steps: int | None = None  # caps optimizer steps without changing the schedule horizon
+    batch_size: int = 128  # global batch (all ranks, all accumulation micro-steps)
+    grad_accum: int = 1  # micro-steps per optimizer step on each rank
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    ema: bool = True
+    ema_decay: float = 0.999
+    ema_warmup: bool = True  # effective decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    p_uncond: float = 0.1  # label dropout to the null label, for classifier-free guidance
+    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | none
+    compile: bool | None = None  # torch.compile the model; null = on for CUDA, off elsewhere
+    checkpoint_every: int = 1000  # optimizer steps; a final checkpoint is always written
+    keep_last: int = 3  # complete checkpoints kept
+    log_every: int = 100
+    eval_every: int = 0  # sample figures / metrics; 0 = only at the end
+    num_eval_samples: int = 512  # samples drawn for figures and metrics
+    max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar (rank 0 only)
+
+
+@dataclass
+class SolverConfig:
+    method: str = "heun"  # euler | midpoint | heun | rk4 | dopri5
+    num_steps: int = 32
+    grid: str = "uniform"  # uniform | shifted | edm
+    shift: float = 1.0
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    guidance_scale: float = 1.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    ep_cfg: bool = False  # energy-preserving CFG
+
+
+@dataclass
+class Config:
+    experiment: str = "custom"  # filled from the chosen experiment preset
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": "moons"})
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "mlp"})
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+LR_SCHEDULES = ("cosine", "constant")
+AMP_MODES = ("auto", "bf16", "none")
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Hydra composition of configs/ with command-line overrides; Hydra errors reworded.
+
+    `inference` lives in its own directory, configs/inference/, so that its scalar keys
+    (`solver=heun`) are not mistaken for the training config groups of the same name.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    # The typed schemas are the first entry of each primary config's defaults list, so every
+    # key they declare can be overridden from the command line and is type-checked on the way in.
+    ConfigStore.instance().store(name="train_schema", node=Config)
+    ConfigStore.instance().store(name="inference_schema", node=InferenceConfig)
+    GlobalHydra.instance().clear()
+    config_dir = CONFIG_DIR / "inference" if config_name == "inference" else CONFIG_DIR
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        except HydraException as e:
+            raise ConfigError(_reword_hydra_error(e)) from None
+    choices = cfg.hydra.runtime.choices
+    with _open(cfg):
+        if "experiment" in choices and choices.experiment is not None:
+            cfg.experiment = choices.experiment
+        del cfg["hydra"]
+    return cfg
+
+
+def load_config(overrides: list[str]) -> DictConfig:
+    """argv overrides -> validated, read-only training config."""
+    return validate(compose(overrides))
+
+
+def _reword_hydra_error(error: Exception) -> str:
+    message = f"{error}\n{error.__cause__ or ''}"
+    full_key = re.search(r"full_key: (\S+)", message)
+    if "could not be converted" in message or "Value '" in message and "is not a valid" in message:
+        detail = next(line for line in message.splitlines() if "Value '" in line)
+        return f"config key '{full_key.group(1) if full_key else '?'}' has a value of the wrong type: {detail.strip()}"
+    match = re.search(r"Could not override '([^']+)'", message)
+    cause = str(error.__cause__ or "")
+    if match and ("To append to your config" in message or "not in struct" in cause):
+        key = match.group(1)
+        parent = key.rpartition(".")[0]
+        allowed = _allowed_keys(Config, parent)
+        hint = f"; allowed keys under '{parent or '<root>'}': {', '.join(allowed)}" if allowed else ""
+        return f"unknown config key '{key}'{hint} (prefix a new key with '+' only for free-form groups such as model/dataset)"
+    return message
+
+
+def _allowed_keys(schema, dotted_parent: str) -> list[str]:
+    for part in [p for p in dotted_parent.split(".") if p]:
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields or not dataclasses.is_dataclass(fields[part].default_factory()):
+            return []
+        schema = type(fields[part].default_factory())
+    return [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+
+
+class _open:
+    """Temporarily lift OmegaConf's struct/readonly flags."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def __enter__(self):
+        OmegaConf.set_struct(self.cfg, False)
+        OmegaConf.set_readonly(self.cfg, False)
+
+    def __exit__(self, *exc):
+        OmegaConf.set_struct(self.cfg, True)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def apply_schema(cfg: DictConfig, schema=Config) -> DictConfig:
+    """Merge into the typed schema: unknown keys and wrong types fail with the key named."""
+    _check_known_keys(cfg, schema)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except ConfigKeyError as e:
+        key = e.full_key or ""
+        parent = key.rpartition(".")[0]
+        allowed = _allowed_keys(schema, parent)
+        raise ConfigError(f"unknown config key '{key}'; allowed keys under '{parent or '<root>'}': {', '.join(allowed)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"config key '{e.full_key}' has a value of the wrong type: {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config error at '{getattr(e, 'full_key', '?')}': {e}") from None
+
+
+def _check_known_keys(cfg: DictConfig, schema, prefix: str = "") -> None:
+    """Keys added with '+' slip past Hydra's struct check; catch them here."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            parent = prefix.rstrip(".")
+            raise ConfigError(
+                f"unknown config key '{full}'; allowed keys under '{parent or '<root>'}': {', '.join(fields)}"
+            )
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(default) and isinstance(cfg[key], DictConfig):
+            _check_known_keys(cfg[key], type(default), f"{full}.")
+
+
+def check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check(condition: bool, key: str, value, requirement: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r}: {requirement}")
+
+
+def check_spec(key: str, spec, registry: dict, skip: tuple[str, ...] = ()) -> None:
+    """A `{name: ..., **kwargs}` spec must name a registry entry and only pass its arguments."""
+    if not isinstance(spec, (dict, DictConfig)) or "name" not in spec:
+        raise ConfigError(f"{key} must be a mapping with a 'name' key; choose one of: {', '.join(registry)}")
+    check_choice(f"{key}.name", spec["name"], registry)
+    target = registry[spec["name"]]
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and inspect.isclass(target):
+        # e.g. ClassCondMLP(num_classes, **mlp_kwargs): accept the parent's arguments too
+        params = {**params, **{k: v for base in target.__mro__[1:] if "__init__" in vars(base)
+                               for k, v in inspect.signature(base.__init__).parameters.items()}}
+    allowed = [p for p in params if p not in ("self", "args", "kwargs", "mlp_kwargs", *skip)
+               and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    for arg in spec:
+        if arg != "name" and arg not in allowed:
+            raise ConfigError(f"{key}.{arg} is not an argument of {key} '{spec['name']}'; allowed: {', '.join(allowed)}")
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Type-check and range-check a composed training config; returns it read-only."""
+    import datasets
+    import flow
+    import models
+
+    cfg = apply_schema(cfg)
+    tr, so, fl = cfg.training, cfg.solver, cfg.flow
+    check_choice("device", cfg.device, DEVICES)
+    check_spec("dataset", cfg.dataset, datasets.DATASETS, skip=("device",))
+    check_spec("model", cfg.model, models.MODELS)
+    check_spec("flow.scheduler", fl.scheduler, flow.SCHEDULERS)
+    check_spec("flow.time_sampler", fl.time_sampler, flow.TIME_SAMPLERS)
+    check_spec("flow.weighting", fl.weighting, flow.LOSS_WEIGHTINGS)
+    check_choice("flow.prediction", fl.prediction, flow.PREDICTIONS)
+    check(0 < fl.denominator_min < 1, "flow.denominator_min", fl.denominator_min, "must be in (0, 1)")
+
+    check(tr.lr > 0, "training.lr", tr.lr, "must be > 0")
+    check(tr.epochs >= 1, "training.epochs", tr.epochs, "must be >= 1")
+    check(tr.max_steps is None or tr.max_steps >= 0, "training.max_steps", tr.max_steps, "must be >= 0 or null")
+    check(tr.batch_size >= 1, "training.batch_size", tr.batch_size, "must be >= 1")
+    check(tr.grad_accum >= 1, "training.grad_accum", tr.grad_accum, "must be >= 1")
+    check(0 <= tr.p_uncond < 1, "training.p_uncond", tr.p_uncond, "must be in [0, 1)")
+    check(0 <= tr.ema_decay < 1, "training.ema_decay", tr.ema_decay, "must be in [0, 1)")
+    check(tr.weight_decay >= 0, "training.weight_decay", tr.weight_decay, "must be >= 0")
+    check(tr.grad_clip >= 0, "training.grad_clip", tr.grad_clip, "must be >= 0 (0 disables)")
+    check(tr.warmup_steps >= 0, "training.warmup_steps", tr.warmup_steps, "must be >= 0")
+    check(0 <= tr.min_lr_ratio <= 1, "training.min_lr_ratio", tr.min_lr_ratio, "must be in [0, 1]")
+    check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "training.betas", list(tr.betas), "must be two values in [0, 1)")
+    check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
+    check_choice("training.amp", tr.amp, AMP_MODES)
+    for key in ("checkpoint_every", "keep_last", "log_every", "num_eval_samples", "max_nonfinite_steps"):
+        check(tr[key] >= 1, f"training.{key}", tr[key], "must be >= 1")
+    check(tr.eval_every >= 0, "training.eval_every", tr.eval_every, "must be >= 0 (0 = only at the end)")
+    check(tr.resume in (None, "auto") or bool(tr.resume), "training.resume", tr.resume, "must be null, 'auto' or a path")
+    validate_solver(so, "solver")
+    return _freeze(cfg)
+
+
+def validate_solver(so, key: str) -> None:
+    import ode_solvers
+
+    check_choice(f"{key}.method", so.method, ode_solvers.METHODS)
+    check(so.num_steps >= 1, f"{key}.num_steps", so.num_steps, "must be >= 1")
+    check_choice(f"{key}.grid", so.grid, ode_solvers.GRIDS)
+    check(so.shift > 0, f"{key}.shift", so.shift, "must be > 0")
+    check(so.guidance_scale >= 0, f"{key}.guidance_scale", so.guidance_scale, "must be >= 0")
+    interval = list(so.guidance_interval)
+    check(len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1, f"{key}.guidance_interval", interval,
+          "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+
+
+def _freeze(cfg: DictConfig) -> DictConfig:
+    OmegaConf.set_readonly(cfg, True)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def to_plain(node) -> Any:
+    """DictConfig/ListConfig -> plain Python containers (for **kwargs)."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def spec_kwargs(spec) -> tuple[str, dict]:
+    """`{name: x, a: 1}` -> ("x", {"a": 1})."""
+    plain = dict(to_plain(spec))
+    return plain.pop("name"), plain
+
+
+# --- building objects from config (entry points only) ---------------------------------------------
+
+
+def build_model(model_cfg):
+    from models import MODELS
+
+    name, kwargs = spec_kwargs(model_cfg)
+    return MODELS[name](**kwargs)
+
+
+def build_flow(flow_cfg):
+    """-> (path, time_sampler, weighting)."""
+    import flow
+
+    scheduler, scheduler_kwargs = spec_kwargs(flow_cfg.scheduler)
+    path = flow.make_path(scheduler, denominator_min=flow_cfg.denominator_min, **scheduler_kwargs)
+    sampler_name, sampler_kwargs = spec_kwargs(flow_cfg.time_sampler)
+    weighting_name, weighting_kwargs = spec_kwargs(flow_cfg.weighting)
+    time_sampler = flow.make_time_sampler(sampler_name, **sampler_kwargs)
+    weighting = flow.make_loss_weighting(weighting_name, **weighting_kwargs)
+    return path, time_sampler, weighting
+
+
+@dataclass
+class InferenceConfig:
+    """`python inference.py` keys; null falls back to the checkpoint's own solver settings."""
+
+    checkpoint: str | None = None  # required: checkpoint dir, run dir, or RUN_DIR/checkpoints/latest
+    out: str = "samples"
+    n_per_class: int = 8  # class-conditional models
+    num_samples: int = 64  # unconditional models
+    seed: int = 0
+    device: str = "auto"
+    use_ema: bool = True
+    batch_size: int = 1024
+    solver: str | None = None
+    num_steps: int | None = None
+    grid: str | None = None
+    shift: float | None = None
+    guidance_scale: float | None = None
+    guidance_interval: list[float] | None = None
+    ep_cfg: bool | None = None

@@ -1,0 +1,76 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The suite runs tiny models on a 2-core machine, often beside other processes: one intra-op
+# thread avoids OpenMP oversubscription, which made small ops 10-50x slower here.
+torch.set_num_threads(1)
+
+# Small, fast moons settings shared by the trainer tests.
+FAST = ["training.progress=false", "training.tensorboard=false", "training.num_eval_samples=200",
+        "training.log_every=10", "solver.num_steps=4"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_train(run_dir, *overrides):
+    """train.main in-process; returns its exit code."""
+    import train
+
+    return train.main([f"training.run_dir={run_dir}", *FAST, *overrides])
+
+
+def train_subprocess(run_dir, *overrides, wrapper: str | None = None, **popen):
+    """`python train.py ...` (or a wrapper script that patches then calls train.main) as a real process."""
+    args = [f"training.run_dir={run_dir}", *FAST, *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if wrapper is None:
+        command = [sys.executable, str(ROOT / "train.py"), *args]
+    else:
+        command = [sys.executable, "-c", wrapper, *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def final_state(run_dir):
+    """(model, ema, optimizer state) of the newest checkpoint of a run."""
+    import checkpoint
+
+    path = checkpoint.resolve_checkpoint(run_dir)
+    state = torch.load(path / "state.pt", weights_only=True)
+    return load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors")), state["optimizer"], path
+
+
+def assert_same_state(a, b):
+    model_a, ema_a, opt_a, _ = a
+    model_b, ema_b, opt_b, _ = b
+    for one, two in ((model_a, model_b), (ema_a, ema_b)):
+        assert one.keys() == two.keys()
+        for key in one:
+            assert torch.equal(one[key], two[key]), key
+    assert opt_a["state"].keys() == opt_b["state"].keys()
+    for index in opt_a["state"]:
+        for name, value in opt_a["state"][index].items():
+            assert torch.equal(value, opt_b["state"][index][name]), (index, name)
+
+
+def states_equal(a, b) -> bool:
+    try:
+        assert_same_state(a, b)
+        return True
+    except AssertionError:
+        return False

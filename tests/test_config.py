@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from config import CONFIG_DIR, ConfigError, compose, load_config
+
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def test_presets_exist():
+    assert {"moons", "moons_cfg"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset):
+    cfg = load_config([f"experiment={preset}"])
+    assert cfg.experiment == preset
+    assert cfg.training.lr > 0
+
+
+def test_default_is_moons_cfg():
+    cfg = load_config([])
+    assert cfg.experiment == "moons_cfg"
+    assert cfg.model.name == "class_cond_mlp"
+
+
+def test_config_is_read_only():
+    cfg = load_config([])
+    from omegaconf.errors import ReadonlyConfigError
+
+    with pytest.raises(ReadonlyConfigError):
+        cfg.training.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        (["training.lrr=1"], ["training.lrr", "allowed keys", "lr", "batch_size"]),
+        (["+training.lrr=1"], ["training.lrr", "allowed keys", "lr"]),
+        (["training.lr=abc"], ["training.lr", "wrong type"]),
+        (["training.lr=-0.1"], ["training.lr", "-0.1", "> 0"]),
+        (["training.p_uncond=1.0"], ["training.p_uncond", "[0, 1)"]),
+        (["training.p_uncond=-0.2"], ["training.p_uncond"]),
+        (["solver.guidance_interval=[0.8,0.2]"], ["solver.guidance_interval", "t_lo <= t_hi"]),
+        (["solver.method=leapfrog"], ["solver.method", "leapfrog", "heun", "dopri5"]),
+        (["experiment=nope"], ["experiment", "nope", "moons_cfg"]),
+        (["device=tpu"], ["device", "tpu", "cuda", "mps"]),
+        (["+model.hidden_dimm=3"], ["model.hidden_dimm", "allowed", "hidden_dim"]),
+        (["model.name=transformer"], ["model.name", "transformer", "mlp"]),
+        (["flow.prediction=score"], ["flow.prediction", "velocity", "data", "noise"]),
+        (["flow.time_sampler.name=gamma"], ["flow.time_sampler.name", "logit_normal"]),
+        (["training.lr_schedule=step"], ["training.lr_schedule", "cosine", "constant"]),
+    ],
+)
+def test_bad_config_fails_with_key_and_allowed_values(override, fragments):
+    with pytest.raises(ConfigError) as error:
+        load_config(override)
+    message = str(error.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_overrides_apply():
+    cfg = load_config(["experiment=moons", "training.lr=0.01", "+flow.time_sampler.mean=0.5",
+                       "flow.time_sampler.name=logit_normal", "seed=3"])
+    assert cfg.training.lr == 0.01 and cfg.seed == 3
+    assert cfg.flow.time_sampler.mean == 0.5
+    assert cfg.model.name == "mlp"
+
+
+def test_inference_config_composes():
+    cfg = compose(["checkpoint=runs/x/checkpoints/latest", "guidance_scale=3"], config_name="inference")
+    assert cfg.checkpoint.endswith("latest") and cfg.guidance_scale == 3
+
+
+def test_run_dir_default_is_experiment_and_timestamp():
+    import torch
+
+    from train import Runtime, resolve_run_dir
+
+    cfg = load_config([])
+    run_dir = resolve_run_dir(cfg, Runtime(device=torch.device("cpu")))
+    assert run_dir.parent == Path("runs") and run_dir.name.startswith("moons_cfg_")
+    with pytest.raises(ConfigError, match="training.run_dir"):
+        resolve_run_dir(load_config(["training.resume=auto"]), Runtime(device=torch.device("cpu")))

@@ -1,0 +1,28 @@
+"""torchrun with 2 CPU processes (gloo) trains the same model as 1 process with the same global batch."""
+
+import subprocess
+import sys
+
+import torch
+
+from conftest import FAST, ROOT, final_state, run_train
+
+ARGS = ["training.max_steps=20", "training.checkpoint_every=10", "training.batch_size=64"]
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               f"training.run_dir={tmp_path / 'ddp'}", *FAST, *ARGS]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # One process doing the same 2 micro-batches by accumulation = the same global batch and draws.
+    assert run_train(tmp_path / "single", *ARGS, "training.grad_accum=2") == 0
+    ddp, single = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
+    for key in single[0]:
+        torch.testing.assert_close(ddp[0][key], single[0][key], rtol=1e-5, atol=1e-6)
+    for key in single[1]:
+        torch.testing.assert_close(ddp[1][key], single[1][key], rtol=1e-5, atol=1e-6)
+    # only rank 0 wrote: exactly one metrics file and one set of checkpoints
+    assert [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()] == ["step_0000020"] or \
+        sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]
