@@ -373,6 +373,13 @@ def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, cl
     return figure
 
 
+def close_figure(figure) -> None:
+    """pyplot keeps every figure alive until closed."""
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
 def save_samples(samples: Tensor, labels: Tensor | None, out_dir, figure) -> None:
     """Write out_dir/samples.png and out_dir/samples.npz.
 
@@ -452,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset_name = loaded.config.dataset.name
     figure = samples_figure(samples, labels, dataset_name)
     save_samples(samples, labels, cfg.out, figure)
+    close_figure(figure)
     print(
         f"{len(samples)} samples from {loaded.path} (step {loaded.step}, solver {solver.method} x{solver.num_steps}, "
         f"guidance {solver.guidance_scale}) -> {Path(cfg.out) / 'samples.png'}, {Path(cfg.out) / 'samples.npz'}"

@@ -479,6 +479,7 @@ class Trainer:
         if final:
             inference.save_samples(samples, labels, self.run_dir, figure)
             self.log.print(f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        inference.close_figure(figure)
         self.model.train()
 
 
