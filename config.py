@@ -53,6 +53,7 @@ class TrainingConfig:
     p_uncond: float = 0.1  # label dropout to the null label, for classifier-free guidance
     amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | none
     compile: bool | None = None  # torch.compile the model; null = on for CUDA, off elsewhere
+    channels_last: bool | None = None  # NHWC activations for image models; null = on for image data
     checkpoint_every: int = 1000  # optimizer steps; a final checkpoint is always written
     keep_last: int = 3  # complete checkpoints kept
     log_every: int = 100

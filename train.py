@@ -173,8 +173,12 @@ class EMA:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        weight = 1.0 - self.current_decay()
+    def update(self, model: torch.nn.Module, skip: torch.Tensor | None = None) -> None:
+        """skip: optional bool scalar on the device; when true the average is left unchanged
+        (a skipped optimizer step), decided without a host sync."""
+        weight = torch.tensor(1.0 - self.current_decay(), device=next(model.parameters()).device)
+        if skip is not None:
+            weight = weight * (~skip)
         ema_params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], weight)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
@@ -220,12 +224,17 @@ class Trainer:
         self.total_steps = tr.epochs * self.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
 
-        fused = device.type == "cuda"
+        # Fused AdamW (one kernel per step; also the fastest on CPU here) takes `found_inf`, which
+        # skips a non-finite step on the device: no host sync per step to decide it.
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, fused=fused
+            self.model.parameters(), lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, fused=True
         )
         self.ema = EMA(self.model, tr.ema_decay, tr.ema_warmup) if tr.ema else None
         self.amp_dtype = torch.bfloat16 if tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda") else None
+        image_data = len(self.dataset.sample_shape) == 3
+        self.channels_last = image_data and (tr.channels_last if tr.channels_last is not None else True)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         use_compile = tr.compile if tr.compile is not None else device.type == "cuda"
         self.forward_model = torch.compile(self.model) if use_compile else self.model
         if runtime.distributed:
@@ -235,8 +244,10 @@ class Trainer:
             self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids)
         self.generator = torch.Generator(device=device)
         self.step = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row = torch.zeros((), dtype=torch.long, device=device)
         self.stop_requested = False
+        # A CPU-side (gloo) group for the SIGTERM vote, so agreeing on it never syncs the GPU.
+        self.control_group = dist.new_group(backend="gloo") if runtime.distributed else None
         self._permutation = (None, None)  # (epoch, permutation) cache
 
     # -- state --
@@ -245,7 +256,7 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "ema_num_updates": self.ema.num_updates if self.ema else 0,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "nonfinite_in_a_row": int(self.nonfinite_in_a_row),
             # The data position and every RNG stream are functions of the step (module docstring),
             # so these are recorded for inspection, not needed to resume.
             "epoch": self.step // self.steps_per_epoch,
@@ -300,7 +311,7 @@ class Trainer:
             ckpt.load_weights(self.ema.model, loaded.ema, f"checkpoint {loaded.path} (ema)")
             self.ema.num_updates = int(loaded.state["ema_num_updates"])
         self.optimizer.load_state_dict(loaded.state["optimizer"])
-        self.nonfinite_in_a_row = int(loaded.state["nonfinite_in_a_row"])
+        self.nonfinite_in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
         self.log.print(f"resumed from {loaded.path} at step {self.step}")
 
@@ -320,6 +331,8 @@ class Trainer:
         x1, y = self.dataset.batch(indices, self.generator)
         t = self.time_sampler(x1.shape[0], self.generator, self.runtime.device)
         eps = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        if self.channels_last:
+            x1, eps = (v.contiguous(memory_format=torch.channels_last) for v in (x1, eps))
         if self.conditional:
             drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.cfg.training.p_uncond
             y = torch.where(drop, torch.full_like(y, self.model.num_classes), y)
@@ -355,19 +368,12 @@ class Trainer:
         max_norm = tr.grad_clip if tr.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         # DDP has averaged the gradients, so every rank sees the same norm and skips together.
-        if torch.isfinite(grad_norm):
-            self.optimizer.step()
-            if self.ema:
-                self.ema.update(self.model)
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.log.print(f"step {step}: non-finite loss/grad norm, step skipped ({self.nonfinite_in_a_row} in a row)")
-            if self.nonfinite_in_a_row >= tr.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self.nonfinite_in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = "
-                    f"{tr.max_nonfinite_steps}); aborting. The last checkpoint is untouched."
-                )
+        nonfinite = ~torch.isfinite(grad_norm)
+        self.optimizer.found_inf = nonfinite.float()
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model, skip=nonfinite)
+        self.nonfinite_in_a_row = torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_sum / tr.grad_accum, grad_norm, torch.cat(per_sample_all), torch.cat(t_all)
@@ -406,9 +412,20 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         if not self.runtime.distributed:
             return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([float(self.stop_requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(flag.item())
+
+    def _check_nonfinite(self) -> None:
+        """Read at log and checkpoint boundaries only (a host sync). Skipped steps leave the weights,
+        EMA and optimizer untouched, so a late abort loses nothing."""
+        in_a_row = int(self.nonfinite_in_a_row)
+        limit = self.cfg.training.max_nonfinite_steps
+        if in_a_row >= limit:
+            raise RuntimeError(
+                f"{in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = {limit}) ending at step "
+                f"{self.step}; aborting. The last checkpoint is untouched."
+            )
 
     def _loop(self) -> None:
         from tqdm import tqdm
@@ -421,21 +438,28 @@ class Trainer:
         bin_counts = torch.zeros(T_BINS, device=device)
         loss_sum = torch.zeros((), device=device)
         norm_sum = torch.zeros((), device=device)
+        skipped = torch.zeros((), device=device)
         window_steps, window_start = 0, time.perf_counter()
         while self.step < self.target_steps:
             loss, grad_norm, per_sample, t = self.train_step()
+            # Skipped (non-finite) steps are kept out of every logged mean.
+            finite = torch.isfinite(grad_norm)
             bins = (t * T_BINS).long().clamp_(0, T_BINS - 1)
-            bin_sums.index_add_(0, bins, per_sample.float())
-            bin_counts.index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float32))
-            loss_sum += loss
-            norm_sum += torch.nan_to_num(grad_norm, nan=0.0, posinf=0.0)
+            bin_sums.index_add_(0, bins, torch.where(finite, per_sample.float(), 0.0))
+            bin_counts.index_add_(0, bins, finite.float().expand(per_sample.shape))
+            loss_sum += torch.where(finite, loss, 0.0)
+            norm_sum += torch.where(finite, grad_norm, 0.0)
+            skipped += (~finite).float()
             window_steps += 1
             bar.update(1)
             if self.step % tr.log_every == 0 or self.step == self.target_steps:
+                self._check_nonfinite()
                 elapsed = time.perf_counter() - window_start
+                good_steps = max(window_steps - int(skipped), 1)
                 values = {
-                    "train/loss": (loss_sum / window_steps).item(),
-                    "train/grad_norm": (norm_sum / window_steps).item(),
+                    "train/loss": (loss_sum / good_steps).item(),
+                    "train/grad_norm": (norm_sum / good_steps).item(),
+                    "train/skipped_steps": float(skipped),
                     "train/lr": self.optimizer.param_groups[0]["lr"],
                     "train/images_per_s": window_steps * tr.batch_size / elapsed,
                     "train/epoch": self.step / self.steps_per_epoch,
@@ -444,13 +468,14 @@ class Trainer:
                 values.update({f"loss_by_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}": v for i, v in enumerate(per_bin)})
                 self.log.scalars(self.step, values)
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
-                bin_sums.zero_(), bin_counts.zero_(), loss_sum.zero_(), norm_sum.zero_()
+                bin_sums.zero_(), bin_counts.zero_(), loss_sum.zero_(), norm_sum.zero_(), skipped.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if self._stop_agreed():
                 self.log.print(f"SIGTERM: saving step {self.step} and exiting with code {EXIT_PREEMPTED} (requeue to resume)")
                 self.save()
                 break
             if self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
+                self._check_nonfinite()
                 self.save()
             if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
                 self.evaluate(final=False)

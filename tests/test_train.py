@@ -111,9 +111,49 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
         return x1 * float("nan"), y, t, eps
 
     monkeypatch.setattr(train.Trainer, "micro_batch", poisoned)
-    with pytest.raises(RuntimeError, match="3 consecutive non-finite"):
+    # checked at the first log boundary (step 10 here): no host sync per step
+    with pytest.raises(RuntimeError, match="10 consecutive non-finite .* = 3"):
         run_train(tmp_path / "run", *SHORT, "training.max_nonfinite_steps=3")
     assert ckpt.list_checkpoints(tmp_path / "run") == []
+
+
+def test_a_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
+    """A poisoned step in the middle is skipped on the device: weights, EMA and optimizer state
+    are exactly as before it, and the logs count it without letting NaN into the means."""
+    import torch as th
+
+    original = train.Trainer.train_step
+    snapshots = {}
+
+    def step_with_probe(self):
+        if self.step == 12:
+            snapshots["before"] = ([p.clone() for p in self.model.parameters()],
+                                   [p.clone() for p in self.ema.model.parameters()],
+                                   {k: v.clone() for k, v in self.optimizer.state[next(self.model.parameters())].items()})
+            poisoned_batch = self.micro_batch
+            self.micro_batch = lambda step, j: (lambda b: (b[0] * float("nan"), *b[1:]))(poisoned_batch(step, j))
+            result = original(self)
+            del self.micro_batch
+            after = ([p for p in self.model.parameters()], [p for p in self.ema.model.parameters()],
+                     self.optimizer.state[next(self.model.parameters())])
+            for a, b in zip(snapshots["before"][0], after[0]):
+                assert th.equal(a, b)
+            for a, b in zip(snapshots["before"][1], after[1]):
+                assert th.equal(a, b)
+            for key, value in snapshots["before"][2].items():
+                assert th.equal(value, after[2][key]), key
+            snapshots["checked"] = True
+            return result
+        return original(self)
+
+    monkeypatch.setattr(train.Trainer, "train_step", step_with_probe)
+    assert run_train(tmp_path / "run", *SHORT) == 0
+    assert snapshots.get("checked")
+    import json
+
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["train/skipped_steps"] for line in logged if "train/skipped_steps" in line] == [0, 1, 0, 0]
+    assert all(math.isfinite(line["train/loss"]) for line in logged if "train/loss" in line)
 
 
 def _wait_for_checkpoint(run_dir, process, timeout=60):
