@@ -59,6 +59,7 @@ class TrainingConfig:
     log_every: int = 100
     eval_every: int = 0  # sample figures / metrics; 0 = only at the end
     num_eval_samples: int = 512  # samples drawn for figures and metrics
+    classifier: str | None = None  # safetensors from `python -m rl.classifier`: enables accuracy / classifier-FD
     max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
     tensorboard: bool = True
     progress: bool = True  # tqdm bar (rank 0 only)

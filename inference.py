@@ -328,8 +328,9 @@ def to_uint8_images(samples: Tensor) -> np.ndarray:
     return ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, class_names=None):
-    """A matplotlib figure: a scatter plot for 2-D data, else a grid with one row per class."""
+def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, class_names=None, max_per_row: int = 10):
+    """A matplotlib figure: a scatter plot for 2-D data, else a grid with one row per class
+    (at most max_per_row images each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,20 +356,25 @@ def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, cl
         figure.tight_layout()
         return figure
     images = to_uint8_images(samples)
-    rows = labels.unique().tolist() if labels is not None else [None]
-    per_row = max(int((labels == rows[0]).sum()) if labels is not None else int(math.sqrt(len(images))), 1)
+    if labels is None:  # a square-ish grid
+        per_row = min(max(int(math.sqrt(len(images))), 1), max_per_row)
+        groups = [images[i : i + per_row] for i in range(0, min(len(images), per_row * per_row), per_row)]
+        names = [None] * len(groups)
+    else:  # one row per class
+        classes = labels.unique().tolist()
+        groups = [images[(labels == k).numpy()][:max_per_row] for k in classes]
+        names = [class_names[k] if class_names else str(k) for k in classes]
+    per_row = max(len(group) for group in groups)
     figure, axes = plt.subplots(
-        len(rows), 1, figsize=(per_row * 0.6 + 1.2, len(rows) * 0.6 + 0.3), dpi=100, squeeze=False
+        len(groups), 1, figsize=(per_row * 0.6 + 1.2, len(groups) * 0.6 + 0.3), dpi=100, squeeze=False
     )
-    for axis, row in zip(axes[:, 0], rows):
-        chosen = images[(labels == row).numpy()] if labels is not None else images[:per_row]
-        strip = np.concatenate(list(chosen[:per_row]), axis=1)
+    for axis, group, name in zip(axes[:, 0], groups, names):
+        blank = np.zeros((per_row - len(group), *group.shape[1:]), dtype=np.uint8)
+        strip = np.concatenate([*group, *blank], axis=1)
         axis.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255)
         axis.set_xticks([]), axis.set_yticks([])
-        if row is not None:
-            axis.set_ylabel(
-                class_names[row] if class_names else str(row), rotation=0, ha="right", va="center"
-            )
+        if name is not None:
+            axis.set_ylabel(name, rotation=0, ha="right", va="center")
     figure.tight_layout(pad=0.2)
     return figure
 

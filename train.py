@@ -483,23 +483,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> None:
-        """Sample with the EMA (else raw) model: a figure in TensorBoard; at the end also
-        samples.png / samples.npz in the run dir."""
+        """Sample with the EMA (else raw) model using the run's solver settings; log metrics and a
+        figure; at the end also write samples.png / samples.npz to the run dir."""
         if not self.runtime.is_main:
             return
         import inference
-        from metrics import sample_metrics
 
         model = self.ema.model if self.ema else self.model
         model.eval()
         sampler = inference.FlowSampler(model, self.path, self.cfg.flow.prediction,
                                         num_classes=getattr(self.model, "num_classes", None))
+        started = time.perf_counter()
         samples, labels = inference.generate(sampler, self.cfg.solver, self.dataset.sample_shape,
                                              self.cfg.training.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
-        metrics = sample_metrics(samples, labels, self.dataset)
-        if metrics:
-            self.log.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
-        figure = inference.samples_figure(samples, labels, self.dataset.name)
+        metrics = {"sampling_s": time.perf_counter() - started, **self.sample_metrics(samples, labels)}
+        self.log.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+        figure = inference.samples_figure(samples, labels, self.dataset.name, getattr(self.dataset, "class_names", None))
         self.log.figure(self.step, "samples", figure)
         if final:
             inference.save_samples(samples, labels, self.run_dir, figure)
@@ -507,6 +506,23 @@ class Trainer:
         inference.close_figure(figure)
         self.model.train()
 
+    def sample_metrics(self, samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        """2-D data: sliced W2 (+ moons class accuracy). Images: classifier accuracy against the
+        requested labels, classifier-FD to held-out real images, JPEG/PNG bits per pixel."""
+        import metrics
+
+        if len(self.dataset.sample_shape) != 3:
+            return metrics.sample_metrics(samples, labels, self.dataset)
+        if not self.cfg.training.classifier:
+            return metrics.image_compression_metrics(samples)
+        if not hasattr(self, "_classifier"):
+            dataset_name, dataset_kwargs = spec_kwargs(self.cfg.dataset)
+            held_out = build_dataset(dataset_name, self.runtime.device, **{**dataset_kwargs, "split": "test"})
+            self._classifier = metrics.load_classifier(self.cfg.training.classifier, self.runtime.device,
+                                                       expected_dataset=dataset_name,
+                                                       expected_shape=self.dataset.sample_shape)
+            self._reference = metrics.reference_statistics(self._classifier, held_out)
+        return metrics.image_sample_metrics(samples.to(self.runtime.device), labels, self._classifier, self._reference)
 
 class _null_context:
     def __enter__(self):

@@ -1,0 +1,137 @@
+"""Training throughput of a preset: images/s, ms/step, peak memory, parameters, FLOPs and MFU.
+
+    uv run python scripts/benchmark_train.py experiment=fashion_cfg [steps=50 warmup=10 batch=128
+        device=auto compile=null amp=auto channels_last=null synthetic=true peak_tflops=null] [train.py overrides]
+
+It times the real `Trainer.train_step` (data draw, forward, loss, backward, clip, fused AdamW,
+EMA) after `warmup` untimed steps. FLOPs of one step are counted once with
+torch.utils.flop_counter (matmuls/convs/attention, forward + backward); MFU = FLOPs per second /
+peak, with the peak taken from `peak_tflops` or the GPU's bf16 dense figure. `synthetic=true`
+replaces the dataset with random uint8 images of the preset's shape (throughput does not depend
+on pixel values), so presets benchmark on machines without the data.
+"""
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
+
+BENCH_KEYS = {"steps": 50, "warmup": 10, "batch": None, "device": None, "compile": None, "amp": None,
+              "channels_last": None, "synthetic": True, "peak_tflops": None}
+# bf16 dense tensor-core peaks (TFLOP/s) for MFU
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 4090": 165.2, "RTX 4080": 97.5}
+
+
+def parse(argv: list[str]) -> tuple[dict, list[str]]:
+    options, overrides = dict(BENCH_KEYS), []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in BENCH_KEYS:
+            options[key] = None if value in ("null", "None", "") else (
+                value.lower() == "true" if value.lower() in ("true", "false") else value)
+        else:
+            overrides.append(arg)
+    for key in ("steps", "warmup", "batch"):
+        if options[key] is not None:
+            options[key] = int(options[key])
+    if options["peak_tflops"] is not None:
+        options["peak_tflops"] = float(options["peak_tflops"])
+    mapping = {"batch": "training.batch_size", "device": "device", "compile": "training.compile",
+               "amp": "training.amp", "channels_last": "training.channels_last"}
+    overrides += [f"{mapping[k]}={str(options[k]).lower()}" for k in mapping if options[k] is not None]
+    return options, overrides
+
+
+def synthetic_like(dataset_cfg, device):
+    """Random data with the real dataset's shape, classes and storage dtype."""
+    import datasets
+
+    name = dataset_cfg.name
+    shape, num_classes = datasets.DATASET_INFO[name]["shape"], datasets.DATASET_INFO[name]["num_classes"]
+    generator = torch.Generator().manual_seed(0)
+    count = 4096
+    x = torch.randint(0, 256, (count, *shape), generator=generator, dtype=torch.uint8)
+    y = torch.randint(0, num_classes, (count,), generator=generator)
+    return datasets.InMemoryDataset(x=x.to(device), y=y.to(device), num_classes=num_classes, name=name,
+                                    hflip=dataset_cfg.get("hflip", False))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def step_flops(trainer) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = trainer.step
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    trainer.step = step
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    options, overrides = parse(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config([*overrides, f"training.run_dir={run_dir}", "training.tensorboard=false",
+                           "training.progress=false", f"training.max_steps={10**9}"])
+        runtime = train.setup_runtime(cfg.device)
+        if options["synthetic"] and cfg.dataset.name != "moons":
+            train.build_dataset = lambda name, device, **kw: synthetic_like(cfg.dataset, device)
+        trainer = train.Trainer(cfg, runtime, Path(run_dir))
+        device = runtime.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for _ in range(options["warmup"]):
+            trainer.train_step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for _ in range(options["steps"]):
+            trainer.train_step()
+        sync()
+        seconds = (time.perf_counter() - start) / options["steps"]
+        flops = step_flops(trainer)
+        result = {
+            "experiment": cfg.experiment,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+            "batch": cfg.training.batch_size,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "images_per_s": cfg.training.batch_size / seconds,
+            "ms_per_step": seconds * 1e3,
+            "peak_memory_mb": peak_memory_mb(device),
+            "gflops_per_step": flops / 1e9,
+            "achieved_tflops": flops / seconds / 1e12,
+            "compile": trainer.forward_model is not trainer.model,
+            "amp": str(trainer.amp_dtype),
+            "channels_last": trainer.channels_last,
+            "synthetic_data": bool(options["synthetic"]) and cfg.dataset.name != "moons",
+        }
+        peak = options["peak_tflops"]
+        if peak is None and device.type == "cuda":
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in result["device"]), None)
+        if peak:
+            result["mfu"] = result["achieved_tflops"] / peak
+        print(json.dumps(result, indent=2))
+        return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    try:
+        main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
