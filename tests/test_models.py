@@ -3,6 +3,17 @@ import torch
 
 import models
 
+UNET_PRESETS = ["unet_fashion", "classcond_unet_fashion", "unet_cifar", "classcond_unet_cifar"]
+
+
+def unet_preset(name: str) -> dict:
+    """The model kwargs of configs/model/NAME.yaml (the presets live in the configs only)."""
+    from omegaconf import OmegaConf
+
+    from config import CONFIG_DIR, spec_kwargs
+
+    return spec_kwargs(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"))[1]
+
 
 def test_timestep_embedding_shape_and_range():
     emb = models.timestep_embedding(torch.tensor([0.0, 0.5, 1.0]), 65)
@@ -37,3 +48,129 @@ def test_conditioning_and_null_label_change_the_output():
     assert not torch.allclose(out0, out1) and not torch.allclose(out0, null)
     torch.testing.assert_close(model(x, t, None), null)  # y=None means the null label
     assert not torch.allclose(model(x, torch.zeros(4), None), model(x, torch.ones(4), None))  # time matters
+
+
+# --- U-Net -------------------------------------------------------------------------------------------
+
+PRESET_PARAMS = {  # reference write-up: 347,361 (Fashion CFG), 22,308,483 / 22,311,299 (CIFAR)
+    "unet_fashion": 340_513,
+    "classcond_unet_fashion": 341_217,
+    "unet_cifar": 21_424_259,
+    "classcond_unet_cifar": 21_427_075,
+}
+SMALL = {"base_ch": 16, "depth": 2, "num_res_blocks": 2, "attention_resolutions": [2],
+         "bottleneck_attention": True, "num_heads": 2, "dropout": 0.1}
+
+
+def build(preset_or_kwargs, conditional=None):
+    kwargs = unet_preset(preset_or_kwargs) if isinstance(preset_or_kwargs, str) else preset_or_kwargs
+    conditional = "num_classes" in kwargs if conditional is None else conditional
+    return (models.ClassCondUNet if conditional else models.UNet)(**kwargs)
+
+
+def perturb_zero_init(model):
+    """Randomise every zero-initialised layer, so conditioning can reach the output."""
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def inputs(batch, ch, size, num_classes=10):
+    torch.manual_seed(0)
+    return torch.randn(batch, ch, size, size), torch.rand(batch), torch.randint(0, num_classes, (batch,))
+
+
+@pytest.mark.parametrize("name", UNET_PRESETS)
+def test_unet_presets_shape_dtype_zero_output_and_exact_size(name):
+    model = build(name).eval()
+    assert models.count_parameters(model) == PRESET_PARAMS[name]
+    assert type(model) is models.MODELS["class_cond_unet" if name.startswith("classcond") else "unet"]
+    cifar = "cifar" in name
+    x, t, y = inputs(1 if cifar else 3, 3 if cifar else 1, 32 if cifar else 28)
+    with torch.no_grad():
+        out = model(x, t, y if name.startswith("classcond") else None)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
+
+
+def test_unet_class_embedding_is_the_only_difference():
+    # an (10 + 1) x emb_dim class table, as in the reference (22,311,299 - 22,308,483 = 11 x 256)
+    for size in ("fashion", "cifar"):
+        kwargs = unet_preset(f"classcond_unet_{size}")
+        difference = PRESET_PARAMS[f"classcond_unet_{size}"] - PRESET_PARAMS[f"unet_{size}"]
+        assert difference == 11 * kwargs["emb_dim"]
+
+
+@pytest.mark.parametrize("in_ch,size", [(1, 16), (1, 28), (3, 32), (4, 32)])
+def test_small_unet_runs_at_every_stage_resolution(in_ch, size):
+    model = perturb_zero_init(build({**SMALL, "in_ch": in_ch, "num_classes": 10}))
+    assert sum(isinstance(m, models.Attention) for m in model.modules()) == 1 + 2 * 2  # middle + level 1 x 2
+    x, t, y = inputs(2, in_ch, size)
+    out = model(x, t, y)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_unet_conditioning_null_label_and_time_change_the_output():
+    model = perturb_zero_init(build({**SMALL, "num_classes": 10})).eval()
+    x, t, _ = inputs(4, 1, 16)
+    zeros, ones = torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    out0, out1, null = model(x, t, zeros), model(x, t, ones), model(x, t, torch.full((4,), 10))
+    assert not torch.allclose(out0, out1) and not torch.allclose(out0, null)
+    torch.testing.assert_close(model(x, t, None), null)  # y=None means the null label
+    assert not torch.allclose(model(x, torch.zeros(4), zeros), model(x, torch.ones(4), zeros))  # time matters
+    uncond = perturb_zero_init(build(SMALL)).eval()
+    assert not torch.allclose(uncond(x, torch.zeros(4)), uncond(x, torch.ones(4)))
+
+
+def test_unet_channels_last_matches_contiguous():
+    model = perturb_zero_init(build({**SMALL, "num_classes": 10})).eval()
+    x, t, y = inputs(2, 1, 28)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.to(memory_format=torch.channels_last), t, y)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout survives the whole network
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_unet_bf16_autocast_forward_is_finite():
+    model = perturb_zero_init(build({**SMALL, "num_classes": 10})).eval()  # no dropout: compare to fp32
+    x, t, y = inputs(2, 1, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+    assert (out.float() - model(x, t, y)).abs().max() < 0.05 * model(x, t, y).abs().max()
+
+
+def test_unet_rejects_bad_resolutions_and_settings():
+    model = build({**SMALL, "depth": 3})
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.randn(1, 1, 28, 28), torch.rand(1))  # 28 -> 14 -> 7 -> 3.5
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        build({**SMALL, "attention_resolutions": [16]})
+    with pytest.raises(ValueError, match="num_heads"):
+        build({**SMALL, "num_heads": 3})
+
+
+def test_group_count_divides_and_keeps_groups_wide():
+    for channels in (1, 3, 16, 32, 48, 64, 96, 128, 192, 384, 1024):
+        groups = models.group_count(channels)
+        assert channels % groups == 0 and 1 <= groups <= 32
+    assert models.group_count(32) == 8 and models.group_count(256) == 32
+
+
+# --- classifier --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_ch,size", [(1, 16), (1, 28), (1, 32), (3, 16), (3, 28), (3, 32)])
+def test_classifier_logits_and_features(in_ch, size):
+    model = models.CLASSIFIERS["cnn"](in_ch=in_ch, num_classes=7, width=16).eval()
+    x = torch.randn(5, in_ch, size, size)
+    logits, feats = model(x), model.features(x)
+    assert logits.shape == (5, 7) and feats.shape == (5, model.feature_dim) == (5, 64)
+    assert (feats >= 0).all()  # post-ReLU
+    assert 100_000 < models.count_parameters(models.Classifier(in_ch=in_ch)) < 1_000_000
