@@ -2,11 +2,23 @@
 
 2-D data: sliced Wasserstein distance to the training set and, for two moons, the fraction of
 class-k samples that land nearer crescent k than the other crescent.
+
+Images: a small CNN classifier trained on the dataset (`python -m rl.classifier`) gives proxy
+metrics: its accuracy on samples against the requested labels, and the Frechet distance between
+its penultimate features on samples and on the held-out real split ("classifier-FD": FID's
+formula with a dataset-specific network in place of Inception, so comparable only between runs
+that use the same classifier file and the same number of samples). JPEG/PNG bits per pixel
+measure how much detail samples carry.
 """
 
+import json
 import math
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from config import ConfigError
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
@@ -52,3 +64,208 @@ def sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, dataset) 
             points = moons_to_data_space(samples.cpu().float())
             metrics["class_accuracy"] = (nearest_moon(points) == labels.cpu()).double().mean().item()
     return metrics
+
+
+# --- Frechet distance -----------------------------------------------------------------------------
+
+
+def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """features [N, F] -> (mean [F], covariance [F, F]), float64 on the CPU.
+
+    Unbiased covariance (divides by N - 1), as np.cov in the reference FID code.
+    """
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature_statistics needs features [N >= 2, F], got shape {tuple(features.shape)}")
+    x = features.detach().cpu().double()
+    mu = x.mean(dim=0)
+    centred = x - mu
+    return mu, centred.T @ centred / (x.shape[0] - 1)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix [F, F] by eigendecomposition.
+
+    Rounding leaves eigenvalues that should be 0 slightly negative (rank-deficient covariances,
+    N < F); they are clamped to 0 rather than producing NaNs.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Squared Frechet distance between N(mu1, S1) and N(mu2, S2) (Dowson & Landau 1982), the
+    quantity reported as FID (Heusel et al. 2017):
+
+        d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    S1 S2 is not symmetric, and scipy.linalg.sqrtm of it (the reference code) can turn complex or
+    inaccurate for singular covariances. It is similar to the symmetric PSD matrix
+    M = S1^(1/2) S2 S1^(1/2) (same eigenvalues), so tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M)),
+    from two symmetric eigendecompositions in float64. Inputs: tensors or arrays, [F] and [F, F].
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v).detach().cpu().double() for v in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()):
+        raise ValueError(f"frechet_distance: shapes do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
+                         f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}")
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
+    return max(distance.item(), 0.0)  # rounding can leave -1e-13 for identical inputs
+
+
+# --- classifier-based proxy metrics ---------------------------------------------------------------
+
+
+class ClassifierError(ConfigError):
+    """A classifier file that is missing, unreadable or trained for other data. A ConfigError, since
+    it comes from a config value (training.classifier), so entry points report it as one."""
+
+
+CLASSIFIER_FORMAT = "nanoflow-classifier-v1"  # metadata["format"] of files written by rl/classifier.py
+
+
+def _how_to_train(dataset: str | None) -> str:
+    return f"train one with: python -m rl.classifier dataset={dataset or 'NAME'} out=PATH"
+
+
+def load_classifier(path, device="cpu", expected_dataset: str | None = None,
+                    expected_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """A classifier file written by `rl/classifier.py` -> the model in eval mode on `device`.
+
+    Everything needed to rebuild it (architecture, constructor kwargs, dataset name, image shape
+    [C, H, W]) is in the safetensors metadata. With expected_dataset / expected_shape given, a
+    file trained for other data is an error rather than a silently meaningless metric. The model
+    gets `.dataset_name`, `.image_shape` and `.metadata` (the raw string dict) attributes.
+    Raises ClassifierError naming the file, and how to train one, if it is missing or does not fit.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    import models
+    from checkpoint import load_weights
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClassifierError(f"classifier file {path} does not exist; {_how_to_train(expected_dataset)}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ClassifierError(f"classifier file {path} is not a readable safetensors file ({e})") from None
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise ClassifierError(f"{path} is not a classifier written by rl/classifier.py (metadata format "
+                              f"{meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {_how_to_train(expected_dataset)}")
+    dataset, shape = meta["dataset"], tuple(json.loads(meta["image_shape"]))
+    if expected_dataset is not None and dataset != expected_dataset:
+        raise ClassifierError(f"classifier {path} was trained on dataset '{dataset}', not '{expected_dataset}'; "
+                              f"{_how_to_train(expected_dataset)}")
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise ClassifierError(f"classifier {path} was trained on images of shape {list(shape)}, not "
+                              f"{list(expected_shape)}; {_how_to_train(expected_dataset or dataset)}")
+    classifier = models.CLASSIFIERS[meta["architecture"]](**json.loads(meta["kwargs"]))
+    load_weights(classifier, weights, f"classifier {path}")
+    classifier.dataset_name, classifier.image_shape, classifier.metadata = dataset, shape, meta
+    return classifier.to(device).eval()
+
+
+@torch.no_grad()
+def classifier_outputs(classifier: torch.nn.Module, images: torch.Tensor,
+                       batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [N, C, H, W] (float in [-1, 1], or uint8 0..255) -> (features [N, F], logits [N, K]),
+    float32 on the classifier's device; eval mode during the call (the previous mode is restored).
+
+    Batches move to the classifier's device and are converted one at a time, so a whole uint8
+    dataset can stay where it is. Features and logits come from one pass: the classifier's
+    forward is head(features(x)).
+    """
+    from datasets import uint8_to_model_space
+
+    device = next(classifier.parameters()).device
+    was_training = classifier.training
+    classifier.eval()
+    features, logits = [], []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        x = uint8_to_model_space(x) if x.dtype == torch.uint8 else x.float()
+        f = classifier.features(x)
+        features.append(f.float())
+        logits.append(classifier.head(f).float())
+    classifier.train(was_training)
+    return torch.cat(features), torch.cat(logits)
+
+
+def classifier_features(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """images [N, C, H, W] -> penultimate features [N, F] (see `classifier_outputs`)."""
+    return classifier_outputs(classifier, images, batch_size)[0]
+
+
+def classifier_logits(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """images [N, C, H, W] -> logits [N, K] (see `classifier_outputs`)."""
+    return classifier_outputs(classifier, images, batch_size)[1]
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows of logits [N, K] whose argmax equals labels [N]."""
+    return (logits.argmax(dim=1) == labels.to(logits.device)).double().mean().item()
+
+
+def reference_statistics(classifier: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature (mean, covariance) of a real image dataset (use the held-out split), float64 CPU."""
+    return feature_statistics(classifier_features(classifier, dataset.x))
+
+
+def image_compression_metrics(samples, quality: int = 75) -> dict[str, float]:
+    """Mean JPEG (at `quality`) / PNG bits per pixel of samples [N, C, H, W] in [-1, 1], and the same
+    minus a constant image's bpp (payload: what the content costs beyond the format's overhead)."""
+    from rl.compression import constant_image_bits_per_pixel, jpeg_bits_per_pixel, png_bits_per_pixel
+
+    shape = tuple(samples.shape[1:])
+    jpeg = jpeg_bits_per_pixel(samples, quality).double().mean().item()
+    png = png_bits_per_pixel(samples).double().mean().item()
+    return {
+        "jpeg_bpp": jpeg,
+        "png_bpp": png,
+        "jpeg_payload_bpp": jpeg - constant_image_bits_per_pixel(shape, "jpeg", quality),
+        "png_payload_bpp": png - constant_image_bits_per_pixel(shape, "png"),
+    }
+
+
+def image_sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, classifier: torch.nn.Module,
+                         reference_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """samples [N, C, H, W] in [-1, 1] and the labels [N] they were drawn for (None: unconditional,
+    no accuracy) -> classifier_accuracy, classifier_fd (to `reference_statistics` of real data),
+    jpeg_bpp, png_bpp, jpeg_payload_bpp, png_payload_bpp.
+
+    classifier_fd is biased upwards at small N, like FID: compare runs at equal N.
+    """
+    features, logits = classifier_outputs(classifier, samples)
+    metrics = {}
+    if labels is not None:
+        metrics["classifier_accuracy"] = class_accuracy(logits, labels)
+    metrics["classifier_fd"] = frechet_distance(*feature_statistics(features), *reference_stats)
+    return {**metrics, **image_compression_metrics(samples)}
+
+
+# --- distributed ----------------------------------------------------------------------------------
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensor [N_r, ...] of every rank along dim 0, in rank order, on every rank.
+
+    A no-op without an initialised process group. Ranks may hold different N_r: the sizes are
+    exchanged first and each piece padded to the largest, since all_gather needs equal shapes.
+    The tensor must be on the backend's device (CUDA for nccl).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    world_size = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    pieces = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])

@@ -383,6 +383,7 @@ class Trainer:
     def fit(self) -> int:
         tr = self.cfg.training
         self.resume()
+        self.load_eval_classifier()
         if self.runtime.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         if self.step >= self.target_steps:
@@ -515,14 +516,22 @@ class Trainer:
             return metrics.sample_metrics(samples, labels, self.dataset)
         if not self.cfg.training.classifier:
             return metrics.image_compression_metrics(samples)
-        if not hasattr(self, "_classifier"):
-            dataset_name, dataset_kwargs = spec_kwargs(self.cfg.dataset)
-            held_out = build_dataset(dataset_name, self.runtime.device, **{**dataset_kwargs, "split": "test"})
-            self._classifier = metrics.load_classifier(self.cfg.training.classifier, self.runtime.device,
-                                                       expected_dataset=dataset_name,
-                                                       expected_shape=self.dataset.sample_shape)
-            self._reference = metrics.reference_statistics(self._classifier, held_out)
-        return metrics.image_sample_metrics(samples.to(self.runtime.device), labels, self._classifier, self._reference)
+        return metrics.image_sample_metrics(samples.to(self.runtime.device), labels, self.classifier,
+                                            self.reference_statistics)
+
+    def load_eval_classifier(self) -> None:
+        """The classifier and its feature statistics of the held-out real split, loaded before the
+        first step so a wrong path fails now rather than after training."""
+        import metrics
+
+        self.classifier, self.reference_statistics = None, None
+        if not (self.cfg.training.classifier and self.runtime.is_main):
+            return
+        dataset_name, dataset_kwargs = spec_kwargs(self.cfg.dataset)
+        self.classifier = metrics.load_classifier(self.cfg.training.classifier, self.runtime.device,
+                                                  expected_dataset=dataset_name, expected_shape=self.dataset.sample_shape)
+        held_out = build_dataset(dataset_name, self.runtime.device, **{**dataset_kwargs, "split": "test"})
+        self.reference_statistics = metrics.reference_statistics(self.classifier, held_out)
 
 class _null_context:
     def __enter__(self):

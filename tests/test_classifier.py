@@ -1,0 +1,140 @@
+"""The reward / metrics classifier (rl/classifier.py) and the metrics built on it (metrics.py)."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import metrics
+from config import ConfigError
+from datasets import load_digits
+from rl.classifier import main, train_classifier
+
+WIDTH = 16  # features 4 * WIDTH; small enough to train on digits in a few seconds on one core
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(path, held-out accuracy, log lines) of a digits classifier trained once for this module."""
+    path = tmp_path_factory.mktemp("classifier") / "digits.safetensors"
+    lines = []
+    accuracy = train_classifier("digits", path, epochs=4, batch_size=64, width=WIDTH, device="cpu", log=lines.append)
+    return path, accuracy, lines
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_digits(split="test")
+
+
+def test_digits_classifier_reaches_90_percent_held_out(trained):
+    path, accuracy, lines = trained
+    assert accuracy >= 0.9, lines
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # nothing else written (no temp file left)
+
+
+def test_saved_file_loads_to_the_same_model(trained, test_split):
+    path, accuracy, _ = trained
+    classifier = metrics.load_classifier(path, "cpu", expected_dataset="digits", expected_shape=(1, 16, 16))
+    assert not classifier.training and classifier.dataset_name == "digits" and classifier.image_shape == (1, 16, 16)
+    saved = load_file(str(path))
+    for key, value in classifier.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    logits = metrics.classifier_logits(classifier, test_split.x)
+    assert metrics.class_accuracy(logits, test_split.y) == accuracy
+    assert float(classifier.metadata["test_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    again = metrics.load_classifier(path)
+    assert torch.equal(metrics.classifier_logits(again, test_split.x), logits)
+
+
+def test_features_and_logits_have_the_documented_shapes(trained, test_split):
+    classifier = metrics.load_classifier(trained[0])
+    x, _ = test_split.batch(torch.arange(len(test_split)))  # float [-1, 1]
+    features, logits = metrics.classifier_outputs(classifier, x, batch_size=100)  # several batches
+    assert features.shape == (len(test_split), 4 * WIDTH) and logits.shape == (len(test_split), 10)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, classifier(x))  # one pass gives the forward's logits
+    # uint8 storage and model-space floats give the same outputs
+    torch.testing.assert_close(metrics.classifier_features(classifier, test_split.x), features)
+
+
+def test_image_sample_metrics_on_real_images(trained, test_split):
+    classifier = metrics.load_classifier(trained[0])
+    reference = metrics.reference_statistics(classifier, test_split)
+    x, y = test_split.batch(torch.arange(len(test_split)))
+    real = metrics.image_sample_metrics(x, y, classifier, reference)
+    assert set(real) == {"classifier_accuracy", "classifier_fd", "jpeg_bpp", "png_bpp", "jpeg_payload_bpp",
+                         "png_payload_bpp"}
+    assert real["classifier_accuracy"] == trained[1]
+    assert real["classifier_fd"] == pytest.approx(0.0, abs=1e-6)  # the reference set itself
+    assert 0 < real["jpeg_payload_bpp"] < real["jpeg_bpp"] and 0 < real["png_payload_bpp"] < real["png_bpp"]
+    noise = torch.rand(len(x), 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    fake = metrics.image_sample_metrics(noise, None, classifier, reference)  # unconditional: no accuracy
+    assert "classifier_accuracy" not in fake
+    assert fake["classifier_fd"] > 10 * max(real["classifier_fd"], 1e-3) and fake["png_bpp"] > real["png_bpp"]
+
+
+def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_path):
+    path = trained[0]
+    with pytest.raises(metrics.ClassifierError, match=r"trained on dataset 'digits', not 'mnist'.*dataset=mnist"):
+        metrics.load_classifier(path, expected_dataset="mnist")
+    with pytest.raises(metrics.ClassifierError, match=r"shape \[1, 16, 16\], not \[1, 28, 28\]"):
+        metrics.load_classifier(path, expected_dataset="digits", expected_shape=(1, 28, 28))
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(missing))} does not exist.*python -m rl.classifier dataset=digits"):
+        metrics.load_classifier(missing, expected_dataset="digits")
+    other = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other))
+    with pytest.raises(metrics.ClassifierError, match="not a classifier written by rl/classifier.py"):
+        metrics.load_classifier(other)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not safetensors")
+    with pytest.raises(metrics.ClassifierError, match="not a readable safetensors file"):
+        metrics.load_classifier(garbage)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dataset=digits", "out=x.safetensors", "epoch=3"], "unknown config key 'epoch'.*epochs"),
+    (["out=x.safetensors"], "dataset = None: required"),
+    (["dataset=moons", "out=x.safetensors"], "dataset = 'moons' is not allowed; choose one of: digits"),
+    (["dataset=digits"], "out = None: required"),
+    (["dataset=digits", "out=x.safetensors", "epochs=many"], "'epochs' has a value of the wrong type"),
+    (["dataset=digits", "out=x.safetensors", "lr=0"], "lr = 0.0: must be > 0"),
+    (["digits"], "'digits' is not key=value"),
+])
+def test_cli_rejects_bad_arguments_before_any_work(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        main(argv)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_errors_exit_1_with_the_message(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-m", "rl.classifier", "dataset=digits", f"out={tmp_path / 'c.safetensors'}",
+                             "epoch=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "error: unknown config key 'epoch'" in result.stderr, result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fashion_is_an_alias_of_fashion_mnist():
+    from rl.classifier import parse_args
+
+    assert parse_args(["dataset=fashion", "out=x.safetensors"]).dataset == "fashion_mnist"
+
+
+def test_trainer_rejects_a_missing_classifier_before_training(tmp_path):
+    import pytest
+
+    from conftest import run_train
+    from metrics import ClassifierError
+
+    with pytest.raises(ClassifierError, match="rl.classifier"):
+        run_train(tmp_path / "run", "experiment=digits_cfg", "training.max_steps=2",
+                  f"training.classifier={tmp_path / 'missing.safetensors'}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
