@@ -349,3 +349,4 @@ class InferenceConfig:
     guidance_scale: float | None = None
     guidance_interval: list[float] | None = None
     ep_cfg: bool | None = None
+    classifier: str | None = None  # score the samples (accuracy, classifier-FD + floor, bpp) -> metrics.json

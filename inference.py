@@ -13,6 +13,7 @@ Models are called as model(x [B, ...], t [B], y [B] | None); callers put them in
 
 from __future__ import annotations
 
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -421,6 +422,23 @@ def load_sampler(checkpoint_path, device, use_ema: bool = True):
     return sampler, loaded
 
 
+def score_samples(samples: Tensor, labels: Tensor | None, train_config, classifier_path, device, seed: int = 0) -> dict:
+    """The trainer's image metrics for samples of a checkpoint: classifier accuracy, classifier-FD to
+    the held-out split and its real-vs-real floor at the same N, JPEG/PNG bpp."""
+    import metrics
+    from config import spec_kwargs
+    from datasets import build_dataset
+
+    name, kwargs = spec_kwargs(train_config.dataset)
+    classifier = metrics.load_classifier(classifier_path, device, expected_dataset=name,
+                                         expected_shape=tuple(samples.shape[1:]))
+    reference = metrics.reference_statistics(classifier, build_dataset(name, device, **{**kwargs, "split": "test"}))
+    train_split = build_dataset(name, device, **{**kwargs, "split": "train"})
+    scores = metrics.image_sample_metrics(samples.to(device), labels, classifier, reference)
+    scores["classifier_fd_real_floor"] = metrics.real_fd_floor(classifier, train_split, reference, len(samples), seed)
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     """python inference.py checkpoint=RUN/checkpoints/latest out=samples/ [n_per_class=8 guidance_scale=3
     solver=heun num_steps=32 seed=0 ...]: samples.png + samples.npz from nothing but the checkpoint."""
@@ -466,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     figure = samples_figure(samples, labels, dataset_name)
     save_samples(samples, labels, cfg.out, figure)
     close_figure(figure)
+    if cfg.classifier:
+        scores = score_samples(samples, labels, loaded.config, cfg.classifier, device, seed=cfg.seed)
+        (Path(cfg.out) / "metrics.json").write_text(json.dumps(scores, indent=2))
+        print(" ".join(f"{k}={v:.4f}" for k, v in scores.items()))
     print(
         f"{len(samples)} samples from {loaded.path} (step {loaded.step}, solver {solver.method} x{solver.num_steps}, "
         f"guidance {solver.guidance_scale}) -> {Path(cfg.out) / 'samples.png'}, {Path(cfg.out) / 'samples.npz'}"

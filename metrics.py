@@ -269,3 +269,15 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     pieces = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+
+def real_fd_floor(classifier, dataset, reference_stats, count: int, seed: int = 0) -> float:
+    """Classifier-FD of `count` real training images to the held-out statistics: what a perfect
+    generator scores with as many samples (FD is biased upwards at small N, so compare equal N)."""
+    from datasets import epoch_permutation
+
+    count = min(count, len(dataset))
+    device = dataset.x.device
+    real = dataset.batch(epoch_permutation(len(dataset), seed, -1, device)[:count])[0]
+    return frechet_distance(*feature_statistics(classifier_features(classifier, real)), *reference_stats)
+

@@ -194,10 +194,6 @@ def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
 # --- the trainer --------------------------------------------------------------------------------
 
 
-class StopTraining(Exception):
-    pass
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, runtime: Runtime, run_dir: Path):
         self.cfg, self.runtime, self.run_dir = cfg, runtime, run_dir
@@ -209,6 +205,9 @@ class Trainer:
         self.dataset = build_dataset(dataset_name, device, **dataset_kwargs)
         torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
         self.model = build_model(cfg.model).to(device)
+        self.channels_last = len(self.dataset.sample_shape) == 3 and (tr.channels_last if tr.channels_last is not None else True)
+        if self.channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
+            self.model.to(memory_format=torch.channels_last)
         self.conditional = hasattr(self.model, "num_classes")
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
 
@@ -231,10 +230,6 @@ class Trainer:
         )
         self.ema = EMA(self.model, tr.ema_decay, tr.ema_warmup) if tr.ema else None
         self.amp_dtype = torch.bfloat16 if tr.amp == "bf16" or (tr.amp == "auto" and device.type == "cuda") else None
-        image_data = len(self.dataset.sample_shape) == 3
-        self.channels_last = image_data and (tr.channels_last if tr.channels_last is not None else True)
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         use_compile = tr.compile if tr.compile is not None else device.type == "cuda"
         self.forward_model = torch.compile(self.model) if use_compile else self.model
         if runtime.distributed:
@@ -516,15 +511,16 @@ class Trainer:
             return metrics.sample_metrics(samples, labels, self.dataset)
         if not self.cfg.training.classifier:
             return metrics.image_compression_metrics(samples)
-        return metrics.image_sample_metrics(samples.to(self.runtime.device), labels, self.classifier,
-                                            self.reference_statistics)
+        values = metrics.image_sample_metrics(samples.to(self.runtime.device), labels, self.classifier,
+                                              self.reference_statistics)
+        return {**values, "classifier_fd_real_floor": self.fd_floor}
 
     def load_eval_classifier(self) -> None:
         """The classifier and its feature statistics of the held-out real split, loaded before the
         first step so a wrong path fails now rather than after training."""
         import metrics
 
-        self.classifier, self.reference_statistics = None, None
+        self.classifier, self.reference_statistics, self.fd_floor = None, None, None
         if not (self.cfg.training.classifier and self.runtime.is_main):
             return
         dataset_name, dataset_kwargs = spec_kwargs(self.cfg.dataset)
@@ -532,6 +528,8 @@ class Trainer:
                                                   expected_dataset=dataset_name, expected_shape=self.dataset.sample_shape)
         held_out = build_dataset(dataset_name, self.runtime.device, **{**dataset_kwargs, "split": "test"})
         self.reference_statistics = metrics.reference_statistics(self.classifier, held_out)
+        self.fd_floor = metrics.real_fd_floor(self.classifier, self.dataset, self.reference_statistics,
+                                              self.cfg.training.num_eval_samples, self.cfg.seed)
 
 class _null_context:
     def __enter__(self):
