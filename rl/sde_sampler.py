@@ -1,0 +1,196 @@
+"""SDE rollouts and per-transition Gaussian log-probs for Flow-GRPO (Liu et al. 2025, arXiv 2505.05470).
+
+A rollout is T Euler-Maruyama steps of `FlowSampler.sde_step` (the SDE is derived once, there; CFG comes
+from the shared `FlowSampler.velocity`), noise at t = 0 -> data at t = 1. Step k is an MDP transition
+with state (x_k, t_k, y) and action x_{k+1} ~ pi(. | x_k) = N(mu_k, sigma_k^2 I) (Flow-GRPO eqs. 8-9 in our
+time direction). `transition_log_prob` recomputes log pi(x_{k+1} | x_k) under the current parameters, with
+grad, for any flattened batch of stored transitions, in one batched forward pass.
+
+Log-prob reduction over the D = prod(x.shape[1:]) dimensions: "mean" (default) or "sum".
+- "sum" is the true log-density. Its ratios rho = exp(logp_new - logp_old) multiply D per-dimension
+  ratios: with D = 784 a mean shift of a few hundredths of sigma per dimension already moves log rho by
+  O(1-10), so rho leaves [1 - eps, 1 + eps] at once and PPO clipping zeroes almost every gradient (or
+  exp overflows).
+- "mean" divides log pi by D: rho becomes the geometric mean of the per-dimension ratios, O(1) away from 1
+  for the same per-dimension shift whatever the resolution, so one clip_eps works from 2-D moons to 784-D
+  digits. The gradient is the true one divided by D (absorbed by the learning rate / advantage_scale);
+  the optimum of the clipped objective moves, which Flow-GRPO accepts. It is what the reference code
+  does: flow_grpo/diffusers_patch/sd3_sde_with_logprob.py (github.com/yifan123/flow_grpo) ends
+  `sde_step_with_logprob` with `log_prob.mean(dim=tuple(range(1, log_prob.ndim)))`, "mean along all but
+  batch dimension", and its KL term is likewise `.mean(dim=(1, 2, 3))` over dims (`rl.grpo.gaussian_kl`
+  takes the same `reduce`; use one setting for both).
+
+Noise: the initial noise comes from the caller; every injected step noise is drawn from `generator` (on
+the noise's device) in step order, so equal (noise, generator state) give bitwise-equal rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from inference import FlowSampler
+from ode_solvers import time_grid
+
+LOG_PROB_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class Rollout:
+    """T stored SDE transitions of a batch of B samples (index [k, b] = step k of sample b)."""
+
+    states: Tensor  # x_k, k = 0..T-1 [T, B, ...]
+    next_states: Tensor  # x_{k+1} [T, B, ...]
+    times: Tensor  # t_k [T]
+    next_times: Tensor  # t_{k+1} [T]
+    means: Tensor  # transition means mu_k [T, B, ...] float32
+    stds: Tensor  # transition stds sigma_k [T, B, 1, ..., 1] float32
+    log_probs: Tensor  # log pi(x_{k+1} | x_k) [T, B] float32, reduced as log_prob_reduce
+    samples: Tensor  # x at t = 1 [B, ...] (= next_states[-1])
+    labels: Tensor | None  # [B]
+
+    @property
+    def num_steps(self) -> int:
+        return self.states.shape[0]
+
+    def transitions(self, steps: Tensor | None = None) -> Transitions:
+        """The transitions at step indices `steps` [K] (all T if None), flattened step-major to N = K * B
+        rows: row k' * B + b is step steps[k'] of sample b (sample_index[row] = b, for gathering [B]
+        advantages)."""
+        if steps is None:
+            steps = torch.arange(self.num_steps)
+        steps = steps.to(self.states.device)
+        batch, k = self.states.shape[1], steps.numel()
+
+        def flat(v: Tensor) -> Tensor:
+            return v[steps].flatten(0, 1)
+
+        return Transitions(
+            states=flat(self.states),
+            next_states=flat(self.next_states),
+            times=self.times[steps].repeat_interleave(batch),
+            next_times=self.next_times[steps].repeat_interleave(batch),
+            means=flat(self.means),
+            stds=flat(self.stds),
+            log_probs=flat(self.log_probs),
+            labels=None if self.labels is None else self.labels.repeat(k),
+            sample_index=torch.arange(batch, device=self.states.device).repeat(k),
+        )
+
+
+@dataclass
+class Transitions:
+    """A flat batch of N transitions (from `Rollout.transitions`): every field has N rows."""
+
+    states: Tensor  # [N, ...]
+    next_states: Tensor  # [N, ...]
+    times: Tensor  # [N]
+    next_times: Tensor  # [N]
+    means: Tensor  # [N, ...]
+    stds: Tensor  # [N, 1, ..., 1]
+    log_probs: Tensor  # [N]
+    labels: Tensor | None  # [N]
+    sample_index: Tensor  # [N] long, the rollout sample b of each row
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
+    """log N(x; mean, std^2 I) per sample, averaged or summed over all non-batch dims, in float32.
+    x, mean [B, ...], std broadcastable to them (e.g. [B, 1, ..., 1]); std must be > 0 -> [B]."""
+    if reduce not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {LOG_PROB_REDUCTIONS}, got {reduce!r}")
+    # float32 at least: in bf16 (x - mean)^2 / std^2 loses the small per-step differences that make rho.
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mean.dtype), torch.float32)
+    x, mean, std = x.to(dtype), mean.to(dtype), std.to(dtype)
+    log_density = -(x - mean).square() / (2 * std.square()) - std.log() - 0.5 * math.log(2 * math.pi)
+    log_density = log_density.expand_as(x).flatten(1)
+    return log_density.mean(1) if reduce == "mean" else log_density.sum(1)
+
+
+def _check_noise_level(noise_level: float) -> None:
+    if noise_level <= 0:
+        raise ValueError(f"noise_level must be > 0 (a zero std has no log-density), got {noise_level}")
+
+
+@torch.no_grad()
+def sde_rollout(
+    sampler: FlowSampler,
+    noise: Tensor,
+    labels: Tensor | None,
+    num_steps: int,
+    noise_level: float = 0.7,
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    grid: str = "uniform",
+    shift: float = 1.0,
+    log_prob_reduce: str = "mean",
+) -> Rollout:
+    """`num_steps` (T_rollout) `sde_step`s from noise [B, ...] at t = 0 to samples at t = 1 on
+    `time_grid(num_steps, grid, shift)`, storing every transition and its log-prob under the sampling
+    policy. Step noise comes from `generator` (on noise's device). The model should be in eval mode."""
+    _check_noise_level(noise_level)
+    dtype = torch.promote_types(noise.dtype, torch.float32)
+    # Grid on the CPU in float64 (time_grid), then cast before moving: MPS has no float64.
+    grid_times = time_grid(num_steps, grid, shift).to(dtype).to(noise.device)
+    times, next_times = grid_times[:-1], grid_times[1:]
+    x = noise.to(dtype)
+    states, next_states, means, stds, log_probs = [], [], [], [], []
+    for t, t_next in zip(times, next_times):
+        mean, std = sampler.sde_step(x, t, t_next, labels, noise_level, guidance_scale)
+        x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=mean.dtype)
+        # The log-prob of the stored action (not of the drawn noise), so the recomputation in
+        # transition_log_prob follows the same arithmetic.
+        log_probs.append(gaussian_log_prob(x_next, mean, std, log_prob_reduce))
+        states.append(x)
+        next_states.append(x_next)
+        means.append(mean.float())
+        stds.append(std.float())
+        x = x_next
+    return Rollout(
+        states=torch.stack(states),
+        next_states=torch.stack(next_states),
+        times=times,
+        next_times=next_times,
+        means=torch.stack(means),
+        stds=torch.stack(stds),
+        log_probs=torch.stack(log_probs),
+        samples=x,
+        labels=labels,
+    )
+
+
+def transition_log_prob(
+    sampler: FlowSampler,
+    states: Tensor,
+    times: Tensor,
+    next_times: Tensor,
+    next_states: Tensor,
+    labels: Tensor | None,
+    noise_level: float = 0.7,
+    guidance_scale: float = 1.0,
+    log_prob_reduce: str = "mean",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log pi_theta(next_states | states) under the sampler's current model, for a flat batch of N
+    transitions: states, next_states [N, ...], times, next_times [N] (or 0-dim), labels [N] | None.
+    One `sde_step` = one batched forward pass (2N rows with CFG). Differentiable when grad is enabled.
+    Returns (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
+    _check_noise_level(noise_level)
+    mean, std = sampler.sde_step(states, times, next_times, labels, noise_level, guidance_scale)
+    # next_states are actions sampled earlier: constants here, the gradient flows through the mean only.
+    return gaussian_log_prob(next_states.detach(), mean, std, log_prob_reduce), mean, std
+
+
+def select_timesteps(
+    num_steps: int, num_train_steps: int | None, generator: torch.Generator | None = None
+) -> Tensor:
+    """A random subset of `num_train_steps` distinct transition indices in [0, num_steps), sorted
+    (Flow-GRPO trains on a fraction of the timesteps, `timestep_fraction`). Drawn only from `generator`
+    (on its device); None or num_train_steps == num_steps gives all steps without drawing. -> [K] long."""
+    device = generator.device if generator is not None else "cpu"
+    if num_train_steps is None or num_train_steps == num_steps:
+        return torch.arange(num_steps, device=device)
+    if not 1 <= num_train_steps <= num_steps:
+        raise ValueError(f"num_train_steps must lie in [1, num_steps={num_steps}], got {num_train_steps}")
+    return torch.randperm(num_steps, generator=generator, device=device)[:num_train_steps].sort().values

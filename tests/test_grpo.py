@@ -1,0 +1,168 @@
+"""The GRPO objective (rl/grpo.py): group advantages, the PPO clipped ratio loss and the Gaussian KL.
+
+Group std is the population std (ddof = 0) throughout, as in rl/grpo.py."""
+
+import pytest
+import torch
+from torch import nn
+
+from flow import make_path
+from inference import FlowSampler
+from rl.grpo import clipped_policy_loss, gaussian_kl, group_advantages, group_stats, grpo_loss
+from rl.sde_sampler import sde_rollout, transition_log_prob
+
+
+def rewards_and_groups():
+    gen = torch.Generator().manual_seed(0)
+    # Group ids need not be contiguous or sorted; group 7 (7 members) has all-equal rewards.
+    group_ids = torch.tensor([3, 7, 3, 11, 7, 3, 11, 7, 11, 3, 7, 7, 11, 7, 7, 11])
+    rewards = torch.randn(16, generator=gen) * torch.where(group_ids == 11, 5.0, 1.0)
+    # 7 x 0.3 in float32: the group mean rounds to 0.3 + 3e-8, so R - mean is not exactly 0 there.
+    rewards[group_ids == 7] = 0.3
+    return rewards, group_ids
+
+
+# ---------------------------------------------------------------------------------------------- advantages
+
+
+def test_advantages_are_standardised_per_group():
+    rewards, group_ids = rewards_and_groups()
+    advantages = group_advantages(rewards, group_ids, eps=0.0)
+    for group in (3, 11):
+        a = advantages[group_ids == group]
+        torch.testing.assert_close(a.mean(), torch.tensor(0.0), rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.std(correction=0), torch.tensor(1.0))
+    # eps only shrinks them: std / (std + eps).
+    shrunk = group_advantages(rewards, group_ids)
+    torch.testing.assert_close(shrunk, advantages, rtol=1e-3, atol=0)
+
+
+def test_constant_group_gets_exactly_zero_advantage():
+    rewards, group_ids = rewards_and_groups()
+    for eps in (0.0, 1e-4):
+        for global_std in (False, True):
+            advantages, stats = group_advantages(rewards, group_ids, eps, global_std, return_stats=True)
+            assert torch.isfinite(advantages).all()
+            assert (advantages[group_ids == 7] == 0).all()
+            assert (advantages[group_ids != 7] != 0).all()
+    assert (rewards - stats.mean)[group_ids == 7].abs().max() > 0  # the case the exact-zero rule is for
+    torch.testing.assert_close(stats.zero_std_fraction, torch.tensor(1 / 3))
+    assert stats.num_groups == 3 and torch.equal(stats.zero_std, group_ids == 7)
+    # A singleton group and an all-constant batch are zero too.
+    assert torch.equal(group_advantages(torch.tensor([2.0, 1.0, 3.0]), torch.tensor([0, 1, 1]))[0], torch.tensor(0.0))
+    assert torch.equal(group_advantages(torch.full((4,), 0.3), torch.zeros(4, dtype=torch.long)), torch.zeros(4))
+
+
+def test_group_stats_match_a_loop():
+    rewards, group_ids = rewards_and_groups()
+    stats = group_stats(rewards, group_ids)
+    for group in group_ids.unique():
+        members = group_ids == group
+        torch.testing.assert_close(stats.mean[members], rewards[members].mean().expand(int(members.sum())))
+        torch.testing.assert_close(stats.std[members], rewards[members].std(correction=0).expand(int(members.sum())))
+
+
+def test_global_std_divides_by_the_batch_std():
+    rewards, group_ids = rewards_and_groups()
+    advantages = group_advantages(rewards, group_ids, eps=0.0, global_std=True)
+    centred = rewards - group_stats(rewards, group_ids).mean
+    expected = torch.where(group_ids == 7, torch.tensor(0.0), centred / rewards.std(correction=0))
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_clip_then_scale():
+    rewards = torch.tensor([0.0, 0.0, 0.0, 10.0, 1.0, 2.0])
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1])
+    raw = group_advantages(rewards, group_ids, eps=0.0)
+    assert raw.abs().max() > 1.5  # the outlier
+    advantages = group_advantages(rewards, group_ids, eps=0.0, clip=1.5, scale=4.0)
+    torch.testing.assert_close(advantages, 4.0 * raw.clamp(-1.5, 1.5))
+
+
+# ---------------------------------------------------------------------------------------------- clipped loss
+
+
+class Drift(nn.Module):
+    """Velocity theta * x + 1 for a 1-parameter policy."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x, t, y=None):
+        return self.theta * x + 1
+
+
+def test_first_inner_update_has_unit_ratio_and_is_the_vanilla_policy_gradient():
+    model = Drift()
+    sampler = FlowSampler(model, make_path())
+    rollout = sde_rollout(sampler, torch.randn(12, 3, 4), None, 6, generator=torch.Generator().manual_seed(0))
+    flat = rollout.transitions()
+    advantages = group_advantages(torch.randn(12), torch.arange(12) // 4)[flat.sample_index]
+    args = (sampler, flat.states, flat.times, flat.next_times, flat.next_states, None, 0.7, 1.0)
+    with torch.no_grad():  # "old" log-probs, through the same code path as the update
+        old, _, _ = transition_log_prob(*args)
+    new, _, _ = transition_log_prob(*args)
+    loss, stats = clipped_policy_loss(new, old, advantages, clip_eps=0.2)
+    assert (stats["ratio_min"] - 1).abs() <= 1e-6 and (stats["ratio_max"] - 1).abs() <= 1e-6
+    assert stats["clip_fraction"] == 0 and stats["approx_kl"].abs() <= 1e-6
+    torch.testing.assert_close(loss, -advantages.mean())
+    (grad,) = torch.autograd.grad(loss, model.theta)
+    # At rho = 1 the gradient is REINFORCE's: -mean(A grad log pi).
+    new, _, _ = transition_log_prob(*args)
+    (expected,) = torch.autograd.grad(-(advantages * new).mean(), model.theta)
+    torch.testing.assert_close(grad, expected)
+    assert all(value.dim() == 0 and not value.requires_grad for value in stats.values())
+
+
+def test_clipping_zeroes_the_gradient_only_on_the_favoured_side():
+    eps = 0.2
+    ratios = torch.tensor([1.5, 0.5, 0.5, 1.5, 1.1, 0.9])
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    clipped_terms = torch.tensor([True, True, False, False, False, False])
+    log_probs_new = ratios.log().requires_grad_(True)
+    log_probs_old = torch.zeros(6)
+    loss, stats = clipped_policy_loss(log_probs_new, log_probs_old, advantages, eps)
+    (grad,) = torch.autograd.grad(loss, log_probs_new)
+    assert (grad[clipped_terms] == 0).all()
+    # Elsewhere d/dlogp of -rho A / N = -rho A / N: pessimistic terms keep their full gradient.
+    torch.testing.assert_close(grad[~clipped_terms], -(ratios * advantages)[~clipped_terms] / 6)
+    expected = -torch.minimum(ratios * advantages, ratios.clamp(1 - eps, 1 + eps) * advantages).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(stats["clip_fraction"], torch.tensor(4 / 6))
+    torch.testing.assert_close(stats["approx_kl"], ((ratios - 1) - ratios.log()).mean())
+    torch.testing.assert_close(stats["ratio_min"], torch.tensor(0.5))
+    torch.testing.assert_close(stats["ratio_max"], torch.tensor(1.5))
+
+
+# ---------------------------------------------------------------------------------------------- KL
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_gaussian_kl_matches_torch_distributions(reduce):
+    gen = torch.Generator().manual_seed(0)
+    mean_policy, mean_ref = torch.randn(5, 2, 3, 3, generator=gen), torch.randn(5, 2, 3, 3, generator=gen)
+    std = torch.rand(5, 1, 1, 1, generator=gen) + 0.2
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean_policy, std), torch.distributions.Normal(mean_ref, std)
+    ).flatten(1)
+    expected = reference.mean(1) if reduce == "mean" else reference.sum(1)
+    torch.testing.assert_close(gaussian_kl(mean_policy, mean_ref, std, reduce), expected)
+    assert (gaussian_kl(mean_ref, mean_ref, std) == 0).all()
+
+
+def test_grpo_loss_adds_beta_times_mean_kl():
+    gen = torch.Generator().manual_seed(1)
+    new, old = torch.randn(8, generator=gen) * 0.1, torch.randn(8, generator=gen) * 0.1
+    advantages = torch.randn(8, generator=gen)
+    mean_policy = torch.randn(8, 4, generator=gen).requires_grad_(True)
+    kl = gaussian_kl(mean_policy, torch.zeros(8, 4), torch.full((8, 1), 0.5))
+    loss, stats = grpo_loss(new, old, advantages, 0.2, kl, kl_beta=0.01)
+    policy_loss, _ = clipped_policy_loss(new, old, advantages, 0.2)
+    torch.testing.assert_close(loss, policy_loss + 0.01 * kl.mean())
+    torch.testing.assert_close(stats["kl"], kl.mean().detach())
+    loss.backward()
+    assert mean_policy.grad is not None and (mean_policy.grad != 0).all()
+    loss, stats = grpo_loss(new, old, advantages, 0.2)
+    torch.testing.assert_close(loss, policy_loss)
+    assert stats["kl"] == 0

@@ -1,0 +1,195 @@
+"""Flow-GRPO rollouts (rl/sde_sampler.py): Gaussian log-probs, marginals of the SDE rollout, stored vs
+recomputed log-probs, exact reproducibility and the timestep subset."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from flow import expand_t, make_path
+from inference import FlowSampler
+from rl.sde_sampler import (
+    Rollout,
+    gaussian_log_prob,
+    sde_rollout,
+    select_timesteps,
+    transition_log_prob,
+)
+
+MEAN = torch.tensor([1.0, -2.0])
+STD = 0.5
+
+
+class GaussianVelocity(nn.Module):
+    """Exact CondOT velocity for data N(MEAN, STD^2 I) (as tests/test_inference.py's GaussianFlow):
+    x_t ~ N(t m, (t^2 s^2 + (1 - t)^2) I) and u(x, t) = m + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) (x - t m).
+    Ignores y. `gain` (1 = exact) is a parameter to differentiate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x, t, y=None):
+        t = expand_t(t, x)
+        var = STD**2
+        u = MEAN + (t * var - (1 - t)) / (t**2 * var + (1 - t) ** 2) * (x - t * MEAN)
+        return self.gain * u
+
+
+class ToyConditional(nn.Module):
+    """a[y] x + b[y] + t on images [B, C, H, W] (label 3 = null), recording the rows of every call."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter(0.3 * torch.randn(num_classes + 1, generator=gen))
+        self.b = nn.Parameter(torch.randn(num_classes + 1, generator=gen))
+        self.batch_sizes = []
+
+    def forward(self, x, t, y):
+        self.batch_sizes.append(x.shape[0])
+        return expand_t(self.a[y], x) * x + expand_t(self.b[y] + t, x)
+
+
+def noise(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def conditional_rollout(num_steps=6, batch=5, guidance_scale=3.0, seed=1, **kwargs):
+    model = ToyConditional()
+    sampler = FlowSampler(model, make_path(), num_classes=3)
+    labels = torch.arange(batch) % 3
+    rollout = sde_rollout(
+        sampler, noise((batch, 1, 4, 4)), labels, num_steps, guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed), **kwargs,
+    )
+    return model, sampler, rollout
+
+
+# ---------------------------------------------------------------------------------------------- log-prob
+
+
+def test_gaussian_log_prob_matches_torch_normal():
+    x, mean = noise((4, 3, 5, 5), 0), noise((4, 3, 5, 5), 1)
+    std = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(2)) + 0.1
+    reference = torch.distributions.Normal(mean, std).log_prob(x).flatten(1)
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std, "sum"), reference.sum(1))
+    torch.testing.assert_close(gaussian_log_prob(x, mean, std), reference.mean(1))  # mean is the default
+    out = gaussian_log_prob(x.bfloat16(), mean.bfloat16(), std.bfloat16())
+    assert out.shape == (4,) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="reduce"):
+        gaussian_log_prob(x, mean, std, "max")
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+
+@pytest.mark.parametrize("num_steps", [10, 50, 200])
+def test_rollout_reproduces_gaussian(num_steps):
+    # A wrong time direction, score sign or noise scale ends far from the data std.
+    sampler = FlowSampler(GaussianVelocity(), make_path())
+    rollout = sde_rollout(sampler, noise((20_000, 2)), None, num_steps, noise_level=0.7,
+                          generator=torch.Generator().manual_seed(1))
+    x = rollout.samples
+    rel = 0.06 if num_steps == 10 else 0.03
+    assert (x.mean(0) - MEAN).abs().max() < 0.03, x.mean(0)
+    assert (x.std(0) / STD - 1).abs().max() < rel, x.std(0)
+
+
+def test_rollout_shapes_and_bookkeeping():
+    model, sampler, rollout = conditional_rollout(num_steps=6, batch=5)
+    assert isinstance(rollout, Rollout) and rollout.num_steps == 6
+    assert rollout.states.shape == rollout.next_states.shape == rollout.means.shape == (6, 5, 1, 4, 4)
+    assert rollout.stds.shape == (6, 5, 1, 1, 1) and rollout.log_probs.shape == (6, 5)
+    assert rollout.times.shape == rollout.next_times.shape == (6,)
+    assert rollout.means.dtype == rollout.stds.dtype == rollout.log_probs.dtype == torch.float32
+    torch.testing.assert_close(rollout.times, torch.linspace(0, 1, 7)[:-1])
+    torch.testing.assert_close(rollout.next_times, torch.linspace(0, 1, 7)[1:])
+    assert torch.equal(rollout.states[0], noise((5, 1, 4, 4)))
+    assert torch.equal(rollout.states[1:], rollout.next_states[:-1])
+    assert torch.equal(rollout.samples, rollout.next_states[-1])
+    assert torch.equal(rollout.labels, torch.arange(5) % 3)
+    assert (rollout.stds > 0).all() and torch.isfinite(rollout.log_probs).all()
+    # One batched CFG forward per step: [x; x] with labels [y; null].
+    assert model.batch_sizes == [10] * 6
+
+
+def test_stored_log_probs_equal_recomputed_with_frozen_policy():
+    model, sampler, rollout = conditional_rollout(num_steps=8, batch=5, guidance_scale=3.0)
+    for steps in (None, torch.tensor([0, 3, 7])):
+        flat = rollout.transitions(steps)
+        model.batch_sizes.clear()
+        log_probs, means, stds = transition_log_prob(
+            sampler, flat.states, flat.times, flat.next_times, flat.next_states, flat.labels,
+            noise_level=0.7, guidance_scale=3.0,
+        )
+        assert model.batch_sizes == [2 * flat.states.shape[0]]  # one forward for all N transitions
+        torch.testing.assert_close(log_probs, flat.log_probs, rtol=0, atol=1e-5)
+        torch.testing.assert_close(means, flat.means, rtol=0, atol=1e-6)
+        torch.testing.assert_close(stds, flat.stds)
+    # Row order is step-major: row k' * B + b is step steps[k'] of sample b.
+    flat = rollout.transitions(torch.tensor([2, 5]))
+    assert torch.equal(flat.sample_index, torch.arange(5).repeat(2))
+    assert torch.equal(flat.states[5:], rollout.states[5])
+    assert torch.equal(flat.log_probs, rollout.log_probs[[2, 5]].flatten())
+    assert torch.equal(flat.times, rollout.times[[2, 2, 2, 2, 2, 5, 5, 5, 5, 5]])
+
+
+def test_transition_log_prob_is_differentiable_and_sum_is_d_times_mean():
+    model = GaussianVelocity()
+    sampler = FlowSampler(model, make_path())
+    rollout = sde_rollout(sampler, noise((64, 2)), None, 10, generator=torch.Generator().manual_seed(3))
+    flat = rollout.transitions()
+    args = (sampler, flat.states, flat.times, flat.next_times, flat.next_states, None, 0.7, 1.0)
+    log_probs, _, _ = transition_log_prob(*args, log_prob_reduce="mean")
+    log_probs.sum().backward()
+    assert model.gain.grad is not None and model.gain.grad != 0
+    with torch.no_grad():
+        summed, _, _ = transition_log_prob(*args, log_prob_reduce="sum")
+        torch.testing.assert_close(summed, 2 * log_probs)
+        # Under the sampling policy the actions are mean + std z: mean-reduced log pi = E[-z^2/2] - log std
+        # - log(2 pi)/2 on average.
+        z = (flat.next_states - flat.means) / flat.stds
+        expected = -0.5 * z.square().mean(1) - flat.stds.flatten().log() - 0.5 * math.log(2 * math.pi)
+        torch.testing.assert_close(log_probs, expected, rtol=0, atol=1e-4)
+
+
+def test_same_generator_seed_gives_identical_rollouts():
+    _, _, first = conditional_rollout(seed=7)
+    _, _, again = conditional_rollout(seed=7)
+    _, _, other = conditional_rollout(seed=8)
+    for name in ("states", "next_states", "means", "stds", "log_probs", "samples"):
+        assert torch.equal(getattr(first, name), getattr(again, name)), name
+    assert not torch.equal(first.samples, other.samples)
+    assert torch.equal(first.states[0], other.states[0])  # the initial noise is the caller's
+
+
+def test_rollout_on_a_shifted_grid_and_bad_noise_level():
+    _, _, rollout = conditional_rollout(num_steps=4, grid="shifted", shift=3.0)
+    assert rollout.times[0] == 0 and rollout.next_times[-1] == 1
+    assert rollout.times[1] < 0.25  # shift > 1 spends the steps near noise
+    with pytest.raises(ValueError, match="noise_level"):
+        conditional_rollout(noise_level=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- timesteps
+
+
+def test_select_timesteps_is_deterministic_distinct_and_sorted():
+    def draw(seed):
+        return select_timesteps(20, 6, torch.Generator().manual_seed(seed))
+
+    steps = draw(0)
+    assert steps.dtype == torch.long and steps.shape == (6,)
+    assert torch.equal(steps, draw(0))
+    assert torch.equal(steps, steps.sort().values) and steps.unique().numel() == 6
+    assert 0 <= steps.min() and steps.max() < 20
+    assert any(not torch.equal(steps, draw(seed)) for seed in range(1, 5))
+    # Consecutive draws from one generator continue its stream (exact resume from the generator state).
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(select_timesteps(20, 6, gen), steps)
+    assert torch.equal(select_timesteps(20, 20, gen), torch.arange(20))
+    assert torch.equal(select_timesteps(20, None), torch.arange(20))
+    with pytest.raises(ValueError, match="num_train_steps"):
+        select_timesteps(20, 0, gen)
