@@ -114,13 +114,14 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     # key they declare can be overridden from the command line and is type-checked on the way in.
     ConfigStore.instance().store(name="train_schema", node=Config)
     ConfigStore.instance().store(name="inference_schema", node=InferenceConfig)
+    ConfigStore.instance().store(name="grpo_schema", node=GRPORunConfig)
     GlobalHydra.instance().clear()
     config_dir = CONFIG_DIR / "inference" if config_name == "inference" else CONFIG_DIR
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
         except HydraException as e:
-            raise ConfigError(_reword_hydra_error(e)) from None
+            raise ConfigError(_reword_hydra_error(e, SCHEMAS[config_name])) from None
     choices = cfg.hydra.runtime.choices
     with _open(cfg):
         if "experiment" in choices and choices.experiment is not None:
@@ -134,7 +135,7 @@ def load_config(overrides: list[str]) -> DictConfig:
     return validate(compose(overrides))
 
 
-def _reword_hydra_error(error: Exception) -> str:
+def _reword_hydra_error(error: Exception, schema) -> str:
     message = f"{error}\n{error.__cause__ or ''}"
     full_key = re.search(r"full_key: (\S+)", message)
     if "could not be converted" in message or "Value '" in message and "is not a valid" in message:
@@ -145,7 +146,7 @@ def _reword_hydra_error(error: Exception) -> str:
     if match and ("To append to your config" in message or "not in struct" in cause):
         key = match.group(1)
         parent = key.rpartition(".")[0]
-        allowed = _allowed_keys(Config, parent)
+        allowed = _allowed_keys(schema, parent)
         hint = f"; allowed keys under '{parent or '<root>'}': {', '.join(allowed)}" if allowed else ""
         return f"unknown config key '{key}'{hint} (prefix a new key with '+' only for free-form groups such as model/dataset)"
     return message
@@ -350,3 +351,118 @@ class InferenceConfig:
     guidance_interval: list[float] | None = None
     ep_cfg: bool | None = None
     classifier: str | None = None  # score the samples (accuracy, classifier-FD + floor, bpp) -> metrics.json
+
+
+# --- Flow-GRPO post-training (train_grpo.py) -----------------------------------------------------
+
+
+@dataclass
+class GRPOConfig:
+    """The Flow-GRPO recipe. One iteration (an "epoch" in the write-up's recipes) draws batch_size
+    prompts x group_size SDE rollouts, scores them, then takes num_inner optimizer steps on them."""
+
+    epochs: int = 100  # rollout iterations
+    batch_size: int = 4  # prompts (class labels) per iteration
+    group_size: int = 8  # G: rollouts per prompt; advantages are relative within a group
+    num_inner: int = 6  # optimizer steps per rollout batch (PPO epochs)
+    rollout_steps: int = 10  # T_rollout: Euler-Maruyama steps per rollout
+    train_timesteps: int | None = None  # per update, a random subset of this many transitions; null = all
+    noise_level: float = 0.7  # a in g(t) = a sqrt((1 - t) / t), Flow-GRPO's default
+    guidance_scale: float = 1.0  # CFG in rollouts, in the recomputed log-probs and in SDE evaluation
+    clip_eps: float = 0.2  # PPO ratio clip
+    kl_beta: float = 0.0  # weight of the Gaussian KL to the frozen seed policy
+    advantage_scale: float = 1.0  # multiplies the normalised advantage
+    advantage_clip: float | None = None  # clip the normalised advantage to [-c, c] before scaling
+    advantage_eps: float = 1e-4  # (R - mean) / (std + eps)
+    global_std: bool = False  # normalise by the batch's reward std instead of each group's
+    log_prob_reduce: str = "mean"  # log pi and KL averaged ("mean") or summed over pixels (rl/sde_sampler.py)
+    lr: float = 1e-4  # constant after warmup_steps
+    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    init_from_ema: bool = True  # policy and reference start from the seed's EMA weights (else its raw weights)
+
+
+@dataclass
+class GRPOTrainingConfig:
+    """Run management, with the same meaning as in train.py."""
+
+    run_dir: str | None = None  # default runs/<experiment>_<timestamp>
+    resume: str | None = None  # null | auto | PATH
+    max_steps: int | None = None  # caps iterations (grpo.epochs stays the nominal length)
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
+    checkpoint_every: int = 50  # iterations; a final checkpoint is always written
+    keep_last: int = 3
+    log_every: int = 1
+    eval_every: int = 0  # evaluations besides the seed's (iteration 0) and the final one; 0 = none
+    num_eval_samples: int = 200  # split evenly over the classes
+    classifier: str | None = None  # enables classifier accuracy / classifier-FD in evaluations
+    max_nonfinite_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SolverOverrides:
+    """ODE settings of the GRPO evaluations; null keeps the seed checkpoint's own (SolverConfig)."""
+
+    method: str | None = None
+    num_steps: int | None = None
+    grid: str | None = None
+    shift: float | None = None
+    guidance_scale: float | None = None
+    guidance_interval: list[float] | None = None
+    ep_cfg: bool | None = None
+
+
+@dataclass
+class GRPORunConfig:
+    experiment: str = "custom"
+    seed: int = 0
+    device: str = "auto"
+    seed_checkpoint: str | None = None  # required: the flow model to post-train (dir, run dir or .../latest)
+    reward: dict[str, Any] = field(default_factory=lambda: {"name": "jpeg"})  # rl/reward.py spec
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    training: GRPOTrainingConfig = field(default_factory=GRPOTrainingConfig)
+    solver: SolverOverrides = field(default_factory=lambda: SolverOverrides())
+
+
+# The typed schema of each primary config (configs/<name>.yaml), for error messages.
+SCHEMAS = {"config": Config, "inference": InferenceConfig, "config_grpo": GRPORunConfig}
+
+
+def load_grpo_config(overrides: list[str]) -> DictConfig:
+    """argv overrides -> validated, read-only train_grpo.py config (configs/config_grpo.yaml)."""
+    cfg = apply_schema(compose(overrides, config_name="config_grpo"), GRPORunConfig)
+    g, tr = cfg.grpo, cfg.training
+    check(bool(cfg.seed_checkpoint), "seed_checkpoint", cfg.seed_checkpoint,
+          "is required: the flow model to post-train, e.g. seed_checkpoint=runs/digits_cfg (a run dir, a step_* dir "
+          "or RUN/checkpoints/latest)")
+    check_choice("device", cfg.device, DEVICES)
+    for key in ("epochs", "batch_size", "num_inner", "rollout_steps"):
+        check(g[key] >= 1, f"grpo.{key}", g[key], "must be >= 1")
+    check(g.group_size >= 2, "grpo.group_size", g.group_size,
+          "must be >= 2 (a group of one has no spread, so every advantage would be 0)")
+    check(g.train_timesteps is None or 1 <= g.train_timesteps <= g.rollout_steps, "grpo.train_timesteps",
+          g.train_timesteps, f"must be null or in [1, grpo.rollout_steps = {g.rollout_steps}]")
+    check(g.noise_level > 0, "grpo.noise_level", g.noise_level, "must be > 0 (the SDE needs noise for a log-prob)")
+    check(g.guidance_scale >= 0, "grpo.guidance_scale", g.guidance_scale, "must be >= 0")
+    check(g.clip_eps > 0, "grpo.clip_eps", g.clip_eps, "must be > 0")
+    check(g.kl_beta >= 0, "grpo.kl_beta", g.kl_beta, "must be >= 0")
+    check(g.advantage_scale > 0, "grpo.advantage_scale", g.advantage_scale, "must be > 0")
+    check(g.advantage_clip is None or g.advantage_clip > 0, "grpo.advantage_clip", g.advantage_clip, "must be null or > 0")
+    check(g.advantage_eps > 0, "grpo.advantage_eps", g.advantage_eps, "must be > 0")
+    check_choice("grpo.log_prob_reduce", g.log_prob_reduce, ("mean", "sum"))
+    check(g.lr > 0, "grpo.lr", g.lr, "must be > 0")
+    check(g.warmup_steps >= 0, "grpo.warmup_steps", g.warmup_steps, "must be >= 0")
+    check(len(g.betas) == 2 and all(0 <= b < 1 for b in g.betas), "grpo.betas", list(g.betas), "must be two values in [0, 1)")
+    check(g.weight_decay >= 0, "grpo.weight_decay", g.weight_decay, "must be >= 0")
+    check(g.grad_clip >= 0, "grpo.grad_clip", g.grad_clip, "must be >= 0 (0 disables)")
+    check_choice("training.amp", tr.amp, AMP_MODES)
+    check(tr.max_steps is None or tr.max_steps >= 0, "training.max_steps", tr.max_steps, "must be >= 0 or null")
+    for key in ("checkpoint_every", "keep_last", "log_every", "num_eval_samples", "max_nonfinite_steps"):
+        check(tr[key] >= 1, f"training.{key}", tr[key], "must be >= 1")
+    check(tr.eval_every >= 0, "training.eval_every", tr.eval_every, "must be >= 0 (0 = seed and final only)")
+    check(tr.resume in (None, "auto") or bool(tr.resume), "training.resume", tr.resume, "must be null, 'auto' or a path")
+    return _freeze(cfg)

@@ -102,6 +102,59 @@ def resolve_run_dir(cfg: DictConfig, runtime: Runtime) -> Path:
     return Path("runs") / f"{cfg.experiment}_{stamp}"
 
 
+class StopSignal:
+    """SIGTERM -> finish the current step, save, exit with EXIT_PREEMPTED. Under DDP every rank must
+    stop at the same step, so `agreed()` is a MAX vote over a CPU-side (gloo) group: deciding it
+    never syncs the GPU. Use as a context manager around the loop."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.requested = False
+        self.group = dist.new_group(backend="gloo") if runtime.distributed else None
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._request)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if not self.runtime.distributed:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str | None, runtime: Runtime, log) -> str | None:
+    """What to resume from, decided on rank 0 and shared: None for a fresh start. Never overwrites
+    a run: existing checkpoints without resume is an error, and with resume=auto a run dir whose
+    checkpoints all fail verification is an error too (they are quarantined, not silently skipped)."""
+    existing = ckpt.list_checkpoints(run_dir)
+    if resume is None:
+        if existing:
+            raise ConfigError(
+                f"training.run_dir = {str(run_dir)!r} already holds checkpoints; pass training.resume=auto "
+                f"to continue it, or choose another training.run_dir"
+            )
+        return None
+    if resume != "auto":
+        return resume
+    found = ckpt.latest_valid_checkpoint(run_dir, log=log) if runtime.is_main else None
+    found = broadcast_object(str(found) if found else None, runtime)
+    if found is None:
+        if existing and runtime.is_main and not ckpt.list_checkpoints(run_dir):
+            raise ckpt.CheckpointError(f"no checkpoint under {run_dir / 'checkpoints'} verifies; not starting over it")
+        log(f"training.resume=auto: no checkpoint in {run_dir}, starting fresh")
+    return found
+
+
 # --- logging ------------------------------------------------------------------------------------
 
 
@@ -240,9 +293,7 @@ class Trainer:
         self.generator = torch.Generator(device=device)
         self.step = 0
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.long, device=device)
-        self.stop_requested = False
-        # A CPU-side (gloo) group for the SIGTERM vote, so agreeing on it never syncs the GPU.
-        self.control_group = dist.new_group(backend="gloo") if runtime.distributed else None
+        self.stop = StopSignal(runtime)
         self._permutation = (None, None)  # (epoch, permutation) cache
 
     # -- state --
@@ -277,26 +328,9 @@ class Trainer:
 
     def resume(self) -> None:
         """Fresh start, or continue from training.resume (auto | PATH). Never overwrites a run."""
-        resume = self.cfg.training.resume
-        existing = ckpt.list_checkpoints(self.run_dir)
-        if resume is None:
-            if existing:
-                raise ConfigError(
-                    f"training.run_dir = {str(self.run_dir)!r} already holds checkpoints; pass training.resume=auto "
-                    f"to continue it, or choose another training.run_dir"
-                )
+        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print)
+        if source is None:
             return
-        if resume == "auto":
-            found = ckpt.latest_valid_checkpoint(self.run_dir, log=self.log.print) if self.runtime.is_main else None
-            found = broadcast_object(str(found) if found else None, self.runtime)
-            if found is None:
-                if existing and self.runtime.is_main and not ckpt.list_checkpoints(self.run_dir):
-                    raise ckpt.CheckpointError(f"no checkpoint under {self.run_dir / 'checkpoints'} verifies; not starting over it")
-                self.log.print(f"training.resume=auto: no checkpoint in {self.run_dir}, starting fresh")
-                return
-            source = found
-        else:
-            source = resume
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
         check_compatible(loaded.config, self.cfg, loaded.path)
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
@@ -390,27 +424,13 @@ class Trainer:
             f"x{self.runtime.world_size}; {len(self.dataset):,} samples, batch {tr.batch_size}, "
             f"steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
         )
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM,)}
-        try:
+        with self.stop:
             self._loop()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        if self.stop_requested:
+        if self.stop.requested:
             return EXIT_PREEMPTED
         self.evaluate(final=True)
         self.log.close()
         return 0
-
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
-
-    def _stop_agreed(self) -> bool:
-        if not self.runtime.distributed:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(flag.item())
 
     def _check_nonfinite(self) -> None:
         """Read at log and checkpoint boundaries only (a host sync). Skipped steps leave the weights,
@@ -466,7 +486,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
                 bin_sums.zero_(), bin_counts.zero_(), loss_sum.zero_(), norm_sum.zero_(), skipped.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if self._stop_agreed():
+            if self.stop.agreed():
                 self.log.print(f"SIGTERM: saving step {self.step} and exiting with code {EXIT_PREEMPTED} (requeue to resume)")
                 self.save()
                 break
@@ -516,20 +536,26 @@ class Trainer:
         return {**values, "classifier_fd_real_floor": self.fd_floor}
 
     def load_eval_classifier(self) -> None:
-        """The classifier and its feature statistics of the held-out real split, loaded before the
-        first step so a wrong path fails now rather than after training."""
-        import metrics
-
         self.classifier, self.reference_statistics, self.fd_floor = None, None, None
-        if not (self.cfg.training.classifier and self.runtime.is_main):
-            return
-        dataset_name, dataset_kwargs = spec_kwargs(self.cfg.dataset)
-        self.classifier = metrics.load_classifier(self.cfg.training.classifier, self.runtime.device,
-                                                  expected_dataset=dataset_name, expected_shape=self.dataset.sample_shape)
-        held_out = build_dataset(dataset_name, self.runtime.device, **{**dataset_kwargs, "split": "test"})
-        self.reference_statistics = metrics.reference_statistics(self.classifier, held_out)
-        self.fd_floor = metrics.real_fd_floor(self.classifier, self.dataset, self.reference_statistics,
-                                              self.cfg.training.num_eval_samples, self.cfg.seed)
+        if self.cfg.training.classifier and self.runtime.is_main:
+            self.classifier, self.reference_statistics, self.fd_floor = load_eval_classifier(
+                self.cfg.training.classifier, self.cfg.dataset, self.dataset, self.runtime.device,
+                self.cfg.training.num_eval_samples, self.cfg.seed)
+
+
+def load_eval_classifier(path, dataset_cfg, dataset, device, num_samples: int, seed: int):
+    """-> (classifier, feature statistics of the held-out real split, real-vs-real FD floor at
+    num_samples). Loaded before the first step, so a wrong path fails now rather than after training."""
+    import metrics
+
+    dataset_name, dataset_kwargs = spec_kwargs(dataset_cfg)
+    classifier = metrics.load_classifier(path, device, expected_dataset=dataset_name,
+                                         expected_shape=dataset.sample_shape)
+    held_out = build_dataset(dataset_name, device, **{**dataset_kwargs, "split": "test"})
+    reference_statistics = metrics.reference_statistics(classifier, held_out)
+    fd_floor = metrics.real_fd_floor(classifier, dataset, reference_statistics, num_samples, seed)
+    return classifier, reference_statistics, fd_floor
+
 
 class _null_context:
     def __enter__(self):

@@ -1,0 +1,358 @@
+"""Flow-GRPO post-training: `python train_grpo.py experiment=digits_grpo_jpeg seed_checkpoint=runs/digits_cfg`.
+
+A trained flow model becomes a Gaussian policy through the SDE of `rl/sde_sampler.py`, and is
+post-trained on a black-box terminal reward (`rl/reward.py`) with GRPO (`rl/grpo.py`). One iteration:
+
+1. rollouts: batch_size prompts (class labels) x group_size SDE trajectories of rollout_steps steps,
+   each transition's log pi stored (the model in eval mode, so the function is deterministic);
+2. rewards of the final samples, turned into advantages relative to each prompt's group;
+3. num_inner optimizer steps on the clipped-ratio loss + kl_beta x the Gaussian KL to the frozen
+   seed. Each step recomputes log pi one rollout timestep at a time, with the same batch as the
+   rollout (so on the first step the ratio is exactly 1) and accumulates the gradient over them.
+
+Everything around the loop is train.py's: devices, run directory, the logger, checkpoints (atomic,
+manifest, keep last K, auto-resume), SIGTERM (save, exit 75). Checkpoints carry the seed's model,
+flow, dataset and solver sections, so `inference.py checkpoint=RUN` samples a post-trained run.
+
+Exact resume: the prompts, rollout noise and timestep subsets of iteration i come from generators
+seeded by (seed, i), and the reference policy is re-read from the seed checkpoint, so a run killed
+anywhere and resumed from its last checkpoint replays the same iterations bit for bit (on CPU).
+"""
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import checkpoint as ckpt
+from config import (
+    ConfigError,
+    build_flow,
+    build_model,
+    load_grpo_config,
+    spec_kwargs,
+    to_plain,
+    validate_solver,
+)
+from datasets import build_dataset, derive_seed
+from inference import FlowSampler, close_figure, generate, samples_figure, save_samples
+from models import count_parameters
+from rl.grpo import gaussian_kl, group_advantages, grpo_loss
+from rl.reward import build_reward
+from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob
+from train import (
+    EXIT_PREEMPTED,
+    MetricLogger,
+    StopSignal,
+    check_compatible,
+    find_resume_checkpoint,
+    learning_rate,
+    load_eval_classifier,
+    resolve_run_dir,
+    setup_runtime,
+)
+
+COMPARISON_PER_CLASS = 5  # seed | current samples per class row in the TensorBoard grid
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: DictConfig, runtime, run_dir: Path):
+        self.cfg, self.runtime, self.run_dir = cfg, runtime, run_dir
+        if runtime.distributed:
+            raise ConfigError("train_grpo.py runs in one process (WORLD_SIZE = 1); launch it with python, not torchrun")
+        device = runtime.device
+        self.log = MetricLogger(run_dir, True, cfg.training.tensorboard)
+
+        seed = ckpt.load_checkpoint(cfg.seed_checkpoint, map_location=device, load_state=False)
+        use_ema = cfg.grpo.init_from_ema and seed.ema is not None
+        self.model = build_model(seed.config.model).to(device)
+        ckpt.load_weights(self.model, seed.ema if use_ema else seed.model, f"seed checkpoint {seed.path}")
+        self.model.eval()  # eval throughout: rollouts and recomputed log-probs must be the same function
+        self.reference = copy.deepcopy(self.model).requires_grad_(False)  # the frozen seed policy
+        path, _, _ = build_flow(seed.config.flow)
+        num_classes = getattr(self.model, "num_classes", None)
+        self.policy = FlowSampler(self.model, path, seed.config.flow.prediction, num_classes)
+        self.reference_policy = FlowSampler(self.reference, path, seed.config.flow.prediction, num_classes)
+        self.num_classes = num_classes
+        self.sample_shape = tuple(seed.meta["sample_shape"])
+        self.seed_path, self.seed_step = seed.path, seed.step
+        self.run_config = self._run_config(seed.config)
+        self.reward = build_reward(cfg.reward, device)
+
+        g = cfg.grpo
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
+                                           weight_decay=g.weight_decay, fused=True)
+        amp = cfg.training.amp
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+        self.target_steps = g.epochs if cfg.training.max_steps is None else min(g.epochs, cfg.training.max_steps)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.stop = StopSignal(runtime)
+        self._seed_samples = None
+
+    def _run_config(self, seed_config: DictConfig) -> DictConfig:
+        """This run's config plus the seed's model / flow / dataset and the evaluation solver: what
+        checkpoints record, so inference.py and resume need nothing else."""
+        overrides = {key: value for key, value in to_plain(self.cfg.solver).items() if value is not None}
+        solver = OmegaConf.merge(seed_config.solver, overrides)
+        validate_solver(solver, "solver")
+        run = OmegaConf.create(to_plain(self.cfg))
+        run.solver = solver
+        for section in ("model", "flow", "dataset"):
+            run[section] = seed_config[section]
+        run.seed_checkpoint_resolved = {"path": str(self.seed_path), "step": self.seed_step}
+        return run
+
+    def autocast(self):
+        device_type = self.runtime.device.type
+        return torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    # -- state --
+
+    def save(self) -> None:
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, model=self.model.state_dict(), ema=None,
+            state={"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row},
+            config=self.run_config, keep_last=self.cfg.training.keep_last,
+            meta={"sample_shape": list(self.sample_shape), "num_classes": self.num_classes},
+        )
+        self.log.print(f"saved {path}")
+
+    def resume(self) -> None:
+        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print)
+        if source is None:
+            return
+        loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, load_ema=False)
+        check_compatible(loaded.config, self.run_config, loaded.path)  # same model and flow as the seed
+        ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
+        self.optimizer.load_state_dict(loaded.state["optimizer"])
+        self.nonfinite_in_a_row = int(loaded.state["nonfinite_in_a_row"])
+        self.step = loaded.step
+        self.log.print(f"resumed from {loaded.path} at iteration {self.step}")
+
+    # -- one iteration --
+
+    def generator(self, *stream: int) -> torch.Generator:
+        """A generator seeded by (seed, iteration, stream...): a function of position only."""
+        return torch.Generator(self.runtime.device).manual_seed(derive_seed(self.cfg.seed, self.step, *stream))
+
+    def draw_prompts(self, generator: torch.Generator) -> torch.Tensor | None:
+        """batch_size class labels, each repeated group_size times -> [B * G] (None: unconditional).
+        Distinct classes when batch_size <= num_classes."""
+        g = self.cfg.grpo
+        if self.num_classes is None:
+            return None
+        device = self.runtime.device
+        if g.batch_size <= self.num_classes:
+            prompts = torch.randperm(self.num_classes, generator=generator, device=device)[: g.batch_size]
+        else:
+            prompts = torch.randint(self.num_classes, (g.batch_size,), generator=generator, device=device)
+        return prompts.repeat_interleave(g.group_size)
+
+    def iteration(self) -> dict[str, float]:
+        g = self.cfg.grpo
+        started = time.perf_counter()
+        generator = self.generator(0)
+        labels = self.draw_prompts(generator)
+        batch = g.batch_size * g.group_size
+        noise = torch.randn((batch, *self.sample_shape), generator=generator, device=self.runtime.device)
+        with self.autocast():
+            rollout = sde_rollout(self.policy, noise, labels, g.rollout_steps, g.noise_level, g.guidance_scale,
+                                  generator=generator, log_prob_reduce=g.log_prob_reduce)
+        rewards = self.reward(rollout.samples, labels)
+        # Groups are prompts; unconditional models have one group per iteration.
+        group_ids = labels if labels is not None else torch.zeros(batch, dtype=torch.long, device=noise.device)
+        advantages, group = group_advantages(rewards, group_ids, eps=g.advantage_eps, global_std=g.global_std,
+                                             clip=g.advantage_clip, scale=g.advantage_scale, return_stats=True)
+        rollout_seconds = time.perf_counter() - started
+
+        reference_means = None
+        if g.kl_beta > 0:  # fixed for the whole iteration: one reference pass per timestep
+            with torch.no_grad(), self.autocast():
+                reference_means = [
+                    self.reference_policy.sde_step(rollout.states[k], rollout.times[k], rollout.next_times[k], labels,
+                                                   g.noise_level, g.guidance_scale)[0]
+                    for k in range(rollout.num_steps)
+                ]
+        sums, first_ratio_deviation = {}, None
+        grad_norms = []
+        for inner in range(g.num_inner):
+            lr = learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps, 1, "constant", 1.0)
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = lr
+            steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner)).tolist()
+            for k in steps:
+                with self.autocast():
+                    log_probs, means, stds = transition_log_prob(
+                        self.policy, rollout.states[k], rollout.times[k], rollout.next_times[k],
+                        rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce)
+                kl = None if reference_means is None else gaussian_kl(means, reference_means[k], stds, g.log_prob_reduce)
+                loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
+                (loss / len(steps)).backward()
+                if inner == 0:  # the policy is still the one that sampled: rho must be 1
+                    deviation = (log_probs.detach() - rollout.log_probs[k]).exp().sub(1).abs().max()
+                    first_ratio_deviation = deviation if first_ratio_deviation is None else torch.maximum(
+                        first_ratio_deviation, deviation)
+                for key, value in stats.items():
+                    reduce = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}.get(key)
+                    if key not in sums:
+                        sums[key] = value if reduce else value / (len(steps) * g.num_inner)
+                    else:
+                        sums[key] = reduce(sums[key], value) if reduce else sums[key] + value / (len(steps) * g.num_inner)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip if g.grad_clip > 0 else float("inf"))
+            nonfinite = ~torch.isfinite(grad_norm)
+            self.optimizer.found_inf = nonfinite.float()  # fused AdamW skips the step on device
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_norms.append(grad_norm)
+        grad_norms = torch.stack(grad_norms)
+        finite = torch.isfinite(grad_norms)
+        self.nonfinite_in_a_row = 0 if bool(finite.all()) else self.nonfinite_in_a_row + int((~finite).sum())
+        if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_steps:
+            raise RuntimeError(f"{self.nonfinite_in_a_row} consecutive non-finite GRPO updates (training.max_nonfinite_steps "
+                               f"= {self.cfg.training.max_nonfinite_steps}) at iteration {self.step}; aborting. The last "
+                               f"checkpoint is untouched.")
+        self.step += 1
+        values = {f"grpo/{key}": float(value) for key, value in sums.items()}
+        values.update({
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std(correction=0).item(),
+            "reward/zero_std_fraction": float(group.zero_std_fraction),
+            "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
+            "grpo/skipped_updates": float((~finite).sum()),
+            "grpo/first_update_ratio_deviation": float(first_ratio_deviation),
+            "grpo/lr": self.optimizer.param_groups[0]["lr"],
+            "time/rollout_s": rollout_seconds,
+            "time/iteration_s": time.perf_counter() - started,
+        })
+        return values
+
+    # -- the loop --
+
+    def fit(self) -> int:
+        tr = self.cfg.training
+        self.resume()
+        self.classifier = None
+        if tr.classifier:
+            name, kwargs = spec_kwargs(self.run_config.dataset)
+            train_split = build_dataset(name, self.runtime.device, **{**kwargs, "split": "train"})
+            self.classifier, self.reference_statistics, self.fd_floor = load_eval_classifier(
+                tr.classifier, self.run_config.dataset, train_split, self.runtime.device, tr.num_eval_samples, self.cfg.seed)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.run_config, resolve=True))
+        if self.step >= self.target_steps:
+            self.log.print(f"run {self.run_dir} already finished at iteration {self.step} (target {self.target_steps}); nothing to do")
+            return 0
+        g = self.cfg.grpo
+        self.log.print(
+            f"{self.cfg.experiment}: GRPO on {type(self.model).__name__} ({count_parameters(self.model):,} parameters) "
+            f"from {self.seed_path} (step {self.seed_step}) on {self.runtime.device}; reward {self.reward.name}; "
+            f"{g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, num_inner={g.num_inner}; "
+            f"iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}")
+        if self.step == 0:
+            self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
+        with self.stop:
+            self._loop()
+        if self.stop.requested:
+            return EXIT_PREEMPTED
+        self.evaluate(final=True)
+        self.log.close()
+        return 0
+
+    def _loop(self) -> None:
+        from tqdm import tqdm
+
+        tr = self.cfg.training
+        bar = tqdm(total=self.target_steps, initial=self.step, disable=not tr.progress, dynamic_ncols=True,
+                   desc=self.cfg.experiment)
+        while self.step < self.target_steps:
+            values = self.iteration()
+            bar.update(1)
+            bar.set_postfix(reward=f"{values['reward/mean']:.4f}", kl=f"{values['grpo/kl']:.2e}")
+            if self.step % tr.log_every == 0 or self.step == self.target_steps:
+                self.log.scalars(self.step, values)
+            if self.stop.agreed():
+                self.log.print(f"SIGTERM: saving iteration {self.step} and exiting with code {EXIT_PREEMPTED} (requeue to resume)")
+                self.save()
+                break
+            if self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
+                self.save()
+            if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
+                self.evaluate(final=False)
+        bar.close()
+
+    @torch.no_grad()
+    def evaluate(self, final: bool) -> dict[str, float]:
+        """The same labels and noise every time: deterministic ODE samples with the run's solver and SDE
+        samples as in the rollouts, each scored by the reward and the image metrics. Logs a seed | current
+        grid; at the end also writes samples.png / samples.npz and eval.json to the run dir."""
+        import metrics
+
+        tr, g = self.cfg.training, self.cfg.grpo
+        started = time.perf_counter()
+        ode, labels = generate(self.policy, self.run_config.solver, self.sample_shape, tr.num_eval_samples,
+                               seed=self.cfg.seed, device=self.runtime.device)
+        noise = torch.randn((len(ode), *self.sample_shape), generator=torch.Generator().manual_seed(self.cfg.seed))
+        device_labels = labels.to(self.runtime.device) if labels is not None else None
+        sde = self.policy.sample_sde(noise.to(self.runtime.device), device_labels, g.rollout_steps, g.noise_level,
+                                     torch.Generator(self.runtime.device).manual_seed(self.cfg.seed), g.guidance_scale)
+        values = {"eval/sampling_s": time.perf_counter() - started}
+        for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
+            on_device = samples.to(self.runtime.device)
+            values[f"eval/{kind}/reward"] = self.reward(on_device, device_labels).mean().item()
+            if self.classifier is not None:
+                scores = metrics.image_sample_metrics(on_device, labels, self.classifier, self.reference_statistics)
+            else:
+                scores = metrics.image_compression_metrics(samples)
+            values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
+        if self.classifier is not None:
+            values["eval/classifier_fd_real_floor"] = self.fd_floor
+        self.log.scalars(self.step, values)
+        if self._seed_samples is None:
+            if self.step == 0:
+                self._seed_samples = ode
+            else:
+                self._seed_samples, _ = generate(self.reference_policy, self.run_config.solver, self.sample_shape,
+                                                 tr.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+        comparison = comparison_figure(self._seed_samples, ode, labels, self.run_config.dataset.name)
+        self.log.figure(self.step, "samples/seed_vs_current", comparison)
+        close_figure(comparison)
+        if final:
+            figure = samples_figure(ode, labels, self.run_config.dataset.name)
+            save_samples(ode, labels, self.run_dir, figure)
+            close_figure(figure)
+            (self.run_dir / "eval.json").write_text(json.dumps({"iteration": self.step, **values}, indent=2))
+        self.log.print(f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items()))
+        return values
+
+
+def comparison_figure(seed: torch.Tensor, current: torch.Tensor, labels: torch.Tensor | None, dataset_name: str):
+    """One row per class: COMPARISON_PER_CLASS seed samples, then the current policy's samples from the
+    same noise. seed, current [N, C, H, W]; labels [N] or None."""
+    n = COMPARISON_PER_CLASS
+    if labels is None:
+        return samples_figure(torch.cat([seed[:n], current[:n]]), torch.zeros(2 * n, dtype=torch.long), dataset_name,
+                              ["seed | current"], max_per_row=2 * n)
+    rows, row_labels = [], []
+    for k in labels.unique().tolist():
+        chosen = labels == k
+        rows += [seed[chosen][:n], current[chosen][:n]]
+        row_labels.append(torch.full((len(seed[chosen][:n]) + len(current[chosen][:n]),), k))
+    return samples_figure(torch.cat(rows), torch.cat(row_labels), dataset_name, max_per_row=2 * n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_grpo_config(sys.argv[1:] if argv is None else argv)
+    runtime = setup_runtime(cfg.device)
+    return GRPOTrainer(cfg, runtime, resolve_run_dir(cfg, runtime)).fit()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ConfigError, ckpt.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
