@@ -154,58 +154,85 @@ class GRPOTrainer:
         return prompts.repeat_interleave(g.group_size)
 
     def iteration(self) -> dict[str, float]:
+        """One rollout batch and its num_inner updates; returns the values to log."""
         g = self.cfg.grpo
         started = time.perf_counter()
-        generator = self.generator(0)
-        labels = self.draw_prompts(generator)
-        batch = g.batch_size * g.group_size
-        noise = torch.randn((batch, *self.sample_shape), generator=generator, device=self.runtime.device)
-        with self.autocast():
-            rollout = sde_rollout(self.policy, noise, labels, g.rollout_steps, g.noise_level, g.guidance_scale,
-                                  generator=generator, log_prob_reduce=g.log_prob_reduce)
-        rewards = self.reward(rollout.samples, labels)
-        # Groups are prompts; unconditional models have one group per iteration.
-        group_ids = labels if labels is not None else torch.zeros(batch, dtype=torch.long, device=noise.device)
+        rollout, rewards = self.rollout()
+        # Groups are prompts; an unconditional model has one group per iteration.
+        group_ids = rollout.labels if rollout.labels is not None else torch.zeros_like(rewards, dtype=torch.long)
         advantages, group = group_advantages(rewards, group_ids, eps=g.advantage_eps, global_std=g.global_std,
                                              clip=g.advantage_clip, scale=g.advantage_scale, return_stats=True)
         rollout_seconds = time.perf_counter() - started
+        values = self.update(rollout, advantages)
+        self.step += 1
+        values.update({
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std(correction=0).item(),
+            "reward/zero_std_fraction": float(group.zero_std_fraction),
+            "grpo/lr": self.optimizer.param_groups[0]["lr"],
+            "time/rollout_s": rollout_seconds,
+            "time/iteration_s": time.perf_counter() - started,
+        })
+        return values
 
-        reference_means = None
-        if g.kl_beta > 0:  # fixed for the whole iteration: one reference pass per timestep
-            with torch.no_grad(), self.autocast():
-                reference_means = [
-                    self.reference_policy.sde_step(rollout.states[k], rollout.times[k], rollout.next_times[k], labels,
-                                                   g.noise_level, g.guidance_scale)[0]
-                    for k in range(rollout.num_steps)
-                ]
-        sums, first_ratio_deviation = {}, None
+    def rollout(self):
+        """batch_size prompts x group_size SDE trajectories from this iteration's seeded noise -> (Rollout,
+        rewards [B * G])."""
+        g = self.cfg.grpo
+        generator = self.generator(0)
+        labels = self.draw_prompts(generator)
+        noise = torch.randn((g.batch_size * g.group_size, *self.sample_shape), generator=generator,
+                            device=self.runtime.device)
+        with self.autocast():
+            rollout = sde_rollout(self.policy, noise, labels, g.rollout_steps, g.noise_level, g.guidance_scale,
+                                  generator=generator, log_prob_reduce=g.log_prob_reduce)
+        return rollout, self.reward(rollout.samples, labels)
+
+    def update(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """num_inner optimizer steps on the GRPO loss of the rollout's transitions [B * G advantages]."""
+        g = self.cfg.grpo
+        labels = rollout.labels
+        reference_means = {}  # the frozen seed's transition means: fixed for the iteration, computed once per k
+
+        def reference_mean(k: int) -> torch.Tensor:
+            if k not in reference_means:
+                with torch.no_grad(), self.autocast():
+                    reference_means[k] = self.reference_policy.sde_step(
+                        rollout.states[k], rollout.times[k], rollout.next_times[k], labels, g.noise_level,
+                        g.guidance_scale)[0]
+            return reference_means[k]
+
+        means_of = {}  # running means over all (inner, k) terms; ratio_min / ratio_max as min / max
+        extremes = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}
+        first_ratio_deviation = torch.zeros((), device=advantages.device)
         grad_norms = []
         for inner in range(g.num_inner):
             lr = learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps, 1, "constant", 1.0)
             for param_group in self.optimizer.param_groups:
                 param_group["lr"] = lr
             steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner)).tolist()
+            terms = len(steps) * g.num_inner
+            # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
+            # the first update's ratio is exactly 1; gradients accumulate over the timesteps.
             for k in steps:
                 with self.autocast():
                     log_probs, means, stds = transition_log_prob(
                         self.policy, rollout.states[k], rollout.times[k], rollout.next_times[k],
                         rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce)
-                kl = None if reference_means is None else gaussian_kl(means, reference_means[k], stds, g.log_prob_reduce)
+                kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
                 loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
                 (loss / len(steps)).backward()
-                if inner == 0:  # the policy is still the one that sampled: rho must be 1
+                if inner == 0:
                     deviation = (log_probs.detach() - rollout.log_probs[k]).exp().sub(1).abs().max()
-                    first_ratio_deviation = deviation if first_ratio_deviation is None else torch.maximum(
-                        first_ratio_deviation, deviation)
+                    first_ratio_deviation = torch.maximum(first_ratio_deviation, deviation)
                 for key, value in stats.items():
-                    reduce = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}.get(key)
-                    if key not in sums:
-                        sums[key] = value if reduce else value / (len(steps) * g.num_inner)
+                    if key in extremes:
+                        means_of[key] = extremes[key](means_of[key], value) if key in means_of else value
                     else:
-                        sums[key] = reduce(sums[key], value) if reduce else sums[key] + value / (len(steps) * g.num_inner)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), g.grad_clip if g.grad_clip > 0 else float("inf"))
-            nonfinite = ~torch.isfinite(grad_norm)
-            self.optimizer.found_inf = nonfinite.float()  # fused AdamW skips the step on device
+                        means_of[key] = means_of.get(key, 0.0) + value / terms
+            max_norm = g.grad_clip if g.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW skips it on device
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             grad_norms.append(grad_norm)
@@ -216,18 +243,12 @@ class GRPOTrainer:
             raise RuntimeError(f"{self.nonfinite_in_a_row} consecutive non-finite GRPO updates (training.max_nonfinite_steps "
                                f"= {self.cfg.training.max_nonfinite_steps}) at iteration {self.step}; aborting. The last "
                                f"checkpoint is untouched.")
-        self.step += 1
-        values = {f"grpo/{key}": float(value) for key, value in sums.items()}
+        values = {f"grpo/{key}": float(value) for key, value in means_of.items()}
         values.update({
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std(correction=0).item(),
-            "reward/zero_std_fraction": float(group.zero_std_fraction),
             "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
             "grpo/skipped_updates": float((~finite).sum()),
+            # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
             "grpo/first_update_ratio_deviation": float(first_ratio_deviation),
-            "grpo/lr": self.optimizer.param_groups[0]["lr"],
-            "time/rollout_s": rollout_seconds,
-            "time/iteration_s": time.perf_counter() - started,
         })
         return values
 

@@ -1,0 +1,104 @@
+"""Figures and table of the digits JPEG-GRPO sweep (sweep.sh) for experiment.md.
+
+    uv run python experiments/jpeg_compression_grpo/plot.py [SWEEP_DIR=runs/grpo_sweep] [best=RUN@ITERATION]
+
+Reads every run's metrics.jsonl. Every evaluation (same 100 labels and noise each time, the seed's
+ODE solver: 32 Heun steps, guidance 3 on t in [0.6, 1]) is one point: JPEG payload-bpp reduction
+against the seed's, and classifier accuracy against the requested digits. Writes pareto.png,
+reward_curves.png, and with best=, before_after.png (seed | post-trained, same noise), into
+experiments/jpeg_compression_grpo/figures/. Prints a markdown table of every run's evaluations.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+FIGURES = Path(__file__).resolve().parent / "figures"
+BAR_REDUCTION, BAR_ACCURACY = 20.0, 0.90
+
+
+def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [d for d in lines if "eval/ode/reward" in d], [d for d in lines if "reward/mean" in d]
+
+
+def points(evals: list[dict]) -> list[tuple[int, float, float, float, float]]:
+    """(iteration, payload reduction %, accuracy, total bpp, classifier-FD) per evaluation."""
+    seed_payload = evals[0]["eval/ode/jpeg_payload_bpp"]
+    return [(d["step"], 100 * (1 - d["eval/ode/jpeg_payload_bpp"] / seed_payload), d["eval/ode/classifier_accuracy"],
+             d["eval/ode/jpeg_bpp"], d["eval/ode/classifier_fd"]) for d in evals]
+
+
+def main(sweep_dir: Path, best: str | None) -> None:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    runs = {p.name: load_run(p) for p in sorted(sweep_dir.iterdir()) if (p / "metrics.jsonl").is_file()}
+    figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    axis.axvspan(BAR_REDUCTION, 100, ymin=0, ymax=1, color="none")
+    axis.fill_between([BAR_REDUCTION, 100], BAR_ACCURACY, 1.02, color="tab:green", alpha=0.12, label="the bar")
+    for name, (evals, _) in runs.items():
+        pts = points(evals)
+        axis.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=3, label=name)
+    axis.set_xlim(left=min(-5, axis.get_xlim()[0]), right=max(50, axis.get_xlim()[1]))
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("JPEG payload bpp reduction vs seed (%)")
+    axis.set_ylabel("classifier accuracy (requested digit)")
+    axis.set_title("digits JPEG-GRPO: every 10 iterations of each run")
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(FIGURES / "pareto.png")
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6.5, 3.5), dpi=120)
+    for name, (_, train) in runs.items():
+        axis.plot([d["step"] for d in train], [-d["reward/mean"] for d in train], label=name, lw=1)
+    axis.set_xlabel("iteration")
+    axis.set_ylabel("rollout JPEG bpp (= -reward)")
+    if any("combined" in name for name in runs):
+        axis.set_title("rollout reward (combined runs: -reward includes -log p)", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(FIGURES / "reward_curves.png")
+    plt.close(figure)
+
+    print("| run | iteration | JPEG bpp (total) | payload reduction | accuracy | classifier-FD |")
+    print("|---|---|---|---|---|---|")
+    for name, (evals, _) in runs.items():
+        for step, reduction, accuracy, total, fd in points(evals):
+            print(f"| {name} | {step} | {total:.2f} | {reduction:.1f} % | {accuracy:.2f} | {fd:.1f} |")
+
+    if best:
+        name, _, iteration = best.partition("@")
+        before_after(sweep_dir / name, int(iteration) if iteration else None)
+
+
+def before_after(run_dir: Path, iteration: int | None) -> None:
+    """Seed | post-trained ODE samples from the same noise, 5 per digit."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    import checkpoint
+    from inference import close_figure, generate, load_sampler
+    from train_grpo import comparison_figure
+
+    target = run_dir if iteration is None else run_dir / "checkpoints" / checkpoint.step_dir_name(iteration)
+    policy, loaded = load_sampler(target, "cpu")
+    seed, _ = load_sampler(loaded.config.seed_checkpoint_resolved.path, "cpu")
+    shape = tuple(loaded.meta["sample_shape"])
+    with torch.no_grad():
+        before, labels = generate(seed, loaded.config.solver, shape, 50, seed=0)
+        after, _ = generate(policy, loaded.config.solver, shape, 50, seed=0)
+    figure = comparison_figure(before, after, labels, "digits")
+    figure.suptitle(f"seed | {run_dir.name} @ {loaded.step}", fontsize=8)
+    figure.savefig(FIGURES / "before_after.png")
+    close_figure(figure)
+
+
+if __name__ == "__main__":
+    args = dict(arg.split("=", 1) for arg in sys.argv[1:])
+    main(Path(args.get("SWEEP_DIR", "runs/grpo_sweep")), args.get("best"))
