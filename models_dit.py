@@ -1,0 +1,546 @@
+"""Diffusion Transformers for the 256 px stages: DiT with adaLN-Zero (Peebles & Xie 2023), JiT options
+(Li & He 2025), a patch mixer with deferred token masking and expert-choice MoE (Sehwag et al. 2024,
+"Stretching Each Dollar"), and layerwise width scaling.
+
+Every model is called as ``model(x, t, y)``: x [B, C, H, W], t [B] float in [0, 1] (0 = noise, 1 = data),
+y [B] long labels in [0, num_classes) or None (= the learned null label ``num_classes``, used by CFG). It
+returns a tensor shaped like x whose meaning (velocity, data or noise) is set by ``flow.prediction``.
+
+Deferred masking (training only): ``model(x, t, y, generator=g, return_mask=True)`` returns
+``(out, keep)`` with keep [B, num_tokens] bool (True = the token went through the backbone; None when no
+masking happened). ``model.loss_mask(keep, (H, W))`` turns it into the [B, 1, H, W] mask that
+``flow.flow_matching_loss(..., mask=...)`` takes. Without ``return_mask`` the call is the plain contract.
+
+Parameter counts of any size, MoE-active counts included, come from ``dit_parameter_counts``, which builds
+the model on the meta device (no memory, no init cost).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import TimeEmbedding, count_parameters, zero_init
+
+# --- positions --------------------------------------------------------------------------------------
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE / DiT) -> [grid_h * grid_w, dim], row-major tokens.
+
+    Half of the channels encode the row, half the column, each as 1-D sin-cos over dim / 4 frequencies.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos 2-D positions need the width divisible by 4, got {dim}")
+    omega = 1.0 / 10_000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device, dtype=torch.float32),
+                                torch.arange(grid_w, device=device, dtype=torch.float32), indexing="ij")
+    parts = []
+    for pos in (rows.flatten(), cols.flatten()):
+        angle = pos[:, None] * omega[None]  # [N, dim / 4]
+        parts += [torch.sin(angle), torch.cos(angle)]
+    return torch.cat(parts, dim=1)
+
+
+def rope_2d_angles(head_dim: int, grid_h: int, grid_w: int, theta: float = 10_000.0, device=None) -> torch.Tensor:
+    """Rotation angles of 2-D RoPE -> [grid_h * grid_w, head_dim / 2], one per (even, odd) channel pair.
+
+    The first half of the pairs rotate with the token's row, the second half with its column (axial RoPE,
+    as in JiT / FiT), so q . k depends only on the 2-D offset between tokens.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device, dtype=torch.float32),
+                                torch.arange(grid_w, device=device, dtype=torch.float32), indexing="ij")
+    return torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x [B, heads, N, head_dim] by angles [B or 1, 1, N, head_dim / 2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, heads, N, head_dim / 2, 2]
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# --- patches ----------------------------------------------------------------------------------------
+
+
+def grid_size(size: int, patch: int, stride: int) -> int:
+    """Tokens along one side; every pixel must be covered, so (size - patch) must be a multiple of stride."""
+    if size < patch or (size - patch) % stride:
+        raise ValueError(f"side {size} is not tiled by patches of {patch} at stride {stride}: "
+                         f"need (size - patch) % stride == 0")
+    return (size - patch) // stride + 1
+
+
+def patchify(x: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """x [B, C, H, W] -> patches [B, N, C * patch * patch] (channel-major, the Conv2d weight's layout)."""
+    return F.unfold(x, patch, stride=stride).transpose(1, 2)
+
+
+def unpatchify(patches: torch.Tensor, size: tuple[int, int], patch: int, stride: int) -> torch.Tensor:
+    """patches [B, N, C * patch * patch] -> [B, C, H, W], averaging where patches overlap.
+
+    fold sums overlapping contributions; dividing by the per-pixel patch count (fold of ones) turns the
+    sum into a mean, so unpatchify(patchify(x)) == x for any stride <= patch. With stride == patch the
+    count is 1 everywhere and this is DiT's reshape.
+    """
+    cols = patches.transpose(1, 2)  # [B, C * p * p, N]
+    out = F.fold(cols, size, patch, stride=stride)
+    if stride == patch:
+        return out
+    ones = torch.ones_like(cols[:1, : patch * patch])  # one channel's worth of columns
+    count = F.fold(ones, size, patch, stride=stride)  # [1, 1, H, W], >= 1 where tiled
+    return out / count
+
+
+# --- layers -----------------------------------------------------------------------------------------
+
+
+def make_norm(kind: str, dim: int, affine: bool = False) -> nn.Module:
+    """LayerNorm (DiT) or RMSNorm (JiT); without affine inside adaLN blocks, whose shift/scale replace it."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, elementwise_affine=affine, eps=1e-6)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, N, D] * (1 + scale [B, D]) + shift [B, D]."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with `num_heads * head_dim` inner width (may differ from the residual width).
+
+    qk_norm: RMSNorm on each head's q and k (JiT, SD3), which bounds the attention logits and keeps bf16
+    training stable at large width. RoPE, when used, rotates q and k after the norm.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * inner)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, head_dim]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, head_dim]
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))  # [B, N, dim]
+
+
+class Mlp(nn.Module):
+    """Dense feed-forward: GELU-tanh (DiT) or SwiGLU (JiT). `hidden` is the GELU width; SwiGLU uses 2/3
+    of it for each of its two input projections, so both variants have about the same parameters."""
+
+    def __init__(self, dim: int, hidden: int, swiglu: bool = False):
+        super().__init__()
+        self.swiglu = swiglu
+        hidden = swiglu_hidden(hidden) if swiglu else hidden
+        self.fc1 = nn.Linear(dim, 2 * hidden if swiglu else hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(activation(self.fc1(x), self.swiglu))
+
+
+def swiglu_hidden(hidden: int) -> int:
+    return max(1, round(2 * hidden / 3))
+
+
+def activation(h: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """GELU-tanh, or SwiGLU's silu(gate) * value on the two halves of h."""
+    if swiglu:
+        gate, value = h.chunk(2, dim=-1)
+        return F.silu(gate) * value
+    return F.gelu(h, approximate="tanh")
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice mixture of experts (Zhou et al. 2022, arXiv 2202.09368): experts pick tokens.
+
+    Router scores S = softmax_experts(x W_g) [T, E] over the T = B * N tokens of the batch; each expert
+    takes its top k = capacity_factor * T / E tokens by score, so every expert gets exactly k tokens (no
+    load-balancing loss, no dropped capacity) and a token is processed by 0..E experts, c on average.
+    Dispatch is one batched op per layer: gather [E, k, D], two einsums over the stacked expert weights,
+    and an index_add of the gate-weighted outputs back onto the tokens. A token no expert picks gets 0
+    from this layer; the residual connection carries it through.
+
+    Because experts choose among all tokens of the batch, a sample's output depends on the rest of its
+    batch (inherent to expert choice); tests and sampling should keep that in mind.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity_factor: float = 2.0,
+                 swiglu: bool = False):
+        super().__init__()
+        self.num_experts, self.capacity_factor, self.swiglu = num_experts, capacity_factor, swiglu
+        hidden = swiglu_hidden(hidden) if swiglu else hidden
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden if swiglu else hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, self.w1.shape[-1]))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        for w in (self.w1, self.w2):  # xavier-uniform per expert, as DiT initialises its Linear layers
+            bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+            nn.init.uniform_(w, -bound, bound)
+        nn.init.normal_(self.router.weight, std=0.02)
+        # Fraction of tokens picked by 0, 1 and 2+ experts in the last forward (detached, for logging).
+        self.register_buffer("load", torch.zeros(3), persistent=False)
+
+    def expert_parameters(self) -> int:
+        """Parameters of one expert (its slice of w1, b1, w2, b2)."""
+        return sum(p[0].numel() for p in (self.w1, self.b1, self.w2, self.b2))
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(1, min(num_tokens, round(self.capacity_factor * num_tokens / self.num_experts)))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (gates [E, k], token indices [E, k]): each expert's top-k tokens and their scores."""
+        scores = self.router(x).float().softmax(dim=-1)  # [T, E]
+        gates, index = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, k] each
+        return gates, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        gates, index = self.route(x)
+        h = torch.einsum("ekd,edh->ekh", x[index], self.w1) + self.b1[:, None]  # [E, k, hidden (x2)]
+        y = torch.einsum("ekh,ehd->ekd", activation(h, self.swiglu), self.w2) + self.b2[:, None]  # [E, k, D]
+        y = (gates[..., None].to(y.dtype) * y).flatten(0, 1)  # [E * k, D]
+        out = torch.zeros_like(x).index_add_(0, index.flatten(), y.to(x.dtype))
+        with torch.no_grad():
+            picks = torch.bincount(index.flatten(), minlength=x.shape[0])  # experts per token
+            self.load = torch.stack([(picks == 0).float().mean(), (picks == 1).float().mean(),
+                                     (picks >= 2).float().mean()])
+        return out.view(shape)
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning (DiT, Peebles & Xie 2023).
+
+    From the conditioning c [B, D] one linear gives shift/scale for both norms and a gate for each
+    residual branch. Zero-init of that linear makes every gate 0, so each block starts as the identity and
+    the untrained network is a clean skip path whatever its depth (DiT sec. 3.2; Goyal et al. 2017).
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, norm: str = "layernorm",
+                 qk_norm: bool = False, swiglu: bool = False, num_experts: int = 0,
+                 capacity_factor: float = 2.0, moe_weight: float = 1.0):
+        super().__init__()
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, num_heads, head_dim, qk_norm)
+        self.norm2 = make_norm(norm, dim)
+        if num_experts:
+            expert_hidden = max(1, round(moe_weight * mlp_hidden))
+            self.mlp = ExpertChoiceMoE(dim, expert_hidden, num_experts, capacity_factor, swiglu)
+        else:
+            self.mlp = Mlp(dim, mlp_hidden, swiglu)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(dim, 6 * dim)))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)  # 6 x [B, D]
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + linear to patch pixels; zero-init so the untrained model outputs exactly 0."""
+
+    def __init__(self, dim: int, patch_dim: int, norm: str = "layernorm"):
+        super().__init__()
+        self.norm = make_norm(norm, dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), zero_init(nn.Linear(dim, 2 * dim)))
+        self.linear = zero_init(nn.Linear(dim, patch_dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, N, patch_dim]
+
+
+def ramp(value, depth: int) -> list[float]:
+    """Layerwise scaling: a number, or (first, last) endpoints interpolated linearly over `depth` blocks."""
+    first, last = (value, value) if isinstance(value, int | float) else value
+    return [first + (last - first) * i / max(depth - 1, 1) for i in range(depth)]
+
+
+# --- the model --------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Unconditional DiT (time conditioning only); ClassCondDiT adds labels.
+
+    Tokens: a Conv2d patch embedding (stride < patch gives overlapping JiT-style patches, folded back with
+    overlap averaging). The first `mixer_depth` blocks (the patch mixer) see every token; during training
+    with mask_ratio > 0 a random (1 - mask_ratio) subset of tokens per sample then goes through the
+    remaining blocks, and a learned mask token fills the dropped positions before the final layer.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,  # H = W of the input (latent 32 for ImageNet-256 SD-VAE latents)
+        in_channels: int = 4,  # input channels; the output has the same
+        patch_size: int = 2,
+        patch_stride: int | None = None,  # None -> patch_size; smaller -> overlapping patches (JiT)
+        hidden_size: int = 384,  # residual width D
+        depth: int = 12,  # blocks, mixer included
+        num_heads: int = 6,  # heads at attn_scale 1; head_dim = hidden_size // num_heads throughout
+        mlp_ratio: float | tuple[float, float] = 4.0,  # MLP hidden / D; (first, last) ramps over depth
+        attn_scale: float | tuple[float, float] = 1.0,  # heads multiplier; (first, last) ramps over depth
+        pos_embed: str = "sincos",  # "sincos" (added to tokens) or "rope" (2-D RoPE on q, k)
+        norm: str = "layernorm",  # or "rmsnorm"
+        qk_norm: bool = False,
+        swiglu: bool = False,
+        mixer_depth: int = 0,  # blocks before deferred masking
+        mask_ratio: float = 0.0,  # fraction of tokens dropped after the mixer, training only
+        num_experts: int = 0,  # 0 -> dense; otherwise expert-choice MoE in every moe_every-th block
+        moe_every: int = 2,  # blocks i (after the mixer) with (i + 1) % moe_every == 0, never the last
+        capacity_factor: float = 2.0,  # expert-choice c: each expert takes c * T / E tokens
+        moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP's (see below)
+        time_freq_dim: int = 256,  # sinusoidal features fed to the time MLP (DiT)
+    ):
+        super().__init__()
+        if pos_embed not in ("sincos", "rope"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'rope', got {pos_embed!r}")
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+        if not 0.0 <= mask_ratio < 1.0 or not 0 <= mixer_depth <= depth:
+            raise ValueError(f"need 0 <= mask_ratio < 1 and 0 <= mixer_depth <= depth, got "
+                             f"{mask_ratio}, {mixer_depth}")
+        self.input_size, self.in_channels, self.hidden_size = input_size, in_channels, hidden_size
+        self.patch_size, self.patch_stride = patch_size, patch_stride or patch_size
+        self.pos_embed, self.mixer_depth, self.mask_ratio = pos_embed, mixer_depth, mask_ratio
+        self.head_dim = hidden_size // num_heads
+        self.grid = grid_size(input_size, patch_size, self.patch_stride)
+
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=self.patch_stride)
+        self.t_embedder = TimeEmbedding(hidden_size, time_freq_dim)
+        # Position tables for the construction size are non-persistent buffers (recomputed, never
+        # checkpointed); other sizes are computed on the fly.
+        table = (sincos_2d(hidden_size, self.grid, self.grid) if pos_embed == "sincos"
+                 else rope_2d_angles(self.head_dim, self.grid, self.grid))
+        self.register_buffer("pos_table", table, persistent=False)
+
+        # Layerwise scaling (Sehwag et al. 2024): attention heads and MLP ratio grow linearly with depth, so
+        # the early blocks, which see the most tokens under deferred masking, are the cheapest. head_dim is
+        # fixed so RoPE tables are shared and only the head count changes.
+        heads = [max(1, round(num_heads * s)) for s in ramp(attn_scale, depth)]
+        hiddens = [max(1, round(hidden_size * r)) for r in ramp(mlp_ratio, depth)]
+        # MoE never in the patch mixer (dense, as in Sehwag et al.'s patch-mixer) nor in the last block,
+        # which maps straight to the output and should see every token.
+        self.moe_blocks = [i for i in range(mixer_depth, depth - 1)
+                           if num_experts and (i + 1) % moe_every == 0]
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, heads[i], self.head_dim, hiddens[i], norm, qk_norm, swiglu,
+                     num_experts if i in self.moe_blocks else 0, capacity_factor, moe_weight)
+            for i in range(depth)
+        )
+        # Learned fill-in for dropped tokens (MAE decoder style). It exists whenever the model has a mixer
+        # or a mask ratio, so a masked pretrain and its unmasked fine-tune (mask_ratio 0, same mixer_depth)
+        # share one state dict; during the unmasked stage it gets no gradient (DDP: find_unused_parameters).
+        has_masking = mixer_depth > 0 or mask_ratio > 0
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if has_masking else None
+        self.final_layer = FinalLayer(hidden_size, in_channels * patch_size**2, norm)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings; adaLN and output stay zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # adaLN-Zero and the zero output layer (see DiTBlock, FinalLayer), undone by the loop above.
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                      self.final_layer.linear]:
+            zero_init(layer)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like the Linear it is, on flattened patches
+        nn.init.zeros_(self.x_embedder.bias)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            if isinstance(block.mlp, ExpertChoiceMoE):
+                nn.init.normal_(block.mlp.router.weight, std=0.02)
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    # -- conditioning, positions, masking --
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return self.t_embedder(t)  # [B, D]
+
+    def positions(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return self.pos_table
+        if self.pos_embed == "sincos":
+            return sincos_2d(self.hidden_size, grid_h, grid_w, device)
+        return rope_2d_angles(self.head_dim, grid_h, grid_w, device=device)
+
+    def sample_keep(self, batch: int, num_tokens: int, mask_ratio: float,
+                    generator: torch.Generator | None, device) -> torch.Tensor:
+        """Indices [B, n_keep] (sorted) of a uniformly random token subset per sample.
+
+        Drawn on the generator's device and then moved, so a (seed, rank, step) generator replays exactly.
+        """
+        num_keep = max(1, round(num_tokens * (1 - mask_ratio)))
+        gen_device = generator.device if generator is not None else device
+        noise = torch.rand(batch, num_tokens, generator=generator, device=gen_device)
+        return noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values.to(device)
+
+    def loss_mask(self, keep: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """keep [B, N] -> [B, 1, H, W] float, 1 where every patch covering the pixel was kept.
+
+        Pass it as flow_matching_loss(mask=...). With overlapping patches a pixel next to a dropped
+        token is also excluded, so the loss never sees a mask-token output.
+        """
+        p, s = self.patch_size, self.patch_stride
+        dropped = (~keep).float()[:, None].expand(-1, p * p, -1)  # [B, p * p, N]
+        return (F.fold(dropped, size, p, stride=s) == 0).float()
+
+    # -- forward --
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
+                generator: torch.Generator | None = None, mask_ratio: float | None = None,
+                return_mask: bool = False):
+        """x [B, C, H, W], t [B], y [B] | None -> out [B, C, H, W] (and keep [B, N] | None if return_mask).
+
+        Masking happens only in training mode with mask_ratio (default self.mask_ratio) > 0.
+        """
+        B, _, H, W = x.shape
+        p, s = self.patch_size, self.patch_stride
+        grid_h, grid_w = grid_size(H, p, s), grid_size(W, p, s)
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        pos = self.positions(grid_h, grid_w, x.device)
+        rope = None
+        if self.pos_embed == "sincos":
+            tokens = tokens + pos.to(tokens.dtype)
+        else:
+            rope = pos[None, None]  # [1, 1, N, head_dim / 2]
+        c = self.condition(t, y)  # [B, D]
+
+        for block in self.blocks[: self.mixer_depth]:
+            tokens = block(tokens, c, rope)
+
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        keep = ids = None
+        if self.training and ratio > 0:
+            if self.mask_token is None:
+                raise ValueError("this DiT was built without masking (mixer_depth = mask_ratio = 0)")
+            N, D = tokens.shape[1:]
+            ids = self.sample_keep(B, N, ratio, generator, x.device)  # [B, n_keep]
+            tokens = tokens.gather(1, ids[..., None].expand(-1, -1, D))  # [B, n_keep, D]
+            if rope is not None:
+                rope = pos[ids][:, None]  # [B, 1, n_keep, head_dim / 2]
+            keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, ids, True)
+
+        for block in self.blocks[self.mixer_depth:]:
+            tokens = block(tokens, c, rope)
+
+        if ids is not None:  # put kept tokens back among mask tokens: [B, N, D]
+            fill = self.mask_token.to(tokens.dtype).expand(B, keep.shape[1], -1)
+            tokens = fill.scatter(1, ids[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
+
+        out = unpatchify(self.final_layer(tokens, c), (H, W), p, s)  # [B, C, H, W]
+        return (out, keep) if return_mask else out
+
+    def moe_load(self) -> dict[int, torch.Tensor]:
+        """Block index -> fraction of tokens picked by (0, 1, 2+) experts in the last forward."""
+        return {i: self.blocks[i].mlp.load for i in self.moe_blocks}
+
+
+class ClassCondDiT(DiT):
+    """DiT with a learned class embedding (plus a null label for CFG) added to the time embedding."""
+
+    def __init__(self, num_classes: int = 1000, **dit_kwargs):
+        super().__init__(**dit_kwargs)
+        self.num_classes = num_classes
+        self.y_embedder = nn.Embedding(num_classes + 1, self.hidden_size)  # index num_classes = null label
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        if y is None:
+            y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+        return self.t_embedder(t) + self.y_embedder(y)
+
+
+# --- named sizes ------------------------------------------------------------------------------------
+
+# DiT paper (Peebles & Xie 2023, Table 1): depth / width / heads, patch 2, on 32x32x4 SD-VAE latents.
+DIT_SIZES = {
+    "dit_s2": dict(depth=12, hidden_size=384, num_heads=6),
+    "dit_b2": dict(depth=12, hidden_size=768, num_heads=12),
+    "dit_l2": dict(depth=24, hidden_size=1024, num_heads=16),
+    "dit_xl2": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+
+# NanoFlow families. The seed write-up names the ImageNet model "m2 moe layerwise H1024 D20 E16 c2
+# moew0.5" with deferred masking of 75 % of tokens after a patch mixer, and gives 695.1M total / 314.0M
+# token-average active parameters; everything else below is our reading of the name:
+#   m2      -> patch mixer of 2 blocks (part of the 20); patch size 2 on 32x32 latents (256 tokens, which
+#              is what the write-up's 47.48 G MACs/image unmasked implies: ~185 M MACs per token).
+#   E16 c2  -> 16 experts, capacity factor 2 (each token sees 2 experts on average).
+#   moew0.5 -> expert hidden width = 0.5 x the dense MLP width at that depth, so with c = 2 a MoE layer
+#              costs the same FLOPs per token as the dense MLP it replaces (a FLOP-matched MoE).
+#              The write-up does not define it; a shared-dense-MLP mixing weight is the other reading.
+#   MoE every 2nd block after the mixer, never the last (as in Sehwag et al. 2024's alternate layers).
+#   layerwise: heads 8 -> 16 (head_dim 64), MLP ratio 2 -> 4: our choice, not in the write-up.
+NANOFLOW_SIZES = {
+    # B/2 width with a 2-block mixer and 75 % deferred masking: the dense masked baseline.
+    "dit_m2_b2": dict(depth=12, hidden_size=768, num_heads=12, mixer_depth=2, mask_ratio=0.75),
+    # The same with expert-choice MoE and layerwise scaling, a cheap stand-in for the H1024 model.
+    "dit_m2_moe_layerwise_b2": dict(depth=12, hidden_size=768, num_heads=12, mixer_depth=2, mask_ratio=0.75,
+                                    num_experts=8, capacity_factor=2.0, moe_weight=0.5,
+                                    mlp_ratio=(2.0, 4.0), attn_scale=(0.5, 1.0)),
+    "dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05": dict(
+        depth=20, hidden_size=1024, num_heads=16, mixer_depth=2, mask_ratio=0.75, num_experts=16,
+        moe_every=2, capacity_factor=2.0, moe_weight=0.5, mlp_ratio=(2.0, 4.0), attn_scale=(0.5, 1.0)),
+    # JiT-style pixel DiT for 256 px RGB (celeba256_jit): 16 px patches at stride 12 (overlap),
+    # 2-D RoPE, QK-norm, SwiGLU, RMSNorm; width 768 / 12 blocks (~JiT-B/16).
+    "jit_b16": dict(input_size=256, in_channels=3, patch_size=16, patch_stride=12, depth=12, hidden_size=768,
+                    num_heads=12, pos_embed="rope", norm="rmsnorm", qk_norm=True, swiglu=True),
+}
+NANOFLOW_SIZES["dit_h1024_d20"] = NANOFLOW_SIZES["dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05"]
+
+
+def _named(size: dict):
+    def build(**kwargs) -> ClassCondDiT:
+        return ClassCondDiT(**{**size, **kwargs})
+
+    return build
+
+
+DIT_MODELS = {"dit": DiT, "class_cond_dit": ClassCondDiT}
+DIT_MODELS.update({name: _named(size) for name, size in {**DIT_SIZES, **NANOFLOW_SIZES}.items()})
+
+
+def active_parameters(model: DiT) -> float:
+    """Token-average active parameters: all of them, except that each MoE layer counts `c` experts
+    (every expert processes c T / E of the T tokens, so a token meets c experts on average) instead of E."""
+    inactive = 0.0
+    for block in model.blocks:
+        moe = block.mlp
+        if isinstance(moe, ExpertChoiceMoE):
+            inactive += (moe.num_experts - moe.capacity_factor) * moe.expert_parameters()
+    return count_parameters(model) - inactive
+
+
+def dit_parameter_counts(name_or_ctor="class_cond_dit", **kwargs) -> dict[str, float]:
+    """{'total', 'active'} parameter counts of DIT_MODELS[name](**kwargs), built on the meta device."""
+    ctor = DIT_MODELS[name_or_ctor] if isinstance(name_or_ctor, str) else name_or_ctor
+    with torch.device("meta"):
+        model = ctor(**kwargs)
+    return {"total": count_parameters(model), "active": active_parameters(model)}
