@@ -29,8 +29,22 @@ def seed_run(tmp_path_factory):
     return run_dir
 
 
-def run_grpo(run_dir, seed_run, *overrides):
-    return train_grpo.main([f"seed_checkpoint={seed_run}", f"training.run_dir={run_dir}", *FAST, *overrides])
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    """A 1-epoch digits classifier: the presets point at runs/classifiers/, which a fresh clone lacks."""
+    from rl.classifier import train_classifier
+
+    path = tmp_path_factory.mktemp("classifier") / "digits.safetensors"
+    train_classifier("digits", path, epochs=1, batch_size=256, width=4, device="cpu", log=lambda line: None)
+    return path
+
+
+@pytest.fixture
+def run_grpo(classifier_file):
+    def run(run_dir, seed_run, *overrides):
+        return train_grpo.main([f"seed_checkpoint={seed_run}", f"training.run_dir={run_dir}", *FAST,
+                                f"training.classifier={classifier_file}", *overrides])
+    return run
 
 
 def newest(run_dir):
@@ -71,7 +85,7 @@ def test_config_errors_name_the_key(overrides, words):
     assert all(word in str(error.value) for word in words), str(error.value)
 
 
-def test_bad_reward_and_missing_seed_fail_before_work(tmp_path, seed_run):
+def test_bad_reward_and_missing_seed_fail_before_work(tmp_path, seed_run, run_grpo):
     from checkpoint import CheckpointError
 
     with pytest.raises(ConfigError, match="reward.quality"):
@@ -94,7 +108,7 @@ def test_first_inner_update_has_ratio_one(tmp_path, seed_run):
     assert values["grpo/kl"] > 0 and torch.isfinite(torch.tensor(values["grpo/loss"]))
 
 
-def test_interrupted_run_resumes_bitwise(tmp_path, seed_run):
+def test_interrupted_run_resumes_bitwise(tmp_path, seed_run, run_grpo):
     """4 iterations in one go == 2, stop, then resume to 4: same weights and optimizer state."""
     common = ["grpo.kl_beta=0.05", "grpo.lr=1e-3", "grpo.train_timesteps=3", "training.checkpoint_every=1"]
     assert run_grpo(tmp_path / "straight", seed_run, *common, "training.max_steps=4") == 0
@@ -114,18 +128,20 @@ def test_interrupted_run_resumes_bitwise(tmp_path, seed_run):
     assert any(not torch.equal(model_a[key], seed_weights[key]) for key in model_a)
 
 
-def test_checkpoint_samples_with_inference_cli(tmp_path, seed_run):
+def test_checkpoint_samples_with_inference_cli(tmp_path, seed_run, run_grpo):
     import inference
 
     assert run_grpo(tmp_path / "run", seed_run, "training.max_steps=1") == 0
     assert (tmp_path / "run" / "samples.png").is_file() and (tmp_path / "run" / "eval.json").is_file()
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert 0 <= evaluation["eval/ode/classifier_accuracy"] <= 1 and evaluation["eval/ode/classifier_fd"] > 0, evaluation
     out = tmp_path / "samples"
     assert inference.main([f"checkpoint={tmp_path / 'run'}", f"out={out}", "n_per_class=2", "num_steps=4", "device=cpu"]) == 0
     images = __import__("numpy").load(out / "samples.npz")["images"]
     assert images.shape == (20, 16, 16, 1)
 
 
-def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run):
+def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run, run_grpo):
     """Fixed seed, 12 iterations from the tiny seed (~20 s here): the deterministic ODE samples of the
     same noise and labels become clearly more compressible. Measured: see the assertion message."""
     run_dir = tmp_path / "jpeg"

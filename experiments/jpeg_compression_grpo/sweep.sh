@@ -11,6 +11,7 @@ printf '%s\n' \
   "kl0 grpo.kl_beta=0" \
   "kl0.01 grpo.kl_beta=0.01" \
   "kl0.1 grpo.kl_beta=0.1" \
+  "kl0.3 grpo.kl_beta=0.3" \
   "kl1 grpo.kl_beta=1" \
   "kl10 grpo.kl_beta=10" \
   "kl1_guided grpo.kl_beta=1 grpo.guidance_scale=3" \
