@@ -33,9 +33,23 @@ class FlowConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start a fresh run from another run's checkpoint, loading only the parts asked for (e.g. the
+    unmasked fine-tune of a masked pretrain takes its EMA weights and nothing else). Resuming the
+    run itself (training.resume) always wins over this."""
+
+    checkpoint: str | None = None  # checkpoint dir, run dir or RUN/checkpoints/latest; null = random init
+    model: str = "ema"  # what the trained weights start from: ema | model | none (keep the random init)
+    ema: str = "ema"  # what the EMA starts from: ema | model | none (a copy of the model's start)
+    optimizer: bool = False  # also the AdamW moments (needs the same parameters, in the same order)
+    step: bool = False  # also the step counter, and with it the LR schedule position and data order
+
+
+@dataclass
 class TrainingConfig:
     run_dir: str | None = None  # default runs/<experiment>_<timestamp>, chosen once on rank 0
     resume: str | None = None  # null | auto | PATH (checkpoint dir, run dir or RUN/checkpoints/latest)
+    init: InitConfig = field(default_factory=InitConfig)  # selective start from another run (fresh runs only)
     epochs: int = 100  # sets the LR-schedule horizon: epochs * steps_per_epoch optimizer steps
     max_steps: int | None = None  # caps optimizer steps without changing the schedule horizon
     batch_size: int = 128  # global batch (all ranks, all accumulation micro-steps)
@@ -93,6 +107,7 @@ class Config:
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LR_SCHEDULES = ("cosine", "constant")
 AMP_MODES = ("auto", "bf16", "none")
+INIT_SOURCES = ("ema", "model", "none")  # training.init.model / .ema: which saved weights, or none
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -241,13 +256,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     """Type-check and range-check a composed training config; returns it read-only."""
     import datasets
     import flow
-    import models
 
     cfg = apply_schema(cfg)
     tr, so, fl = cfg.training, cfg.solver, cfg.flow
     check_choice("device", cfg.device, DEVICES)
     check_spec("dataset", cfg.dataset, datasets.DATASETS, skip=("device",))
-    check_spec("model", cfg.model, models.MODELS)
+    check_spec("model", cfg.model, model_registry())
     check_spec("flow.scheduler", fl.scheduler, flow.SCHEDULERS)
     check_spec("flow.time_sampler", fl.time_sampler, flow.TIME_SAMPLERS)
     check_spec("flow.weighting", fl.weighting, flow.LOSS_WEIGHTINGS)
@@ -266,6 +280,11 @@ def validate(cfg: DictConfig) -> DictConfig:
     check(tr.warmup_steps >= 0, "training.warmup_steps", tr.warmup_steps, "must be >= 0")
     check(0 <= tr.min_lr_ratio <= 1, "training.min_lr_ratio", tr.min_lr_ratio, "must be in [0, 1]")
     check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "training.betas", list(tr.betas), "must be two values in [0, 1)")
+    check_choice("training.init.model", tr.init.model, INIT_SOURCES)
+    check_choice("training.init.ema", tr.init.ema, INIT_SOURCES)
+    check(tr.init.checkpoint is not None or (tr.init.model, tr.init.ema, tr.init.optimizer, tr.init.step)
+          == ("ema", "ema", False, False), "training.init.checkpoint", None,
+          "required when any other training.init key is set (the run to start from)")
     check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
     check_choice("training.amp", tr.amp, AMP_MODES)
     for key in ("checkpoint_every", "keep_last", "log_every", "num_eval_samples", "max_nonfinite_steps"):
@@ -311,11 +330,17 @@ def spec_kwargs(spec) -> tuple[str, dict]:
 # --- building objects from config (entry points only) ---------------------------------------------
 
 
-def build_model(model_cfg):
+def model_registry() -> dict:
+    """Every trainable network by config name: the U-Nets / MLPs of models.py and the DiTs of models_dit.py."""
     from models import MODELS
+    from models_dit import DIT_MODELS
 
+    return {**MODELS, **DIT_MODELS}
+
+
+def build_model(model_cfg):
     name, kwargs = spec_kwargs(model_cfg)
-    return MODELS[name](**kwargs)
+    return model_registry()[name](**kwargs)
 
 
 def build_flow(flow_cfg):

@@ -296,12 +296,14 @@ def generate(
     guidance_scale, guidance_interval, ep_cfg).
 
     Conditional models get num_samples split evenly over the classes (class-major order) unless
-    `labels` is given. The noise is drawn on the CPU from `seed`, so the same seed gives the same
+    `labels` is given; with fewer samples than classes (ImageNet), one each of evenly spaced classes. The noise is drawn on the CPU from `seed`, so the same seed gives the same
     samples on every device. Returns (samples [N, *sample_shape] float32, labels [N] or None).
     """
     if labels is None and sampler.num_classes is not None:
-        per_class = max(1, num_samples // sampler.num_classes)
-        labels = torch.arange(sampler.num_classes).repeat_interleave(per_class)
+        if num_samples < sampler.num_classes:
+            labels = torch.arange(num_samples) * sampler.num_classes // num_samples
+        else:
+            labels = torch.arange(sampler.num_classes).repeat_interleave(num_samples // sampler.num_classes)
     total = len(labels) if labels is not None else num_samples
     noise = torch.randn((total, *sample_shape), generator=torch.Generator().manual_seed(seed))
     chunks = []
@@ -364,7 +366,7 @@ def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, cl
     else:  # one row per class
         classes = labels.unique().tolist()
         groups = [images[(labels == k).numpy()][:max_per_row] for k in classes]
-        names = [class_names[k] if class_names else str(k) for k in classes]
+        names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in classes]
     per_row = max(len(group) for group in groups)
     figure, axes = plt.subplots(
         len(groups), 1, figsize=(per_row * 0.6 + 1.2, len(groups) * 0.6 + 0.3), dpi=100, squeeze=False
@@ -387,11 +389,38 @@ def close_figure(figure) -> None:
     plt.close(figure)
 
 
-def save_samples(samples: Tensor, labels: Tensor | None, out_dir, figure) -> None:
+def latent_vae_id(dataset_cfg) -> str | None:
+    """The VAE a latent-space run's samples decode with (the dataset's `vae`, else the one its cache
+    manifest records); None for pixel-space data."""
+    from config import spec_kwargs
+
+    name, kwargs = spec_kwargs(dataset_cfg)
+    if name != "latent_cache":
+        return None
+    if kwargs.get("vae"):
+        return kwargs["vae"]
+    from datasets import latent_cache_dir, read_latent_manifest
+
+    return read_latent_manifest(latent_cache_dir(kwargs["path"], kwargs.get("split", "train")))["vae_id"]
+
+
+def latent_decoder(vae_id: str | None, device):
+    """vae_id -> a function scaled latents [B, C, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (the frozen
+    SD-VAE decoder, bf16 on CUDA); None -> None (pixel data needs no decoding)."""
+    if vae_id is None:
+        return None
+    from vae import SDVAE
+
+    device = torch.device(device)
+    return SDVAE(vae_id, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).decode
+
+
+def save_samples(samples: Tensor, labels: Tensor | None, out_dir, figure, latents: Tensor | None = None) -> None:
     """Write out_dir/samples.png and out_dir/samples.npz.
 
     samples.npz: `images` (uint8, N x H x W x C) for image data or `points` (float32, N x D,
-    model space) for low-dimensional data, and `labels` (int64, N; -1 for unconditional).
+    model space) for low-dimensional data, and `labels` (int64, N; -1 for unconditional); for a
+    latent model also `latents` (float32, N x C x h x w, what the flow generated before decoding).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,7 +431,8 @@ def save_samples(samples: Tensor, labels: Tensor | None, out_dir, figure) -> Non
     if samples.dim() == 2:
         np.savez(out_dir / "samples.npz", points=samples.numpy().astype(np.float32), labels=label_array)
     else:
-        np.savez(out_dir / "samples.npz", images=to_uint8_images(samples), labels=label_array)
+        extra = {} if latents is None else {"latents": latents.float().cpu().numpy()}
+        np.savez(out_dir / "samples.npz", images=to_uint8_images(samples), labels=label_array, **extra)
 
 
 def load_sampler(checkpoint_path, device, use_ema: bool = True):
@@ -481,8 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         sampler, solver, shape, num, seed=cfg.seed, device=device, batch_size=cfg.batch_size
     )
     dataset_name = loaded.config.dataset.name
+    decode, latents = latent_decoder(latent_vae_id(loaded.config.dataset), device), None
+    if decode is not None:
+        latents, samples = samples, decode(samples).cpu()
     figure = samples_figure(samples, labels, dataset_name)
-    save_samples(samples, labels, cfg.out, figure)
+    save_samples(samples, labels, cfg.out, figure, latents=latents)
     close_figure(figure)
     if cfg.classifier:
         scores = score_samples(samples, labels, loaded.config, cfg.classifier, device, seed=cfg.seed)

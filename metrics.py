@@ -237,8 +237,15 @@ def image_sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, cla
     no accuracy) -> classifier_accuracy, classifier_fd (to `reference_statistics` of real data),
     jpeg_bpp, png_bpp, jpeg_payload_bpp, png_payload_bpp.
 
-    classifier_fd is biased upwards at small N, like FID: compare runs at equal N.
+    classifier_fd is biased upwards at small N, like FID: compare runs at equal N. Everything is
+    scored on the 8-bit image a user gets (clipped to [-1, 1] and rounded), as JPEG/PNG must be:
+    the classifier never saw out-of-range pixels, and a policy pushed off the data manifold (GRPO)
+    can put many there, which float scoring would hide.
     """
+    from datasets import model_space_to_uint8
+
+    if samples.dtype != torch.uint8:
+        samples = model_space_to_uint8(samples)
     features, logits = classifier_outputs(classifier, samples)
     metrics = {}
     if labels is not None:

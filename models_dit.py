@@ -10,9 +10,15 @@ Deferred masking (training only): ``model(x, t, y, generator=g, return_mask=True
 ``(out, keep)`` with keep [B, num_tokens] bool (True = the token went through the backbone; None when no
 masking happened). ``model.loss_mask(keep, (H, W))`` turns it into the [B, 1, H, W] mask that
 ``flow.flow_matching_loss(..., mask=...)`` takes. Without ``return_mask`` the call is the plain contract.
+Under torch.compile, draw the subset outside the compiled model and pass it in: ``keep_ids =
+model.sample_keep(B, model.grid ** 2, model.mask_ratio, g, device)``, ``model(x, t, y, keep_ids=keep_ids,
+return_mask=True)`` (a Generator argument is a graph break).
 
+Named sizes (``DIT_MODELS``): the DiT paper's S/2, B/2, L/2, XL/2 and the NanoFlow b2 / m2 / H1024 D20
+families (see NANOFLOW_SIZES); configs/model/dit_*.yaml spell them out as ``class_cond_dit`` kwargs.
 Parameter counts of any size, MoE-active counts included, come from ``dit_parameter_counts``, which builds
-the model on the meta device (no memory, no init cost).
+the model on the meta device (no memory, no init cost); per-image MACs / FLOPs from
+scripts/estimate_dit_complexity.py.
 """
 
 import math
@@ -222,10 +228,11 @@ class ExpertChoiceMoE(nn.Module):
         y = torch.einsum("ekh,ehd->ekd", activation(h, self.swiglu), self.w2) + self.b2[:, None]  # [E, k, D]
         y = (gates[..., None].to(y.dtype) * y).flatten(0, 1)  # [E * k, D]
         out = torch.zeros_like(x).index_add_(0, index.flatten(), y.to(x.dtype))
-        with torch.no_grad():
-            picks = torch.bincount(index.flatten(), minlength=x.shape[0])  # experts per token
-            self.load = torch.stack([(picks == 0).float().mean(), (picks == 1).float().mean(),
-                                     (picks >= 2).float().mean()])
+        with torch.no_grad():  # experts per token; index_add (not bincount) keeps shapes static for compile
+            picks = torch.zeros(x.shape[0], device=x.device).index_add_(
+                0, index.flatten(), torch.ones(index.numel(), device=x.device))
+            self.load.copy_(torch.stack([(picks == 0).float().mean(), (picks == 1).float().mean(),
+                                         (picks >= 2).float().mean()]))
         return out.view(shape)
 
 
@@ -277,6 +284,16 @@ def ramp(value, depth: int) -> list[float]:
     return [first + (last - first) * i / max(depth - 1, 1) for i in range(depth)]
 
 
+def round_up(x: float, multiple: int = 1) -> int:
+    """Smallest multiple of `multiple` >= x (the 1e-6 keeps 2.0000000001 * 64 from becoming 192)."""
+    return max(multiple, math.ceil(x / multiple - 1e-6) * multiple)
+
+
+def num_kept(num_tokens: int, mask_ratio: float) -> int:
+    """Tokens that survive deferred masking: round(N (1 - mask_ratio)), at least 1 (64 of 256 at 0.75)."""
+    return max(1, round(num_tokens * (1 - mask_ratio)))
+
+
 # --- the model --------------------------------------------------------------------------------------
 
 
@@ -286,7 +303,10 @@ class DiT(nn.Module):
     Tokens: a Conv2d patch embedding (stride < patch gives overlapping JiT-style patches, folded back with
     overlap averaging). The first `mixer_depth` blocks (the patch mixer) see every token; during training
     with mask_ratio > 0 a random (1 - mask_ratio) subset of tokens per sample then goes through the
-    remaining blocks, and a learned mask token fills the dropped positions before the final layer.
+    remaining blocks (the backbone), and a learned mask token fills the dropped positions before the
+    final layer. The mixer may be narrower than the backbone (mixer_hidden_size, as in Sehwag et al.
+    2024 and the NanoFlow H1024 model): the patch embedding, the conditioning and the mixer then run at
+    that width, and one linear each lifts the kept tokens and the conditioning to the backbone width.
     """
 
     def __init__(
@@ -295,21 +315,25 @@ class DiT(nn.Module):
         in_channels: int = 4,  # input channels; the output has the same
         patch_size: int = 2,
         patch_stride: int | None = None,  # None -> patch_size; smaller -> overlapping patches (JiT)
-        hidden_size: int = 384,  # residual width D
-        depth: int = 12,  # blocks, mixer included
-        num_heads: int = 6,  # heads at attn_scale 1; head_dim = hidden_size // num_heads throughout
-        mlp_ratio: float | tuple[float, float] = 4.0,  # MLP hidden / D; (first, last) ramps over depth
-        attn_scale: float | tuple[float, float] = 1.0,  # heads multiplier; (first, last) ramps over depth
+        hidden_size: int = 384,  # residual width D of the backbone (the blocks after the mixer)
+        depth: int = 12,  # blocks, mixer included (NanoFlow's "D20" with a 2-block mixer is depth 22)
+        num_heads: int = 6,  # backbone heads at attn_scale 1; head_dim = hidden_size // num_heads everywhere
+        mlp_ratio: float | tuple[float, float] = 4.0,  # backbone MLP hidden / D; (first, last) ramps
+        attn_scale: float | tuple[float, float] = 1.0,  # backbone heads multiplier; (first, last) ramps
+        width_multiple: int = 1,  # MLP widths are rounded up to multiples of it (heads: up to an integer)
         pos_embed: str = "sincos",  # "sincos" (added to tokens) or "rope" (2-D RoPE on q, k)
         norm: str = "layernorm",  # or "rmsnorm"
         qk_norm: bool = False,
         swiglu: bool = False,
-        mixer_depth: int = 0,  # blocks before deferred masking
+        mixer_depth: int = 0,  # blocks before deferred masking (the patch mixer)
+        mixer_hidden_size: int | None = None,  # mixer width (also patch embedding, conditioning); None -> D
+        mixer_mlp_ratio: float = 4.0,  # MLP hidden / mixer width; the mixer is not layerwise-scaled
         mask_ratio: float = 0.0,  # fraction of tokens dropped after the mixer, training only
         num_experts: int = 0,  # 0 -> dense; otherwise expert-choice MoE in every moe_every-th block
-        moe_every: int = 2,  # blocks i (after the mixer) with (i + 1) % moe_every == 0, never the last
+        moe_every: int = 2,  # MoE in blocks i with (i + 1) % moe_every == 0, counted over all blocks
+        moe_last: bool = False,  # may the last block be an MoE one (NanoFlow H1024: yes; default: never)
         capacity_factor: float = 2.0,  # expert-choice c: each expert takes c * T / E tokens
-        moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP's (see below)
+        moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP width at that depth
         time_freq_dim: int = 256,  # sinusoidal features fed to the time MLP (DiT)
     ):
         super().__init__()
@@ -320,34 +344,51 @@ class DiT(nn.Module):
         if not 0.0 <= mask_ratio < 1.0 or not 0 <= mixer_depth <= depth:
             raise ValueError(f"need 0 <= mask_ratio < 1 and 0 <= mixer_depth <= depth, got "
                              f"{mask_ratio}, {mixer_depth}")
+        self.head_dim = hidden_size // num_heads
+        embed_size = mixer_hidden_size or hidden_size
+        if embed_size % self.head_dim:
+            raise ValueError(f"mixer_hidden_size={embed_size} must be a multiple of head_dim={self.head_dim}")
         self.input_size, self.in_channels, self.hidden_size = input_size, in_channels, hidden_size
+        self.embed_size = embed_size  # width of tokens and conditioning up to the end of the mixer
         self.patch_size, self.patch_stride = patch_size, patch_stride or patch_size
         self.pos_embed, self.mixer_depth, self.mask_ratio = pos_embed, mixer_depth, mask_ratio
-        self.head_dim = hidden_size // num_heads
         self.grid = grid_size(input_size, patch_size, self.patch_stride)
 
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=self.patch_stride)
-        self.t_embedder = TimeEmbedding(hidden_size, time_freq_dim)
+        self.x_embedder = nn.Conv2d(in_channels, embed_size, patch_size, stride=self.patch_stride)
+        self.t_embedder = TimeEmbedding(embed_size, time_freq_dim)
         # Position tables for the construction size are non-persistent buffers (recomputed, never
         # checkpointed); other sizes are computed on the fly.
-        table = (sincos_2d(hidden_size, self.grid, self.grid) if pos_embed == "sincos"
+        table = (sincos_2d(embed_size, self.grid, self.grid) if pos_embed == "sincos"
                  else rope_2d_angles(self.head_dim, self.grid, self.grid))
         self.register_buffer("pos_table", table, persistent=False)
 
-        # Layerwise scaling (Sehwag et al. 2024): attention heads and MLP ratio grow linearly with depth, so
-        # the early blocks, which see the most tokens under deferred masking, are the cheapest. head_dim is
-        # fixed so RoPE tables are shared and only the head count changes.
-        heads = [max(1, round(num_heads * s)) for s in ramp(attn_scale, depth)]
-        hiddens = [max(1, round(hidden_size * r)) for r in ramp(mlp_ratio, depth)]
-        # MoE never in the patch mixer (dense, as in Sehwag et al.'s patch-mixer) nor in the last block,
-        # which maps straight to the output and should see every token.
-        self.moe_blocks = [i for i in range(mixer_depth, depth - 1)
-                           if num_experts and (i + 1) % moe_every == 0]
+        # Per-block widths. The mixer is a plain transformer at its own width. In the backbone, layerwise
+        # scaling (Sehwag et al. 2024, after OpenELM) ramps the attention heads and the MLP ratio linearly
+        # over depth, so the early blocks, which see the most tokens under deferred masking, are the
+        # cheapest; head_dim is fixed so RoPE tables are shared and only the head count changes. Head
+        # counts and MLP widths are rounded *up* (the latter to width_multiple), as the NanoFlow reference
+        # rounds its attention and MLP widths up to multiples of 64.
+        back = depth - mixer_depth
+        heads = [embed_size // self.head_dim] * mixer_depth + [
+            round_up(num_heads * s) for s in ramp(attn_scale, back)]
+        hiddens = [round_up(embed_size * mixer_mlp_ratio, width_multiple)] * mixer_depth + [
+            round_up(hidden_size * r, width_multiple) for r in ramp(mlp_ratio, back)]
+        widths = [embed_size] * mixer_depth + [hidden_size] * back
+        # Expert-choice MoE replaces the MLP of every moe_every-th block, counted from the first block with
+        # the mixer included (the NanoFlow H1024 reference alternates dense / MoE through its mixer and
+        # backbone). The last block stays dense unless moe_last: it maps straight to the output.
+        self.moe_blocks = [i for i in range(depth) if num_experts and (i + 1) % moe_every == 0
+                           and (moe_last or i < depth - 1)]
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, heads[i], self.head_dim, hiddens[i], norm, qk_norm, swiglu,
+            DiTBlock(widths[i], heads[i], self.head_dim, hiddens[i], norm, qk_norm, swiglu,
                      num_experts if i in self.moe_blocks else 0, capacity_factor, moe_weight)
             for i in range(depth)
         )
+        # Mixer -> backbone width: a linear on the kept tokens (after masking, so 1 - mask_ratio of the
+        # cost) and one on the conditioning vector, which the backbone's adaLN layers read.
+        wide = embed_size != hidden_size
+        self.token_proj = nn.Linear(embed_size, hidden_size) if wide else nn.Identity()
+        self.cond_proj = nn.Linear(embed_size, hidden_size) if wide else nn.Identity()
         # Learned fill-in for dropped tokens (MAE decoder style). It exists whenever the model has a mixer
         # or a mask ratio, so a masked pretrain and its unmasked fine-tune (mask_ratio 0, same mixer_depth)
         # share one state dict; during the unmasked stage it gets no gradient (DDP: find_unused_parameters).
@@ -381,13 +422,13 @@ class DiT(nn.Module):
     # -- conditioning, positions, masking --
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return self.t_embedder(t)  # [B, D]
+        return self.t_embedder(t)  # [B, embed_size]
 
     def positions(self, grid_h: int, grid_w: int, device) -> torch.Tensor:
         if (grid_h, grid_w) == (self.grid, self.grid):
             return self.pos_table
         if self.pos_embed == "sincos":
-            return sincos_2d(self.hidden_size, grid_h, grid_w, device)
+            return sincos_2d(self.embed_size, grid_h, grid_w, device)
         return rope_2d_angles(self.head_dim, grid_h, grid_w, device=device)
 
     def sample_keep(self, batch: int, num_tokens: int, mask_ratio: float,
@@ -396,7 +437,7 @@ class DiT(nn.Module):
 
         Drawn on the generator's device and then moved, so a (seed, rank, step) generator replays exactly.
         """
-        num_keep = max(1, round(num_tokens * (1 - mask_ratio)))
+        num_keep = num_kept(num_tokens, mask_ratio)
         gen_device = generator.device if generator is not None else device
         noise = torch.rand(batch, num_tokens, generator=generator, device=gen_device)
         return noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values.to(device)
@@ -415,38 +456,43 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
                 generator: torch.Generator | None = None, mask_ratio: float | None = None,
-                return_mask: bool = False):
+                keep_ids: torch.Tensor | None = None, return_mask: bool = False):
         """x [B, C, H, W], t [B], y [B] | None -> out [B, C, H, W] (and keep [B, N] | None if return_mask).
 
-        Masking happens only in training mode with mask_ratio (default self.mask_ratio) > 0.
+        Masking happens only in training mode with mask_ratio (default self.mask_ratio) > 0, or wherever
+        keep_ids [B, n_keep] (from sample_keep) are given. Drawing them outside the model keeps a
+        torch.Generator out of a compiled forward, which torch.compile cannot trace (a graph break).
         """
         B, _, H, W = x.shape
         p, s = self.patch_size, self.patch_stride
         grid_h, grid_w = grid_size(H, p, s), grid_size(W, p, s)
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # [B, N, embed_size]
         pos = self.positions(grid_h, grid_w, x.device)
         rope = None
         if self.pos_embed == "sincos":
             tokens = tokens + pos.to(tokens.dtype)
         else:
             rope = pos[None, None]  # [1, 1, N, head_dim / 2]
-        c = self.condition(t, y)  # [B, D]
+        c = self.condition(t, y)  # [B, embed_size]
 
         for block in self.blocks[: self.mixer_depth]:
             tokens = block(tokens, c, rope)
 
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        keep = ids = None
-        if self.training and ratio > 0:
+        keep = None
+        ids = keep_ids
+        if ids is None and self.training and ratio > 0:
+            ids = self.sample_keep(B, tokens.shape[1], ratio, generator, x.device)  # [B, n_keep]
+        if ids is not None:
             if self.mask_token is None:
                 raise ValueError("this DiT was built without masking (mixer_depth = mask_ratio = 0)")
             N, D = tokens.shape[1:]
-            ids = self.sample_keep(B, N, ratio, generator, x.device)  # [B, n_keep]
-            tokens = tokens.gather(1, ids[..., None].expand(-1, -1, D))  # [B, n_keep, D]
+            tokens = tokens.gather(1, ids[..., None].expand(-1, -1, D))  # [B, n_keep, embed_size]
             if rope is not None:
                 rope = pos[ids][:, None]  # [B, 1, n_keep, head_dim / 2]
             keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, ids, True)
 
+        tokens, c = self.token_proj(tokens), self.cond_proj(c)  # [B, n_keep, D], [B, D]
         for block in self.blocks[self.mixer_depth:]:
             tokens = block(tokens, c, rope)
 
@@ -468,7 +514,7 @@ class ClassCondDiT(DiT):
     def __init__(self, num_classes: int = 1000, **dit_kwargs):
         super().__init__(**dit_kwargs)
         self.num_classes = num_classes
-        self.y_embedder = nn.Embedding(num_classes + 1, self.hidden_size)  # index num_classes = null label
+        self.y_embedder = nn.Embedding(num_classes + 1, self.embed_size)  # index num_classes = null label
         nn.init.normal_(self.y_embedder.weight, std=0.02)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -487,33 +533,48 @@ DIT_SIZES = {
     "dit_xl2": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 
-# NanoFlow families. The seed write-up names the ImageNet model "m2 moe layerwise H1024 D20 E16 c2
-# moew0.5" with deferred masking of 75 % of tokens after a patch mixer, and gives 695.1M total / 314.0M
-# token-average active parameters; everything else below is our reading of the name:
-#   m2      -> patch mixer of 2 blocks (part of the 20); patch size 2 on 32x32 latents (256 tokens, which
-#              is what the write-up's 47.48 G MACs/image unmasked implies: ~185 M MACs per token).
-#   E16 c2  -> 16 experts, capacity factor 2 (each token sees 2 experts on average).
-#   moew0.5 -> expert hidden width = 0.5 x the dense MLP width at that depth, so with c = 2 a MoE layer
-#              costs the same FLOPs per token as the dense MLP it replaces (a FLOP-matched MoE).
-#              The write-up does not define it; a shared-dense-MLP mixing weight is the other reading.
-#   MoE every 2nd block after the mixer, never the last (as in Sehwag et al. 2024's alternate layers).
-#   layerwise: heads 8 -> 16 (head_dim 64), MLP ratio 2 -> 4: our choice, not in the write-up.
+# NanoFlow families, all on 32x32x4 SD-VAE latents with patch 2 (256 tokens) and 2-D RoPE, the names
+# of the write-up's configs: "b2" = B/2 width (768, 12 heads), "m2" = a 2-block patch mixer at 768 in
+# front of a 1024-wide backbone (16 heads), "masked" = deferred masking of 75 % of the tokens after the
+# mixer (the write-up: "mask out 75% of tokens after some initial DiT blocks (the patch mixer)").
+#
+# The final model, "H1024 D20 E16 c2 moew0.5", is given as 695.1M total / 314.0M token-average active
+# parameters and 14.45 G / 47.48 G forward MACs per image masked / unmasked. Read as:
+#   H1024   -> backbone width 1024 (16 heads of 64); the m2 mixer is 2 blocks at 768 (12 heads, MLP 3072),
+#              lifted to 1024 by one linear on the kept tokens and one on the conditioning.
+#   D20     -> 20 backbone blocks after the mixer (depth 22 here, which counts the mixer).
+#   E16 c2  -> expert-choice MoE with 16 experts and capacity factor 2 (a token meets 2 experts on
+#              average), in every second block counted from the first mixer block: the second mixer
+#              block and backbone blocks 1, 3, ..., 19, the last one included (moe_last).
+#   moew0.5 -> expert width = 0.5 x the dense MLP width at that depth, so with c = 2 an MoE block costs
+#              the FLOPs of the dense block it replaces while holding 8x its MLP parameters.
+#   layerwise -> over the 20 backbone blocks, attention width 0.5 -> 1.0 x 1024 (8 -> 16 heads) and MLP
+#              ratio 0.5 -> 4.0, rounded up to multiples of 64 (512 ... 3968 dense, 352 ... 2048 experts).
+# The per-block widths are those of the public NanoFlow reference config, which this ramp reproduces
+# exactly; with its 768-wide sinusoidal time features the preset has 695,120,720 total / 314,011,152
+# active parameters (write-up: 695.1M / 314.0M) and, counted as scripts/estimate_dit_complexity.py
+# does, 14.46 G MACs/image at 64 kept tokens and 47.48 G unmasked: the write-up's figures. Other
+# readings miss (total / active): a dense last block -8.5 % / 0.0 %, a 1024-wide mixer +6.0 / +5.1 %,
+# MLP ratio 2 -> 4 +19.6 / +10.0 %, full-width experts +62.6 / +17.3 % (tests/test_models_dit.py).
+_M2 = dict(mixer_depth=2, mixer_hidden_size=768, hidden_size=1024, num_heads=16, pos_embed="rope",
+           mask_ratio=0.75)
 NANOFLOW_SIZES = {
-    # B/2 width with a 2-block mixer and 75 % deferred masking: the dense masked baseline.
-    "dit_m2_b2": dict(depth=12, hidden_size=768, num_heads=12, mixer_depth=2, mask_ratio=0.75),
-    # The same with expert-choice MoE and layerwise scaling, a cheap stand-in for the H1024 model.
-    "dit_m2_moe_layerwise_b2": dict(depth=12, hidden_size=768, num_heads=12, mixer_depth=2, mask_ratio=0.75,
-                                    num_experts=8, capacity_factor=2.0, moe_weight=0.5,
-                                    mlp_ratio=(2.0, 4.0), attn_scale=(0.5, 1.0)),
-    "dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05": dict(
-        depth=20, hidden_size=1024, num_heads=16, mixer_depth=2, mask_ratio=0.75, num_experts=16,
-        moe_every=2, capacity_factor=2.0, moe_weight=0.5, mlp_ratio=(2.0, 4.0), attn_scale=(0.5, 1.0)),
+    "nanoflow_b2": dict(depth=12, hidden_size=768, num_heads=12, pos_embed="rope"),  # dense B/2, RoPE
+    "nanoflow_b2_masked": dict(depth=14, mixer_depth=2, hidden_size=768, num_heads=12, pos_embed="rope",
+                               mask_ratio=0.75),
+    "nanoflow_m2": dict(depth=14, **_M2),  # 12 dense backbone blocks, MLP 4096
+    # The first MoE + layerwise step: 12 backbone blocks, 8 full-width experts (moew 1).
+    "nanoflow_m2_moe_layerwise": dict(depth=14, **_M2, num_experts=8, capacity_factor=2.0, moe_last=True,
+                                      mlp_ratio=(0.5, 4.0), attn_scale=(0.5, 1.0), width_multiple=64),
+    "nanoflow_h1024_d20_e16_c2_moew05": dict(
+        depth=22, **_M2, num_experts=16, capacity_factor=2.0, moe_every=2, moe_last=True, moe_weight=0.5,
+        mlp_ratio=(0.5, 4.0), attn_scale=(0.5, 1.0), width_multiple=64, time_freq_dim=768),
     # JiT-style pixel DiT for 256 px RGB (celeba256_jit): 16 px patches at stride 12 (overlap),
     # 2-D RoPE, QK-norm, SwiGLU, RMSNorm; width 768 / 12 blocks (~JiT-B/16).
     "jit_b16": dict(input_size=256, in_channels=3, patch_size=16, patch_stride=12, depth=12, hidden_size=768,
                     num_heads=12, pos_embed="rope", norm="rmsnorm", qk_norm=True, swiglu=True),
 }
-NANOFLOW_SIZES["dit_h1024_d20"] = NANOFLOW_SIZES["dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05"]
+NANOFLOW_SIZES["nanoflow_h1024_d20"] = NANOFLOW_SIZES["nanoflow_h1024_d20_e16_c2_moew05"]
 
 
 def _named(size: dict):

@@ -262,6 +262,10 @@ class Trainer:
         if self.channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
             self.model.to(memory_format=torch.channels_last)
         self.conditional = hasattr(self.model, "num_classes")
+        if self.conditional and self.model.num_classes < self.dataset.num_classes:
+            raise ConfigError(f"model.num_classes = {self.model.num_classes} but dataset {self.dataset.name!r} has "
+                              f"{self.dataset.num_classes} classes; set model.num_classes >= {self.dataset.num_classes}")
+        self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
 
         self.micro_batches = runtime.world_size * tr.grad_accum
@@ -289,7 +293,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
-            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids)
+            # A DiT built for masking but trained unmasked (the fine-tune stage) never uses its mask token.
+            unused = getattr(self.model, "mask_token", None) is not None and not self.masked
+            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids, find_unused_parameters=unused)
         self.generator = torch.Generator(device=device)
         self.step = 0
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.long, device=device)
@@ -330,6 +336,7 @@ class Trainer:
         """Fresh start, or continue from training.resume (auto | PATH). Never overwrites a run."""
         source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print)
         if source is None:
+            self.initialize()
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
         check_compatible(loaded.config, self.cfg, loaded.path)
@@ -343,6 +350,37 @@ class Trainer:
         self.nonfinite_in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
         self.log.print(f"resumed from {loaded.path} at step {self.step}")
+
+    def initialize(self) -> None:
+        """A fresh run's start from training.init.checkpoint: each part (model, EMA, optimizer, step) on
+        or off. The architecture must match (load_weights names any difference); dataset, flow and
+        masking may change, which is the point (masked pretrain -> unmasked fine-tune)."""
+        init = self.cfg.training.init
+        if init.checkpoint is None:
+            return
+        wanted = {init.model, init.ema} - {"none"}
+        loaded = ckpt.load_checkpoint(init.checkpoint, map_location=self.runtime.device, load_model="model" in wanted,
+                                      load_ema="ema" in wanted, load_state=init.optimizer or init.step)
+        weights = {"model": loaded.model, "ema": loaded.ema}
+        for part, target in (("model", self.model), ("ema", self.ema.model if self.ema else None)):
+            source = getattr(init, part)
+            if source == "none" or target is None:
+                continue
+            if weights[source] is None:
+                raise ckpt.CheckpointError(f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
+                                           f"{source}.safetensors; use training.init.{part}=model or none")
+            ckpt.load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})")
+        if self.ema and init.ema == "none" and init.model != "none":
+            self.ema.model.load_state_dict(self.model.state_dict())  # the EMA starts where the model starts
+        if init.optimizer:
+            self.optimizer.load_state_dict(loaded.state["optimizer"])
+        if init.step:
+            self.step = loaded.step
+            if self.ema:
+                self.ema.num_updates = int(loaded.state["ema_num_updates"])
+        parts = [f"{part} <- {getattr(init, part)}" for part in ("model", "ema")] + \
+                [part for part in ("optimizer", "step") if getattr(init, part)]
+        self.log.print(f"initialised from {loaded.path} (step {loaded.step}): {', '.join(parts)}")
 
     # -- one optimizer step --
 
@@ -386,9 +424,19 @@ class Trainer:
             context = self.forward_model.no_sync() if not sync else _null_context()
             with context:
                 with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    output = self.forward_model(x_t, t, y)
+                    if self.masked:
+                        # Deferred masking: the kept tokens come from this micro-batch's generator (exact
+                        # resume), drawn outside the model so a compiled forward has no generator in it;
+                        # the loss counts only pixels of kept tokens.
+                        keep_ids = self.model.sample_keep(x1.shape[0], self.model.grid ** 2, self.model.mask_ratio,
+                                                          self.generator, x1.device)
+                        output, keep = self.forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
+                        mask = self.model.loss_mask(keep, tuple(x1.shape[-2:]))
+                    else:
+                        output, mask = self.forward_model(x_t, t, y), None
                 loss, per_sample = flow.flow_matching_loss(
-                    self.path, output, x1, eps, x_t, t, prediction=self.cfg.flow.prediction, weighting=self.weighting
+                    self.path, output, x1, eps, x_t, t, prediction=self.cfg.flow.prediction, weighting=self.weighting,
+                    mask=mask,
                 )
                 (loss / tr.grad_accum).backward()
             per_sample_all.append(per_sample.detach())
@@ -480,6 +528,7 @@ class Trainer:
                     "train/images_per_s": window_steps * tr.batch_size / elapsed,
                     "train/epoch": self.step / self.steps_per_epoch,
                 }
+                values.update(self.moe_load_metrics())
                 per_bin = (bin_sums / bin_counts.clamp(min=1)).tolist()
                 values.update({f"loss_by_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}": v for i, v in enumerate(per_bin)})
                 self.log.scalars(self.step, values)
@@ -497,6 +546,15 @@ class Trainer:
                 self.evaluate(final=False)
         bar.close()
 
+    def moe_load_metrics(self) -> dict[str, float]:
+        """Expert-choice load of the last forward, averaged over MoE blocks: the fraction of tokens no
+        expert picked (they skip the MLP), picked once, and picked by two or more."""
+        load = getattr(self.model, "moe_load", lambda: {})()
+        if not load:
+            return {}
+        mean = torch.stack(list(load.values())).mean(0).tolist()
+        return {"moe/tokens_unpicked": mean[0], "moe/tokens_picked_once": mean[1], "moe/tokens_picked_2plus": mean[2]}
+
     @torch.no_grad()
     def evaluate(self, final: bool) -> None:
         """Sample with the EMA (else raw) model using the run's solver settings; log metrics and a
@@ -512,12 +570,16 @@ class Trainer:
         started = time.perf_counter()
         samples, labels = inference.generate(sampler, self.cfg.solver, self.dataset.sample_shape,
                                              self.cfg.training.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+        latents = None
+        if self.decode_latents is not None:  # latent model: figures and metrics are about the decoded images
+            latents, samples = samples, self.decode_latents(samples)
         metrics = {"sampling_s": time.perf_counter() - started, **self.sample_metrics(samples, labels)}
         self.log.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
         figure = inference.samples_figure(samples, labels, self.dataset.name, getattr(self.dataset, "class_names", None))
         self.log.figure(self.step, "samples", figure)
         if final:
-            inference.save_samples(samples, labels, self.run_dir, figure)
+            inference.save_samples(samples.cpu(), labels.cpu() if labels is not None else None, self.run_dir, figure,
+                                   latents=latents)
             self.log.print(f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         inference.close_figure(figure)
         self.model.train()
@@ -536,6 +598,12 @@ class Trainer:
         return {**values, "classifier_fd_real_floor": self.fd_floor}
 
     def load_eval_classifier(self) -> None:
+        """Rank 0's evaluation tools: the VAE decoder of a latent dataset, and the metrics classifier."""
+        import inference
+
+        self.decode_latents = None
+        if self.runtime.is_main:
+            self.decode_latents = inference.latent_decoder(getattr(self.dataset, "vae_id", None), self.runtime.device)
         self.classifier, self.reference_statistics, self.fd_floor = None, None, None
         if self.cfg.training.classifier and self.runtime.is_main:
             self.classifier, self.reference_statistics, self.fd_floor = load_eval_classifier(

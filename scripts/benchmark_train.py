@@ -52,12 +52,17 @@ def parse(argv: list[str]) -> tuple[dict, list[str]]:
     return options, overrides
 
 
-def synthetic_like(dataset_cfg, device):
-    """Random data with the real dataset's shape, classes and storage dtype."""
+def synthetic_like(dataset_cfg, device, model_cfg=None):
+    """Random data with the real dataset's shape, classes and storage dtype. A model that fixes its
+    input size (a DiT's input_size, e.g. a smoke preset's 8x8 latents) or its class count wins."""
     import datasets
 
     name = dataset_cfg.name
     shape, num_classes = datasets.DATASET_INFO[name]["shape"], datasets.DATASET_INFO[name]["num_classes"]
+    if model_cfg is not None and "input_size" in model_cfg:
+        shape = (model_cfg.get("in_channels", shape[0]), model_cfg.input_size, model_cfg.input_size)
+    if model_cfg is not None and "num_classes" in model_cfg:
+        num_classes = min(num_classes, model_cfg.num_classes)
     generator = torch.Generator().manual_seed(0)
     count = 4096
     x = torch.randint(0, 256, (count, *shape), generator=generator, dtype=torch.uint8)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                            "training.progress=false", f"training.max_steps={10**9}"])
         runtime = train.setup_runtime(cfg.device)
         if options["synthetic"] and cfg.dataset.name != "moons":
-            train.build_dataset = lambda name, device, **kw: synthetic_like(cfg.dataset, device)
+            train.build_dataset = lambda name, device, **kw: synthetic_like(cfg.dataset, device, cfg.model)
         trainer = train.Trainer(cfg, runtime, Path(run_dir))
         device = runtime.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

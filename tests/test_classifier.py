@@ -73,6 +73,10 @@ def test_image_sample_metrics_on_real_images(trained, test_split):
     fake = metrics.image_sample_metrics(noise, None, classifier, reference)  # unconditional: no accuracy
     assert "classifier_accuracy" not in fake
     assert fake["classifier_fd"] > 10 * max(real["classifier_fd"], 1e-3) and fake["png_bpp"] > real["png_bpp"]
+    # Scored as the saved 8-bit image: pixels beyond [-1, 1] count as clipped, not as the raw floats.
+    overshoot = x * 3
+    assert metrics.image_sample_metrics(overshoot, y, classifier, reference) == \
+        metrics.image_sample_metrics(overshoot.clamp(-1, 1), y, classifier, reference)
 
 
 def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_path):

@@ -13,9 +13,27 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(preset):
-    cfg = load_config([f"experiment={preset}"])
+    # A second stage names the run it starts from (required, so it can never silently start from scratch).
+    stage = ["training.init.checkpoint=runs/stage1"] if "unmasked" in preset else []
+    cfg = load_config([f"experiment={preset}", *stage])
     assert cfg.experiment == preset
     assert cfg.training.lr > 0
+
+
+def test_two_stage_imagenet_recipe():
+    """masked80 -> unmasked20: same architecture, masking off, EMA-free weights handed over, 1/10 the lr."""
+    name = "imagenet256_latent_dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05"
+    masked = load_config([f"experiment={name}_masked80"])
+    with pytest.raises(ConfigError, match="training.init.checkpoint"):
+        load_config([f"experiment={name}_unmasked20"])
+    unmasked = load_config([f"experiment={name}_unmasked20", "training.init.checkpoint=runs/m"])
+    assert (masked.model.mask_ratio, unmasked.model.mask_ratio) == (0.75, 0.0)
+    assert {k: v for k, v in masked.model.items() if k != "mask_ratio"} == \
+        {k: v for k, v in unmasked.model.items() if k != "mask_ratio"}
+    assert (masked.training.epochs, unmasked.training.epochs) == (80, 20)
+    assert (masked.training.lr, unmasked.training.lr) == (1e-4, 1e-5)
+    init = unmasked.training.init
+    assert (init.model, init.optimizer, init.step) == ("model", False, False)
 
 
 def test_default_is_moons_cfg():

@@ -291,3 +291,18 @@ def test_image_samples_are_saved_as_uint8_nhwc(tmp_path):
     saved = np.load(tmp_path / "samples.npz")
     assert saved["images"].shape == (2, 4, 4, 1) and saved["images"].dtype == np.uint8
     assert saved["images"].min() == 0 and saved["images"].max() == 255  # clamped to [-1, 1] first
+
+
+@pytest.mark.parametrize("num_samples, expected", [(20, [k for k in range(10) for _ in range(2)]),
+                                                   (4, [0, 2, 5, 7])])
+def test_generate_spreads_labels_over_the_classes(num_samples, expected):
+    """num_samples >= classes: equal counts, class-major; fewer (ImageNet's 1000): evenly spaced classes,
+    not one sample of every class."""
+    from omegaconf import OmegaConf
+
+    from config import SolverConfig
+
+    sampler = FlowSampler(lambda x, t, y: torch.zeros_like(x), make_path("condot"), "velocity", num_classes=10)
+    solver = OmegaConf.structured(SolverConfig(method="euler", num_steps=1))
+    samples, labels = inference.generate(sampler, solver, (2,), num_samples)
+    assert labels.tolist() == expected and samples.shape == (num_samples, 2)

@@ -95,6 +95,16 @@ def test_unet_presets_shape_dtype_zero_output_and_exact_size(name):
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
 
 
+def test_latent_unet_preset_matches_the_write_up_size_on_meta():
+    # Write-up: ImageNet-256 latent ClassCondUNet "~89.8M parameters"; built on the meta device.
+    kwargs = unet_preset("classcond_unet_latent")
+    with torch.device("meta"):
+        model = build(kwargs)
+    assert models.count_parameters(model) == 89_194_628
+    assert abs(models.count_parameters(model) / 89.8e6 - 1) < 0.01
+    assert (kwargs["in_ch"], kwargs["num_classes"]) == (4, 1000)
+
+
 def test_unet_class_embedding_is_the_only_difference():
     # an (10 + 1) x emb_dim class table, as in the reference (22,311,299 - 22,308,483 = 11 x 256)
     for size in ("fashion", "cifar"):

@@ -3,7 +3,7 @@
     uv run python experiments/jpeg_compression_grpo/plot.py [SWEEP_DIR=runs/grpo_sweep] [best=RUN@ITERATION]
 
 Reads every run's metrics.jsonl. Every evaluation (same 100 labels and noise each time, the seed's
-ODE solver: 32 Heun steps, guidance 3 on t in [0.6, 1]) is one point: JPEG payload-bpp reduction
+ODE solver: 32 Heun steps, guidance 3 on t everywhere (the seed run's saved solver: runs/digits_cfg predates the [0.6, 1] interval)) is one point: JPEG payload-bpp reduction
 against the seed's, and classifier accuracy against the requested digits. Writes pareto.png,
 reward_curves.png, and with best=, before_after.png (seed | post-trained, same noise), into
 experiments/jpeg_compression_grpo/figures/. Prints a markdown table of every run's evaluations.
@@ -94,8 +94,8 @@ def before_after(run_dir: Path, iteration: int | None) -> None:
         before, labels = generate(seed, loaded.config.solver, shape, 50, seed=0)
         after, _ = generate(policy, loaded.config.solver, shape, 50, seed=0)
     figure = comparison_figure(before, after, labels, "digits")
-    figure.suptitle(f"seed | {run_dir.name} @ {loaded.step}", fontsize=8)
-    figure.savefig(FIGURES / "before_after.png")
+    figure.suptitle(f"left: seed | right: {run_dir.name} @ {loaded.step} (same noise and labels)", fontsize=9, y=1.02)
+    figure.savefig(FIGURES / "before_after.png", bbox_inches="tight")
     close_figure(figure)
 
 

@@ -1,0 +1,148 @@
+"""Training cost of a staged recipe: images, EFLOPs, throughput, GPU-hours and dollars per stage and in total.
+
+    # the write-up's ImageNet-256 H1024 run, with its measured H100-hours per stage
+    uv run python scripts/estimate_training_cost.py nanoflow_h1024_d20 \\
+        --stage masked:mask_ratio=0.75,epochs=240,gpu_hours=41.8397 \\
+        --stage unmasked:mask_ratio=0,epochs=40,gpu_hours=21.9317
+
+    # a plan: the same recipe at an assumed 40 % MFU on H100s at $3.30/GPU-hour
+    uv run python scripts/estimate_training_cost.py nanoflow_h1024_d20 --mfu 0.4 \\
+        --stage masked:mask_ratio=0.75,epochs=240 --stage unmasked:mask_ratio=0,epochs=40
+
+    # any model, from its training FLOPs per image (e.g. the latent U-Net's 16.4 G, 400 epochs)
+    uv run python scripts/estimate_training_cost.py --stage unet:train_gflops=16.4,epochs=400,gpu_hours=16.5
+
+A stage is NAME:key=value,... with keys
+  mask_ratio    deferred-masking ratio of the stage (DiT models; default 0)
+  epochs        passes over --images-per-epoch images (ImageNet-1k train: 1,281,167), or
+  images        images seen
+  train_gflops  training GFLOPs per image; default: scripts/estimate_dit_complexity.py on the model
+and at most one measured speed: `gpu_hours` (GPU-hours the stage took) or `images_per_s` (of the whole
+job, all --gpus together). Without either, the stage runs at --mfu of --peak-tflops per GPU.
+Training FLOPs per image are 3 x forward (forward + backward), as in the estimator.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimate_dit_complexity import build_model, complexity, parse_overrides  # noqa: E402
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
+STAGE_KEYS = {"mask_ratio", "epochs", "images", "train_gflops", "gpu_hours", "images_per_s"}
+
+
+def parse_stage(text: str) -> dict:
+    """'masked:mask_ratio=0.75,epochs=240' -> {'name': 'masked', 'mask_ratio': 0.75, 'epochs': 240}."""
+    name, _, rest = text.partition(":")
+    stage = {"name": name}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in STAGE_KEYS:
+            raise ValueError(f"stage {text!r}: {item!r} is not one of {sorted(STAGE_KEYS)}=value")
+        stage[key] = yaml.safe_load(value)
+    if ("epochs" in stage) == ("images" in stage):
+        raise ValueError(f"stage {text!r}: give exactly one of epochs= or images=")
+    if "gpu_hours" in stage and "images_per_s" in stage:
+        raise ValueError(f"stage {text!r}: give at most one of gpu_hours= or images_per_s=")
+    return stage
+
+
+def stage_cost(stage: dict, train_flops_per_image: float, *, images_per_epoch: int = IMAGENET_TRAIN_IMAGES,
+               gpus: int = 1, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+               usd_per_gpu_hour: float = 3.30) -> dict:
+    """Cost of one stage given its training FLOPs per image; the speed is measured or assumed (mfu)."""
+    images = stage["images"] if "images" in stage else stage["epochs"] * images_per_epoch
+    flops = images * train_flops_per_image
+    if "gpu_hours" in stage:
+        gpu_seconds = stage["gpu_hours"] * 3600
+    elif "images_per_s" in stage:
+        gpu_seconds = images / stage["images_per_s"] * gpus
+    else:
+        gpu_seconds = flops / (mfu * peak_tflops * 1e12)
+    tflops_per_gpu = flops / gpu_seconds / 1e12
+    return {
+        "name": stage["name"],
+        "mask_ratio": stage.get("mask_ratio", 0.0),
+        "images": images,
+        "train_gflops_per_image": train_flops_per_image / 1e9,
+        "eflops": flops / 1e18,
+        "images_per_s": images / (gpu_seconds / gpus),
+        "tflops_per_gpu": tflops_per_gpu,
+        "mfu": tflops_per_gpu / peak_tflops,
+        "gpu_hours": gpu_seconds / 3600,
+        "wall_hours": gpu_seconds / gpus / 3600,
+        "usd": gpu_seconds / 3600 * usd_per_gpu_hour,
+    }
+
+
+def total_row(rows: list[dict], peak_tflops: float) -> dict:
+    gpu_hours = sum(r["gpu_hours"] for r in rows)
+    eflops = sum(r["eflops"] for r in rows)
+    wall_hours = sum(r["wall_hours"] for r in rows)
+    tflops = eflops * 1e18 / (gpu_hours * 3600) / 1e12
+    return {"name": "total", "mask_ratio": None, "images": sum(r["images"] for r in rows),
+            "train_gflops_per_image": None, "eflops": eflops,
+            "images_per_s": sum(r["images"] for r in rows) / (wall_hours * 3600),
+            "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops, "gpu_hours": gpu_hours,
+            "wall_hours": wall_hours, "usd": sum(r["usd"] for r in rows)}
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [f"**{title}**", "",
+             "| stage | mask | images | train GFLOPs/img | EFLOPs | images/s | TFLOP/s per GPU | MFU "
+             "| GPU-hours | wall hours | USD |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mask = "" if r["mask_ratio"] is None else f"{r['mask_ratio']:g}"
+        per_image = "" if r["train_gflops_per_image"] is None else f"{r['train_gflops_per_image']:.2f}"
+        lines.append(f"| {r['name']} | {mask} | {r['images']:,} | {per_image} | {r['eflops']:.2f} | "
+                     f"{r['images_per_s']:,.0f} | {r['tflops_per_gpu']:.0f} | {100 * r['mfu']:.1f} % | "
+                     f"{r['gpu_hours']:.2f} | {r['wall_hours']:.2f} | {r['usd']:,.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("model", nargs="?", help="DIT_MODELS name or model config YAML (omit with train_gflops=)")
+    parser.add_argument("overrides", nargs="*", help="model constructor key=value overrides")
+    parser.add_argument("--stage", action="append", required=True, help="NAME:key=value,... (repeatable)")
+    parser.add_argument("--images-per-epoch", type=int, default=IMAGENET_TRAIN_IMAGES)
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the job runs on (wall-clock hours only)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="per GPU")
+    parser.add_argument("--usd-per-gpu-hour", type=float, default=3.30)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    stages = [parse_stage(s) for s in args.stage]
+    model = build_model(args.model, parse_overrides(args.overrides)) if args.model else None
+    rows = []
+    for stage in stages:
+        if "train_gflops" in stage:
+            per_image = stage["train_gflops"] * 1e9
+        elif model is not None:
+            per_image = complexity(model, stage.get("mask_ratio", 0.0))["train_flops"]
+        else:
+            parser.error(f"stage {stage['name']!r} needs train_gflops= when no model is given")
+        rows.append(stage_cost(stage, per_image, images_per_epoch=args.images_per_epoch, gpus=args.gpus,
+                               mfu=args.mfu, peak_tflops=args.peak_tflops,
+                               usd_per_gpu_hour=args.usd_per_gpu_hour))
+    rows.append(total_row(rows, args.peak_tflops))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        title = " ".join(filter(None, [args.model, *args.overrides])) or "training cost"
+        print(markdown(rows, f"{title} (${args.usd_per_gpu_hour:.2f}/GPU-hour, peak {args.peak_tflops:g} "
+                             f"TFLOP/s per GPU, {args.gpus} GPU{'s' if args.gpus > 1 else ''})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
