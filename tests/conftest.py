@@ -74,3 +74,13 @@ def states_equal(a, b) -> bool:
         return True
     except AssertionError:
         return False
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

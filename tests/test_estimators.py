@@ -12,7 +12,6 @@ What the write-up's numbers allow (all reproduced here):
 - Latent U-Net: 16.4 G train FLOPs/image x 1,281,167 x 400 epochs -> 8.4 EFLOPs, 16.5 H100-hours, $54.45.
 """
 
-import importlib.util
 import json
 
 import pytest
@@ -21,15 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 import models_dit as md
-from conftest import ROOT
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from conftest import ROOT, load_script
 
 complexity_script = load_script("estimate_dit_complexity")
 cost_script = load_script("estimate_training_cost")

@@ -3,7 +3,6 @@ resumed, split across ranks; convert), scripts/preflight_latent_cache.py, and th
 datasets.LatentCacheDataset, on a folder of PNGs written here and the tiny AutoencoderKL."""
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -19,20 +18,13 @@ import torch
 from PIL import Image
 
 import datasets
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 SIZES = {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90), (37, 33)]}  # (W, H), odd on purpose
 QUIET = {"log": lambda *_: None}
 
 
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = script("build_latent_cache")
+build = load_script("build_latent_cache")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +79,7 @@ def preflight(path, *args):
     """The preflight CLI in-process (a subprocess per call would re-import torch: ~2 s each)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = script("preflight_latent_cache").main([str(path), *args])
+        code = load_script("preflight_latent_cache").main([str(path), *args])
     return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 

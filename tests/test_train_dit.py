@@ -109,14 +109,9 @@ def test_init_errors_name_the_key(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """make_smoke_cache: 2 classes x 4 random PNGs, a tiny AutoencoderKL, the built + converted cache."""
-    import importlib.util
+    from conftest import load_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("build_latent_cache", ROOT / "scripts" / "build_latent_cache.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
+    return load_script("build_latent_cache").make_smoke_cache(tmp_path_factory.mktemp("smoke"))
 
 
 def test_latent_smoke_presets_train_hand_off_and_decode(tmp_path, smoke):
