@@ -56,7 +56,8 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -119,7 +120,7 @@ def _write_manifest(directory: Path, step: int, names: list[str], meta: dict) ->
         "step": step,
         "meta": meta,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": {n: {"sha256": _sha256(directory / n), "bytes": (directory / n).stat().st_size} for n in names},
+        "files": {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names},
     }
     with open(directory / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=2)
@@ -149,7 +150,7 @@ def verify_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(
                 f"checkpoint {path}: {name} has {file.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)"
             )
-        if _sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} fails its sha256 check (corrupted on disk)")
     return manifest
 

@@ -7,6 +7,7 @@ so a typo fails before any work with the key and the allowed values in the messa
 """
 
 import dataclasses
+import functools
 import inspect
 import re
 from dataclasses import dataclass, field
@@ -46,12 +47,28 @@ class InitConfig:
 
 
 @dataclass
-class TrainingConfig:
+class RunConfig:
+    """Run management, the same keys and meaning for train.py and train_grpo.py (validate_run)."""
+
     run_dir: str | None = None  # default runs/<experiment>_<timestamp>, chosen once on rank 0
     resume: str | None = None  # null | auto | PATH (checkpoint dir, run dir or RUN/checkpoints/latest)
+    max_steps: int | None = None  # caps optimizer steps (GRPO: iterations) without changing the schedule
+    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | none
+    checkpoint_every: int = 1000  # steps; a final checkpoint is always written
+    keep_last: int = 3  # complete checkpoints kept
+    log_every: int = 100
+    eval_every: int = 0  # sample figures / metrics besides the final ones; 0 = only at the end
+    num_eval_samples: int = 512  # samples drawn for figures and metrics
+    classifier: str | None = None  # safetensors from `scripts/train_classifier.py`: enables accuracy / classifier-FD
+    max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar (rank 0 only)
+
+
+@dataclass
+class TrainingConfig(RunConfig):
     init: InitConfig = field(default_factory=InitConfig)  # selective start from another run (fresh runs only)
     epochs: int = 100  # sets the LR-schedule horizon: epochs * steps_per_epoch optimizer steps
-    max_steps: int | None = None  # caps optimizer steps without changing the schedule horizon
     batch_size: int = 128  # global batch (all ranks, all accumulation micro-steps)
     grad_accum: int = 1  # micro-steps per optimizer step on each rank
     lr: float = 1e-3
@@ -65,18 +82,8 @@ class TrainingConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True  # effective decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     p_uncond: float = 0.1  # label dropout to the null label, for classifier-free guidance
-    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | none
     compile: bool | None = None  # torch.compile the model; null = on for CUDA, off elsewhere
     channels_last: bool | None = None  # NHWC activations for image models; null = on for image data
-    checkpoint_every: int = 1000  # optimizer steps; a final checkpoint is always written
-    keep_last: int = 3  # complete checkpoints kept
-    log_every: int = 100
-    eval_every: int = 0  # sample figures / metrics; 0 = only at the end
-    num_eval_samples: int = 512  # samples drawn for figures and metrics
-    classifier: str | None = None  # safetensors from `python -m rl.classifier`: enables accuracy / classifier-FD
-    max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
-    tensorboard: bool = True
-    progress: bool = True  # tqdm bar (rank 0 only)
 
 
 @dataclass
@@ -234,19 +241,29 @@ def check(condition: bool, key: str, value, requirement: str) -> None:
         raise ConfigError(f"{key} = {value!r}: {requirement}")
 
 
+def constructor_parameters(target) -> dict[str, inspect.Parameter]:
+    """The keyword arguments a registry entry accepts, by name. A class taking **kwargs for its parent
+    (ClassCondMLP(num_classes, **mlp_kwargs)) also accepts the parent's; a named size
+    (functools.partial) accepts its constructor's, with the size's values as defaults."""
+    fixed = {}
+    if isinstance(target, functools.partial):
+        fixed, target = target.keywords, target.func
+    params = dict(inspect.signature(target).parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and inspect.isclass(target):
+        for base in reversed(target.__mro__[1:]):
+            if "__init__" in vars(base) and base is not object:
+                params = {**inspect.signature(base.__init__).parameters, **params}
+    params = {name: p for name, p in params.items() if name not in ("self", "device")
+              and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    return {name: p.replace(default=fixed[name]) if name in fixed else p for name, p in params.items()}
+
+
 def check_spec(key: str, spec, registry: dict, skip: tuple[str, ...] = ()) -> None:
     """A `{name: ..., **kwargs}` spec must name a registry entry and only pass its arguments."""
     if not isinstance(spec, (dict, DictConfig)) or "name" not in spec:
         raise ConfigError(f"{key} must be a mapping with a 'name' key; choose one of: {', '.join(registry)}")
     check_choice(f"{key}.name", spec["name"], registry)
-    target = registry[spec["name"]]
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and inspect.isclass(target):
-        # e.g. ClassCondMLP(num_classes, **mlp_kwargs): accept the parent's arguments too
-        params = {**params, **{k: v for base in target.__mro__[1:] if "__init__" in vars(base)
-                               for k, v in inspect.signature(base.__init__).parameters.items()}}
-    allowed = [p for p in params if p not in ("self", "args", "kwargs", "mlp_kwargs", *skip)
-               and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    allowed = [p for p in constructor_parameters(registry[spec["name"]]) if p not in skip]
     for arg in spec:
         if arg != "name" and arg not in allowed:
             raise ConfigError(f"{key}.{arg} is not an argument of {key} '{spec['name']}'; allowed: {', '.join(allowed)}")
@@ -268,9 +285,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_choice("flow.prediction", fl.prediction, flow.PREDICTIONS)
     check(0 < fl.denominator_min < 1, "flow.denominator_min", fl.denominator_min, "must be in (0, 1)")
 
+    validate_run(tr)
     check(tr.lr > 0, "training.lr", tr.lr, "must be > 0")
     check(tr.epochs >= 1, "training.epochs", tr.epochs, "must be >= 1")
-    check(tr.max_steps is None or tr.max_steps >= 0, "training.max_steps", tr.max_steps, "must be >= 0 or null")
     check(tr.batch_size >= 1, "training.batch_size", tr.batch_size, "must be >= 1")
     check(tr.grad_accum >= 1, "training.grad_accum", tr.grad_accum, "must be >= 1")
     check(0 <= tr.p_uncond < 1, "training.p_uncond", tr.p_uncond, "must be in [0, 1)")
@@ -286,13 +303,18 @@ def validate(cfg: DictConfig) -> DictConfig:
           == ("ema", "ema", False, False), "training.init.checkpoint", None,
           "required when any other training.init key is set (the run to start from)")
     check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
-    check_choice("training.amp", tr.amp, AMP_MODES)
-    for key in ("checkpoint_every", "keep_last", "log_every", "num_eval_samples", "max_nonfinite_steps"):
-        check(tr[key] >= 1, f"training.{key}", tr[key], "must be >= 1")
-    check(tr.eval_every >= 0, "training.eval_every", tr.eval_every, "must be >= 0 (0 = only at the end)")
-    check(tr.resume in (None, "auto") or bool(tr.resume), "training.resume", tr.resume, "must be null, 'auto' or a path")
     validate_solver(so, "solver")
     return _freeze(cfg)
+
+
+def validate_run(tr, key: str = "training") -> None:
+    """The run-management keys every trainer shares (RunConfig)."""
+    check_choice(f"{key}.amp", tr.amp, AMP_MODES)
+    check(tr.max_steps is None or tr.max_steps >= 0, f"{key}.max_steps", tr.max_steps, "must be >= 0 or null")
+    for name in ("checkpoint_every", "keep_last", "log_every", "num_eval_samples", "max_nonfinite_steps"):
+        check(tr[name] >= 1, f"{key}.{name}", tr[name], "must be >= 1")
+    check(tr.eval_every >= 0, f"{key}.eval_every", tr.eval_every, "must be >= 0 (0 = only at the end)")
+    check(tr.resume in (None, "auto") or bool(tr.resume), f"{key}.resume", tr.resume, "must be null, 'auto' or a path")
 
 
 def validate_solver(so, key: str) -> None:
@@ -327,38 +349,44 @@ def spec_kwargs(spec) -> tuple[str, dict]:
     return plain.pop("name"), plain
 
 
-# --- building objects from config (entry points only) ---------------------------------------------
+# --- registries and solver settings -------------------------------------------------------------
 
 
 def model_registry() -> dict:
-    """Every trainable network by config name: the U-Nets / MLPs of models.py and the DiTs of models_dit.py."""
+    """Every trainable network by config name: the U-Nets / MLPs of models.py and the DiTs of models_dit.py
+    (named sizes included, each accepting any constructor argument as an override)."""
     from models import MODELS
     from models_dit import DIT_MODELS
 
     return {**MODELS, **DIT_MODELS}
 
 
-def build_model(model_cfg):
-    name, kwargs = spec_kwargs(model_cfg)
-    return model_registry()[name](**kwargs)
-
-
-def build_flow(flow_cfg):
-    """-> (path, time_sampler, weighting)."""
-    import flow
-
-    scheduler, scheduler_kwargs = spec_kwargs(flow_cfg.scheduler)
-    path = flow.make_path(scheduler, denominator_min=flow_cfg.denominator_min, **scheduler_kwargs)
-    sampler_name, sampler_kwargs = spec_kwargs(flow_cfg.time_sampler)
-    weighting_name, weighting_kwargs = spec_kwargs(flow_cfg.weighting)
-    time_sampler = flow.make_time_sampler(sampler_name, **sampler_kwargs)
-    weighting = flow.make_loss_weighting(weighting_name, **weighting_kwargs)
-    return path, time_sampler, weighting
+def resolve_solver(base, overrides: dict, key: str = "solver") -> DictConfig:
+    """A run's solver settings (SolverConfig) with the non-null overrides merged in, validated."""
+    solver = OmegaConf.merge(OmegaConf.structured(SolverConfig), base,
+                             {k: v for k, v in dict(overrides).items() if v is not None})
+    validate_solver(solver, key)
+    return solver
 
 
 @dataclass
-class InferenceConfig:
-    """`python inference.py` keys; null falls back to the checkpoint's own solver settings."""
+class SolverOverrides:
+    """Sampler settings that replace a checkpoint's own (SolverConfig) where set; null keeps the run's.
+    GRPO nests them (`solver.num_steps=8`); inference.py takes them flat (`num_steps=8`)."""
+
+    method: str | None = None
+    num_steps: int | None = None
+    grid: str | None = None
+    shift: float | None = None
+    guidance_scale: float | None = None
+    guidance_interval: list[float] | None = None
+    ep_cfg: bool | None = None
+
+
+@dataclass
+class InferenceConfig(SolverOverrides):
+    """`python inference.py` keys; the solver keys (SolverOverrides) are flat here, and `solver` names
+    the method (`solver=heun`, the documented spelling; `method=` is the same key)."""
 
     checkpoint: str | None = None  # required: checkpoint dir, run dir, or RUN_DIR/checkpoints/latest
     out: str = "samples"
@@ -368,14 +396,18 @@ class InferenceConfig:
     device: str = "auto"
     use_ema: bool = True
     batch_size: int = 1024
-    solver: str | None = None
-    num_steps: int | None = None
-    grid: str | None = None
-    shift: float | None = None
-    guidance_scale: float | None = None
-    guidance_interval: list[float] | None = None
-    ep_cfg: bool | None = None
+    solver: str | None = None  # the ODE method (SolverOverrides.method)
     classifier: str | None = None  # score the samples (accuracy, classifier-FD + floor, bpp) -> metrics.json
+
+
+def solver_overrides(cfg) -> dict:
+    """The non-null SolverOverrides keys of a config node (inference's flat keys or GRPO's solver.*)."""
+    values = {f.name: cfg.get(f.name) for f in dataclasses.fields(SolverOverrides)}
+    if cfg.get("solver") is not None and not isinstance(cfg.get("solver"), (dict, DictConfig)):
+        if values["method"] is not None and values["method"] != cfg.solver:
+            raise ConfigError(f"solver = {cfg.solver!r} and method = {values['method']!r} name two methods; give one")
+        values["method"] = cfg.solver
+    return {k: v for k, v in values.items() if v is not None}
 
 
 # --- Flow-GRPO post-training (train_grpo.py) -----------------------------------------------------
@@ -410,35 +442,13 @@ class GRPOConfig:
 
 
 @dataclass
-class GRPOTrainingConfig:
-    """Run management, with the same meaning as in train.py."""
+class GRPOTrainingConfig(RunConfig):
+    """RunConfig with GRPO's defaults: a step is one rollout iteration."""
 
-    run_dir: str | None = None  # default runs/<experiment>_<timestamp>
-    resume: str | None = None  # null | auto | PATH
-    max_steps: int | None = None  # caps iterations (grpo.epochs stays the nominal length)
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | none
     checkpoint_every: int = 50  # iterations; a final checkpoint is always written
-    keep_last: int = 3
     log_every: int = 1
     eval_every: int = 0  # evaluations besides the seed's (iteration 0) and the final one; 0 = none
     num_eval_samples: int = 200  # split evenly over the classes
-    classifier: str | None = None  # enables classifier accuracy / classifier-FD in evaluations
-    max_nonfinite_steps: int = 10
-    tensorboard: bool = True
-    progress: bool = True
-
-
-@dataclass
-class SolverOverrides:
-    """ODE settings of the GRPO evaluations; null keeps the seed checkpoint's own (SolverConfig)."""
-
-    method: str | None = None
-    num_steps: int | None = None
-    grid: str | None = None
-    shift: float | None = None
-    guidance_scale: float | None = None
-    guidance_interval: list[float] | None = None
-    ep_cfg: bool | None = None
 
 
 @dataclass
@@ -484,10 +494,5 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
     check(len(g.betas) == 2 and all(0 <= b < 1 for b in g.betas), "grpo.betas", list(g.betas), "must be two values in [0, 1)")
     check(g.weight_decay >= 0, "grpo.weight_decay", g.weight_decay, "must be >= 0")
     check(g.grad_clip >= 0, "grpo.grad_clip", g.grad_clip, "must be >= 0 (0 disables)")
-    check_choice("training.amp", tr.amp, AMP_MODES)
-    check(tr.max_steps is None or tr.max_steps >= 0, "training.max_steps", tr.max_steps, "must be >= 0 or null")
-    for key in ("checkpoint_every", "keep_last", "log_every", "num_eval_samples", "max_nonfinite_steps"):
-        check(tr[key] >= 1, f"training.{key}", tr[key], "must be >= 1")
-    check(tr.eval_every >= 0, "training.eval_every", tr.eval_every, "must be >= 0 (0 = seed and final only)")
-    check(tr.resume in (None, "auto") or bool(tr.resume), "training.resume", tr.resume, "must be null, 'auto' or a path")
+    validate_run(tr)
     return _freeze(cfg)

@@ -9,7 +9,7 @@ Large datasets keep the same interface (`len`, `sample_shape`, `num_classes`, `n
 `class_names`, `batch(indices, generator)`): an image folder decodes on demand
 (`ImageFolderDataset`), the ImageNet latent cache reads a read-only memory map
 (`LatentCacheDataset`). Every rank opens the whole dataset and draws its own slice of each
-global batch of the shared `epoch_permutation` (train.py), so sampling needs no sampler state.
+global batch of the shared `runtime.epoch_permutation`, so sampling needs no sampler state.
 """
 
 import contextlib
@@ -85,22 +85,6 @@ def uint8_to_model_space(images: torch.Tensor) -> torch.Tensor:
 def model_space_to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float in [-1, 1] -> uint8 0..255, rounded and clipped; inverts `uint8_to_model_space` exactly."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-def epoch_permutation(num_items: int, seed: int, epoch: int, device) -> torch.Tensor:
-    """The order of one epoch: a function of (seed, epoch) only, so every rank and every
-    resumed run agrees on it without saving any sampler state."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x5EED))
-    return torch.randperm(num_items, generator=generator).to(device)
-
-
-def derive_seed(*values: int) -> int:
-    """Deterministic 63-bit hash of integers (splitmix64-style), for seeding generators."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 # --- two moons ---------------------------------------------------------------------------------

@@ -3,22 +3,28 @@
 2-D data: sliced Wasserstein distance to the training set and, for two moons, the fraction of
 class-k samples that land nearer crescent k than the other crescent.
 
-Images: a small CNN classifier trained on the dataset (`python -m rl.classifier`) gives proxy
+Images: a small CNN classifier trained on the dataset (`scripts/train_classifier.py`) gives proxy
 metrics: its accuracy on samples against the requested labels, and the Frechet distance between
 its penultimate features on samples and on the held-out real split ("classifier-FD": FID's
 formula with a dataset-specific network in place of Inception, so comparable only between runs
 that use the same classifier file and the same number of samples). JPEG/PNG bits per pixel
-measure how much detail samples carry.
+measure how much detail samples carry (the compressibility reward uses the same functions).
 """
 
+import functools
+import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.distributed as dist
+from PIL import Image
 
 from config import ConfigError
+from datasets import model_space_to_uint8, moons_to_data_space, uint8_to_model_space
+from runtime import epoch_permutation
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
@@ -57,8 +63,6 @@ def sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, dataset) 
     """Metrics for generated samples in model space; which ones depends on the dataset."""
     metrics = {}
     if dataset.name == "moons":
-        from datasets import moons_to_data_space
-
         metrics["sliced_w2"] = sliced_wasserstein(samples.cpu(), dataset.x.cpu())
         if labels is not None:
             points = moons_to_data_space(samples.cpu().float())
@@ -122,16 +126,16 @@ class ClassifierError(ConfigError):
     it comes from a config value (training.classifier), so entry points report it as one."""
 
 
-CLASSIFIER_FORMAT = "nanoflow-classifier-v1"  # metadata["format"] of files written by rl/classifier.py
+CLASSIFIER_FORMAT = "nanoflow-classifier-v1"  # metadata["format"] of files written by scripts/train_classifier.py
 
 
 def _how_to_train(dataset: str | None) -> str:
-    return f"train one with: python -m rl.classifier dataset={dataset or 'NAME'} out=PATH"
+    return f"train one with: python scripts/train_classifier.py dataset={dataset or 'NAME'} out=PATH"
 
 
 def load_classifier(path, device="cpu", expected_dataset: str | None = None,
                     expected_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
-    """A classifier file written by `rl/classifier.py` -> the model in eval mode on `device`.
+    """A classifier file written by `scripts/train_classifier.py` -> the model in eval mode on `device`.
 
     Everything needed to rebuild it (architecture, constructor kwargs, dataset name, image shape
     [C, H, W]) is in the safetensors metadata. With expected_dataset / expected_shape given, a
@@ -154,7 +158,7 @@ def load_classifier(path, device="cpu", expected_dataset: str | None = None,
     except (SafetensorError, OSError) as e:
         raise ClassifierError(f"classifier file {path} is not a readable safetensors file ({e})") from None
     if meta.get("format") != CLASSIFIER_FORMAT:
-        raise ClassifierError(f"{path} is not a classifier written by rl/classifier.py (metadata format "
+        raise ClassifierError(f"{path} is not a classifier written by scripts/train_classifier.py (metadata format "
                               f"{meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {_how_to_train(expected_dataset)}")
     dataset, shape = meta["dataset"], tuple(json.loads(meta["image_shape"]))
     if expected_dataset is not None and dataset != expected_dataset:
@@ -179,8 +183,6 @@ def classifier_outputs(classifier: torch.nn.Module, images: torch.Tensor,
     dataset can stay where it is. Features and logits come from one pass: the classifier's
     forward is head(features(x)).
     """
-    from datasets import uint8_to_model_space
-
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
@@ -215,11 +217,100 @@ def reference_statistics(classifier: torch.nn.Module, dataset) -> tuple[torch.Te
     return feature_statistics(classifier_features(classifier, dataset.x))
 
 
+# --- compressed size: JPEG / PNG bits per pixel ---------------------------------------------------
+#
+# Compressed size of images in bits per pixel, for the compressibility reward and as a metric.
+#
+# bpp = 8 * encoded bytes / (H * W): per *pixel*, not per channel, so a 3-channel image is not
+# divided by 3 (an RGB and a grayscale image of equal size and detail have comparable file sizes
+# per pixel, not per channel). The size includes the format's fixed overhead (headers, Huffman and
+# quantisation tables for JPEG; signature, IHDR, IEND and zlib framing for PNG), which is large at
+# these sizes: a constant grayscale 28x28 JPEG is already ~3.5 bpp. `constant_image_bits_per_pixel`
+# gives that floor, so callers can report payload bpp = total - constant.
+#
+# Encoding is PIL, in memory, one image at a time (PIL has no batched encoder). Inputs are detached
+# and copied to the CPU first: these numbers are never differentiated, only used as rewards/metrics.
+
+FORMATS = ("jpeg", "png")
+
+
+def to_uint8_nhwc(images) -> np.ndarray:
+    """Images -> uint8 numpy [B, H, W, C] with C in {1, 3}.
+
+    Accepts a numpy uint8 array [B, H, W, C] (the layout of samples.npz), or a torch tensor
+    [B, C, H, W]: float in [-1, 1] (model space; rounded as `datasets.model_space_to_uint8`, the
+    same mapping used to save samples) or uint8 0..255 (dataset storage).
+    """
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"expected an image tensor [B, C, H, W], got shape {tuple(images.shape)}")
+        images = images.detach()
+        if images.dtype != torch.uint8:
+            images = model_space_to_uint8(images)
+        array = images.cpu().permute(0, 2, 3, 1).contiguous().numpy()
+    elif isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"expected a uint8 numpy array [B, H, W, C], got {images.dtype} {images.shape}")
+        array = np.ascontiguousarray(images)
+    else:
+        raise TypeError(f"expected a torch tensor [B, C, H, W] or a uint8 numpy array [B, H, W, C], got {type(images)}")
+    if array.shape[-1] not in (1, 3):
+        raise ValueError(f"images need 1 (grayscale) or 3 (RGB) channels, got {array.shape[-1]} in shape {array.shape}")
+    return array
+
+
+def encode(image: np.ndarray, fmt: str, quality: int = 75) -> bytes:
+    """One uint8 [H, W, C] image -> its JPEG / PNG file bytes ('L' for C = 1, 'RGB' for C = 3).
+
+    JPEG: PIL's defaults at `quality` (4:2:0 chroma subsampling for RGB, standard tables).
+    PNG: PIL's defaults (zlib level 6, no optimize pass); `quality` is ignored.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    # fromarray picks 'L' for a 2-D uint8 array and 'RGB' for [H, W, 3]
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        pil.save(buffer, format="JPEG", quality=quality)
+    else:
+        pil.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bits_per_pixel(images, fmt: str, quality: int = 75) -> torch.Tensor:
+    """Images (see `to_uint8_nhwc`) -> encoded size in bits per pixel [B] float32 on the CPU."""
+    array = to_uint8_nhwc(images)
+    pixels = array.shape[1] * array.shape[2]
+    sizes = [len(encode(image, fmt, quality)) for image in array]
+    # float32: the reward is combined with float32 advantages, and MPS has no float64
+    return torch.tensor(sizes, dtype=torch.float64).mul_(8 / pixels).float()
+
+
+def jpeg_bits_per_pixel(images, quality: int = 75) -> torch.Tensor:
+    """JPEG size at `quality` in bits per pixel: [B] float32 (CPU)."""
+    return bits_per_pixel(images, "jpeg", quality)
+
+
+def png_bits_per_pixel(images) -> torch.Tensor:
+    """PNG size in bits per pixel: [B] float32 (CPU)."""
+    return bits_per_pixel(images, "png")
+
+
+@functools.lru_cache(maxsize=64)
+def constant_image_bits_per_pixel(shape: tuple[int, int, int], fmt: str, quality: int = 75) -> float:
+    """bpp of a constant mid-gray image of sample shape (C, H, W): the encoder's fixed overhead.
+
+    The JPEG size of a flat image does not depend on its level (one DC coefficient per block, all
+    AC zero); PNG's barely does. payload bpp = bpp - this is what the image content costs.
+    """
+    channels, height, width = (int(s) for s in shape)
+    flat = np.full((height, width, channels), 128, dtype=np.uint8)
+    return 8 * len(encode(flat, fmt, quality)) / (height * width)
+
+
 def image_compression_metrics(samples, quality: int = 75) -> dict[str, float]:
     """Mean JPEG (at `quality`) / PNG bits per pixel of samples [N, C, H, W] in [-1, 1], and the same
     minus a constant image's bpp (payload: what the content costs beyond the format's overhead)."""
-    from rl.compression import constant_image_bits_per_pixel, jpeg_bits_per_pixel, png_bits_per_pixel
-
     shape = tuple(samples.shape[1:])
     jpeg = jpeg_bits_per_pixel(samples, quality).double().mean().item()
     png = png_bits_per_pixel(samples).double().mean().item()
@@ -242,8 +333,6 @@ def image_sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, cla
     the classifier never saw out-of-range pixels, and a policy pushed off the data manifold (GRPO)
     can put many there, which float scoring would hide.
     """
-    from datasets import model_space_to_uint8
-
     if samples.dtype != torch.uint8:
         samples = model_space_to_uint8(samples)
     features, logits = classifier_outputs(classifier, samples)
@@ -254,37 +343,26 @@ def image_sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, cla
     return {**metrics, **image_compression_metrics(samples)}
 
 
-# --- distributed ----------------------------------------------------------------------------------
-
-
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate tensor [N_r, ...] of every rank along dim 0, in rank order, on every rank.
-
-    A no-op without an initialised process group. Ranks may hold different N_r: the sizes are
-    exchanged first and each piece padded to the largest, since all_gather needs equal shapes.
-    The tensor must be on the backend's device (CUDA for nccl).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    world_size = dist.get_world_size()
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    pieces = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
-
-
 def real_fd_floor(classifier, dataset, reference_stats, count: int, seed: int = 0) -> float:
     """Classifier-FD of `count` real training images to the held-out statistics: what a perfect
     generator scores with as many samples (FD is biased upwards at small N, so compare equal N)."""
-    from datasets import epoch_permutation
-
     count = min(count, len(dataset))
     device = dataset.x.device
     real = dataset.batch(epoch_permutation(len(dataset), seed, -1, device)[:count])[0]
     return frechet_distance(*feature_statistics(classifier_features(classifier, real)), *reference_stats)
 
+
+
+@dataclass
+class EvalClassifier:
+    """A metrics classifier with the statistics its scores need (built by `build.load_eval_classifier`)."""
+
+    classifier: torch.nn.Module
+    reference_statistics: tuple[torch.Tensor, torch.Tensor]  # features of the held-out real split
+    fd_floor: float  # real-vs-real classifier-FD at the evaluation sample count
+
+    def score(self, samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
+        """image_sample_metrics of samples [N, C, H, W] (on any device) plus the floor."""
+        device = next(self.classifier.parameters()).device
+        values = image_sample_metrics(samples.to(device), labels, self.classifier, self.reference_statistics)
+        return {**values, "classifier_fd_real_floor": self.fd_floor}

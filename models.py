@@ -42,6 +42,21 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
+class LabelEmbedding(nn.Embedding):
+    """Class labels y [B] -> [B, dim] (a lookup table with num_classes + 1 rows). Row num_classes is the
+    learned null label: label dropout trains it, CFG's unconditional branch uses it, and y = None means
+    "all null". Subclassing nn.Embedding keeps the parameter named `<attr>.weight`."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__(num_classes + 1, dim)
+        self.num_classes = num_classes
+
+    def forward(self, y: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+        if y is None:
+            y = torch.full((batch,), self.num_classes, device=device, dtype=torch.long)
+        return super().forward(y)
+
+
 class MLP(nn.Module):
     """Residual MLP velocity field for low-dimensional data (two moons)."""
 
@@ -84,12 +99,10 @@ class ClassCondMLP(MLP):
         super().__init__(**mlp_kwargs)
         self.num_classes = num_classes
         hidden_dim = self.in_proj.out_features
-        self.class_embed = nn.Embedding(num_classes + 1, hidden_dim)  # index num_classes = null label
+        self.class_embed = LabelEmbedding(num_classes, hidden_dim)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if y is None:
-            y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
-        return self.time_embed(t) + self.class_embed(y)
+        return self.time_embed(t) + self.class_embed(y, t.shape[0], t.device)
 
 
 # --- U-Net ------------------------------------------------------------------------------------------
@@ -281,12 +294,10 @@ class ClassCondUNet(UNet):
     def __init__(self, num_classes: int = 10, **unet_kwargs):
         super().__init__(**unet_kwargs)
         self.num_classes = num_classes
-        self.class_embed = nn.Embedding(num_classes + 1, self.emb_dim)  # index num_classes = null label
+        self.class_embed = LabelEmbedding(num_classes, self.emb_dim)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        if y is None:
-            y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
-        return self.time_embed(t) + self.class_embed(y)
+        return self.time_embed(t) + self.class_embed(y, t.shape[0], t.device)
 
 
 

@@ -10,7 +10,7 @@ post-trained on a black-box terminal reward (`rl/reward.py`) with GRPO (`rl/grpo
    seed. Each step recomputes log pi one rollout timestep at a time, with the same batch as the
    rollout (so on the first step the ratio is exactly 1) and accumulates the gradient over them.
 
-Everything around the loop is train.py's: devices, run directory, the logger, checkpoints (atomic,
+Everything around the loop is the shared harness's (runtime.py, build.py): devices, run directory, the logger, checkpoints (atomic,
 manifest, keep last K, auto-resume), SIGTERM (save, exit 75). Checkpoints carry the seed's model,
 flow, dataset and solver sections, so `inference.py checkpoint=RUN` samples a post-trained run.
 
@@ -29,34 +29,30 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoint as ckpt
-from config import (
-    ConfigError,
-    build_flow,
-    build_model,
-    load_grpo_config,
-    spec_kwargs,
-    to_plain,
-    validate_solver,
-)
-from datasets import build_dataset, derive_seed
-from inference import FlowSampler, close_figure, generate, samples_figure, save_samples
+from build import load_eval_classifier, load_run
+from config import ConfigError, load_grpo_config, solver_overrides, to_plain
+from figures import close_figure, comparison_figure, samples_figure, save_samples
 from models import count_parameters
 from rl.grpo import gaussian_kl, group_advantages, grpo_loss
 from rl.reward import build_reward
 from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob
-from train import (
-    EXIT_PREEMPTED,
+from runtime import (
     MetricLogger,
     StopSignal,
+    after_step,
+    amp_dtype,
     check_compatible,
+    derive_seed,
     find_resume_checkpoint,
     learning_rate,
-    load_eval_classifier,
+    optimizer_step,
     resolve_run_dir,
+    run_loop,
+    run_main,
+    set_learning_rate,
     setup_runtime,
 )
-
-COMPARISON_PER_CLASS = 5  # seed | current samples per class row in the TensorBoard grid
+from sampling import FlowSampler, generate
 
 
 class GRPOTrainer:
@@ -67,39 +63,33 @@ class GRPOTrainer:
         device = runtime.device
         self.log = MetricLogger(run_dir, True, cfg.training.tensorboard)
 
-        seed = ckpt.load_checkpoint(cfg.seed_checkpoint, map_location=device, load_state=False)
-        use_ema = cfg.grpo.init_from_ema and seed.ema is not None
-        self.model = build_model(seed.config.model).to(device)
-        ckpt.load_weights(self.model, seed.ema if use_ema else seed.model, f"seed checkpoint {seed.path}")
-        self.model.eval()  # eval throughout: rollouts and recomputed log-probs must be the same function
+        # The seed's EMA (or raw) weights on the device, in eval mode throughout: rollouts and recomputed
+        # log-probs must be the same function. The evaluation solver: the seed's, with solver.* overrides.
+        seed = load_run(cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema,
+                        solver_overrides=solver_overrides(cfg.solver))
+        self.policy, self.model = seed.sampler, seed.model
         self.reference = copy.deepcopy(self.model).requires_grad_(False)  # the frozen seed policy
-        path, _, _ = build_flow(seed.config.flow)
-        num_classes = getattr(self.model, "num_classes", None)
-        self.policy = FlowSampler(self.model, path, seed.config.flow.prediction, num_classes)
-        self.reference_policy = FlowSampler(self.reference, path, seed.config.flow.prediction, num_classes)
-        self.num_classes = num_classes
-        self.sample_shape = tuple(seed.meta["sample_shape"])
-        self.seed_path, self.seed_step = seed.path, seed.step
-        self.run_config = self._run_config(seed.config)
+        self.reference_policy = FlowSampler(self.reference, self.policy.path, self.policy.prediction,
+                                            self.policy.num_classes)
+        self.num_classes = self.policy.num_classes
+        self.sample_shape = seed.sample_shape
+        self.seed_path, self.seed_step = seed.checkpoint.path, seed.checkpoint.step
+        self.run_config = self._run_config(seed.config, seed.solver)
         self.reward = build_reward(cfg.reward, device)
 
         g = cfg.grpo
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
                                            weight_decay=g.weight_decay, fused=True)
-        amp = cfg.training.amp
-        self.amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+        self.amp_dtype = amp_dtype(cfg.training.amp, device)
         self.target_steps = g.epochs if cfg.training.max_steps is None else min(g.epochs, cfg.training.max_steps)
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.stop = StopSignal(runtime)
         self._seed_samples = None
 
-    def _run_config(self, seed_config: DictConfig) -> DictConfig:
+    def _run_config(self, seed_config: DictConfig, solver: DictConfig) -> DictConfig:
         """This run's config plus the seed's model / flow / dataset and the evaluation solver: what
         checkpoints record, so inference.py and resume need nothing else."""
-        overrides = {key: value for key, value in to_plain(self.cfg.solver).items() if value is not None}
-        solver = OmegaConf.merge(seed_config.solver, overrides)
-        validate_solver(solver, "solver")
         run = OmegaConf.create(to_plain(self.cfg))
         run.solver = solver
         for section in ("model", "flow", "dataset"):
@@ -207,9 +197,8 @@ class GRPOTrainer:
         first_ratio_deviation = torch.zeros((), device=advantages.device)
         grad_norms = []
         for inner in range(g.num_inner):
-            lr = learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps, 1, "constant", 1.0)
-            for param_group in self.optimizer.param_groups:
-                param_group["lr"] = lr
+            set_learning_rate(self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps,
+                                                            1, "constant", 1.0))
             steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner)).tolist()
             terms = len(steps) * g.num_inner
             # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
@@ -230,11 +219,7 @@ class GRPOTrainer:
                         means_of[key] = extremes[key](means_of[key], value) if key in means_of else value
                     else:
                         means_of[key] = means_of.get(key, 0.0) + value / terms
-            max_norm = g.grad_clip if g.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # fused AdamW skips it on device
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm, _ = optimizer_step(self.model, self.optimizer, g.grad_clip)
             grad_norms.append(grad_norm)
         grad_norms = torch.stack(grad_norms)
         finite = torch.isfinite(grad_norms)
@@ -257,12 +242,10 @@ class GRPOTrainer:
     def fit(self) -> int:
         tr = self.cfg.training
         self.resume()
-        self.classifier = None
+        self.eval_classifier = None
         if tr.classifier:
-            name, kwargs = spec_kwargs(self.run_config.dataset)
-            train_split = build_dataset(name, self.runtime.device, **{**kwargs, "split": "train"})
-            self.classifier, self.reference_statistics, self.fd_floor = load_eval_classifier(
-                tr.classifier, self.run_config.dataset, train_split, self.runtime.device, tr.num_eval_samples, self.cfg.seed)
+            self.eval_classifier = load_eval_classifier(tr.classifier, self.run_config.dataset, self.runtime.device,
+                                                        tr.num_eval_samples, self.cfg.seed)
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.run_config, resolve=True))
         if self.step >= self.target_steps:
             self.log.print(f"run {self.run_dir} already finished at iteration {self.step} (target {self.target_steps}); nothing to do")
@@ -275,13 +258,7 @@ class GRPOTrainer:
             f"iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}")
         if self.step == 0:
             self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
-        with self.stop:
-            self._loop()
-        if self.stop.requested:
-            return EXIT_PREEMPTED
-        self.evaluate(final=True)
-        self.log.close()
-        return 0
+        return run_loop(self.stop, self._loop, lambda: self.evaluate(final=True), self.log)
 
     def _loop(self) -> None:
         from tqdm import tqdm
@@ -295,14 +272,8 @@ class GRPOTrainer:
             bar.set_postfix(reward=f"{values['reward/mean']:.4f}", kl=f"{values['grpo/kl']:.2e}")
             if self.step % tr.log_every == 0 or self.step == self.target_steps:
                 self.log.scalars(self.step, values)
-            if self.stop.agreed():
-                self.log.print(f"SIGTERM: saving iteration {self.step} and exiting with code {EXIT_PREEMPTED} (requeue to resume)")
-                self.save()
+            if after_step(self.step, self.target_steps, tr, self.stop, self.save, self.evaluate, self.log, "iteration"):
                 break
-            if self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
-                self.save()
-            if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
-                self.evaluate(final=False)
         bar.close()
 
     @torch.no_grad()
@@ -324,13 +295,12 @@ class GRPOTrainer:
         for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
             on_device = samples.to(self.runtime.device)
             values[f"eval/{kind}/reward"] = self.reward(on_device, device_labels).mean().item()
-            if self.classifier is not None:
-                scores = metrics.image_sample_metrics(on_device, labels, self.classifier, self.reference_statistics)
+            if self.eval_classifier is not None:
+                scores = self.eval_classifier.score(on_device, labels)
+                values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
             else:
                 scores = metrics.image_compression_metrics(samples)
             values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
-        if self.classifier is not None:
-            values["eval/classifier_fd_real_floor"] = self.fd_floor
         self.log.scalars(self.step, values)
         if self._seed_samples is None:
             if self.step == 0:
@@ -350,21 +320,6 @@ class GRPOTrainer:
         return values
 
 
-def comparison_figure(seed: torch.Tensor, current: torch.Tensor, labels: torch.Tensor | None, dataset_name: str):
-    """One row per class: COMPARISON_PER_CLASS seed samples, then the current policy's samples from the
-    same noise. seed, current [N, C, H, W]; labels [N] or None."""
-    n = COMPARISON_PER_CLASS
-    if labels is None:
-        return samples_figure(torch.cat([seed[:n], current[:n]]), torch.zeros(2 * n, dtype=torch.long), dataset_name,
-                              ["seed | current"], max_per_row=2 * n)
-    rows, row_labels = [], []
-    for k in labels.unique().tolist():
-        chosen = labels == k
-        rows += [seed[chosen][:n], current[chosen][:n]]
-        row_labels.append(torch.full((len(seed[chosen][:n]) + len(current[chosen][:n]),), k))
-    return samples_figure(torch.cat(rows), torch.cat(row_labels), dataset_name, max_per_row=2 * n)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = load_grpo_config(sys.argv[1:] if argv is None else argv)
     runtime = setup_runtime(cfg.device)
@@ -372,8 +327,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, ckpt.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

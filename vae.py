@@ -139,6 +139,15 @@ class SDVAE:
 # --- a tiny AutoencoderKL for tests and CPU smoke runs ------------------------------------------------
 
 
+def latent_decoder(vae_id: str | None, device):
+    """vae_id -> a function scaled latents [B, C, h, w] -> images [B, 3, 8h, 8w] in [-1, 1] (the frozen
+    SD-VAE decoder, bf16 on CUDA); None -> None (pixel data needs no decoding)."""
+    if vae_id is None:
+        return None
+    device = torch.device(device)
+    return SDVAE(vae_id, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).decode
+
+
 def tiny_autoencoder(scaling_factor: float = 0.18215, shift_factor: float | None = None, latent_channels: int = 4,
                      seed: int = 0):
     """A random-init diffusers AutoencoderKL with SD-VAE's structure (4 levels: 8x downsampling,

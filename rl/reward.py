@@ -16,7 +16,7 @@ it). Each reward has a short `name` for logging.
     weighted_sum         sum_i w_i r_i(x, c), e.g. jpeg + 0.5 * classifier_logprob
 
 Configs build them with `build_reward(spec, device)` from plain `{"name": ..., **args}` dicts;
-classifier specs name a file written by `python -m rl.classifier`.
+classifier specs name a file written by `scripts/train_classifier.py`.
 """
 
 import json
@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from config import ConfigError
-from rl.compression import jpeg_bits_per_pixel, png_bits_per_pixel
+from metrics import jpeg_bits_per_pixel, png_bits_per_pixel
 
 
 class Reward:
@@ -65,7 +65,7 @@ class Reward:
 
 
 def _num_classes(classifier: torch.nn.Module) -> int | None:
-    """Logit count of a classifier: its metadata kwargs (files from rl/classifier.py), else the
+    """Logit count of a classifier: its metadata kwargs (files from scripts/train_classifier.py), else the
     out_features of its last Linear layer (models.Classifier); None if neither exists."""
     metadata = getattr(classifier, "metadata", None)
     if metadata and "kwargs" in metadata:
@@ -154,7 +154,7 @@ class FixedClassLogProbReward(_ClassifierReward):
 
 
 class JpegCompressibilityReward(Reward):
-    """-JPEG bits per pixel [B] at `quality` (rl/compression.py): higher for more compressible images.
+    """-JPEG bits per pixel [B] at `quality` (metrics.py): higher for more compressible images.
 
     Encoded one image at a time on the CPU by PIL; the result moves back to the images' device.
     """
@@ -171,7 +171,7 @@ class JpegCompressibilityReward(Reward):
 
 
 class PngCompressibilityReward(Reward):
-    """-PNG bits per pixel [B] (rl/compression.py, lossless)."""
+    """-PNG bits per pixel [B] (metrics.py, lossless)."""
 
     name = "png"
 
@@ -286,7 +286,7 @@ def build_reward(spec, device="cpu", key: str = "reward") -> Reward:
 
         path = args.pop("classifier")
         if not isinstance(path, (str, PathLike)) or not str(path):
-            raise ConfigError(f"{key}.classifier = {path!r}: must be the path of a file written by rl/classifier.py")
+            raise ConfigError(f"{key}.classifier = {path!r}: must be the path of a file written by scripts/train_classifier.py")
         # ClassifierError (a ConfigError) names the file and how to train one
         args["classifier"] = load_classifier(Path(path), device, expected_dataset=args.pop("dataset", None))
     try:

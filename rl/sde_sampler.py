@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from inference import FlowSampler
 from ode_solvers import time_grid
+from sampling import FlowSampler
 
 LOG_PROB_REDUCTIONS = ("mean", "sum")
 

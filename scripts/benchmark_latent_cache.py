@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from build_latent_cache import write_synthetic_cache  # noqa: E402
 
 import datasets  # noqa: E402
+from latent_cache import write_synthetic_cache  # noqa: E402
+from runtime import derive_seed, epoch_permutation  # noqa: E402
 
 
 def memory_mib() -> dict:
@@ -89,13 +89,13 @@ def main(argv=None) -> dict:
         for array in (data.latents, data.latents_flip):
             data._advise(array, mmap.MADV_RANDOM if data.random_access else mmap.MADV_NORMAL)
     after_open = memory_mib()
-    permutation = datasets.epoch_permutation(len(data), seed=0, epoch=0, device="cpu")
+    permutation = epoch_permutation(len(data), seed=0, epoch=0, device="cpu")
     generator = torch.Generator()
     peak = after_open["VmRSS"]
     started = time.perf_counter()
     for step in range(args.steps):
         position = step * args.batch % (len(data) - args.batch + 1)
-        generator.manual_seed(datasets.derive_seed(0, step, 0))
+        generator.manual_seed(derive_seed(0, step, 0))
         x, y = data.batch(permutation[position: position + args.batch], generator)
         peak = max(peak, memory_mib()["VmRSS"])
     seconds = time.perf_counter() - started

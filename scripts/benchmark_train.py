@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import train  # noqa: E402
 from config import ConfigError, load_config  # noqa: E402
+from runtime import setup_runtime  # noqa: E402
+from trainer import Trainer  # noqa: E402
 
 BENCH_KEYS = {"steps": 50, "warmup": 10, "batch": None, "device": None, "compile": None, "amp": None,
               "channels_last": None, "synthetic": True, "peak_tflops": None}
@@ -92,10 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = load_config([*overrides, f"training.run_dir={run_dir}", "training.tensorboard=false",
                            "training.progress=false", f"training.max_steps={10**9}"])
-        runtime = train.setup_runtime(cfg.device)
+        runtime = setup_runtime(cfg.device)
+        dataset = None
         if options["synthetic"] and cfg.dataset.name != "moons":
-            train.build_dataset = lambda name, device, **kw: synthetic_like(cfg.dataset, device, cfg.model)
-        trainer = train.Trainer(cfg, runtime, Path(run_dir))
+            dataset = synthetic_like(cfg.dataset, runtime.device, cfg.model)
+        trainer = Trainer(cfg, runtime, Path(run_dir), dataset=dataset)
         device = runtime.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for _ in range(options["warmup"]):

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from estimate_dit_complexity import build_model, complexity, parse_overrides  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from build import build_meta_dit, parse_overrides  # noqa: E402
+from models_dit import complexity  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     stages = [parse_stage(s) for s in args.stage]
-    model = build_model(args.model, parse_overrides(args.overrides)) if args.model else None
+    model = build_meta_dit(args.model, parse_overrides(args.overrides)) if args.model else None
     rows = []
     for stage in stages:
         if "train_gflops" in stage:

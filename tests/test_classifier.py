@@ -1,4 +1,4 @@
-"""The reward / metrics classifier (rl/classifier.py) and the metrics built on it (metrics.py)."""
+"""The reward / metrics classifier (scripts/train_classifier.py) and the metrics built on it (metrics.py)."""
 
 import re
 
@@ -8,8 +8,11 @@ from safetensors.torch import load_file, save_file
 
 import metrics
 from config import ConfigError
+from conftest import load_script
 from datasets import load_digits
-from rl.classifier import main, train_classifier
+
+classifier_script = load_script("train_classifier")
+main, train_classifier = classifier_script.main, classifier_script.train_classifier
 
 WIDTH = 16  # features 4 * WIDTH; small enough to train on digits in a few seconds on one core
 
@@ -86,11 +89,11 @@ def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_pat
     with pytest.raises(metrics.ClassifierError, match=r"shape \[1, 16, 16\], not \[1, 28, 28\]"):
         metrics.load_classifier(path, expected_dataset="digits", expected_shape=(1, 28, 28))
     missing = tmp_path / "nope.safetensors"
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(missing))} does not exist.*python -m rl.classifier dataset=digits"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(missing))} does not exist.*python scripts/train_classifier.py dataset=digits"):
         metrics.load_classifier(missing, expected_dataset="digits")
     other = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(other))
-    with pytest.raises(metrics.ClassifierError, match="not a classifier written by rl/classifier.py"):
+    with pytest.raises(metrics.ClassifierError, match="not a classifier written by scripts/train_classifier.py"):
         metrics.load_classifier(other)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not safetensors")
@@ -120,16 +123,14 @@ def test_command_line_errors_exit_1_with_the_message(tmp_path):
 
     from conftest import ROOT
 
-    result = subprocess.run([sys.executable, "-m", "rl.classifier", "dataset=digits", f"out={tmp_path / 'c.safetensors'}",
+    result = subprocess.run([sys.executable, "scripts/train_classifier.py", "dataset=digits", f"out={tmp_path / 'c.safetensors'}",
                              "epoch=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "error: unknown config key 'epoch'" in result.stderr, result.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_fashion_is_an_alias_of_fashion_mnist():
-    from rl.classifier import parse_args
-
-    assert parse_args(["dataset=fashion", "out=x.safetensors"]).dataset == "fashion_mnist"
+    assert classifier_script.parse_args(["dataset=fashion", "out=x.safetensors"]).dataset == "fashion_mnist"
 
 
 def test_trainer_rejects_a_missing_classifier_before_training(tmp_path):
@@ -138,7 +139,7 @@ def test_trainer_rejects_a_missing_classifier_before_training(tmp_path):
     from conftest import run_train
     from metrics import ClassifierError
 
-    with pytest.raises(ClassifierError, match="rl.classifier"):
+    with pytest.raises(ClassifierError, match="scripts/train_classifier.py"):
         run_train(tmp_path / "run", "experiment=digits_cfg", "training.max_steps=2",
                   f"training.classifier={tmp_path / 'missing.safetensors'}")
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -1,4 +1,4 @@
-"""JPEG/PNG bits per pixel (rl/compression.py): sizes are PIL's, per pixel, and inputs agree across layouts."""
+"""JPEG/PNG bits per pixel (metrics.py): sizes are PIL's, per pixel, and inputs agree across layouts."""
 
 import io
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from datasets import model_space_to_uint8
-from rl.compression import (
+from metrics import (
     bits_per_pixel,
     constant_image_bits_per_pixel,
     jpeg_bits_per_pixel,

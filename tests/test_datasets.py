@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import datasets
+import runtime
 
 
 def test_moons_shape_labels_and_determinism():
@@ -39,18 +40,18 @@ def test_moons_model_space_is_roughly_standardised_and_invertible():
 
 
 def test_epoch_permutation_depends_only_on_seed_and_epoch():
-    p = datasets.epoch_permutation(100, seed=0, epoch=3, device="cpu")
+    p = runtime.epoch_permutation(100, seed=0, epoch=3, device="cpu")
     assert sorted(p.tolist()) == list(range(100))
-    assert torch.equal(p, datasets.epoch_permutation(100, seed=0, epoch=3, device="cpu"))
-    assert not torch.equal(p, datasets.epoch_permutation(100, seed=0, epoch=4, device="cpu"))
-    assert not torch.equal(p, datasets.epoch_permutation(100, seed=1, epoch=3, device="cpu"))
+    assert torch.equal(p, runtime.epoch_permutation(100, seed=0, epoch=3, device="cpu"))
+    assert not torch.equal(p, runtime.epoch_permutation(100, seed=0, epoch=4, device="cpu"))
+    assert not torch.equal(p, runtime.epoch_permutation(100, seed=1, epoch=3, device="cpu"))
 
 
 def test_derive_seed_is_stable_and_spreads():
-    assert datasets.derive_seed(1, 2, 3) == datasets.derive_seed(1, 2, 3)
-    seeds = {datasets.derive_seed(0, step, j) for step in range(200) for j in range(4)}
+    assert runtime.derive_seed(1, 2, 3) == runtime.derive_seed(1, 2, 3)
+    seeds = {runtime.derive_seed(0, step, j) for step in range(200) for j in range(4)}
     assert len(seeds) == 800 and all(0 <= s < 2**63 for s in seeds)
-    assert datasets.derive_seed(1, 2) != datasets.derive_seed(2, 1)
+    assert runtime.derive_seed(1, 2) != runtime.derive_seed(2, 1)
 
 
 def test_batch_by_index():

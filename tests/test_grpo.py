@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from flow import make_path
-from inference import FlowSampler
 from rl.grpo import clipped_policy_loss, gaussian_kl, group_advantages, group_stats, grpo_loss
 from rl.sde_sampler import sde_rollout, transition_log_prob
+from sampling import FlowSampler
 
 
 def rewards_and_groups():

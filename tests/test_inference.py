@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+import figures
 import inference
+import sampling
 from flow import expand_t, make_path
-from inference import FlowSampler
+from sampling import FlowSampler
 
 MEAN = torch.tensor([1.0, -2.0])
 STD = 0.5
@@ -286,8 +288,8 @@ def test_image_samples_are_saved_as_uint8_nhwc(tmp_path):
 
     samples = torch.linspace(-1.2, 1.2, 2 * 1 * 4 * 4).view(2, 1, 4, 4)
     labels = torch.tensor([0, 1])
-    figure = inference.samples_figure(samples, labels, "digits")
-    inference.save_samples(samples, labels, tmp_path, figure)
+    figure = figures.samples_figure(samples, labels, "digits")
+    figures.save_samples(samples, labels, tmp_path, figure)
     saved = np.load(tmp_path / "samples.npz")
     assert saved["images"].shape == (2, 4, 4, 1) and saved["images"].dtype == np.uint8
     assert saved["images"].min() == 0 and saved["images"].max() == 255  # clamped to [-1, 1] first
@@ -304,5 +306,5 @@ def test_generate_spreads_labels_over_the_classes(num_samples, expected):
 
     sampler = FlowSampler(lambda x, t, y: torch.zeros_like(x), make_path("condot"), "velocity", num_classes=10)
     solver = OmegaConf.structured(SolverConfig(method="euler", num_steps=1))
-    samples, labels = inference.generate(sampler, solver, (2,), num_samples)
+    samples, labels = sampling.generate(sampler, solver, (2,), num_samples)
     assert labels.tolist() == expected and samples.shape == (num_samples, 2)

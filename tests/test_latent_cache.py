@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import datasets
+import latent_cache
 from conftest import ROOT, load_script
 
 SIZES = {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90), (37, 33)]}  # (W, H), odd on purpose
@@ -63,12 +64,12 @@ def cache(setup):
     out = root / "cache" / "train"
     counting = CountingVAE(codec)
     common = dict(image_size=32, shard_size=2, flip=True, **QUIET)
-    first = build.build_shards(root / "images", out, counting, max_shards=1, **common)
+    first = latent_cache.build_shards(root / "images", out, counting, max_shards=1, **common)
     assert first == {"written": [0], "skipped": [], "num_shards": 3} and counting.encoded == 2 * 2
     with pytest.raises(datasets.LatentCacheError, match=r"2 of 3 shards are missing .*indices 1, 2"):
-        build.convert_shards(out)
+        latent_cache.convert_shards(out)
     (out / "shards" / ".shard_00001.npz.tmp").write_bytes(b"half a shard")  # a killed writer's leftover
-    second = build.build_shards(root / "images", out, counting, **common)
+    second = latent_cache.build_shards(root / "images", out, counting, **common)
     assert second == {"written": [1, 2], "skipped": [0], "num_shards": 3}
     assert counting.encoded == 6 * 2  # each image (and its mirror) encoded exactly once
     assert build.main(["convert", "--out", str(out)]) == 0
@@ -147,11 +148,11 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
     root, codec = setup
     out = tmp_path / "cache"
     common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
-    assert build.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
+    assert latent_cache.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00001.npz"]
     with pytest.raises(datasets.LatentCacheError, match="shard_size: cache has 2, this run 3"):
-        build.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
-    assert build.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
+        latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
+    assert latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
     assert build.main(["convert", "--out", str(out), "--delete-shards"]) == 0
     assert not list((out / "shards").iterdir())
     data = datasets.LatentCacheDataset(out)
@@ -163,7 +164,7 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
 def test_smoke_cache_in_one_call(tmp_path):
     import vae
 
-    made = build.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
+    made = latent_cache.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
     assert made["split"] == "train" and (tmp_path / "smoke" / "vae" / "config.json").is_file()
     data = datasets.build_dataset("latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"],
                                   flip=True, verify=True)
@@ -180,7 +181,7 @@ def test_smoke_cache_in_one_call(tmp_path):
 
 
 def test_synthetic_cache_uses_the_same_writer(tmp_path):
-    manifest = build.write_synthetic_cache(tmp_path / "train", 10, num_classes=7, latent_shape=(4, 2, 2), flip=True,
+    manifest = latent_cache.write_synthetic_cache(tmp_path / "train", 10, num_classes=7, latent_shape=(4, 2, 2), flip=True,
                                            chunk=4)
     assert manifest["count"] == 10 and manifest["vae_id"] == "synthetic"
     assert preflight(tmp_path / "train").returncode == 0
@@ -189,7 +190,7 @@ def test_synthetic_cache_uses_the_same_writer(tmp_path):
 
 
 def test_reader_unmaps_pages_and_picks_random_access_for_caches_larger_than_ram(tmp_path, monkeypatch):
-    build.write_synthetic_cache(tmp_path / "train", 2048, num_classes=3, latent_shape=(4, 8, 8))  # 1 MiB
+    latent_cache.write_synthetic_cache(tmp_path / "train", 2048, num_classes=3, latent_shape=(4, 8, 8))  # 1 MiB
 
     def rss_file_kib():
         with open("/proc/self/status") as f:
@@ -209,10 +210,10 @@ def test_reader_unmaps_pages_and_picks_random_access_for_caches_larger_than_ram(
 
 def _resign(path, name):
     """Update manifest.json's bytes and sha256 for one file, so only the targeted problem remains."""
-    from checkpoint import _sha256
+    from checkpoint import sha256_file
 
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"][name].update(bytes=(path / name).stat().st_size, sha256=_sha256(path / name))
+    manifest["files"][name].update(bytes=(path / name).stat().st_size, sha256=sha256_file(path / name))
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -6,9 +6,9 @@ from omegaconf import OmegaConf
 
 import metrics
 from config import ConfigError
+from conftest import load_script
+from metrics import jpeg_bits_per_pixel, png_bits_per_pixel
 from models import Classifier
-from rl.classifier import train_classifier
-from rl.compression import jpeg_bits_per_pixel, png_bits_per_pixel
 from rl.reward import (
     REWARDS,
     ClassifierLogProbReward,
@@ -20,6 +20,8 @@ from rl.reward import (
 )
 
 ALLOWED = "classifier_logprob, fixed_class_logprob, jpeg, png, weighted_sum"
+
+train_classifier = load_script("train_classifier").train_classifier
 
 
 def images(batch: int = 6, channels: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -36,7 +38,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def classifier_file(tmp_path_factory):
-    """A digits classifier file in rl/classifier.py's format (1x16x16, 10 classes named "0".."9")."""
+    """A digits classifier file in scripts/train_classifier.py's format (1x16x16, 10 classes named "0".."9")."""
     path = tmp_path_factory.mktemp("reward") / "digits.safetensors"
     train_classifier("digits", path, epochs=1, batch_size=256, width=4, device="cpu", log=lambda line: None)
     return path
@@ -168,7 +170,7 @@ def test_build_reward_errors_name_the_key_and_the_allowed_values(spec, message):
 
 
 def test_build_reward_classifier_errors(classifier_file, tmp_path):
-    with pytest.raises(ConfigError, match=r"does not exist; train one with: python -m rl.classifier"):
+    with pytest.raises(ConfigError, match=r"does not exist; train one with: python scripts/train_classifier.py"):
         build_reward({"name": "classifier_logprob", "classifier": str(tmp_path / "missing.safetensors")})
     with pytest.raises(ConfigError, match="trained on dataset 'digits', not 'fashion_mnist'"):
         build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "dataset": "fashion_mnist"})

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from flow import expand_t, make_path
-from inference import FlowSampler
 from rl.sde_sampler import (
     Rollout,
     gaussian_log_prob,
@@ -16,6 +15,7 @@ from rl.sde_sampler import (
     select_timesteps,
     transition_log_prob,
 )
+from sampling import FlowSampler
 
 MEAN = torch.tensor([1.0, -2.0])
 STD = 0.5

@@ -8,25 +8,27 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-import train
-from conftest import assert_same_state, final_state, run_train, states_equal, train_subprocess
+import config
+import runtime
+import trainer
+from conftest import assert_same_state, final_state, load_script, run_train, states_equal, train_subprocess
 
 SHORT = ["training.max_steps=40", "training.checkpoint_every=10", "training.batch_size=64"]
 
 
 def test_learning_rate_warmup_then_cosine():
-    lr = lambda s: train.learning_rate(s, 1.0, warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
+    lr = lambda s: runtime.learning_rate(s, 1.0, warmup_steps=10, total_steps=110, schedule="cosine", min_ratio=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
     assert lr(10) == pytest.approx(1.0)
     assert lr(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
-    assert train.learning_rate(50, 2.0, 10, 110, "constant", 0.0) == 2.0
+    assert runtime.learning_rate(50, 2.0, 10, 110, "constant", 0.0) == 2.0
 
 
 def test_ema_warmup_matches_the_formula():
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    ema = train.EMA(model, decay=0.9, warmup=True)
+    ema = runtime.EMA(model, decay=0.9, warmup=True)
     expected = 0.0
     for n in range(30):
         with torch.no_grad():
@@ -49,9 +51,9 @@ def test_negative_control_lost_rng_position_is_detected(tmp_path, monkeypatch):
     step (what a trainer that forgets its RNG state does), the comparison must fail."""
     assert run_train(tmp_path / "full", *SHORT) == 0
     assert run_train(tmp_path / "split", *SHORT[1:], "training.max_steps=17") == 0
-    original = train.micro_batch_seed
+    original = trainer.micro_batch_seed
     start = {}
-    monkeypatch.setattr(train, "micro_batch_seed",
+    monkeypatch.setattr(trainer, "micro_batch_seed",
                         lambda seed, step, j: original(seed, step - start.setdefault("step", step), j))
     assert run_train(tmp_path / "split", *SHORT, "training.resume=auto") == 0
     assert not states_equal(final_state(tmp_path / "full"), final_state(tmp_path / "split"))
@@ -69,7 +71,7 @@ def test_finished_run_is_a_no_op(tmp_path):
 def test_existing_run_dir_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "run"
     assert run_train(run_dir, *SHORT) == 0
-    with pytest.raises(train.ConfigError, match="already holds checkpoints"):
+    with pytest.raises(config.ConfigError, match="already holds checkpoints"):
         run_train(run_dir, *SHORT)
 
 
@@ -104,13 +106,13 @@ def test_explicit_resume_of_a_corrupt_checkpoint_is_an_error(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
-    original = train.Trainer.micro_batch
+    original = trainer.Trainer.micro_batch
 
     def poisoned(self, step, micro_index):
         x1, y, t, eps = original(self, step, micro_index)
         return x1 * float("nan"), y, t, eps
 
-    monkeypatch.setattr(train.Trainer, "micro_batch", poisoned)
+    monkeypatch.setattr(trainer.Trainer, "micro_batch", poisoned)
     # checked at the first log boundary (step 10 here): no host sync per step
     with pytest.raises(RuntimeError, match="10 consecutive non-finite .* = 3"):
         run_train(tmp_path / "run", *SHORT, "training.max_nonfinite_steps=3")
@@ -122,7 +124,7 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
     are exactly as before it, and the logs count it without letting NaN into the means."""
     import torch as th
 
-    original = train.Trainer.train_step
+    original = trainer.Trainer.train_step
     snapshots = {}
 
     def step_with_probe(self):
@@ -146,7 +148,7 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
             return result
         return original(self)
 
-    monkeypatch.setattr(train.Trainer, "train_step", step_with_probe)
+    monkeypatch.setattr(trainer.Trainer, "train_step", step_with_probe)
     assert run_train(tmp_path / "run", *SHORT) == 0
     assert snapshots.get("checked")
     import json
@@ -221,7 +223,7 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
     _wait_for_checkpoint(run_dir, process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=60)[0]
-    assert process.returncode == train.EXIT_PREEMPTED, output
+    assert process.returncode == runtime.EXIT_PREEMPTED, output
     stopped_at = max(s for s, _ in ckpt.list_checkpoints(run_dir))
     assert stopped_at < 400 and f"step_{stopped_at:07d}" in output
     assert run_train(run_dir, *LONG, "training.resume=auto") == 0
@@ -237,7 +239,7 @@ def test_logging_writes_metrics_tensorboard_and_samples(tmp_path):
     train_lines = [line for line in lines if "train/loss" in line]
     assert [line["step"] for line in train_lines] == [10, 20, 30, 40]
     assert all(math.isfinite(line["train/loss"]) and line["train/images_per_s"] > 0 for line in train_lines)
-    assert sum(k.startswith("loss_by_t/") for k in train_lines[0]) == train.T_BINS
+    assert sum(k.startswith("loss_by_t/") for k in train_lines[0]) == trainer.T_BINS
     assert any("eval/sliced_w2" in line for line in lines)
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert (run_dir / "samples.png").stat().st_size > 1000 and (run_dir / "samples.npz").is_file()
@@ -258,9 +260,10 @@ def test_default_command_learns_class_conditional_moons(tmp_path):
 
     from omegaconf import OmegaConf
 
+    import build
     import datasets
-    import inference
     import metrics
+    import sampling
     from conftest import ROOT
 
     run_dir = tmp_path / "default"
@@ -268,15 +271,16 @@ def test_default_command_learns_class_conditional_moons(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (run_dir / "samples.png").is_file()
-    sampler, loaded = inference.load_sampler(run_dir, "cpu")
+    loaded = build.load_run(run_dir, "cpu")
+    sampler = loaded.sampler
     assert loaded.config.experiment == "moons_cfg"
     guided = OmegaConf.merge(loaded.config.solver, {"guidance_scale": 3.0})
-    samples, labels = inference.generate(sampler, guided, (2,), 2000, seed=1)
+    samples, labels = sampling.generate(sampler, guided, (2,), 2000, seed=1)
     accuracy = (metrics.nearest_moon(datasets.moons_to_data_space(samples)) == labels).double().mean().item()
     assert accuracy >= 0.95
     unguided = OmegaConf.merge(loaded.config.solver, {"guidance_scale": 1.0})
     null = torch.full((2000,), sampler.num_classes)
-    unconditional, _ = inference.generate(sampler, unguided, (2,), 2000, seed=2, labels=null)
+    unconditional, _ = sampling.generate(sampler, unguided, (2,), 2000, seed=2, labels=null)
     assert metrics.sliced_wasserstein(unconditional, datasets.load_moons().x) < 0.10
 
 
@@ -285,7 +289,7 @@ def test_digits_stage_end_to_end(tmp_path):
     digits. Guided samples must be classified as their requested digit at least 60 % of the time:
     chance is 10 %, and the classifier scores 99 % on held-out real digits, so 60 % can only come
     from class-conditional samples that look like digits (measured: see experiments/digits.md)."""
-    from rl.classifier import train_classifier
+    train_classifier = load_script("train_classifier").train_classifier
 
     classifier = tmp_path / "digits.safetensors"
     assert train_classifier("digits", classifier, epochs=4, width=16, batch_size=64, device="cpu", log=lambda *a: None) > 0.95

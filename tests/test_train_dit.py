@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import runtime
 import train
+import trainer
 from config import ConfigError, load_config
 from conftest import FAST, assert_same_state, final_state, run_train
 
@@ -17,9 +19,9 @@ DIT = ["experiment=digits_cfg", "model=dit_smoke", "model.input_size=16", "model
        "training.num_eval_samples=10", "training.log_every=1", "solver.num_steps=2", "device=cpu"]
 
 
-def trainer_for(run_dir, *overrides) -> train.Trainer:
+def trainer_for(run_dir, *overrides) -> trainer.Trainer:
     cfg = load_config([f"training.run_dir={run_dir}", *FAST, *DIT, *overrides])
-    return train.Trainer(cfg, train.setup_runtime("cpu"), run_dir)
+    return trainer.Trainer(cfg, runtime.setup_runtime("cpu"), run_dir)
 
 
 def test_masked_moe_dit_resumes_bitwise_and_logs_expert_load(tmp_path):
@@ -109,9 +111,10 @@ def test_init_errors_name_the_key(tmp_path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """make_smoke_cache: 2 classes x 4 random PNGs, a tiny AutoencoderKL, the built + converted cache."""
-    from conftest import load_script
 
-    return load_script("build_latent_cache").make_smoke_cache(tmp_path_factory.mktemp("smoke"))
+    import latent_cache
+
+    return latent_cache.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
 
 
 def test_latent_smoke_presets_train_hand_off_and_decode(tmp_path, smoke):

@@ -32,7 +32,9 @@ def seed_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_file(tmp_path_factory):
     """A 1-epoch digits classifier: the presets point at runs/classifiers/, which a fresh clone lacks."""
-    from rl.classifier import train_classifier
+    from conftest import load_script
+
+    train_classifier = load_script("train_classifier").train_classifier
 
     path = tmp_path_factory.mktemp("classifier") / "digits.safetensors"
     train_classifier("digits", path, epochs=1, batch_size=256, width=4, device="cpu", log=lambda line: None)
@@ -98,7 +100,7 @@ def test_bad_reward_and_missing_seed_fail_before_work(tmp_path, seed_run, run_gr
 def test_first_inner_update_has_ratio_one(tmp_path, seed_run):
     """The recomputed log pi equals the rollout's on the first update (rho = 1, |rho - 1| <= 1e-6), so the
     clipped loss equals the unclipped one there; later updates move the ratio."""
-    from train import setup_runtime
+    from runtime import setup_runtime
 
     cfg = load_grpo_config([f"seed_checkpoint={seed_run}", *FAST, "grpo.kl_beta=0.1", "grpo.lr=1e-3"])
     trainer = train_grpo.GRPOTrainer(cfg, setup_runtime("cpu"), tmp_path)

@@ -83,18 +83,19 @@ def before_after(run_dir: Path, iteration: int | None) -> None:
 
     sys.path.insert(0, str(ROOT))
     import checkpoint
-    from inference import close_figure, generate, load_sampler
-    from train_grpo import comparison_figure
+    from build import load_run
+    from figures import close_figure, comparison_figure
+    from sampling import generate
 
     target = run_dir if iteration is None else run_dir / "checkpoints" / checkpoint.step_dir_name(iteration)
-    policy, loaded = load_sampler(target, "cpu")
-    seed, _ = load_sampler(loaded.config.seed_checkpoint_resolved.path, "cpu")
-    shape = tuple(loaded.meta["sample_shape"])
+    policy = load_run(target, "cpu")
+    seed = load_run(policy.config.seed_checkpoint_resolved.path, "cpu")
     with torch.no_grad():
-        before, labels = generate(seed, loaded.config.solver, shape, 50, seed=0)
-        after, _ = generate(policy, loaded.config.solver, shape, 50, seed=0)
+        before, labels = generate(seed.sampler, policy.solver, policy.sample_shape, 50, seed=0)
+        after, _ = generate(policy.sampler, policy.solver, policy.sample_shape, 50, seed=0)
     figure = comparison_figure(before, after, labels, "digits")
-    figure.suptitle(f"left: seed | right: {run_dir.name} @ {loaded.step} (same noise and labels)", fontsize=9, y=1.02)
+    figure.suptitle(f"left: seed | right: {run_dir.name} @ {policy.checkpoint.step} (same noise and labels)",
+                    fontsize=9, y=1.02)
     figure.savefig(FIGURES / "before_after.png", bbox_inches="tight")
     close_figure(figure)
 

@@ -1,7 +1,7 @@
 """Train the small CNN behind the image proxy metrics (accuracy, classifier-FD) and classifier rewards.
 
-    python -m rl.classifier dataset=fashion_mnist out=runs/reward_models/fashion_classifier.safetensors
-    python -m rl.classifier dataset=digits out=runs/classifiers/digits.safetensors epochs=20 device=cpu
+    python scripts/train_classifier.py dataset=fashion_mnist out=runs/reward_models/fashion_classifier.safetensors
+    python scripts/train_classifier.py dataset=digits out=runs/classifiers/digits.safetensors epochs=20 device=cpu
 
 Keys (key=value, all optional but dataset and out): see `ClassifierTrainConfig`. Trains on the
 dataset's train split, reports accuracy on the held-out test split, and writes exactly one file,
@@ -18,13 +18,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import DEVICES, ConfigError, apply_schema, check, check_choice
-from datasets import DATASET_INFO, DATASETS, DatasetNotFoundError
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from config import DEVICES, ConfigError, apply_schema, check, check_choice  # noqa: E402
+from datasets import DATASET_INFO, DATASETS  # noqa: E402
+from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits  # noqa: E402
+from models import CLASSIFIERS, count_parameters  # noqa: E402
+from runtime import learning_rate, run_main, select_device  # noqa: E402
 
 # datasets of images [C, H, W] (not moons)
 IMAGE_DATASETS = tuple(name for name in DATASETS if len(DATASET_INFO.get(name, {}).get("shape", ())) == 3)
@@ -82,10 +87,6 @@ def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size
 
     Deterministic given seed on CPU; the caller's CPU RNG state is left as it was.
     """
-    from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits
-    from models import CLASSIFIERS, count_parameters
-    from train import learning_rate, select_device
-
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
     device = select_device(device)
     train_set = DATASETS[dataset](device=device, root=root, split="train", download=download, hflip=False)
@@ -166,8 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DatasetNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main)

@@ -1,0 +1,149 @@
+"""Where configs and checkpoints become objects: the one builder every entry point calls.
+
+- a validated config section -> a model, a flow (path, time sampler, weighting), a dataset;
+- a checkpoint (dir, run dir or RUN/checkpoints/latest) -> a ready model and `FlowSampler` on a device,
+  with EMA or raw weights, and the run's solver settings merged with overrides;
+- a classifier file + the run's dataset -> the evaluation classifier with its reference statistics.
+
+Nothing here parses argv or runs a loop; models, flows and datasets take plain keyword arguments.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import checkpoint as ckpt
+from config import ConfigError, check_spec, model_registry, resolve_solver, spec_kwargs
+
+
+def build_model(model_cfg) -> torch.nn.Module:
+    """`{name: <registry key>, **kwargs}` -> the network (models.MODELS or models_dit.DIT_MODELS)."""
+    name, kwargs = spec_kwargs(model_cfg)
+    return model_registry()[name](**kwargs)
+
+
+def build_flow(flow_cfg):
+    """A validated `flow` section -> (path, time_sampler, weighting)."""
+    import flow
+
+    scheduler, scheduler_kwargs = spec_kwargs(flow_cfg.scheduler)
+    path = flow.make_path(scheduler, denominator_min=flow_cfg.denominator_min, **scheduler_kwargs)
+    sampler_name, sampler_kwargs = spec_kwargs(flow_cfg.time_sampler)
+    weighting_name, weighting_kwargs = spec_kwargs(flow_cfg.weighting)
+    time_sampler = flow.make_time_sampler(sampler_name, **sampler_kwargs)
+    weighting = flow.make_loss_weighting(weighting_name, **weighting_kwargs)
+    return path, time_sampler, weighting
+
+
+def build_dataset(dataset_cfg, device, **overrides):
+    """A `dataset` section (`{name, **kwargs}`) -> the dataset on `device`; overrides win (split=...)."""
+    import datasets
+
+    name, kwargs = spec_kwargs(dataset_cfg)
+    return datasets.build_dataset(name, device, **{**kwargs, **overrides})
+
+
+def latent_vae_id(dataset_cfg) -> str | None:
+    """The VAE a latent-space run's samples decode with (the dataset's `vae`, else the one its cache
+    manifest records); None for pixel-space data."""
+    name, kwargs = spec_kwargs(dataset_cfg)
+    if name != "latent_cache":
+        return None
+    if kwargs.get("vae"):
+        return kwargs["vae"]
+    from datasets import latent_cache_dir, read_latent_manifest
+
+    return read_latent_manifest(latent_cache_dir(kwargs["path"], kwargs.get("split", "train")))["vae_id"]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["depth=4", "mlp_ratio=[0.5,4.0]"] -> {"depth": 4, "mlp_ratio": [0.5, 4.0]} (values as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def build_meta_dit(spec: str, overrides: dict | None = None):
+    """A models_dit.DIT_MODELS name or a model config YAML (+ kwargs overrides) -> the DiT on the meta
+    device (no memory, no init cost), for parameter and FLOP accounting."""
+    import models_dit
+
+    if spec.endswith((".yaml", ".yml")):
+        model_cfg = dict(OmegaConf.to_container(OmegaConf.load(spec)))
+    else:
+        model_cfg = {"name": spec}
+    model_cfg.update(overrides or {})
+    if model_cfg["name"] not in models_dit.DIT_MODELS:
+        raise ValueError(f"unknown DiT {model_cfg['name']!r}; choose a config YAML or one of: "
+                         f"{', '.join(models_dit.DIT_MODELS)}")
+    check_spec("model", model_cfg, models_dit.DIT_MODELS)
+    with torch.device("meta"):
+        return build_model(model_cfg)
+
+
+# --- checkpoint -> ready model / sampler -----------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A trained model read back from a checkpoint, ready to sample."""
+
+    sampler: "object"  # sampling.FlowSampler around `model`
+    model: torch.nn.Module  # on the device, eval mode
+    solver: DictConfig  # the run's solver settings with the overrides merged in, validated
+    checkpoint: ckpt.Checkpoint  # path, step, config, meta (weights dropped)
+    sample_shape: tuple[int, ...]
+
+    @property
+    def config(self) -> DictConfig:
+        return self.checkpoint.config
+
+
+def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: dict | None = None) -> LoadedRun:
+    """Checkpoint (dir, run dir or RUN/checkpoints/latest) -> its model on `device` with the EMA weights
+    (or the raw ones when use_ema is false or the run kept no EMA), the sampler and the solver settings.
+    Reading never modifies the run directory."""
+    from sampling import FlowSampler
+
+    loaded = ckpt.load_checkpoint(checkpoint_path, map_location="cpu", load_state=False)
+    model = build_model(loaded.config.model)
+    weights = loaded.ema if use_ema and loaded.ema is not None else loaded.model
+    ckpt.load_weights(model, weights, f"checkpoint {loaded.path}")
+    model.to(device).eval()
+    loaded.model = loaded.ema = None  # the module holds them now
+    path, _, _ = build_flow(loaded.config.flow)
+    sampler = FlowSampler(model, path, loaded.config.flow.prediction, num_classes=getattr(model, "num_classes", None))
+    solver = resolve_solver(loaded.config.solver, solver_overrides or {}, "solver")
+    return LoadedRun(sampler=sampler, model=model, solver=solver, checkpoint=loaded,
+                     sample_shape=tuple(loaded.meta["sample_shape"]))
+
+
+# --- evaluation classifier ------------------------------------------------------------------------
+
+
+def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int, train_split=None):
+    """A classifier file (`scripts/train_classifier.py`) for a run's dataset -> metrics.EvalClassifier:
+    the classifier, the feature statistics of the held-out split and the real-vs-real FD floor at
+    num_samples (from `train_split`, built when not given). Called before any training, so a wrong
+    path or a classifier for other data fails at start-up."""
+    import metrics
+
+    name, _ = spec_kwargs(dataset_cfg)
+    if train_split is None:
+        train_split = build_dataset(dataset_cfg, device, split="train")
+    if len(train_split.sample_shape) != 3:
+        raise ConfigError(f"training.classifier = {str(path)!r}: dataset {name!r} holds no images; a classifier "
+                          f"scores image datasets only")
+    classifier = metrics.load_classifier(Path(path), device, expected_dataset=name,
+                                         expected_shape=tuple(train_split.sample_shape))
+    reference = metrics.reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
+    floor = metrics.real_fd_floor(classifier, train_split, reference, num_samples, seed)
+    return metrics.EvalClassifier(classifier, reference, floor)

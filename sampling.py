@@ -1,0 +1,321 @@
+"""Sampling from a flow model: the one sampler behind training-time sample grids, `inference.py`,
+evaluation and Flow-GRPO rollouts.
+
+`FlowSampler` turns (model, path, prediction) into a velocity field with classifier-free guidance, and
+integrates it three ways, all in our convention (t = 0 noise, t = 1 data):
+
+- `sample`: the probability-flow ODE, noise -> data, with any solver in `ode_solvers`;
+- `sde_step` / `sample_sde`: Euler-Maruyama steps of an SDE with the same marginals (Flow-GRPO rollouts);
+- `log_likelihood`: the ODE backwards, data -> noise, with the divergence of the velocity (bits/dim).
+
+`generate` draws N samples with a run's solver settings. This module imports only flow, ode_solvers
+and torch. Models are called as model(x [B, ...], t [B], y [B] | None); callers put them in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from flow import PREDICTIONS, AffinePath, expand_t
+from ode_solvers import ODESolution, solve, time_grid
+
+# Below this many dimensions the likelihood uses the exact divergence (one backward pass per dimension);
+# above it, Hutchinson's estimator.
+EXACT_DIVERGENCE_MAX_DIM = 16
+
+
+def _per_sample_norm(v: Tensor) -> Tensor:
+    """L2 norm over all but the batch dim, shaped to broadcast: [B, ...] -> [B, 1, ..., 1]."""
+    return torch.linalg.vector_norm(v.flatten(1), dim=1).reshape(-1, *[1] * (v.dim() - 1))
+
+
+def _divergence_exact(u: Tensor, x: Tensor) -> Tensor:
+    """tr(du/dx) per sample. u [B, D] computed from x [B, ...] (samples independent) -> [B].
+
+    Summing u[:, i] over the batch before differentiating gives every sample's d u_i / d x_i in one pass."""
+    div = torch.zeros(u.shape[0], device=u.device, dtype=u.dtype)
+    for i in range(u.shape[1]):
+        (grad,) = torch.autograd.grad(u[:, i].sum(), x, retain_graph=True)
+        div = div + grad.flatten(1)[:, i]
+    return div
+
+
+def _divergence_hutchinson(u: Tensor, x: Tensor, probes: Tensor) -> Tensor:
+    """Hutchinson's estimate tr(J) ~ mean_k v_k^T J v_k (FFJORD, Grathwohl et al. 2019, eq. 7), each
+    v_k^T J from one vector-Jacobian product. u [B, D] from x [B, ...], probes [K, B, D] -> [B]."""
+    total = torch.zeros(u.shape[0], device=u.device, dtype=u.dtype)
+    for v in probes:
+        (v_jacobian,) = torch.autograd.grad(u, x, grad_outputs=v, retain_graph=True)
+        total = total + (v_jacobian.flatten(1) * v).sum(1)
+    return total / probes.shape[0]
+
+
+class FlowSampler:
+    """A model that predicts `prediction` on `path`, seen as a velocity field.
+
+    Class-conditional models (num_classes set) use label `num_classes` as the learned null label for CFG.
+    """
+
+    def __init__(self, model: nn.Module, path: AffinePath, prediction: str = "velocity", num_classes=None):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {prediction!r}")
+        self.model = model
+        self.path = path
+        self.prediction = prediction
+        self.num_classes = num_classes
+
+    def _model_velocity(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """One forward pass, converted to velocity in float32 (or wider). x [B, ...], t [B] -> [B, ...]."""
+        output = self.model(x, t, y)
+        dtype = torch.promote_types(output.dtype, torch.float32)
+        return self.path.to_velocity(output.to(dtype), x.to(dtype), t.to(dtype), self.prediction)
+
+    def velocity(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        ep_cfg: bool = False,
+    ) -> Tensor:
+        """Guided velocity [B, ...] in float32 (or wider) at x [B, ...], t (0-dim or [B]), labels y [B].
+
+        CFG (Ho & Salimans 2022) u = u_uncond + s (u_cond - u_uncond), applied only where
+        t_lo <= t <= t_hi (guidance interval, Kynkaanniemi et al. 2024) and always in a single forward
+        pass: the batch is [x; x[guided]] with labels [y; null], so an unguided call costs B rows, a
+        fully guided one 2B. The interval is checked per sample; a narrowed interval costs one host sync.
+        ep_cfg (EP-CFG, Zhang et al. 2024, arXiv 2412.09966) rescales each guided velocity to the L2 norm
+        of its conditional velocity, which curbs the over-saturation of large scales.
+        """
+        batch = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
+        t = t.expand(batch).contiguous()
+        if guidance_scale == 1.0:
+            return self._model_velocity(x, t, y)
+        if y is None or self.num_classes is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs labels y and num_classes (the null label index); "
+                f"got y={'None' if y is None else 'given'}, num_classes={self.num_classes}"
+            )
+        t_lo, t_hi = guidance_interval
+        if not 0.0 <= t_lo <= t_hi <= 1.0:
+            raise ValueError(
+                f"guidance_interval must be (t_lo, t_hi), 0 <= t_lo <= t_hi <= 1; got {guidance_interval}"
+            )
+        if t_lo == 0.0 and t_hi == 1.0:
+            guided = torch.arange(batch, device=x.device)  # every t in [0, 1]: no mask, no host sync
+        else:
+            guided = ((t >= t_lo) & (t <= t_hi)).nonzero().squeeze(1)
+            if guided.numel() == 0:
+                return self._model_velocity(x, t, y)
+        null = torch.full_like(y[guided], self.num_classes)
+        u = self._model_velocity(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([y, null]))
+        u_cond, u_uncond = u[:batch], u[batch:]
+        u_guided = u_uncond + guidance_scale * (u_cond[guided] - u_uncond)
+        if ep_cfg:
+            energy_ratio = _per_sample_norm(u_cond[guided]) / _per_sample_norm(u_guided).clamp_min(1e-12)
+            u_guided = u_guided * energy_ratio
+        return u_cond.index_copy(0, guided, u_guided)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        noise: Tensor,
+        y: Tensor | None = None,
+        solver: str = "heun",
+        num_steps: int = 32,
+        grid: str = "uniform",
+        shift: float = 1.0,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        ep_cfg: bool = False,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        return_trajectory: bool = False,
+    ) -> ODESolution:
+        """Integrate the ODE from noise [B, ...] at t = 0 to samples at t = 1 (`ode_solvers.solve`).
+        NFE in the result equals the number of model forward passes."""
+        velocity_fn = partial(
+            self.velocity,
+            y=y,
+            guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
+            ep_cfg=ep_cfg,
+        )
+        return solve(
+            velocity_fn,
+            noise,
+            solver,
+            num_steps,
+            grid,
+            shift,
+            rtol,
+            atol,
+            return_trajectory=return_trajectory,
+        )
+
+    def sde_step(
+        self,
+        x: Tensor,
+        t: Tensor,
+        t_next: Tensor,
+        y: Tensor | None = None,
+        noise_level: float = 0.7,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        ep_cfg: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """One Euler-Maruyama step from t to t_next > t (0-dim or [B]) of an SDE whose marginals are the
+        ODE's. Returns (mean [B, ...], std [B, 1, ..., 1]): x_next ~ N(mean, std^2 I), a Gaussian policy
+        for GRPO. Differentiable in the model's parameters when called with grad enabled.
+
+        Any diffusion g(t) keeps the marginals p_t if the drift gains g^2/2 times the score (Fokker-Planck):
+            dx = [u(x, t) + g(t)^2 / 2 * grad log p_t(x)] dt + g(t) dW.
+        The score comes from the velocity: grad log p_t(x) = -eps_hat / sigma(t) (Tweedie), with eps_hat
+        = E[eps | x_t] the velocity converted to a noise prediction (x - t u for CondOT). Flow-GRPO (Liu
+        et al. 2025, arXiv 2505.05470, eqs. 8-9) writes this with s = 1 - t, noise at s = 1, integrating
+        s downwards: sigma_s = a sqrt(s / (1 - s)) and drift v + sigma_s^2 / (2 s) (x + (1 - s) v).
+        Substituting s = 1 - t, v = -u, ds = -dt gives the equation above with g(t) = a sqrt((1 - t) / t)
+        = a sqrt(sigma / alpha); we use a sqrt(sigma(t) / alpha(t)) for every affine path.
+
+        g is infinite at t = 0 (alpha = 0); like Flow-GRPO at its s = 1 endpoint, it is then evaluated at
+        the next grid time. Nothing is evaluated at t_next, so the last step into t = 1 (sigma = 0) is
+        finite; its std, g(t) sqrt(dt), vanishes as the grid is refined. The velocity -> noise conversion
+        must be finite at t (true for every path in flow.py except polynomial n > 1 at t = 0).
+        """
+        u = self.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg)
+        x = x.to(u.dtype)
+        t, t_next = (torch.as_tensor(v, device=x.device).to(u.dtype).expand(x.shape[0]) for v in (t, t_next))
+        scheduler = self.path.scheduler
+        t_g = torch.where(t > 0, t, t_next)
+        g_squared = noise_level**2 * scheduler.sigma(t_g) / scheduler.alpha(t_g)
+        score = -self.path.convert(u, x, t, "velocity", "noise") / expand_t(scheduler.sigma(t), x)
+        drift = u + 0.5 * expand_t(g_squared, x) * score
+        dt = t_next - t
+        return x + expand_t(dt, x) * drift, expand_t((g_squared * dt).sqrt(), x)
+
+    @torch.no_grad()
+    def sample_sde(
+        self,
+        noise: Tensor,
+        y: Tensor | None = None,
+        num_steps: int = 100,
+        noise_level: float = 0.7,
+        generator: torch.Generator | None = None,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        ep_cfg: bool = False,
+        grid: str = "uniform",
+        shift: float = 1.0,
+    ) -> Tensor:
+        """Samples [B, ...] from noise [B, ...] by `num_steps` `sde_step`s on `time_grid(num_steps, grid,
+        shift)`; the injected noise comes from `generator` (on noise's device)."""
+        dtype = torch.promote_types(noise.dtype, torch.float32)
+        times = time_grid(num_steps, grid, shift, device=noise.device).to(dtype)
+        x = noise.to(dtype)
+        for t, t_next in zip(times[:-1], times[1:]):
+            mean, std = self.sde_step(x, t, t_next, y, noise_level, guidance_scale, guidance_interval, ep_cfg)
+            x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x
+
+    @torch.no_grad()
+    def log_likelihood(
+        self,
+        x1: Tensor,
+        y: Tensor | None = None,
+        num_steps: int = 64,
+        solver: str = "rk4",
+        exact_divergence: bool | None = None,
+        hutchinson_samples: int = 1,
+        generator: torch.Generator | None = None,
+        guidance_scale: float = 1.0,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+    ) -> Tensor:
+        """Negative log-likelihood of data x1 [B, ...] in bits per dimension [B], -log p_1(x1) / (D ln 2).
+
+        Instantaneous change of variables (Chen et al. 2018, thm. 1; FFJORD, Grathwohl et al. 2019):
+        log p_1(x1) = log N(x0; 0, I) - int_0^1 div u(x_t, t) dt, with x0 the ODE solution from x1 at
+        t = 1 back to t = 0. The state [x, int_1^t div u] is integrated by `solver` ("dopri5" adapts with
+        rtol/atol; others use num_steps uniform steps). The divergence is exact for D <=
+        EXACT_DIVERGENCE_MAX_DIM (or exact_divergence=True), else Hutchinson's estimate with
+        `hutchinson_samples` Rademacher probes drawn once from `generator` (on x1's device), so the ODE
+        stays deterministic for adaptive solvers. For discrete data (images) add dequantisation yourself.
+        """
+        batch, dim = x1.shape[0], x1[0].numel()
+        exact = dim <= EXACT_DIVERGENCE_MAX_DIM if exact_divergence is None else exact_divergence
+        dtype = torch.promote_types(x1.dtype, torch.float32)
+        probes = None
+        if not exact:
+            if hutchinson_samples < 1:
+                raise ValueError(f"hutchinson_samples must be >= 1, got {hutchinson_samples}")
+            bits = torch.randint(
+                0, 2, (hutchinson_samples, batch, dim), generator=generator, device=x1.device
+            )
+            probes = (2 * bits - 1).to(dtype)
+
+        def velocity_and_divergence(state: Tensor, t: Tensor) -> Tensor:
+            with torch.enable_grad():
+                x = state[:, :dim].reshape(x1.shape).detach().requires_grad_(True)
+                u = self.velocity(x, t, y, guidance_scale).flatten(1)
+                div = _divergence_exact(u, x) if exact else _divergence_hutchinson(u, x, probes)
+            return torch.cat([u.detach(), div.detach()[:, None]], dim=1)
+
+        state1 = torch.cat([x1.flatten(1).to(dtype), x1.new_zeros(batch, 1, dtype=dtype)], dim=1)
+        state0 = solve(
+            velocity_and_divergence, state1, solver, num_steps, rtol=rtol, atol=atol, t_start=1.0, t_end=0.0
+        ).x
+        x0, div_integral = state0[:, :dim], state0[:, dim]
+        # div_integral = int_1^0 div u dt = -int_0^1 div u dt.
+        log_p0 = -0.5 * (x0.square().sum(1) + dim * math.log(2 * math.pi))
+        return -(log_p0 + div_integral) / (dim * math.log(2))
+
+
+@torch.no_grad()
+def generate(
+    sampler: FlowSampler,
+    solver_cfg,
+    sample_shape: tuple[int, ...],
+    num_samples: int,
+    seed: int = 0,
+    device="cpu",
+    batch_size: int = 1024,
+    labels: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Draw samples with the ODE solver settings in solver_cfg (method, num_steps, grid, shift,
+    guidance_scale, guidance_interval, ep_cfg).
+
+    Conditional models get num_samples split evenly over the classes (class-major order) unless
+    `labels` is given; with fewer samples than classes (ImageNet), one each of evenly spaced classes. The noise is drawn on the CPU from `seed`, so the same seed gives the same
+    samples on every device. Returns (samples [N, *sample_shape] float32, labels [N] or None).
+    """
+    if labels is None and sampler.num_classes is not None:
+        if num_samples < sampler.num_classes:
+            labels = torch.arange(num_samples) * sampler.num_classes // num_samples
+        else:
+            labels = torch.arange(sampler.num_classes).repeat_interleave(num_samples // sampler.num_classes)
+    total = len(labels) if labels is not None else num_samples
+    noise = torch.randn((total, *sample_shape), generator=torch.Generator().manual_seed(seed))
+    chunks = []
+    for start in range(0, total, batch_size):
+        y = labels[start : start + batch_size].to(device) if labels is not None else None
+        solution = sampler.sample(
+            noise[start : start + batch_size].to(device),
+            y,
+            solver=solver_cfg.method,
+            num_steps=solver_cfg.num_steps,
+            grid=solver_cfg.grid,
+            shift=solver_cfg.shift,
+            guidance_scale=solver_cfg.guidance_scale,
+            guidance_interval=tuple(solver_cfg.guidance_interval),
+            ep_cfg=solver_cfg.ep_cfg,
+            rtol=solver_cfg.rtol,
+            atol=solver_cfg.atol,
+        )
+        chunks.append(solution.x.float().cpu())
+    return torch.cat(chunks), labels

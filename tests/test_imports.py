@@ -1,0 +1,96 @@
+"""The import graph of the project's own modules, read from their source (ast): no cycles, and no
+module imports an entry point (docs/architecture.md)."""
+
+import ast
+
+import pytest
+
+from conftest import ROOT
+
+# Programs: run, never imported by project code. inference.py is only its CLI (sampling.py is the library).
+ENTRY_POINTS = {"train", "train_grpo", "inference", "eval_imagenet"}
+
+
+def project_modules() -> dict[str, ast.Module]:
+    """Module name -> parsed source, for every .py file outside tests/ and the virtualenv."""
+    found = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).parts
+        if parts[0] in ("tests", ".venv") or any(p.startswith(".") for p in parts):
+            continue
+        name = ".".join(parts)[: -len(".py")].removesuffix(".__init__")
+        found[name] = ast.parse(path.read_text(), filename=str(path))
+    return found
+
+
+def is_entry_point(name: str) -> bool:
+    return name in ENTRY_POINTS or name.startswith("scripts.") or name.startswith("experiments.")
+
+
+def imports_of(tree: ast.Module, modules: set[str]) -> set[str]:
+    """Project modules a file imports anywhere (top level or inside functions: a lazy import is still an
+    edge). Scripts put the repo root and scripts/ on sys.path, so `import x` may name scripts/x.py."""
+    out = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            for candidate in (name, f"scripts.{name}"):
+                if candidate in modules:
+                    out.add(candidate)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(tree, set(modules)) - {name} for name, tree in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_graph_sees_the_project():
+    graph = import_graph()
+    assert {"train", "runtime", "build", "sampling", "rl.reward", "scripts.benchmark_train"} <= set(graph)
+    assert "runtime" in graph["train"] and "sampling" in graph["rl.sde_sampler"]
+
+
+def test_no_import_cycles():
+    assert find_cycle(import_graph()) is None
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_imports_an_entry_point():
+    offenders = {(name, target) for name, targets in import_graph().items() for target in targets
+                 if is_entry_point(target)}
+    assert offenders == set()
+
+
+@pytest.mark.parametrize("library", ["sampling"])
+def test_the_sampler_imports_only_flow_and_solvers(library):
+    assert import_graph()[library] == {"flow", "ode_solvers"}
