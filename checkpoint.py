@@ -8,6 +8,11 @@ Layout: RUN_DIR/checkpoints/step_XXXXXXX/ with
   manifest.json       sha256 + size of every file above and `meta` (sample_shape, ...); written last
 A checkpoint is written to a hidden temp dir and renamed into place, so a directory named
 step_* is complete unless its bytes were damaged later, which the manifest catches.
+RUN_DIR/checkpoints/latest is a symlink to the newest step_* dir, replaced atomically after each save.
+
+Readers (inference, the GRPO seed, training.init) never modify a run directory: a damaged checkpoint
+is skipped with a warning. Only the run's owner (resume=auto, under the run-dir lock) moves damaged
+ones aside as step_*.corrupt.
 """
 
 import hashlib
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -94,24 +100,44 @@ def save_checkpoint(
     if final.exists():
         verify_checkpoint(final)
         return final
-    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save; never complete
+    for stale in root.glob(".tmp_*"):  # left by a process killed mid-save (one owner per run dir: the lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
-    tmp.mkdir()
     files = {"model.safetensors": lambda p: save_file(clean_state_dict(model), p)}
     if ema is not None:
         files["ema.safetensors"] = lambda p: save_file(clean_state_dict(ema), p)
     files["state.pt"] = lambda p: torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, p)
     files["config.yaml"] = lambda p: Path(p).write_text(OmegaConf.to_yaml(config, resolve=True))
-    for name, write in files.items():
-        write(str(tmp / name))
-    _write_manifest(tmp, step, list(files), meta or {})
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        tmp.mkdir()
+        for name, write in files.items():
+            write(str(tmp / name))
+        _write_manifest(tmp, step, list(files), meta or {})
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except (OSError, RuntimeError, SafetensorError) as error:  # ENOSPC, EROFS, EACCES; torch.save's "unexpected pos"
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [path for _, path in list_checkpoints(run_dir)]
+        intact = f"the last complete checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        cause = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {cause}; disk full or "
+                              f"not writable?); {intact}") from error
+    point_latest(root, final.name)
     if keep_last:
         prune_checkpoints(run_dir, keep_last)
     return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """root/latest -> name, as a relative symlink swapped in atomically (a reader sees old or new)."""
+    tmp = root / f".tmp_latest_{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(name, tmp)
+        os.replace(tmp, root / "latest")
+    except OSError:  # a file system without symlinks: readers resolve `latest` by listing instead
+        tmp.unlink(missing_ok=True)
 
 
 def _write_manifest(directory: Path, step: int, names: list[str], meta: dict) -> None:
@@ -164,14 +190,18 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_valid_checkpoint(run_dir: str | Path, log=print) -> Path | None:
-    """The newest checkpoint that verifies. Damaged newer ones are reported (never silently
-    skipped) and renamed to step_*.corrupt so a later save cannot collide with them."""
+def latest_valid_checkpoint(run_dir: str | Path, log=print, quarantine: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; damaged newer ones are reported, never silently skipped.
+    quarantine (the run's owner only): also rename them to step_*.corrupt, so a later save of the same
+    step cannot collide with them. Readers leave the directory as it is."""
     for _, path in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(path)
             return path
         except CheckpointError as e:
+            if not quarantine:
+                log(f"WARNING: {e}; skipping it and trying the previous checkpoint")
+                continue
             quarantined = path.with_name(f"{path.name}.corrupt")
             log(f"WARNING: {e}; moving it aside to {quarantined.name} and trying the previous checkpoint")
             if not quarantined.exists():
@@ -179,10 +209,16 @@ def latest_valid_checkpoint(run_dir: str | Path, log=print) -> Path | None:
     return None
 
 
+def has_checkpoint_history(run_dir: str | Path) -> bool:
+    """Whether run_dir/checkpoints ever held a checkpoint: a step_* dir, or one moved aside as corrupt."""
+    root = Path(run_dir) / "checkpoints"
+    return root.is_dir() and any(STEP_DIR.match(p.name.removesuffix(".corrupt")) for p in root.iterdir())
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, a run dir, or RUN_DIR/checkpoints/latest -> a verified checkpoint dir."""
     path = Path(path)
-    if path.name == "latest" and not path.exists():
+    if path.name == "latest":  # the newest checkpoint that verifies, whatever the symlink points at
         path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     if (path / "manifest.json").is_file() or STEP_DIR.match(path.name):
         if not path.is_dir():

@@ -9,7 +9,10 @@ so a typo fails before any work with the key and the allowed values in the messa
 import dataclasses
 import functools
 import inspect
+import math
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,7 @@ class RunConfig:
 
     run_dir: str | None = None  # default runs/<experiment>_<timestamp>, chosen once on rank 0
     resume: str | None = None  # null | auto | PATH (checkpoint dir, run dir or RUN/checkpoints/latest)
+    start_over: bool = False  # when no checkpoint of run_dir verifies: move that attempt to RUN/attempt_N/, start at 0
     max_steps: int | None = None  # caps optimizer steps (GRPO: iterations) without changing the schedule
     amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere) | bf16 | none
     checkpoint_every: int = 1000  # steps; a final checkpoint is always written
@@ -84,6 +88,7 @@ class TrainingConfig(RunConfig):
     p_uncond: float = 0.1  # label dropout to the null label, for classifier-free guidance
     compile: bool | None = None  # torch.compile the model; null = on for CUDA, off elsewhere
     channels_last: bool | None = None  # NHWC activations for image models; null = on for image data
+    threads: int | None = None  # CPU intra-op threads; null = 1 for models under 0.2M parameters, else torch's
 
 
 @dataclass
@@ -143,13 +148,36 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
         try:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
         except HydraException as e:
-            raise ConfigError(_reword_hydra_error(e, SCHEMAS[config_name])) from None
+            message = _reword_hydra_error(e, SCHEMAS[config_name])
+            key = re.match(r"unknown config key '([^']+)'", message)
+            if key:
+                message = _free_form_key_error(key.group(1), overrides, config_name, hydra_compose) or message
+            raise ConfigError(message) from None
     choices = cfg.hydra.runtime.choices
     with _open(cfg):
         if "experiment" in choices and choices.experiment is not None:
             cfg.experiment = choices.experiment
         del cfg["hydra"]
     return cfg
+
+
+def _free_form_key_error(key: str, overrides: list[str], config_name: str, hydra_compose) -> str | None:
+    """For an unknown key in a free-form section (model.hidden=3): the arguments its registry entry
+    takes, read from the config composed without that key; None for other sections."""
+    from hydra.errors import HydraException
+
+    section, _, arg = key.rpartition(".")
+    if section not in FREE_FORM_SPECS:
+        return None
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        spec = to_plain(OmegaConf.select(hydra_compose(config_name=config_name, overrides=rest), section))
+        check_spec(section, {**spec, arg: None}, FREE_FORM_SPECS[section]())
+    except ConfigError as error:
+        return str(error)
+    except (HydraException, TypeError):
+        return None
+    return None
 
 
 def load_config(overrides: list[str]) -> DictConfig:
@@ -170,7 +198,7 @@ def _reword_hydra_error(error: Exception, schema) -> str:
         parent = key.rpartition(".")[0]
         allowed = _allowed_keys(schema, parent)
         hint = f"; allowed keys under '{parent or '<root>'}': {', '.join(allowed)}" if allowed else ""
-        return f"unknown config key '{key}'{hint} (prefix a new key with '+' only for free-form groups such as model/dataset)"
+        return f"unknown config key '{key}'{hint}"
     return message
 
 
@@ -263,10 +291,90 @@ def check_spec(key: str, spec, registry: dict, skip: tuple[str, ...] = ()) -> No
     if not isinstance(spec, (dict, DictConfig)) or "name" not in spec:
         raise ConfigError(f"{key} must be a mapping with a 'name' key; choose one of: {', '.join(registry)}")
     check_choice(f"{key}.name", spec["name"], registry)
-    allowed = [p for p in constructor_parameters(registry[spec["name"]]) if p not in skip]
+    params = constructor_parameters(registry[spec["name"]])
+    allowed = [p for p in params if p not in skip]
     for arg in spec:
         if arg != "name" and arg not in allowed:
             raise ConfigError(f"{key}.{arg} is not an argument of {key} '{spec['name']}'; allowed: {', '.join(allowed)}")
+    hints = _type_hints(registry[spec["name"]])
+    for arg, value in spec.items():
+        if arg != "name" and value is not None:
+            _check_value(f"{key}.{arg}", to_plain(value), hints.get(arg, inspect.Parameter.empty), params[arg].default)
+
+
+def _type_hints(target) -> dict:
+    """Annotations of a registry entry's arguments (a class's whole __init__ chain, a function's own)."""
+    target = target.func if isinstance(target, functools.partial) else target
+    hints = {}
+    for owner in (reversed(target.__mro__) if inspect.isclass(target) else [target]):
+        init = vars(owner).get("__init__") if inspect.isclass(owner) else owner
+        if init is not None and owner is not object:
+            try:
+                hints.update(typing.get_type_hints(init))
+            except (NameError, TypeError):
+                pass
+    return hints
+
+
+def _describe(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a plain config value fits an annotation (int, float, bool, str, None, unions, lists/tuples)."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _check_value(key: str, value, annotation, default) -> None:
+    """One constructor argument: its type, and the ranges every size and rate needs (ints >= 0, and
+    >= 1 where the default is a positive int: a width, depth or count; floats finite)."""
+    if not _matches(value, annotation):
+        raise ConfigError(f"{key} = {value!r}: must be {_describe(annotation)}")
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key} = {value!r}: must be finite")
+        if isinstance(v, int):
+            floor = 1 if isinstance(default, int) and not isinstance(default, bool) and default > 0 else 0
+            if v < floor:
+                raise ConfigError(f"{key} = {value!r}: must be >= {floor}")
+
+
+def check_model_builds(spec) -> None:
+    """Build the model on the meta device (no memory, no init cost): a constructor's own checks
+    (heads dividing the width, a patch dividing the input, ...) fail here, before any file is written."""
+    import torch
+
+    name, kwargs = spec_kwargs(spec)
+    try:
+        with torch.device("meta"):
+            model_registry()[name](**kwargs)
+    except (ValueError, TypeError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        raise ConfigError(f"model = {to_plain(spec)} cannot be built: {e}") from None
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -279,6 +387,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_choice("device", cfg.device, DEVICES)
     check_spec("dataset", cfg.dataset, datasets.DATASETS, skip=("device",))
     check_spec("model", cfg.model, model_registry())
+    check_model_builds(cfg.model)
     check_spec("flow.scheduler", fl.scheduler, flow.SCHEDULERS)
     check_spec("flow.time_sampler", fl.time_sampler, flow.TIME_SAMPLERS)
     check_spec("flow.weighting", fl.weighting, flow.LOSS_WEIGHTINGS)
@@ -303,6 +412,7 @@ def validate(cfg: DictConfig) -> DictConfig:
           == ("ema", "ema", False, False), "training.init.checkpoint", None,
           "required when any other training.init key is set (the run to start from)")
     check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
+    check(tr.threads is None or tr.threads >= 1, "training.threads", tr.threads, "must be >= 1 or null")
     validate_solver(so, "solver")
     return _freeze(cfg)
 
@@ -323,8 +433,10 @@ def validate_solver(so, key: str) -> None:
     check_choice(f"{key}.method", so.method, ode_solvers.METHODS)
     check(so.num_steps >= 1, f"{key}.num_steps", so.num_steps, "must be >= 1")
     check_choice(f"{key}.grid", so.grid, ode_solvers.GRIDS)
-    check(so.shift > 0, f"{key}.shift", so.shift, "must be > 0")
-    check(so.guidance_scale >= 0, f"{key}.guidance_scale", so.guidance_scale, "must be >= 0")
+    check(math.isfinite(so.shift) and so.shift > 0, f"{key}.shift", so.shift, "must be finite and > 0")
+    check(math.isfinite(so.guidance_scale) and so.guidance_scale >= 0, f"{key}.guidance_scale", so.guidance_scale,
+          "must be finite and >= 0")
+    check(so.rtol > 0 and so.atol > 0, f"{key}.rtol/atol", (so.rtol, so.atol), "must be > 0")
     interval = list(so.guidance_interval)
     check(len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1, f"{key}.guidance_interval", interval,
           "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
@@ -361,6 +473,27 @@ def model_registry() -> dict:
     return {**MODELS, **DIT_MODELS}
 
 
+def _dataset_registry() -> dict:
+    import datasets
+
+    return datasets.DATASETS
+
+
+def _flow_registry(name: str):
+    def registry() -> dict:
+        import flow
+
+        return getattr(flow, name)
+
+    return registry
+
+
+# Config sections written as {name: <registry key>, **constructor kwargs}, and their registries.
+FREE_FORM_SPECS = {"model": model_registry, "dataset": _dataset_registry,
+                   "flow.scheduler": _flow_registry("SCHEDULERS"), "flow.time_sampler": _flow_registry("TIME_SAMPLERS"),
+                   "flow.weighting": _flow_registry("LOSS_WEIGHTINGS")}
+
+
 def resolve_solver(base, overrides: dict, key: str = "solver") -> DictConfig:
     """A run's solver settings (SolverConfig) with the non-null overrides merged in, validated."""
     solver = OmegaConf.merge(OmegaConf.structured(SolverConfig), base,
@@ -390,14 +523,24 @@ class InferenceConfig(SolverOverrides):
 
     checkpoint: str | None = None  # required: checkpoint dir, run dir, or RUN_DIR/checkpoints/latest
     out: str = "samples"
-    n_per_class: int = 8  # class-conditional models
-    num_samples: int = 64  # unconditional models
+    n_per_class: int = 8  # class-conditional models: samples of each class
+    num_samples: int | None = None  # unconditional models only (default 64)
     seed: int = 0
     device: str = "auto"
     use_ema: bool = True
     batch_size: int = 1024
     solver: str | None = None  # the ODE method (SolverOverrides.method)
     classifier: str | None = None  # score the samples (accuracy, classifier-FD + floor, bpp) -> metrics.json
+
+
+def validate_inference(cfg) -> None:
+    """Range checks of inference.py's own keys (solver keys are checked after merging with the run's)."""
+    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint,
+          "is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)")
+    check(cfg.n_per_class >= 1, "n_per_class", cfg.n_per_class, "must be >= 1")
+    check(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
+    check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    check_choice("device", cfg.device, DEVICES)
 
 
 def solver_overrides(cfg) -> dict:

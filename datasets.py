@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import pickle
 import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -174,14 +175,53 @@ def _gunzip_missing(folder: str, files: tuple[str, ...]) -> None:
             os.replace(path + ".part", path)  # never leave a half-written file under the real name
 
 
+def _unreadable_files(cls, folder: str, files: tuple[str, ...]) -> list[str]:
+    """Which present files are damaged, each with the reason: a truncated or malformed CIFAR pickle
+    (its opcodes are scanned, nothing is unpickled) or IDX file (its header's size against the file's),
+    else an md5 that differs from the release's (torchvision's lists)."""
+    import pickletools
+    import struct
+
+    bad = []
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            raw = f.read()
+        if "idx" in name and len(raw) >= 4:
+            ndim = raw[3]
+            dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim]) if len(raw) >= 4 + 4 * ndim else ()
+            expected = 4 + 4 * ndim + math.prod(dims) if dims else None
+            if expected != len(raw):
+                bad.append(f"{name} ({len(raw)} bytes, its header says {expected}: truncated?)")
+        elif "idx" not in name:
+            try:
+                for _ in pickletools.genops(raw):
+                    pass
+            except Exception as e:  # noqa: BLE001 - any malformed opcode stream
+                bad.append(f"{name} (not a complete pickle: {e}; truncated?)")
+    if bad:
+        return bad
+    import importlib
+
+    module = importlib.import_module(cls.__module__)
+    check_integrity = getattr(module, "check_integrity", None)
+    for name, md5 in getattr(cls, "train_list", []) + getattr(cls, "test_list", []):
+        if check_integrity and os.path.isfile(os.path.join(folder, name)) and not check_integrity(os.path.join(folder, name), md5):
+            bad.append(f"{name} (md5 differs from the release's: corrupted or partial)")
+    return bad
+
+
 def _not_found(name: str, split: str, folder: str, files: tuple[str, ...], expected: str, get_it: str,
-               cause: BaseException | None = None) -> DatasetNotFoundError:
+               cause: BaseException | None = None, unreadable: list[str] | None = None) -> DatasetNotFoundError:
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     lines = [
         f"dataset '{name}' (split '{split}') not found or unreadable in {folder}",
         f"  expected files: {expected}",
         f"  missing: {', '.join(missing)}" if missing else "  all files are present but could not be read "
         "(corrupted or partial download? torchvision checks them)",
+        *([f"  unreadable: {', '.join(unreadable)}"] if unreadable else []),
         f"  to get it: {get_it}",
         "  download=True needs network access; offline it ends in this same error once torchvision's "
         "download attempts fail.",
@@ -212,8 +252,10 @@ def _torchvision_dataset(name: str, class_name: str, subfolder: str, files: tupl
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S) if download else contextlib.nullcontext():
             return cls(root, train=split == "train", download=download)
-    except (RuntimeError, OSError) as error:  # torchvision: RuntimeError; urllib: URLError (an OSError)
-        raise _not_found(name, split, folder, files, expected, get_it, cause=error) from error
+    # torchvision: RuntimeError; urllib: URLError (an OSError); a truncated pickle: EOFError / UnpicklingError
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise _not_found(name, split, folder, files, expected, get_it, cause=error,
+                         unreadable=_unreadable_files(cls, folder, files)) from error
 
 
 def _image_dataset(images, labels, name: str, class_names: tuple[str, ...], device, hflip: bool) -> InMemoryDataset:

@@ -2,6 +2,7 @@
 `samples.png` / `samples.npz` all come from here."""
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,24 @@ def save_samples(samples: Tensor, labels: Tensor | None, out_dir, figure, latent
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_dir / "samples.png")
     label_array = (
         labels.numpy().astype(np.int64) if labels is not None else np.full(len(samples), -1, np.int64)
     )
     if samples.dim() == 2:
-        np.savez(out_dir / "samples.npz", points=samples.numpy().astype(np.float32), labels=label_array)
+        arrays = {"points": samples.numpy().astype(np.float32), "labels": label_array}
     else:
         extra = {} if latents is None else {"latents": latents.float().cpu().numpy()}
-        np.savez(out_dir / "samples.npz", images=to_uint8_images(samples), labels=label_array, **extra)
+        arrays = {"images": to_uint8_images(samples), "labels": label_array, **extra}
+    # Each file appears whole or not at all (written under a temporary name, then renamed).
+    _write_atomic(out_dir / "samples.png", lambda f: figure.savefig(f, format="png"))
+    _write_atomic(out_dir / "samples.npz", lambda f: np.savez(f, **arrays))
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

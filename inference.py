@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from build import latent_vae_id, load_eval_classifier, load_run
-from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides
+from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
 from figures import close_figure, samples_figure, save_samples
 from runtime import run_main, select_device
 from sampling import generate
@@ -22,10 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="inference"), InferenceConfig)
     if not cfg.checkpoint:
         raise ConfigError("checkpoint is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)")
+    validate_inference(cfg)
     device = select_device(cfg.device)
     run = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
     sampler, solver = run.sampler, run.solver
-    num = cfg.num_samples if sampler.num_classes is None else cfg.n_per_class * sampler.num_classes
+    if sampler.num_classes is None:
+        num = 64 if cfg.num_samples is None else cfg.num_samples
+    elif cfg.num_samples is not None:
+        raise ConfigError(f"num_samples = {cfg.num_samples}: {run.checkpoint.path} is class-conditional "
+                          f"({sampler.num_classes} classes), so the count is n_per_class per class; use n_per_class")
+    else:
+        num = cfg.n_per_class * sampler.num_classes
     samples, labels = generate(sampler, solver, run.sample_shape, num, seed=cfg.seed, device=device,
                                batch_size=cfg.batch_size)
     decode, latents = latent_decoder(latent_vae_id(run.config.dataset), device), None

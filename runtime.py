@@ -6,11 +6,14 @@ Exit codes: 0 done (or already finished), 1 error (one `error:` line on stderr),
 stopped by SIGTERM after saving a checkpoint: requeue the same command to continue.
 """
 
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +28,15 @@ from config import ConfigError, to_plain
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again" -> requeue
+
+
+class RunError(RuntimeError):
+    """A fault of a run (an unwritable run dir, a run dir in use, diverged training); the message
+    names the path or setting and the cause, and entry points print it as one `error:` line."""
+
+
+class Preempted(Exception):
+    """SIGTERM arrived while the stop signal was raising (the final evaluation)."""
 
 
 # --- devices and processes ------------------------------------------------------------------------
@@ -98,17 +110,117 @@ def resolve_run_dir(cfg, runtime: Runtime) -> Path:
 
 
 def run_main(main, argv: list[str] | None = None) -> None:
-    """`sys.exit(main(argv))` for an entry point: a config, checkpoint or data error is one `error:`
-    line on stderr and exit code 1 (set NANOFLOW_DEBUG=1 for the traceback)."""
+    """`sys.exit(main(argv))` for an entry point. A config, checkpoint, data or run fault, and any
+    OSError (disk full, permissions), is one `error:` line on stderr (a few indented detail lines
+    may follow) and exit code 1; NANOFLOW_DEBUG=1 shows the traceback instead."""
     from datasets import DatasetNotFoundError
+    from sampling import NonFiniteSamplesError
+    from vae import VAENotFoundError
 
     try:
         sys.exit(main(argv))
-    except (ConfigError, ckpt.CheckpointError, DatasetNotFoundError) as error:
+    except (ConfigError, ckpt.CheckpointError, DatasetNotFoundError, VAENotFoundError, RunError,
+            NonFiniteSamplesError, OSError) as error:
         if os.environ.get("NANOFLOW_DEBUG"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+
+
+def describe_error(error: BaseException) -> str:
+    """An exception as the text after `error:`; an OSError names its file and cause."""
+    if isinstance(error, OSError) and not str(error).startswith(("dataset", "image", "latent", "VAE")) and \
+            error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror} ({type(error).__name__})"
+    return str(error)
+
+
+# --- the run directory: one owner at a time -------------------------------------------------------
+
+
+class RunDirLock:
+    """An advisory lock (flock) on RUN_DIR/.lock held for the life of the owning process: a second
+    trainer started in the same directory refuses, naming the first. The kernel drops the lock when
+    its holder dies, so a SIGKILLed owner never leaves it stuck."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self.file = None
+
+    def acquire(self) -> "RunDirLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(self.path, "a+")
+        except OSError as e:
+            raise RunError(f"run dir {self.path.parent} is not writable ({e.strerror}); choose another "
+                           f"training.run_dir") from e
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            owner = file.read().strip() or "unknown"
+            file.close()
+            raise RunError(f"run dir {self.path.parent} is in use by another process ({owner}); wait for it to "
+                           f"finish, stop it, or choose another training.run_dir") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                   f"{' '.join(sys.argv)[:200]}")
+        file.flush()
+        self.file = file
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.yaml", "resumes.jsonl", "samples.png", "samples.npz",
+             "eval.json", "finished.json")  # what a run writes; start_over moves them aside
+
+
+def archive_attempt(run_dir: Path) -> Path:
+    """Move an earlier attempt's files into RUN_DIR/attempt_N/ (nothing is deleted) -> that folder."""
+    n = 1
+    while (run_dir / f"attempt_{n}").exists():
+        n += 1
+    target = run_dir / f"attempt_{n}"
+    target.mkdir()
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, target / name)
+    return target
+
+
+FINISHED = "finished.json"  # written last by a run that produced all its final outputs
+
+
+def write_finished(run_dir: Path, step: int, outputs: list[str]) -> None:
+    """Mark the run finished: the final checkpoint (step, manifest sha256) and the outputs that exist."""
+    name = ckpt.step_dir_name(step)
+    manifest = run_dir / "checkpoints" / name / "manifest.json"
+    marker = {"step": step, "checkpoint": name,
+              "manifest_sha256": ckpt.sha256_file(manifest) if manifest.is_file() else None,
+              "outputs": outputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(run_dir / FINISHED, json.dumps(marker, indent=2))
+
+
+def is_finished(run_dir: Path, step: int) -> bool:
+    """True when the run's marker names this step and every output it lists exists."""
+    try:
+        marker = json.loads((run_dir / FINISHED).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("step") == step and all((run_dir / name).exists() for name in marker.get("outputs", []))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name and rename it: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # --- the stop signal ------------------------------------------------------------------------------
@@ -135,6 +247,21 @@ class StopSignal:
 
     def _request(self, signum, frame) -> None:
         self.requested = True
+        if self._raising:
+            raise Preempted()
+
+    _raising = False
+
+    @contextlib.contextmanager
+    def raising(self):
+        """Within: SIGTERM raises Preempted at once (for work with no step boundary to stop at)."""
+        if self.requested:
+            raise Preempted()
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
 
     def agreed(self) -> bool:
         if not self.runtime.distributed:
@@ -145,13 +272,20 @@ class StopSignal:
 
 
 def run_loop(stop: StopSignal, loop, finish, log) -> int:
-    """The end every trainer shares: `loop()` under the stop signal; preempted -> EXIT_PREEMPTED,
-    else `finish()` (final evaluation and outputs), close the logger, EXIT_OK."""
+    """The end every trainer shares: `loop()` under the stop signal, then `finish()` (the final
+    evaluation, writing the outputs and the finished marker last). SIGTERM at any point -> saved
+    state and EXIT_PREEMPTED; the same command again completes whatever is missing."""
     with stop:
         loop()
-    if stop.requested:
-        return EXIT_PREEMPTED
-    finish()
+        if stop.requested:
+            return EXIT_PREEMPTED
+        try:
+            with stop.raising():
+                finish()
+        except Preempted:
+            log.print(f"SIGTERM during the final evaluation: its outputs are not written; exiting with code "
+                      f"{EXIT_PREEMPTED} (requeue the same command to finish)")
+            return EXIT_PREEMPTED
     log.close()
     return EXIT_OK
 
@@ -173,27 +307,35 @@ def after_step(step: int, target_steps: int, run_cfg, stop: StopSignal, save, ev
 # --- resume ---------------------------------------------------------------------------------------
 
 
-def find_resume_checkpoint(run_dir: Path, resume: str | None, runtime: Runtime, log) -> str | None:
-    """What to resume from, decided on rank 0 and shared: None for a fresh start. Never overwrites
-    a run: existing checkpoints without resume is an error, and with resume=auto a run dir whose
-    checkpoints all fail verification is an error too (they are quarantined, not silently skipped)."""
-    existing = ckpt.list_checkpoints(run_dir)
-    if resume is None:
-        if existing:
-            raise ConfigError(
-                f"training.run_dir = {str(run_dir)!r} already holds checkpoints; pass training.resume=auto "
-                f"to continue it, or choose another training.run_dir"
-            )
-        return None
-    if resume != "auto":
+def find_resume_checkpoint(run_dir: Path, resume: str | None, runtime: Runtime, log,
+                           start_over: bool = False) -> str | None:
+    """What to resume from, decided on rank 0 and shared: None for a fresh start. A run dir that has
+    held checkpoints never starts over silently: without resume it is an error, and with resume=auto
+    a run whose checkpoints all fail verification (the owner moves them aside as step_*.corrupt) is an
+    error on every later try too, unless start_over moves the earlier attempt to RUN/attempt_N/."""
+    held = ckpt.has_checkpoint_history(run_dir)
+    if resume not in (None, "auto"):
         return resume
-    found = ckpt.latest_valid_checkpoint(run_dir, log=log) if runtime.is_main else None
-    found = broadcast_object(str(found) if found else None, runtime)
-    if found is None:
-        if existing and runtime.is_main and not ckpt.list_checkpoints(run_dir):
-            raise ckpt.CheckpointError(f"no checkpoint under {run_dir / 'checkpoints'} verifies; not starting over it")
+    found = None
+    if resume == "auto":
+        found = ckpt.latest_valid_checkpoint(run_dir, log=log, quarantine=True) if runtime.is_main else None
+        found = broadcast_object(str(found) if found else None, runtime)
+    if found is not None:
+        return found
+    if held and runtime.is_main:
+        valid = ckpt.list_checkpoints(run_dir)
+        if valid and resume is None:
+            raise ConfigError(f"training.run_dir = {str(run_dir)!r} already holds checkpoints; pass "
+                              f"training.resume=auto to continue it, or choose another training.run_dir")
+        if not start_over:
+            raise ckpt.CheckpointError(
+                f"no checkpoint under {run_dir / 'checkpoints'} verifies (damaged ones are kept as step_*.corrupt); "
+                f"not starting over it. Restore a good copy, or pass training.start_over=true to move this attempt "
+                f"to {run_dir}/attempt_N/ and train from step 0")
+        log(f"training.start_over=true: moved the earlier attempt to {archive_attempt(run_dir)}; starting fresh")
+    elif resume == "auto":
         log(f"training.resume=auto: no checkpoint in {run_dir}, starting fresh")
-    return found
+    return None
 
 
 def check_compatible(saved, current, source: Path) -> None:
@@ -206,23 +348,76 @@ def check_compatible(saved, current, source: Path) -> None:
             )
 
 
+# Keys a resume may change: how long to run, how often to log / save / evaluate, where the data and
+# the evaluation classifier are, the device, and the evaluation sampler. Everything else (seed, lr,
+# batch size, epochs, dataset, GRPO recipe, ...) defines the run's trajectory and must stay as it was.
+RESUME_MAY_CHANGE = ("training.resume", "training.run_dir", "training.max_steps", "training.log_every",
+                     "training.checkpoint_every", "training.keep_last", "training.eval_every",
+                     "training.num_eval_samples", "training.classifier", "training.max_nonfinite_steps",
+                     "training.tensorboard", "training.progress", "training.compile", "training.start_over",
+                     "training.init", "training.threads", "device", "dataset.root", "dataset.download", "solver",
+                     "seed_checkpoint")
+
+
+def flatten(node, prefix: str = "") -> dict:
+    """Nested mappings -> {dotted key: leaf value}."""
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out = {}
+    for key, value in node.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_changes(saved, current, source: Path) -> dict[str, list]:
+    """The keys this command changes relative to the checkpoint's config -> {key: [old, new]}; a change
+    outside RESUME_MAY_CHANGE is refused (it would silently change the run being continued)."""
+    check_compatible(saved, current, source)
+    old, new = flatten(to_plain(saved)), flatten(to_plain(current))
+    changes = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key)}
+    refused = [key for key in changes if not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)]
+    if refused:
+        shown = ", ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
+        raise ConfigError(f"resuming {source} would change {shown}; these keys fix the run being continued. Resume "
+                          f"with the original values, or start a new training.run_dir. Keys a resume may change: "
+                          f"{', '.join(RESUME_MAY_CHANGE)}")
+    return changes
+
+
+def record_resume(run_dir: Path, step: int, changes: dict) -> None:
+    """Append one line per resume to RUN_DIR/resumes.jsonl: when, from which step, what changed."""
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "changes": changes},
+                           default=str) + "\n")
+
+
 # --- logging ------------------------------------------------------------------------------------
 
 
 class MetricLogger:
-    """One logging path: console, metrics.jsonl and TensorBoard, written by rank 0 only."""
+    """One logging path: console, metrics.jsonl and TensorBoard, written by rank 0 only. The files
+    open at the first write, so a run that ends before logging anything leaves none."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+        self.run_dir, self.enabled, self.tensorboard = run_dir, enabled, tensorboard
+        self.path = run_dir / "metrics.jsonl"
         self.writer = None
         self.jsonl = None
-        if enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
-            if tensorboard:
+
+    def _open(self) -> None:
+        if self.jsonl is not None:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(self.path, "a")
+            if self.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
+                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        except OSError as e:
+            raise RunError(f"cannot write the run's logs in {self.run_dir} ({e.strerror or e}); check the "
+                           f"directory's permissions and free space, or choose another training.run_dir") from e
 
     def print(self, *args) -> None:
         if self.enabled:
@@ -233,14 +428,20 @@ class MetricLogger:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
+        self._open()
+        try:
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
+        except OSError as e:
+            raise RunError(f"cannot append to {self.path} ({e.strerror or e}); the checkpoints written so far "
+                           f"are intact") from e
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
     def figure(self, step: int, tag: str, figure) -> None:
-        if self.enabled and self.writer is not None:
+        if self.enabled and self.tensorboard:
+            self._open()
             self.writer.add_figure(tag, figure, step, close=False)
 
     def close(self) -> None:

@@ -23,6 +23,12 @@ from torch import Tensor, nn
 from flow import PREDICTIONS, AffinePath, expand_t
 from ode_solvers import ODESolution, solve, time_grid
 
+
+class NonFiniteSamplesError(RuntimeError):
+    """Sampling produced NaN or inf; the message names the sample, the first solver step that went
+    non-finite and the settings. Entry points refuse to write such samples."""
+
+
 # Below this many dimensions the likelihood uses the exact divergence (one backward pass per dimension);
 # above it, Hutchinson's estimator.
 EXACT_DIVERGENCE_MAX_DIM = 16
@@ -301,21 +307,30 @@ def generate(
             labels = torch.arange(sampler.num_classes).repeat_interleave(num_samples // sampler.num_classes)
     total = len(labels) if labels is not None else num_samples
     noise = torch.randn((total, *sample_shape), generator=torch.Generator().manual_seed(seed))
+    settings = dict(solver=solver_cfg.method, num_steps=solver_cfg.num_steps, grid=solver_cfg.grid,
+                    shift=solver_cfg.shift, guidance_scale=solver_cfg.guidance_scale,
+                    guidance_interval=tuple(solver_cfg.guidance_interval), ep_cfg=solver_cfg.ep_cfg,
+                    rtol=solver_cfg.rtol, atol=solver_cfg.atol)
     chunks = []
     for start in range(0, total, batch_size):
         y = labels[start : start + batch_size].to(device) if labels is not None else None
-        solution = sampler.sample(
-            noise[start : start + batch_size].to(device),
-            y,
-            solver=solver_cfg.method,
-            num_steps=solver_cfg.num_steps,
-            grid=solver_cfg.grid,
-            shift=solver_cfg.shift,
-            guidance_scale=solver_cfg.guidance_scale,
-            guidance_interval=tuple(solver_cfg.guidance_interval),
-            ep_cfg=solver_cfg.ep_cfg,
-            rtol=solver_cfg.rtol,
-            atol=solver_cfg.atol,
-        )
-        chunks.append(solution.x.float().cpu())
+        x = sampler.sample(noise[start : start + batch_size].to(device), y, **settings).x
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        if not bool(finite.all()):  # one host sync per batch
+            raise _non_finite(sampler, noise, labels, start + int((~finite).nonzero()[0]), int((~finite).sum()),
+                              len(x), settings, device)
+        chunks.append(x.float().cpu())
     return torch.cat(chunks), labels
+
+
+def _non_finite(sampler, noise, labels, index, bad, batch, settings, device) -> NonFiniteSamplesError:
+    """Re-solve sample `index` alone with its trajectory to name the first step that is not finite."""
+    y = labels[index : index + 1].to(device) if labels is not None else None
+    trajectory = sampler.sample(noise[index : index + 1].to(device), y, return_trajectory=True, **settings).trajectory
+    step = next((k for k, state in enumerate(trajectory) if not bool(torch.isfinite(state).all())), None)
+    where = f"first non-finite after solver step {step} of {len(trajectory) - 1}" if step else "non-finite"
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("rtol", "atol"))
+    label = f" (label {int(labels[index])})" if labels is not None else ""
+    return NonFiniteSamplesError(f"{bad} of {batch} samples in a batch are NaN/inf: sample {index}{label} is {where}, "
+                                 f"with {shown}; nothing was written (lower guidance_scale, another solver or more "
+                                 f"steps; or the checkpoint's weights are not finite)")

@@ -21,6 +21,7 @@ anywhere and resumed from its last checkpoint replays the same iterations bit fo
 
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,22 +39,29 @@ from rl.reward import build_reward
 from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob
 from runtime import (
     MetricLogger,
+    RunDirLock,
+    RunError,
     StopSignal,
     after_step,
     amp_dtype,
-    check_compatible,
+    atomic_write_text,
     derive_seed,
     find_resume_checkpoint,
+    is_finished,
     learning_rate,
     optimizer_step,
+    record_resume,
     resolve_run_dir,
+    resume_changes,
     run_loop,
     run_main,
     set_learning_rate,
     setup_runtime,
+    write_finished,
 )
 from sampling import FlowSampler, generate
 
+FINAL_OUTPUTS = ["samples.png", "samples.npz", "eval.json"]
 
 class GRPOTrainer:
     def __init__(self, cfg: DictConfig, runtime, run_dir: Path):
@@ -61,12 +69,16 @@ class GRPOTrainer:
         if runtime.distributed:
             raise ConfigError("train_grpo.py runs in one process (WORLD_SIZE = 1); launch it with python, not torchrun")
         device = runtime.device
-        self.log = MetricLogger(run_dir, True, cfg.training.tensorboard)
+        self.log = MetricLogger(run_dir, enabled=False, tensorboard=False)  # opened by fit(), under the lock
 
         # The seed's EMA (or raw) weights on the device, in eval mode throughout: rollouts and recomputed
         # log-probs must be the same function. The evaluation solver: the seed's, with solver.* overrides.
         seed = load_run(cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema,
                         solver_overrides=solver_overrides(cfg.solver))
+        if len(seed.sample_shape) != 3:
+            raise ConfigError(f"seed_checkpoint = {cfg.seed_checkpoint!r} was trained on {seed.config.dataset.name!r} "
+                              f"samples of shape {list(seed.sample_shape)}; Flow-GRPO's rewards score images, so the "
+                              f"seed must be an image model [C, H, W] (e.g. a digits_cfg run)")
         self.policy, self.model = seed.sampler, seed.model
         self.reference = copy.deepcopy(self.model).requires_grad_(False)  # the frozen seed policy
         self.reference_policy = FlowSampler(self.reference, self.policy.path, self.policy.prediction,
@@ -86,6 +98,7 @@ class GRPOTrainer:
         self.nonfinite_in_a_row = 0
         self.stop = StopSignal(runtime)
         self._seed_samples = None
+        self.resumed = None  # (step, changed keys) when fit() continues a checkpoint
 
     def _run_config(self, seed_config: DictConfig, solver: DictConfig) -> DictConfig:
         """This run's config plus the seed's model / flow / dataset and the evaluation solver: what
@@ -113,16 +126,20 @@ class GRPOTrainer:
         self.log.print(f"saved {path}")
 
     def resume(self) -> None:
-        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print)
+        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print,
+                                        start_over=self.cfg.training.start_over)
         if source is None:
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, load_ema=False)
-        check_compatible(loaded.config, self.run_config, loaded.path)  # same model and flow as the seed
+        changes = resume_changes(loaded.config, self.run_config, loaded.path)  # same seed, recipe and reward
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite_in_a_row = int(loaded.state["nonfinite_in_a_row"])
         self.step = loaded.step
-        self.log.print(f"resumed from {loaded.path} at iteration {self.step}")
+        changes.pop("training.resume", None)
+        self.resumed = (self.step, changes)  # recorded in resumes.jsonl once the run goes on (fit)
+        self.log.print(f"resumed from {loaded.path} at iteration {self.step}" +
+                       ("; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()) if changes else ""))
 
     # -- one iteration --
 
@@ -225,9 +242,14 @@ class GRPOTrainer:
         finite = torch.isfinite(grad_norms)
         self.nonfinite_in_a_row = 0 if bool(finite.all()) else self.nonfinite_in_a_row + int((~finite).sum())
         if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_steps:
-            raise RuntimeError(f"{self.nonfinite_in_a_row} consecutive non-finite GRPO updates (training.max_nonfinite_steps "
-                               f"= {self.cfg.training.max_nonfinite_steps}) at iteration {self.step}; aborting. The last "
-                               f"checkpoint is untouched.")
+            saved = ckpt.list_checkpoints(self.run_dir)
+            last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
+            raise RunError(f"{self.nonfinite_in_a_row} consecutive non-finite GRPO updates (training.max_nonfinite_steps "
+                           f"= {self.cfg.training.max_nonfinite_steps}) at iteration {self.step}; aborting (try a lower "
+                           f"grpo.lr). {last}")
+        if not bool(finite.all()):
+            self.log.print(f"WARNING: iteration {self.step}: {int((~finite).sum())} of {len(finite)} updates had a "
+                           f"non-finite gradient norm and were skipped")
         values = {f"grpo/{key}": float(value) for key, value in means_of.items()}
         values.update({
             "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
@@ -240,30 +262,47 @@ class GRPOTrainer:
     # -- the loop --
 
     def fit(self) -> int:
+        """Post-train to target_steps, evaluate, write samples, eval.json and the finished marker,
+        holding the run-dir lock; a finished run (outputs present) is a no-op."""
+        lock = RunDirLock(self.run_dir).acquire()
+        try:
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> int:
         tr = self.cfg.training
+        self.log = MetricLogger(self.run_dir, True, tr.tensorboard)
         self.resume()
         self.eval_classifier = None
         if tr.classifier:
             self.eval_classifier = load_eval_classifier(tr.classifier, self.run_config.dataset, self.runtime.device,
                                                         tr.num_eval_samples, self.cfg.seed)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.run_config, resolve=True))
-        if self.step >= self.target_steps:
+        if not (self.run_dir / "config.yaml").exists():  # the original is kept; resumes.jsonl has the changes
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.run_config, resolve=True))
+        if self.step >= self.target_steps and is_finished(self.run_dir, self.step):
             self.log.print(f"run {self.run_dir} already finished at iteration {self.step} (target {self.target_steps}); nothing to do")
             return 0
+        if self.resumed is not None:
+            record_resume(self.run_dir, *self.resumed)
         g = self.cfg.grpo
         self.log.print(
             f"{self.cfg.experiment}: GRPO on {type(self.model).__name__} ({count_parameters(self.model):,} parameters) "
             f"from {self.seed_path} (step {self.seed_step}) on {self.runtime.device}; reward {self.reward.name}; "
             f"{g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, num_inner={g.num_inner}; "
             f"iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}")
-        if self.step == 0:
-            self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
-        return run_loop(self.stop, self._loop, lambda: self.evaluate(final=True), self.log)
+        return run_loop(self.stop, self._loop, self.finish, self.log)
+
+    def finish(self) -> None:
+        self.evaluate(final=True)
+        write_finished(self.run_dir, self.step, FINAL_OUTPUTS)
 
     def _loop(self) -> None:
         from tqdm import tqdm
 
         tr = self.cfg.training
+        if self.step == 0:
+            self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
         bar = tqdm(total=self.target_steps, initial=self.step, disable=not tr.progress, dynamic_ncols=True,
                    desc=self.cfg.experiment)
         while self.step < self.target_steps:
@@ -301,6 +340,9 @@ class GRPOTrainer:
             else:
                 scores = metrics.image_compression_metrics(samples)
             values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if final and bad:
+            raise RunError(f"final evaluation at iteration {self.step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")
         self.log.scalars(self.step, values)
         if self._seed_samples is None:
             if self.step == 0:
@@ -315,7 +357,7 @@ class GRPOTrainer:
             figure = samples_figure(ode, labels, self.run_config.dataset.name)
             save_samples(ode, labels, self.run_dir, figure)
             close_figure(figure)
-            (self.run_dir / "eval.json").write_text(json.dumps({"iteration": self.step, **values}, indent=2))
+            atomic_write_text(self.run_dir / "eval.json", json.dumps({"iteration": self.step, **values}, indent=2))
         self.log.print(f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items()))
         return values
 

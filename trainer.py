@@ -16,6 +16,7 @@ saving a checkpoint (requeue the same command to continue), 1 error.
 """
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -31,21 +32,32 @@ from models import count_parameters
 from runtime import (
     EMA,
     MetricLogger,
+    RunDirLock,
+    RunError,
     Runtime,
     StopSignal,
     after_step,
     amp_dtype,
-    check_compatible,
+    atomic_write_text,
     derive_seed,
     epoch_permutation,
     find_resume_checkpoint,
+    is_finished,
     learning_rate,
     optimizer_step,
+    record_resume,
+    resume_changes,
     run_loop,
     set_learning_rate,
+    write_finished,
 )
 
 T_BINS = 10  # loss is also logged per t-bin of width 1/T_BINS
+# On CPU, models below this many parameters train on one intra-op thread (training.threads = null): for
+# the two-moons MLP two threads are 1.2x faster on an idle 2-core machine but 4x slower beside another
+# busy process (docs/benchmarks.md); the U-Nets gain 1.65x from two threads and keep them.
+SMALL_MODEL_PARAMETERS = 200_000
+FINAL_OUTPUTS = ["samples.png", "samples.npz"]
 
 
 def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
@@ -64,11 +76,16 @@ class Trainer:
         self.cfg, self.runtime, self.run_dir = cfg, runtime, run_dir
         tr = cfg.training
         device = runtime.device
-        self.log = MetricLogger(run_dir, runtime.is_main, tr.tensorboard)
+        # Nothing touches the run dir before fit(): a constructor error leaves no trace on disk.
+        self.log = MetricLogger(run_dir, enabled=False, tensorboard=False)
 
         self.dataset = build_dataset(cfg.dataset, device) if dataset is None else dataset
         torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
         self.model = build_model(cfg.model).to(device)
+        if device.type == "cpu":
+            threads = tr.threads or (1 if count_parameters(self.model) < SMALL_MODEL_PARAMETERS else None)
+            if threads:
+                torch.set_num_threads(threads)
         self.channels_last = len(self.dataset.sample_shape) == 3 and (tr.channels_last if tr.channels_last is not None else True)
         if self.channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
             self.model.to(memory_format=torch.channels_last)
@@ -110,8 +127,11 @@ class Trainer:
         self.generator = torch.Generator(device=device)
         self.step = 0
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.nonfinite_total = torch.zeros((), dtype=torch.long, device=device)  # for the warnings
+        self._nonfinite_reported = (0, 0)  # (total skipped, step) at the last warning
         self.stop = StopSignal(runtime)
         self._permutation = (None, None)  # (epoch, permutation) cache
+        self.resumed = None  # (step, changed keys) when fit() continues a checkpoint
 
     # -- state --
 
@@ -145,12 +165,13 @@ class Trainer:
 
     def resume(self) -> None:
         """Fresh start, or continue from training.resume (auto | PATH). Never overwrites a run."""
-        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print)
+        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print,
+                                        start_over=self.cfg.training.start_over)
         if source is None:
             self.initialize()
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
-        check_compatible(loaded.config, self.cfg, loaded.path)
+        changes = resume_changes(loaded.config, self.cfg, loaded.path)
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         if self.ema:
             if loaded.ema is None:
@@ -160,7 +181,10 @@ class Trainer:
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite_in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
-        self.log.print(f"resumed from {loaded.path} at step {self.step}")
+        changes.pop("training.resume", None)
+        self.resumed = (self.step, changes)  # recorded in resumes.jsonl once the run goes on (fit)
+        changed = "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()) if changes else ""
+        self.log.print(f"resumed from {loaded.path} at step {self.step}{changed}")
 
     def initialize(self) -> None:
         """A fresh run's start from training.init.checkpoint: each part (model, EMA, optimizer, step) on
@@ -256,37 +280,78 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model, skip=nonfinite)
         self.nonfinite_in_a_row = torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0)
+        self.nonfinite_total += nonfinite
         self.step += 1
         return loss_sum / tr.grad_accum, grad_norm, torch.cat(per_sample_all), torch.cat(t_all)
 
     # -- the loop --
 
     def fit(self) -> int:
+        """Train to target_steps, evaluate, write the final outputs and the finished marker. The run
+        dir is locked for the duration; a finished run (outputs present) is a no-op."""
+        lock = RunDirLock(self.run_dir).acquire() if self.runtime.is_main else None
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> int:
         tr = self.cfg.training
+        self.log = MetricLogger(self.run_dir, self.runtime.is_main, tr.tensorboard)
         self.resume()
         self.load_eval_classifier()
-        if self.runtime.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        if self.step >= self.target_steps:
+        if self.runtime.is_main and not (self.run_dir / "config.yaml").exists():  # the original is kept
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.step >= self.target_steps and (not self.runtime.is_main or is_finished(self.run_dir, self.step)):
             self.log.print(f"run {self.run_dir} already finished at step {self.step} (target {self.target_steps}); nothing to do")
             return 0
+        if self.resumed is not None and self.runtime.is_main:
+            record_resume(self.run_dir, *self.resumed)
+        if tr.max_steps is not None and tr.max_steps > self.total_steps:
+            self.log.print(f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
+                           f"(training.epochs = {tr.epochs} x {self.steps_per_epoch} steps per epoch); training stops at "
+                           f"{self.total_steps}. Raise training.epochs to train longer.")
         params = count_parameters(self.model)
         self.log.print(
             f"{self.cfg.experiment}: {type(self.model).__name__} with {params:,} parameters on {self.runtime.device} "
-            f"x{self.runtime.world_size}; {len(self.dataset):,} samples, batch {tr.batch_size}, "
-            f"steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
+            f"x{self.runtime.world_size} ({torch.get_num_threads()} threads); {len(self.dataset):,} samples, batch "
+            f"{tr.batch_size}, steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
         )
-        return run_loop(self.stop, self._loop, lambda: self.evaluate(final=True), self.log)
+        return run_loop(self.stop, self._loop, self.finish, self.log)
 
-    def _check_nonfinite(self) -> None:
-        """Read at log and checkpoint boundaries only (a host sync). Skipped steps leave the weights,
-        EMA and optimizer untouched, so a late abort loses nothing."""
-        in_a_row = int(self.nonfinite_in_a_row)
+    def finish(self) -> None:
+        """The final evaluation; its outputs, then the finished marker, are written last."""
+        self.evaluate(final=True)
+        if self.runtime.is_main:
+            write_finished(self.run_dir, self.step, FINAL_OUTPUTS)
+
+    def nonfinite_check_every(self) -> int:
+        """Steps between reads of the device counters (a host sync): a run stops after between
+        max_nonfinite_steps and 1.5x that many consecutive skipped steps."""
+        tr = self.cfg.training
+        return max(1, min(tr.log_every, tr.max_nonfinite_steps // 2))
+
+    def _check_nonfinite(self, summarise: bool = True) -> None:
+        """Warn about skipped steps (at the first one, then once per log interval that has any) and
+        abort after max_nonfinite_steps in a row. Skipped steps leave the weights, EMA and optimizer
+        untouched, so a late abort loses nothing."""
+        total, in_a_row = int(self.nonfinite_total), int(self.nonfinite_in_a_row)
+        reported_total, reported_step = self._nonfinite_reported
+        if total > reported_total and (summarise or reported_total == 0):
+            self.log.print(f"WARNING: {total - reported_total} optimizer step(s) between steps {reported_step} and "
+                           f"{self.step} had a non-finite gradient norm and were skipped (weights, EMA and optimizer "
+                           f"unchanged); {in_a_row} in a row now, training.max_nonfinite_steps = "
+                           f"{self.cfg.training.max_nonfinite_steps}")
+            self._nonfinite_reported = (total, self.step)
         limit = self.cfg.training.max_nonfinite_steps
         if in_a_row >= limit:
-            raise RuntimeError(
+            saved = ckpt.list_checkpoints(self.run_dir)
+            last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
+            raise RunError(
                 f"{in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = {limit}) ending at step "
-                f"{self.step}; aborting. The last checkpoint is untouched."
+                f"{self.step}; aborting: the loss or gradients diverged (try a lower training.lr, or check the data "
+                f"for NaN/inf). {last}"
             )
 
     def _loop(self) -> None:
@@ -314,8 +379,10 @@ class Trainer:
             skipped += (~finite).float()
             window_steps += 1
             bar.update(1)
-            if self.step % tr.log_every == 0 or self.step == self.target_steps:
-                self._check_nonfinite()
+            at_log = self.step % tr.log_every == 0 or self.step == self.target_steps
+            if at_log or self.step % self.nonfinite_check_every() == 0:
+                self._check_nonfinite(summarise=at_log)
+            if at_log:
                 elapsed = time.perf_counter() - window_start
                 good_steps = max(window_steps - int(skipped), 1)
                 values = {
@@ -357,18 +424,29 @@ class Trainer:
         if not self.runtime.is_main:
             return
         from figures import close_figure, samples_figure, save_samples
-        from sampling import FlowSampler, generate
+        from sampling import FlowSampler, NonFiniteSamplesError, generate
 
         model = self.ema.model if self.ema else self.model
         model.eval()
         sampler = FlowSampler(model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None))
         started = time.perf_counter()
-        samples, labels = generate(sampler, self.cfg.solver, self.dataset.sample_shape,
-                                   self.cfg.training.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+        try:
+            samples, labels = generate(sampler, self.cfg.solver, self.dataset.sample_shape,
+                                       self.cfg.training.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+        except NonFiniteSamplesError as error:
+            if final:
+                raise RunError(f"final evaluation at step {self.step}: {error}") from None
+            self.log.print(f"WARNING: evaluation at step {self.step} skipped: {error}")
+            self.model.train()
+            return
         latents = None
         if self.decode_latents is not None:  # latent model: figures and metrics are about the decoded images
             latents, samples = samples, self.decode_latents(samples)
         metrics = {"sampling_s": time.perf_counter() - started, **self.sample_metrics(samples, labels)}
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if final and bad:
+            raise RunError(f"final evaluation at step {self.step}: {', '.join(f'{k} = {metrics[k]}' for k in bad)} "
+                           f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)")
         self.log.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
         figure = samples_figure(samples, labels, self.dataset.name, getattr(self.dataset, "class_names", None))
         self.log.figure(self.step, "samples", figure)

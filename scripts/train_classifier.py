@@ -3,7 +3,8 @@
     python scripts/train_classifier.py dataset=fashion_mnist out=runs/reward_models/fashion_classifier.safetensors
     python scripts/train_classifier.py dataset=digits out=runs/classifiers/digits.safetensors epochs=20 device=cpu
 
-Keys (key=value, all optional but dataset and out): see `ClassifierTrainConfig`. Trains on the
+Keys (key=value, all optional but dataset and out): see `ClassifierTrainConfig`; the training
+commands' `dataset.root=DIR` and `dataset.download=false` work too. Trains on the
 dataset's train split, reports accuracy on the held-out test split, and writes exactly one file,
 `out` (safetensors, atomically). Its metadata holds everything `metrics.load_classifier` needs
 (architecture, constructor kwargs, dataset name, image shape [C, H, W]) plus the test accuracy
@@ -53,6 +54,8 @@ class ClassifierTrainConfig:
 
 # Short names used by the experiment presets and DESIGN.md's command line.
 DATASET_ALIASES = {"fashion": "fashion_mnist"}
+# train.py's keys for the same settings: `dataset.root=DIR` works as `root=DIR`.
+TRAINING_SPELLINGS = {"dataset.name": "dataset", "dataset.root": "root", "dataset.download": "download"}
 
 
 def parse_args(argv: list[str]) -> ClassifierTrainConfig:
@@ -62,6 +65,9 @@ def parse_args(argv: list[str]) -> ClassifierTrainConfig:
         if "=" not in arg or arg.startswith("="):
             raise ConfigError(f"argument {arg!r} is not key=value; keys: "
                               f"{', '.join(f.name for f in dataclasses.fields(ClassifierTrainConfig))}")
+    # The training commands' spellings of the dataset keys work here too.
+    argv = [TRAINING_SPELLINGS.get(arg.partition("=")[0], arg.partition("=")[0]) + "=" + arg.partition("=")[2]
+            for arg in argv]
     try:
         cfg = OmegaConf.from_dotlist(list(argv))
     except OmegaConfBaseException as e:

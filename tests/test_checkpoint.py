@@ -86,7 +86,7 @@ def test_latest_valid_falls_back_and_quarantines(tmp_path):
     data[-1] ^= 0xFF
     (bad / "model.safetensors").write_bytes(bytes(data))
     messages = []
-    assert ckpt.latest_valid_checkpoint(tmp_path, log=messages.append) == good
+    assert ckpt.latest_valid_checkpoint(tmp_path, log=messages.append, quarantine=True) == good
     assert "sha256" in messages[0] and "step_0000002" in messages[0]
     assert (tmp_path / "checkpoints" / "step_0000002.corrupt").is_dir()  # kept, not deleted
     assert ckpt.resolve_checkpoint(tmp_path) == good

@@ -113,10 +113,13 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
         return x1 * float("nan"), y, t, eps
 
     monkeypatch.setattr(trainer.Trainer, "micro_batch", poisoned)
-    # checked at the first log boundary (step 10 here): no host sync per step
-    with pytest.raises(RuntimeError, match="10 consecutive non-finite .* = 3"):
-        run_train(tmp_path / "run", *SHORT, "training.max_nonfinite_steps=3")
+    # The device counter is read every max(1, min(log_every, limit // 2)) steps: with a limit of 10 and
+    # log_every 10 (FAST) every 5 steps, so the run stops after 10 bad steps, not at a log boundary.
+    with pytest.raises(runtime.RunError, match=r"^10 consecutive non-finite .* = 10\) ending at step 10; .*no checkpoint"):
+        run_train(tmp_path / "run", *SHORT, "training.max_nonfinite_steps=10", "training.log_every=100")
     assert ckpt.list_checkpoints(tmp_path / "run") == []
+    with pytest.raises(runtime.RunError, match="3 consecutive non-finite .* = 3"):
+        run_train(tmp_path / "run3", *SHORT, "training.max_nonfinite_steps=3")
 
 
 def test_a_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
