@@ -393,3 +393,13 @@ def test_random_sigkills_then_resume_end_bitwise_identical(tmp_path):
     assert_same_state(final_state(tmp_path / "full"), final_state(run_dir))
     torch.testing.assert_close(torch.from_numpy(np.load(run_dir / "samples.npz")["points"]),
                                torch.from_numpy(np.load(tmp_path / "full" / "samples.npz")["points"]), rtol=0, atol=0)
+
+
+def test_a_log_write_that_fails_names_the_file(tmp_path):
+    """metrics.jsonl on a full device (/dev/full: every write fails with ENOSPC)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    logger = runtime.MetricLogger(run_dir, enabled=True, tensorboard=False)
+    with pytest.raises(runtime.RunError, match=r"cannot append to .*metrics.jsonl \(No space left on device\)"):
+        logger.scalars(1, {"train/loss": 1.0})
