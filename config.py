@@ -128,8 +128,8 @@ INIT_SOURCES = ("ema", "model", "none")  # training.init.model / .ema: which sav
 def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     """Hydra composition of configs/ with command-line overrides; Hydra errors reworded.
 
-    `inference` lives in its own directory, configs/inference/, so that its scalar keys
-    (`solver=heun`) are not mistaken for the training config groups of the same name.
+    `inference` and `eval` live in their own directories (configs/inference/, configs/eval/), so that
+    their scalar keys (`solver=heun`) are not mistaken for the training config groups of the same name.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -142,8 +142,9 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     ConfigStore.instance().store(name="train_schema", node=Config)
     ConfigStore.instance().store(name="inference_schema", node=InferenceConfig)
     ConfigStore.instance().store(name="grpo_schema", node=GRPORunConfig)
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
     GlobalHydra.instance().clear()
-    config_dir = CONFIG_DIR / "inference" if config_name == "inference" else CONFIG_DIR
+    config_dir = CONFIG_DIR / config_name if config_name in FLAT_CONFIGS else CONFIG_DIR
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
@@ -528,9 +529,36 @@ class InferenceConfig(SolverOverrides):
     seed: int = 0
     device: str = "auto"
     use_ema: bool = True
-    batch_size: int = 1024
+    batch_size: int | None = None  # images per forward; null = 1024 on CUDA / MPS, 128 on the CPU
     solver: str | None = None  # the ODE method (SolverOverrides.method)
     classifier: str | None = None  # score the samples (accuracy, classifier-FD + floor, bpp) -> metrics.json
+
+
+@dataclass
+class EvalConfig(SolverOverrides):
+    """`eval_imagenet.py` keys (flat solver keys as in inference.py; null keeps the run's own)."""
+
+    checkpoint: str | None = None  # required: checkpoint dir, run dir, or RUN_DIR/checkpoints/latest
+    out: str | None = None  # required: the evaluation directory (shards, samples.npz, metrics.json)
+    num_samples: int = 50000
+    seed: int = 0  # sample i's label and noise come from (seed, i) alone
+    chunk_size: int = 500  # samples per shard file: the unit of work, resume and rank assignment
+    batch_size: int | None = None  # images per forward; null = 250 on CUDA, 50 on the CPU
+    use_ema: bool = True
+    device: str = "auto"
+    solver: str | None = None  # the ODE method (SolverOverrides.method)
+    reference: str | None = None  # reference statistics (.npz from scripts/build_reference_stats.py, or an ADM batch)
+    inception_weights: str | None = None  # torch-fidelity's Inception file; null = the torch hub cache
+    metrics: bool = True  # false: samples.npz only (score elsewhere)
+
+
+def validate_eval(cfg) -> None:
+    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint, "is required: checkpoint=RUN_DIR (or .../latest or a step_* dir)")
+    check(bool(cfg.out), "out", cfg.out, "is required: the evaluation directory, e.g. out=runs/eval/h1024_cfg3")
+    check(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
+    check(cfg.chunk_size >= 1, "chunk_size", cfg.chunk_size, "must be >= 1")
+    check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
+    check_choice("device", cfg.device, DEVICES)
 
 
 def validate_inference(cfg) -> None:
@@ -539,7 +567,7 @@ def validate_inference(cfg) -> None:
           "is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)")
     check(cfg.n_per_class >= 1, "n_per_class", cfg.n_per_class, "must be >= 1")
     check(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
-    check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
+    check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
     check_choice("device", cfg.device, DEVICES)
 
 
@@ -607,7 +635,8 @@ class GRPORunConfig:
 
 
 # The typed schema of each primary config (configs/<name>.yaml), for error messages.
-SCHEMAS = {"config": Config, "inference": InferenceConfig, "config_grpo": GRPORunConfig}
+SCHEMAS = {"config": Config, "inference": InferenceConfig, "config_grpo": GRPORunConfig, "eval": EvalConfig}
+FLAT_CONFIGS = ("inference", "eval")  # primary configs with flat keys, each in configs/<name>/
 
 
 def load_grpo_config(overrides: list[str]) -> DictConfig:

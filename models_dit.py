@@ -1,6 +1,7 @@
 """Diffusion Transformers for the 256 px stages: DiT with adaLN-Zero (Peebles & Xie 2023), JiT options
-(Li & He 2025), a patch mixer with deferred token masking and expert-choice MoE (Sehwag et al. 2024,
-"Stretching Each Dollar"), and layerwise width scaling.
+(Li & He 2025), a patch mixer with deferred token masking and expert-choice MoE routed within each
+sample (Sehwag et al. 2024, "Stretching Each Dollar"), and layerwise width scaling. A sample's output
+never depends on the other samples of its batch (under masking: given its row of keep_ids).
 
 Every model is called as ``model(x, t, y)``: x [B, C, H, W], t [B] float in [0, 1] (0 = noise, 1 = data),
 y [B] long labels in [0, num_classes) or None (= the learned null label ``num_classes``, used by CFG). It
@@ -178,17 +179,19 @@ def activation(h: torch.Tensor, swiglu: bool) -> torch.Tensor:
 
 
 class ExpertChoiceMoE(nn.Module):
-    """Expert-choice mixture of experts (Zhou et al. 2022, arXiv 2202.09368): experts pick tokens.
+    """Expert-choice mixture of experts (Zhou et al. 2022, arXiv 2202.09368): experts pick tokens,
+    routing within each sample, as in MicroDiT (Sehwag et al. 2024) and the NanoFlow reference.
 
-    Router scores S = softmax_experts(x W_g) [T, E] over the T = B * N tokens of the batch; each expert
-    takes its top k = capacity_factor * T / E tokens by score, so every expert gets exactly k tokens (no
-    load-balancing loss, no dropped capacity) and a token is processed by 0..E experts, c on average.
-    Dispatch is one batched op per layer: gather [E, k, D], two einsums over the stacked expert weights,
-    and an index_add of the gate-weighted outputs back onto the tokens. A token no expert picks gets 0
-    from this layer; the residual connection carries it through.
-
-    Because experts choose among all tokens of the batch, a sample's output depends on the rest of its
-    batch (inherent to expert choice); tests and sampling should keep that in mind.
+    Router scores S = softmax_experts(x W_g) [B, N, E]; in every sample each expert takes its top
+    k = capacity_factor * N / E of that sample's N tokens by score (N = the tokens the layer sees per
+    image: all of them, or the kept ones under deferred masking), so every expert gets exactly k tokens
+    from every image (no load-balancing loss, no dropped capacity) and a token is processed by 0..E
+    experts, c on average. Routing never looks across samples, so a sample's output does not depend on
+    the rest of its batch: batch-sharded evaluation and the conditional / unconditional halves of a CFG
+    batch (which must not compete for expert capacity) give the same result as one image at a time.
+    Dispatch is one batched op per layer: gather [E, B * k, D] (each expert's picks from every sample),
+    two einsums over the stacked expert weights, and an index_add of the gate-weighted outputs back onto
+    the tokens. A token no expert picks gets 0 from this layer; the residual connection carries it.
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int, capacity_factor: float = 2.0,
@@ -205,7 +208,8 @@ class ExpertChoiceMoE(nn.Module):
             bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
             nn.init.uniform_(w, -bound, bound)
         nn.init.normal_(self.router.weight, std=0.02)
-        # Fraction of tokens picked by 0, 1 and 2+ experts in the last forward (detached, for logging).
+        # Fraction of tokens picked by 0, 1 and 2+ experts in the last forward, per sample and averaged
+        # over the batch (detached, for logging).
         self.register_buffer("load", torch.zeros(3), persistent=False)
 
     def expert_parameters(self) -> int:
@@ -213,27 +217,37 @@ class ExpertChoiceMoE(nn.Module):
         return sum(p[0].numel() for p in (self.w1, self.b1, self.w2, self.b2))
 
     def capacity(self, num_tokens: int) -> int:
+        """Tokens each expert takes from one sample of `num_tokens` tokens: c * N / E rounded to the
+        nearest integer (Python's round, half to even), clamped to [1, N]."""
         return max(1, min(num_tokens, round(self.capacity_factor * num_tokens / self.num_experts)))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (gates [E, k], token indices [E, k]): each expert's top-k tokens and their scores."""
-        scores = self.router(x).float().softmax(dim=-1)  # [T, E]
-        gates, index = scores.t().topk(self.capacity(x.shape[0]), dim=-1)  # [E, k] each
+        """x [B, N, D] -> (gates [B, E, k], token indices [B, E, k] in 0..N-1): each expert's top-k tokens
+        of each sample and their scores, k = capacity(N)."""
+        scores = self.router(x).float().softmax(dim=-1)  # [B, N, E]
+        gates, index = scores.transpose(1, 2).topk(self.capacity(x.shape[1]), dim=-1)  # [B, E, k] each
         return gates, index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., N, D] -> [..., N, D]; the leading dims are samples (a 2-D x is one sample)."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # [T, D]
-        gates, index = self.route(x)
-        h = torch.einsum("ekd,edh->ekh", x[index], self.w1) + self.b1[:, None]  # [E, k, hidden (x2)]
-        y = torch.einsum("ekh,ehd->ekd", activation(h, self.swiglu), self.w2) + self.b2[:, None]  # [E, k, D]
-        y = (gates[..., None].to(y.dtype) * y).flatten(0, 1)  # [E * k, D]
-        out = torch.zeros_like(x).index_add_(0, index.flatten(), y.to(x.dtype))
+        x = x.reshape(-1, *shape[-2:])  # [B, N, D]
+        B, N, D = x.shape
+        gates, index = self.route(x)  # [B, E, k]
+        # Flat token ids b * N + n, expert-major: [E, B * k], so the expert matmuls batch over E alone.
+        flat = (index + N * torch.arange(B, device=x.device)[:, None, None]).transpose(0, 1).flatten(1)
+        x = x.reshape(B * N, D)
+        h = torch.einsum("ekd,edh->ekh", x[flat], self.w1) + self.b1[:, None]  # [E, B * k, hidden (x2)]
+        y = torch.einsum("ekh,ehd->ekd", activation(h, self.swiglu), self.w2) + self.b2[:, None]  # [E, Bk, D]
+        gates = gates.transpose(0, 1).flatten(1)  # [E, B * k], matching flat
+        y = (gates[..., None].to(y.dtype) * y).flatten(0, 1)  # [E * B * k, D]
+        out = torch.zeros_like(x).index_add_(0, flat.flatten(), y.to(x.dtype))
         with torch.no_grad():  # experts per token; index_add (not bincount) keeps shapes static for compile
-            picks = torch.zeros(x.shape[0], device=x.device).index_add_(
-                0, index.flatten(), torch.ones(index.numel(), device=x.device))
-            self.load.copy_(torch.stack([(picks == 0).float().mean(), (picks == 1).float().mean(),
-                                         (picks >= 2).float().mean()]))
+            picks = torch.zeros(B * N, device=x.device).index_add_(
+                0, flat.flatten(), torch.ones(flat.numel(), device=x.device)).view(B, N)
+            # Per-sample fractions, then the batch mean (every sample has the same N).
+            self.load.copy_(torch.stack([(picks == 0).float().mean(1), (picks == 1).float().mean(1),
+                                         (picks >= 2).float().mean(1)], dim=-1).mean(0))
         return out.view(shape)
 
 
@@ -333,7 +347,7 @@ class DiT(nn.Module):
         num_experts: int = 0,  # 0 -> dense; otherwise expert-choice MoE in every moe_every-th block
         moe_every: int = 2,  # MoE in blocks i with (i + 1) % moe_every == 0, counted over all blocks
         moe_last: bool = False,  # may the last block be an MoE one (NanoFlow H1024: yes; default: never)
-        capacity_factor: float = 2.0,  # expert-choice c: each expert takes c * T / E tokens
+        capacity_factor: float = 2.0,  # expert-choice c: each expert takes c * N / E tokens per sample
         moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP width at that depth
         time_freq_dim: int = 256,  # sinusoidal features fed to the time MLP (DiT)
     ):
@@ -586,7 +600,8 @@ DIT_MODELS.update({name: partial(DiT if name == "jit_b16" else ClassCondDiT, **s
 
 def active_parameters(model: DiT) -> float:
     """Token-average active parameters: all of them, except that each MoE layer counts `c` experts
-    (every expert processes c T / E of the T tokens, so a token meets c experts on average) instead of E."""
+    (every expert processes c N / E of the N tokens of each sample, so a token meets c experts on
+    average) instead of E."""
     inactive = 0.0
     for block in model.blocks:
         moe = block.mlp

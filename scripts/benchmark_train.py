@@ -1,7 +1,9 @@
 """Training throughput of a preset: images/s, ms/step, peak memory, parameters, FLOPs and MFU.
 
     uv run python scripts/benchmark_train.py experiment=fashion_cfg [steps=50 warmup=10 batch=128
-        device=auto compile=null amp=auto channels_last=null synthetic=true peak_tflops=null] [train.py overrides]
+        device=auto compile=null amp=auto channels_last=null synthetic=true peak_tflops=null out=FILE.json
+        profile=TABLE.txt]
+        [train.py overrides]
 
 It times the real `Trainer.train_step` (data draw, forward, loss, backward, clip, fused AdamW,
 EMA) after `warmup` untimed steps. FLOPs of one step are counted once with
@@ -23,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from config import ConfigError, load_config  # noqa: E402
-from runtime import setup_runtime  # noqa: E402
+from config import load_config  # noqa: E402
+from runtime import run_main, setup_runtime  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 BENCH_KEYS = {"steps": 50, "warmup": 10, "batch": None, "device": None, "compile": None, "amp": None,
-              "channels_last": None, "synthetic": True, "peak_tflops": None}
+              "channels_last": None, "synthetic": True, "peak_tflops": None, "out": None, "profile": None}
 # bf16 dense tensor-core peaks (TFLOP/s) for MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 4090": 165.2, "RTX 4080": 97.5}
 
@@ -88,6 +90,24 @@ def step_flops(trainer) -> int:
     return counter.get_total_flops()
 
 
+def profile_steps(trainer, out: Path, sync, steps: int = 3) -> None:
+    """A torch.profiler table of `steps` training steps (the top 40 ops by device time, else CPU time),
+    plus a chrome trace beside it: where the step's time goes (host syncs, attention kernels, MoE
+    gathers, the optimizer and EMA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    step = trainer.step
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        sync()
+    trainer.step = step
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    prof.export_chrome_trace(str(out.with_suffix(".trace.json")))
+
+
 def main(argv: list[str] | None = None) -> dict:
     options, overrides = parse(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -105,12 +125,16 @@ def main(argv: list[str] | None = None) -> dict:
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for _ in range(options["steps"]):
             trainer.train_step()
         sync()
         seconds = (time.perf_counter() - start) / options["steps"]
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / options["steps"]
         flops = step_flops(trainer)
+        if options["profile"]:
+            profile_steps(trainer, Path(options["profile"]), sync)
         result = {
             "experiment": cfg.experiment,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
@@ -119,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             "images_per_s": cfg.training.batch_size / seconds,
             "ms_per_step": seconds * 1e3,
             "peak_memory_mb": peak_memory_mb(device),
+            "minor_page_faults_per_step": faults,
             "gflops_per_step": flops / 1e9,
             "achieved_tflops": flops / seconds / 1e12,
             "compile": trainer.forward_model is not trainer.model,
@@ -132,13 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
         if peak:
             result["mfu"] = result["achieved_tflops"] / peak
         print(json.dumps(result, indent=2))
+        if options["out"]:
+            Path(options["out"]).write_text(json.dumps(result, indent=2))
         return result
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    try:
-        main()
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_main(lambda argv: (main(argv), 0)[1])

@@ -17,8 +17,10 @@ A stage is NAME:key=value,... with keys
   epochs        passes over --images-per-epoch images (ImageNet-1k train: 1,281,167), or
   images        images seen
   train_gflops  training GFLOPs per image; default: scripts/estimate_dit_complexity.py on the model
-and at most one measured speed: `gpu_hours` (GPU-hours the stage took) or `images_per_s` (of the whole
-job, all --gpus together). Without either, the stage runs at --mfu of --peak-tflops per GPU.
+and at most one measured speed: `gpu_hours` (GPU-hours the stage took), `images_per_s` (of the whole
+job, all --gpus together) or `benchmark` (a JSON file from `scripts/benchmark_train.py ... out=FILE`,
+measured on one GPU and scaled linearly to --gpus). Without one, the stage runs at --mfu of
+--peak-tflops per GPU.
 Training FLOPs per image are 3 x forward (forward + backward), as in the estimator.
 """
 
@@ -35,7 +37,7 @@ from models_dit import complexity  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
-STAGE_KEYS = {"mask_ratio", "epochs", "images", "train_gflops", "gpu_hours", "images_per_s"}
+STAGE_KEYS = {"mask_ratio", "epochs", "images", "train_gflops", "gpu_hours", "images_per_s", "benchmark"}
 
 
 def parse_stage(text: str) -> dict:
@@ -49,8 +51,12 @@ def parse_stage(text: str) -> dict:
         stage[key] = yaml.safe_load(value)
     if ("epochs" in stage) == ("images" in stage):
         raise ValueError(f"stage {text!r}: give exactly one of epochs= or images=")
-    if "gpu_hours" in stage and "images_per_s" in stage:
-        raise ValueError(f"stage {text!r}: give at most one of gpu_hours= or images_per_s=")
+    if sum(key in stage for key in ("gpu_hours", "images_per_s", "benchmark")) > 1:
+        raise ValueError(f"stage {text!r}: give at most one of gpu_hours=, images_per_s= or benchmark=")
+    if "benchmark" in stage:  # a measured speed: scripts/benchmark_train.py ... out=FILE.json (one GPU)
+        measured = json.loads(Path(str(stage.pop("benchmark"))).read_text())
+        stage["images_per_s_per_gpu"] = float(measured["images_per_s"])
+        stage["measured_mfu"] = measured.get("mfu")
     return stage
 
 
@@ -64,6 +70,8 @@ def stage_cost(stage: dict, train_flops_per_image: float, *, images_per_epoch: i
         gpu_seconds = stage["gpu_hours"] * 3600
     elif "images_per_s" in stage:
         gpu_seconds = images / stage["images_per_s"] * gpus
+    elif "images_per_s_per_gpu" in stage:  # measured on one GPU; assumes linear scaling to `gpus`
+        gpu_seconds = images / stage["images_per_s_per_gpu"]
     else:
         gpu_seconds = flops / (mfu * peak_tflops * 1e12)
     tflops_per_gpu = flops / gpu_seconds / 1e12

@@ -29,8 +29,8 @@ cost_script = load_script("estimate_training_cost")
 H1024 = "nanoflow_h1024_d20_e16_c2_moew05"
 IMAGENET = 1_281_167
 
-# Small models covering every counted part. Batch 4 keeps each MoE layer's capacity c B T / E an integer,
-# where the analytic token average is exact.
+# Small models covering every counted part. Their MoE layers' per-sample capacity c N / E is an integer
+# (N = tokens per image, all or the kept ones), where the analytic token average is exact.
 SMALL = {
     "dense_sincos": dict(depth=3, hidden_size=64, num_heads=4, input_size=8),
     "masked_moe_layerwise_narrow_mixer": dict(

@@ -156,6 +156,37 @@ def test_unet_bf16_autocast_forward_is_finite():
     assert (out.float() - model(x, t, y)).abs().max() < 0.05 * model(x, t, y).abs().max()
 
 
+def assert_batch_independent(model, x, t, y, null=None):
+    """Row 0 of the batch equals the same input alone; a CFG batch [x; x] with labels [y; null] gives
+    each half what it gives alone (eval mode: no dropout)."""
+    with torch.no_grad():
+        batched, alone = model(x, t, y), model(x[:1], t[:1], None if y is None else y[:1])
+        assert batched.abs().mean() > 1e-3  # perturbed: the output carries signal
+        torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
+        if null is not None:
+            nulls = torch.full_like(y[:1], null)
+            cfg = model(torch.cat([x[:1], x[:1]]), t[:1].repeat(2), torch.cat([y[:1], nulls]))
+            torch.testing.assert_close(cfg[:1], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cfg[1:], model(x[:1], t[:1], nulls), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_unet_is_batch_independent(conditional):
+    model = perturb_zero_init(build({**SMALL, "num_classes": 10} if conditional else SMALL)).eval()
+    x, t, y = inputs(8, 1, 16)  # GroupNorm normalises per sample; eval turns dropout off
+    assert_batch_independent(model, x, t, y if conditional else None, 10 if conditional else None)
+
+
+@pytest.mark.parametrize("cls", [models.MLP, models.ClassCondMLP])
+def test_mlp_is_batch_independent(cls):
+    torch.manual_seed(0)
+    model = cls(num_classes=2) if cls is models.ClassCondMLP else cls()
+    torch.nn.init.normal_(model.out[-1].weight)  # undo the zero init
+    x, t = torch.randn(8, 2), torch.rand(8)
+    y = torch.randint(0, 2, (8,)) if cls is models.ClassCondMLP else None
+    assert_batch_independent(model.eval(), x, t, y, 2 if y is not None else None)
+
+
 def test_unet_rejects_bad_resolutions_and_settings():
     model = build({**SMALL, "depth": 3})
     with pytest.raises(ValueError, match="divisible by 8"):

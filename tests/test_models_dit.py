@@ -137,22 +137,25 @@ def test_unpatchify_without_normalisation_would_be_wrong_and_bad_sizes_raise():
 
 
 def loop_reference(moe, x):
-    """Slow per-expert MoE: routing and FFN one expert at a time, accumulation by indexing."""
-    x = x.reshape(-1, x.shape[-1])
-    scores = moe.router(x).float().softmax(dim=-1)
-    k = moe.capacity(x.shape[0])
-    out = torch.zeros_like(x)
-    for e in range(moe.num_experts):
-        gate, idx = scores[:, e].topk(k)
-        h = x[idx] @ moe.w1[e] + moe.b1[e]
-        if moe.swiglu:
-            a, b = h.chunk(2, dim=-1)
-            h = F.silu(a) * b
-        else:
-            h = F.gelu(h, approximate="tanh")
-        y = h @ moe.w2[e] + moe.b2[e]
-        out = out.index_add(0, idx, gate[:, None] * y)
-    return out
+    """Slow per-sample, per-expert MoE: routing and FFN one (sample, expert) at a time, accumulation by
+    indexing. x [B, N, D]."""
+    outs = []
+    for sample in x:  # [N, D]
+        scores = moe.router(sample).float().softmax(dim=-1)
+        k = moe.capacity(sample.shape[0])
+        out = torch.zeros_like(sample)
+        for e in range(moe.num_experts):
+            gate, idx = scores[:, e].topk(k)
+            h = sample[idx] @ moe.w1[e] + moe.b1[e]
+            if moe.swiglu:
+                a, b = h.chunk(2, dim=-1)
+                h = F.silu(a) * b
+            else:
+                h = F.gelu(h, approximate="tanh")
+            y = h @ moe.w2[e] + moe.b2[e]
+            out = out.index_add(0, idx, gate[:, None] * y)
+        outs.append(out)
+    return torch.stack(outs)
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
@@ -167,7 +170,7 @@ def test_moe_dispatch_matches_loop_reference_forward_and_backward(swiglu):
 
     fast = moe(x)
     fast_grads = torch.autograd.grad(fast, [x, *moe.parameters()], grad_out)
-    slow = loop_reference(moe, x).view_as(x)
+    slow = loop_reference(moe, x)
     slow_grads = torch.autograd.grad(slow, [x, *moe.parameters()], grad_out)
 
     torch.testing.assert_close(fast, slow)
@@ -176,19 +179,43 @@ def test_moe_dispatch_matches_loop_reference_forward_and_backward(swiglu):
     assert fast_grads[1].abs().sum() > 0  # the router learns through the gates
 
 
-def test_every_expert_takes_exactly_its_capacity_and_load_stats():
+def test_every_expert_takes_exactly_its_capacity_from_every_sample_and_load_stats():
     torch.manual_seed(0)
     moe = md.ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
-    x = torch.randn(2, 12, 8)
-    gates, index = moe.route(x.reshape(-1, 8))
-    assert index.shape == (4, moe.capacity(24)) == (4, 12)  # c * T / E = 2 * 24 / 4
-    assert all(len(set(row.tolist())) == 12 for row in index)  # distinct tokens per expert
+    B, N = 3, 12
+    x = torch.randn(B, N, 8)
+    gates, index = moe.route(x)
+    assert index.shape == gates.shape == (B, 4, moe.capacity(N)) == (3, 4, 6)  # c * N / E = 2 * 12 / 4
+    assert index.min() >= 0 and index.max() < N  # positions within the sample
+    assert all(len(set(row.tolist())) == 6 for row in index.flatten(0, 1))  # distinct tokens per expert
     assert torch.isfinite(gates).all() and (gates > 0).all()
     moe(x)
     assert moe.load.shape == (3,) and torch.isclose(moe.load.sum(), torch.tensor(1.0))
-    picks = torch.bincount(index.flatten(), minlength=24)
-    assert moe.load[0] == (picks == 0).float().mean()
+    picks = torch.stack([torch.bincount(i.flatten(), minlength=N) for i in index])  # [B, N] experts/token
+    assert (picks.sum(1) == 4 * 6).all()  # every sample gives each expert exactly k tokens
+    expected = torch.stack([(picks == 0).float().mean(1), (picks == 1).float().mean(1),
+                            (picks >= 2).float().mean(1)], dim=-1).mean(0)
+    torch.testing.assert_close(moe.load, expected)
     assert (picks * 1.0).mean() == 2.0  # a token meets c experts on average
+
+
+def test_capacity_is_per_sample_rounded_and_clamped():
+    moe = md.ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
+    assert [moe.capacity(n) for n in (16, 8, 10, 256, 64)] == [8, 4, 5, 128, 32]
+    moe.capacity_factor = 1.0
+    assert [moe.capacity(n) for n in (6, 10, 1)] == [2, 2, 1]  # round half to even; at least 1
+    moe.capacity_factor = 8.0
+    assert moe.capacity(3) == 3  # at most every token of the sample
+
+
+def test_moe_layer_is_batch_independent():
+    torch.manual_seed(0)
+    moe = md.ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
+    x = torch.randn(5, 12, 8)
+    batched = moe(x)
+    for i in range(5):
+        torch.testing.assert_close(batched[i : i + 1], moe(x[i : i + 1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moe(x[0]), batched[0], rtol=1e-5, atol=1e-5)  # a 2-D x is one sample
 
 
 # --- deferred masking -------------------------------------------------------------------------------
@@ -397,6 +424,75 @@ def test_smoke_config_trains_masked_moe_on_cpu():
         opt.step()
         assert torch.isfinite(loss) and keep.sum(1).eq(8).all()
     assert all(torch.isclose(v.sum(), torch.tensor(1.0)) for v in model.moe_load().values())
+
+
+def smoke_moe_dit():
+    ctor, kwargs = model_config("dit_smoke")
+    torch.manual_seed(0)
+    return perturb(md.DIT_MODELS[ctor](**kwargs))
+
+
+# Perturbed (zero-init layers non-zero) models for the batch-independence tests.
+BATCH_INDEPENDENCE = {
+    "moe_smoke": smoke_moe_dit,
+    "moe_layerwise_masked": lambda: perturb(tiny(**CONFIGS["moe_layerwise_masked"])),
+    "dense": lambda: perturb(tiny()),
+    "dense_rope_jit": lambda: perturb(tiny(**CONFIGS["rope_jit"])),
+}
+
+
+@pytest.mark.parametrize("name", BATCH_INDEPENDENCE)
+def test_output_is_batch_independent_and_cfg_halves_do_not_interact(name):
+    model = BATCH_INDEPENDENCE[name]().eval()
+    x, t, y = inputs(model, batch=8)
+    with torch.no_grad():
+        batched, alone = model(x, t, y), model(x[:1], t[:1], y[:1])
+        assert batched.abs().mean() > 1e-2  # perturbed: every path carries signal
+        torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
+        # CFG: [x; x] with labels [y; null]; each half is what it is alone.
+        null = torch.full_like(y[:1], model.num_classes)
+        cfg = model(x[:1].repeat(2, 1, 1, 1), t[:1].repeat(2), torch.cat([y[:1], null]))
+        torch.testing.assert_close(cfg[:1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cfg[1:], model(x[:1], t[:1], null), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(cfg[:1], cfg[1:])
+
+
+@pytest.mark.parametrize("name", ["moe_smoke", "moe_layerwise_masked"])
+def test_masked_moe_dit_is_batch_independent_given_keep_ids(name):
+    model = BATCH_INDEPENDENCE[name]().train()  # no dropout anywhere; keep_ids fix the mask
+    x, t, y = inputs(model, batch=8)
+    ids = model.sample_keep(8, model.grid**2, model.mask_ratio, torch.Generator().manual_seed(0), x.device)
+    with torch.no_grad():
+        batched, alone = model(x, t, y, keep_ids=ids), model(x[:1], t[:1], y[:1], keep_ids=ids[:1])
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_dit_routes_per_sample_on_all_or_kept_tokens():
+    model = smoke_moe_dit().train()
+    routed = {}
+    for i in model.moe_blocks:
+        moe = model.blocks[i].mlp
+
+        def record(x, moe=moe, i=i):
+            gates, index = md.ExpertChoiceMoE.route(moe, x)
+            routed[i] = (x.shape, index)
+            return gates, index
+
+        moe.route = record
+    B = 4
+    x, t, y = inputs(model, batch=B)
+    ids = model.sample_keep(B, 16, model.mask_ratio, torch.Generator().manual_seed(0), x.device)
+    model(x, t, y, keep_ids=ids)
+    # Block 1 is in the mixer (all 16 tokens: k = 2 * 16 / 4 = 8); 3 and 5 see the 8 kept (k = 4).
+    for i, n, k in [(1, 16, 8), (3, 8, 4), (5, 8, 4)]:
+        shape, index = routed[i]
+        assert shape[:2] == (B, n) and index.shape == (B, 4, k)
+        picks = torch.stack([torch.bincount(row.flatten(), minlength=n) for row in index])  # [B, n]
+        assert all(len(set(r.tolist())) == k for r in index.flatten(0, 1))  # k distinct tokens per expert
+        assert (picks.sum(1) == 4 * k).all()  # ... from every image
+        load = model.blocks[i].mlp.load
+        assert torch.isclose(load.sum(), torch.tensor(1.0))
+        torch.testing.assert_close(load[0], (picks == 0).float().mean())
 
 
 def test_keep_ids_drawn_outside_the_model_equal_the_generator_path():

@@ -1,0 +1,247 @@
+"""Sample N images from a class-conditional checkpoint (pixel or latent) and score them with Inception
+FID / IS / precision-recall: the number the field compares.
+
+    torchrun --nproc_per_node=8 eval_imagenet.py checkpoint=runs/h1024_unmasked out=runs/eval/h1024 \\
+        num_samples=50000 reference=VIRTUAL_imagenet256_labeled.npz solver=heun num_steps=32 guidance_scale=1.5
+    python eval_imagenet.py checkpoint=runs/c10 out=runs/eval/c10 num_samples=50000 reference=cifar10_train.npz
+
+Sample i depends only on (checkpoint, sampler settings, seed, i): its label is i mod K (class-balanced
+over the K classes) and its noise comes from a generator seeded by (seed, i). The index space is cut
+into fixed chunks of `chunk_size`; rank r samples chunks r, r + world, ..., each in batches of
+`batch_size` starting at the chunk's first index, so 1, 2 or 8 ranks write bitwise-identical images at
+the same batch size (the models are batch-independent, the expert-choice MoE included), and another
+batch size gives the same images up to float rounding.
+
+Crash safety: every chunk is one shard file written atomically (out/shards/chunk_*.npz); a killed job
+re-run with the same command samples only the missing chunks. out/eval.json records the settings and
+their hash (checkpoint manifest sha256 + sampler settings + seed, sizes): a directory holding samples of
+another checkpoint or other settings is refused. When every chunk exists, rank 0 writes out/samples.npz
+in the ADM format (`arr_0` uint8 N x H x W x 3, `arr_1` labels int64; a fixed zip timestamp, so reruns
+give the same bytes) and, with a reference, out/metrics.json with every metric and the full protocol.
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import checkpoint as ckpt
+from build import latent_vae_id, load_run
+from config import EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
+from datasets import model_space_to_uint8
+from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
+from sampling import NonFiniteSamplesError
+from vae import latent_decoder
+
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: identical runs, identical bytes
+
+
+def sample_inputs(indices: range, seed: int, shape: tuple[int, ...], num_classes: int | None):
+    """Sample indices -> (noise [n, *shape] float32, labels [n] or None), each row from (seed, i) alone."""
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, i)))
+                         for i in indices])
+    labels = None if num_classes is None else torch.tensor([i % num_classes for i in indices])
+    return noise, labels
+
+
+def to_uint8_rgb(images: torch.Tensor) -> np.ndarray:
+    """[n, C, H, W] in [-1, 1] -> uint8 [n, H, W, 3] (grayscale repeated: evaluators expect RGB)."""
+    array = model_space_to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy()
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+class Evaluation:
+    def __init__(self, cfg, runtime):
+        self.cfg, self.runtime = cfg, runtime
+        self.out = Path(cfg.out)
+        device = runtime.device
+        self.run = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
+        self.sampler, self.solver = self.run.sampler, self.run.solver
+        if self.sampler.num_classes is None:
+            raise RunError(f"checkpoint {self.run.checkpoint.path} is unconditional; eval_imagenet.py samples "
+                           f"class-balanced labels and needs a class-conditional model")
+        self.decode = latent_decoder(latent_vae_id(self.run.config.dataset), device)
+        self.batch_size = cfg.batch_size or (250 if device.type == "cuda" else 50)
+        self.num_chunks = math.ceil(cfg.num_samples / cfg.chunk_size)
+        self.forwards = 0
+        forward = self.sampler.model.forward
+
+        def counted(*args, **kwargs):
+            self.forwards += 1
+            return forward(*args, **kwargs)
+
+        self.sampler.model.forward = counted
+
+    # -- settings and the output directory --
+
+    def settings(self) -> dict:
+        manifest = self.run.checkpoint.path / "manifest.json"
+        return {
+            "checkpoint": str(self.run.checkpoint.path), "checkpoint_step": self.run.checkpoint.step,
+            "checkpoint_manifest_sha256": ckpt.sha256_file(manifest), "use_ema": self.cfg.use_ema,
+            "solver": to_plain(self.solver), "seed": self.cfg.seed, "num_samples": self.cfg.num_samples,
+            "chunk_size": self.cfg.chunk_size, "batch_size": self.batch_size,
+            "labels": f"class-balanced: sample i has label i mod {self.sampler.num_classes}",
+            "noise": "sample i: torch.randn from a CPU generator seeded by derive_seed(seed, i)",
+            "sample_shape": list(self.run.sample_shape), "decoded_with": latent_vae_id(self.run.config.dataset),
+        }
+
+    def claim_directory(self) -> dict:
+        """Rank 0 writes (or checks) out/eval.json; every rank then agrees on it."""
+        settings = self.settings()
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        path = self.out / "eval.json"
+        if self.runtime.is_main:
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                if saved.get("settings_sha256") != digest:
+                    differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+                    raise RunError(f"out = {str(self.out)!r} holds samples made with other settings (differing: "
+                                   f"{', '.join(differ)}); use another out directory or the original settings")
+            else:
+                (self.out / "shards").mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(".eval.json.tmp")
+                tmp.write_text(json.dumps({"settings": settings, "settings_sha256": digest}, indent=2))
+                os.replace(tmp, path)
+        if self.runtime.distributed:
+            dist.barrier()
+        return settings
+
+    def chunk_path(self, chunk: int) -> Path:
+        return self.out / "shards" / f"chunk_{chunk:06d}.npz"
+
+    # -- sampling --
+
+    @torch.no_grad()
+    def sample_chunk(self, chunk: int) -> None:
+        cfg, so = self.cfg, self.solver
+        start, stop = chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, cfg.num_samples)
+        images, labels = [], []
+        for b in range(start, stop, self.batch_size):
+            indices = range(b, min(b + self.batch_size, stop))
+            noise, y = sample_inputs(indices, cfg.seed, self.run.sample_shape, self.sampler.num_classes)
+            device = self.runtime.device
+            x = self.sampler.sample(noise.to(device), y.to(device), solver=so.method, num_steps=so.num_steps,
+                                    grid=so.grid, shift=so.shift, guidance_scale=so.guidance_scale,
+                                    guidance_interval=tuple(so.guidance_interval), ep_cfg=so.ep_cfg,
+                                    rtol=so.rtol, atol=so.atol).x
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteSamplesError(f"samples {b}..{indices[-1]} are NaN/inf with solver {so.method} "
+                                            f"x{so.num_steps}, guidance_scale={so.guidance_scale}; nothing was written "
+                                            f"for chunk {chunk}")
+            if self.decode is not None:
+                x = self.decode(x)
+            images.append(to_uint8_rgb(x))
+            labels.append(y.numpy().astype(np.int64))
+        final = self.chunk_path(chunk)
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, images=np.concatenate(images), labels=np.concatenate(labels))
+        os.replace(tmp, final)  # a shard exists only complete
+
+    def sample_all(self) -> None:
+        from tqdm import tqdm
+
+        mine = [c for c in range(self.runtime.rank, self.num_chunks, self.runtime.world_size)]
+        todo = [c for c in mine if not self.chunk_path(c).is_file()]
+        size = self.cfg.chunk_size
+        done = sum(min(size, self.cfg.num_samples - c * size) for c in range(self.num_chunks)
+                   if self.chunk_path(c).is_file())
+        # Rank 0's bar counts every rank's work by assuming the others keep its pace (images/s, ETA).
+        bar = tqdm(total=self.cfg.num_samples, initial=done, unit="img", dynamic_ncols=True,
+                   disable=not self.runtime.is_main, desc=f"sampling x{self.runtime.world_size}")
+        for chunk in todo:
+            self.sample_chunk(chunk)
+            bar.update(min(size, self.cfg.num_samples - chunk * size) * self.runtime.world_size)
+        bar.close()
+        if self.runtime.distributed:
+            dist.barrier()
+
+    # -- outputs --
+
+    def write_samples_npz(self) -> Path:
+        """Concatenate the shards into out/samples.npz (ADM layout), streamed: never all images in RAM."""
+        first = np.load(self.chunk_path(0))
+        height, width, channels = first["images"].shape[1:]
+        n = self.cfg.num_samples
+        path = self.out / "samples.npz"
+        tmp = path.with_name(".samples.npz.tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, dtype, shape, key in (("arr_0.npy", np.uint8, (n, height, width, channels), "images"),
+                                            ("arr_1.npy", np.int64, (n,), "labels")):
+                with archive.open(zipfile.ZipInfo(name, date_time=ZIP_DATE), "w", force_zip64=True) as member:
+                    np.lib.format.write_array_header_2_0(
+                        member, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                 "shape": shape})
+                    for chunk in range(self.num_chunks):
+                        with np.load(self.chunk_path(chunk)) as shard:
+                            member.write(np.ascontiguousarray(shard[key], dtype=dtype).tobytes())
+        os.replace(tmp, path)
+        return path
+
+    def iter_images(self, batch: int = 500):
+        """uint8 [n, 3, H, W] torch batches of every sample, in index order (for the metrics)."""
+        for chunk in range(self.num_chunks):
+            with np.load(self.chunk_path(chunk)) as shard:
+                images = torch.from_numpy(shard["images"]).permute(0, 3, 1, 2)
+            yield from images.split(batch)
+
+    def score(self, settings: dict, seconds: float) -> dict:
+        import metrics
+
+        extractor = metrics.load_inception(self.cfg.inception_weights, self.runtime.device)
+        reference = metrics.load_reference(self.cfg.reference, extractor)
+        values = metrics.inception_metrics(extractor, self.iter_images(), reference)
+        protocol = {**settings, "reference": str(self.cfg.reference), "reference_count": reference.count,
+                    "extractor": "torch-fidelity inception-v3-compat (TF-2015 graph)",
+                    "extractor_sha256": extractor.sha256, "world_size": self.runtime.world_size,
+                    "nfe_per_sample_rank0": self.forwards_per_sample(), "sampling_seconds": seconds}
+        result = {"metrics": values, "protocol": protocol}
+        (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+        return values
+
+    def forwards_per_sample(self) -> float | None:
+        """Model forwards per batch on this rank (a guided step is one forward of 2B rows)."""
+        batches = sum(math.ceil(min(self.cfg.chunk_size, self.cfg.num_samples - c * self.cfg.chunk_size)
+                                / self.batch_size) for c in range(self.runtime.rank, self.num_chunks,
+                                                                  self.runtime.world_size))
+        return self.forwards / batches if batches and self.forwards else None
+
+    def run_all(self) -> int:
+        settings = self.claim_directory()
+        started = time.perf_counter()
+        self.sample_all()
+        seconds = time.perf_counter() - started
+        if not self.runtime.is_main:
+            return 0
+        missing = [c for c in range(self.num_chunks) if not self.chunk_path(c).is_file()]
+        if missing:
+            raise RunError(f"{len(missing)} chunks missing in {self.out / 'shards'} after sampling (first {missing[0]})")
+        path = self.write_samples_npz()
+        print(f"{self.cfg.num_samples} samples -> {path} ({seconds:.1f} s sampling this run)")
+        if self.cfg.metrics and self.cfg.reference:
+            values = self.score(settings, seconds)
+            print(" ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="eval"), EvalConfig)
+    validate_eval(cfg)
+    runtime = setup_runtime(cfg.device)
+    try:
+        return Evaluation(cfg, runtime).run_all()
+    finally:
+        teardown_runtime(runtime)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,116 @@
+"""eval_imagenet.py: sharded sampling that is independent of the rank count and the batch, resumable
+after a SIGKILL, refusing a directory made with other settings; ADM-format samples.npz."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import eval_imagenet
+import runtime
+from conftest import ROOT, run_train
+
+TINY_UNET = ["experiment=digits_cfg", "model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16"]
+FAST = ["num_steps=3", "device=cpu", "metrics=false"]
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pixel") / "digits"
+    assert run_train(run_dir, *TINY_UNET, "training.max_steps=20", "training.checkpoint_every=20",
+                     "training.num_eval_samples=20") == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory):
+    """The masked-MoE smoke DiT (expert-choice routing in eval) on the tiny smoke cache."""
+    import latent_cache
+
+    smoke = latent_cache.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
+    run_dir = tmp_path_factory.mktemp("latent") / "dit"
+    data = [f"dataset.path={smoke['path']}", f"dataset.vae={smoke['vae']}"]
+    assert run_train(run_dir, "experiment=imagenet256_latent_dit_smoke", *data, "training.max_steps=3",
+                     "training.checkpoint_every=3", "training.num_eval_samples=2") == 0
+    return run_dir
+
+
+def evaluate(run_dir, out, *extra):
+    return eval_imagenet.main([f"checkpoint={run_dir}", f"out={out}", *FAST, *extra])
+
+
+def torchrun(run_dir, out, *extra):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval_imagenet.py",
+               f"checkpoint={run_dir}", f"out={out}", *FAST, *extra]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("which", ["pixel", "latent"])
+def test_one_and_two_ranks_write_identical_samples(which, pixel_run, latent_run, tmp_path):
+    run_dir = pixel_run if which == "pixel" else latent_run
+    n = 23 if which == "pixel" else 9
+    args = [f"num_samples={n}", "chunk_size=4", "batch_size=3"]
+    assert evaluate(run_dir, tmp_path / "one", *args) == 0
+    torchrun(run_dir, tmp_path / "two", *args)
+    one, two = (tmp_path / "one" / "samples.npz").read_bytes(), (tmp_path / "two" / "samples.npz").read_bytes()
+    assert one == two
+    with np.load(tmp_path / "one" / "samples.npz") as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    size = 16 if which == "pixel" else 64
+    assert images.shape == (n, size, size, 3) and images.dtype == np.uint8
+    classes = 10 if which == "pixel" else 2  # the smoke cache has 2 classes (the preset sets model.num_classes)
+    assert labels.tolist() == [i % classes for i in range(n)]  # class-balanced, from the index alone
+    assert len(np.unique(images.reshape(n, -1), axis=0)) == n  # every sample its own noise
+
+
+def test_another_batch_size_gives_the_same_images_up_to_rounding(pixel_run, tmp_path):
+    assert evaluate(pixel_run, tmp_path / "b3", "num_samples=16", "chunk_size=8", "batch_size=3") == 0
+    assert evaluate(pixel_run, tmp_path / "b8", "num_samples=16", "chunk_size=8", "batch_size=8") == 0
+    a = np.load(tmp_path / "b3" / "samples.npz")["arr_0"].astype(int)
+    b = np.load(tmp_path / "b8" / "samples.npz")["arr_0"].astype(int)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+
+
+KILL_AFTER_TWO_CHUNKS = """
+import os, signal, sys
+sys.path.insert(0, ".")
+import eval_imagenet, runtime
+done = []
+original = eval_imagenet.Evaluation.sample_chunk
+def dying(self, chunk):
+    original(self, chunk)
+    done.append(chunk)
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+eval_imagenet.Evaluation.sample_chunk = dying
+runtime.run_main(eval_imagenet.main, sys.argv[1:])
+"""
+
+
+def test_a_killed_job_rerun_gives_the_same_file(pixel_run, tmp_path):
+    args = [f"checkpoint={pixel_run}", *FAST, "num_samples=20", "chunk_size=4", "batch_size=4"]
+    assert eval_imagenet.main([*args, f"out={tmp_path / 'straight'}"]) == 0
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_CHUNKS, *args, f"out={tmp_path / 'killed'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(list((tmp_path / "killed" / "shards").glob("chunk_*.npz"))) == 2
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed" / "shards").glob("chunk_*.npz")}
+    time.sleep(0.01)
+    assert eval_imagenet.main([*args, f"out={tmp_path / 'killed'}"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed" / "shards").glob("chunk_*.npz")}
+    assert all(after[name] == stamp for name, stamp in before.items())  # finished chunks were not redone
+    assert (tmp_path / "killed" / "samples.npz").read_bytes() == (tmp_path / "straight" / "samples.npz").read_bytes()
+
+
+def test_a_directory_made_with_other_settings_is_refused(pixel_run, tmp_path):
+    assert evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4") == 0
+    with pytest.raises(runtime.RunError, match=r"other settings \(differing: solver\)"):
+        evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "guidance_scale=2")
+    with pytest.raises(runtime.RunError, match="differing: seed"):
+        evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "seed=1")
