@@ -532,6 +532,12 @@ class InferenceConfig(SolverOverrides):
     batch_size: int | None = None  # images per forward; null = 1024 on CUDA / MPS, 128 on the CPU
     solver: str | None = None  # the ODE method (SolverOverrides.method)
     classifier: str | None = None  # score the samples (accuracy, classifier-FD + floor, bpp) -> metrics.json
+    fid_reference: str | None = None  # Inception FID / IS / precision-recall against these statistics
+    inception_weights: str | None = None  # torch-fidelity's Inception file; null = the torch hub cache
+    likelihood: bool = False  # also bits/dim of the held-out split (pixel image models) -> metrics.json
+    likelihood_images: int = 256  # held-out images scored
+    likelihood_probes: int = 1  # Hutchinson probes per image
+    likelihood_steps: int = 64  # rk4 steps of the likelihood ODE
 
 
 @dataclass
@@ -569,6 +575,8 @@ def validate_inference(cfg) -> None:
     check(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
     check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
     check_choice("device", cfg.device, DEVICES)
+    for key in ("likelihood_images", "likelihood_probes", "likelihood_steps"):
+        check(cfg[key] >= 1, key, cfg[key], "must be >= 1")
 
 
 def solver_overrides(cfg) -> dict:

@@ -13,9 +13,41 @@ from pathlib import Path
 from build import latent_vae_id, load_eval_classifier, load_run
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
 from figures import close_figure, samples_figure, save_samples
-from runtime import run_main, select_device
+from runtime import atomic_write_text, run_main, select_device
 from sampling import generate
 from vae import latent_decoder
+
+
+def inception_scores(samples, cfg, device) -> dict:
+    """FID / IS / KID / precision-recall of the saved 8-bit samples against cfg.fid_reference."""
+    import metrics
+    from datasets import model_space_to_uint8
+
+    extractor = metrics.load_inception(cfg.inception_weights, device)
+    reference = metrics.load_reference_statistics(cfg.fid_reference, extractor)
+    values = metrics.inception_metrics(extractor, model_space_to_uint8(samples), reference,
+                                      is_splits=min(10, len(samples)), progress=True)
+    return {f"inception/{k}": v for k, v in values.items()} | {"inception/num_samples": len(samples)}
+
+
+def held_out_bits_per_dim(run, cfg, device) -> dict:
+    """Bits/dim of the first `likelihood_images` held-out images (uniform dequantisation, the 7 bits/dim
+    of the [0, 256) -> [-1, 1) scaling included): an upper bound on the model's discrete bits/dim."""
+    import torch
+
+    from build import build_dataset
+    from sampling import image_bits_per_dim
+
+    if len(run.sample_shape) != 3 or latent_vae_id(run.config.dataset) is not None:
+        raise ConfigError("likelihood=true scores pixel image models (bits per 8-bit dimension); this checkpoint "
+                          f"models {run.config.dataset.name!r} samples of shape {list(run.sample_shape)}")
+    held_out = build_dataset(run.config.dataset, device, split="test")
+    count = min(cfg.likelihood_images, len(held_out))
+    labels = held_out.y[:count] if run.sampler.num_classes is not None else None
+    result = image_bits_per_dim(run.sampler, held_out.x[:count], labels, torch.Generator(device).manual_seed(cfg.seed),
+                                num_steps=cfg.likelihood_steps, hutchinson_samples=cfg.likelihood_probes)
+    return {"bits_per_dim": result["mean"], "bits_per_dim_sem": result["sem"], "bits_per_dim_images": count,
+            "bits_per_dim_estimator": result["estimator"], "bits_per_dim_nfe": result["nfe"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,19 +65,28 @@ def main(argv: list[str] | None = None) -> int:
                           f"({sampler.num_classes} classes), so the count is n_per_class per class; use n_per_class")
     else:
         num = cfg.n_per_class * sampler.num_classes
-    samples, labels = generate(sampler, solver, run.sample_shape, num, seed=cfg.seed, device=device,
-                               batch_size=cfg.batch_size)
+    from tqdm import tqdm
+
+    with tqdm(total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True) as bar:
+        samples, labels = generate(sampler, solver, run.sample_shape, num, seed=cfg.seed, device=device,
+                                   batch_size=cfg.batch_size, progress=bar.update)
     decode, latents = latent_decoder(latent_vae_id(run.config.dataset), device), None
     if decode is not None:
         latents, samples = samples, decode(samples).cpu()
     figure = samples_figure(samples, labels, run.config.dataset.name)
     save_samples(samples, labels, cfg.out, figure, latents=latents)
     close_figure(figure)
+    scores = {}
     if cfg.classifier:
         scorer = load_eval_classifier(cfg.classifier, run.config.dataset, device, len(samples), cfg.seed)
-        scores = scorer.score(samples, labels)
-        (Path(cfg.out) / "metrics.json").write_text(json.dumps(scores, indent=2))
-        print(" ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        scores.update(scorer.score(samples, labels))
+    if cfg.fid_reference:
+        scores.update(inception_scores(samples, cfg, device))
+    if cfg.likelihood:
+        scores.update(held_out_bits_per_dim(run, cfg, device))
+    if scores:
+        atomic_write_text(Path(cfg.out) / "metrics.json", json.dumps(scores, indent=2))
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()))
     print(f"{len(samples)} samples from {run.checkpoint.path} (step {run.checkpoint.step}, solver {solver.method} "
           f"x{solver.num_steps}, guidance {solver.guidance_scale}) -> {Path(cfg.out) / 'samples.png'}, "
           f"{Path(cfg.out) / 'samples.npz'}")

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from checkpoint import sha256_file
 from datasets import LATENT_CACHE_KIND, LATENT_DTYPES, LatentCacheError, list_image_folder, load_image
@@ -43,8 +44,9 @@ def shard_path(out_dir, index: int) -> Path:
 
 def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: int = 1024, flip: bool = False,
                  dtype: str = "float16", rank: int = 0, world: int = 1, max_shards: int | None = None,
-                 workers: int = 0, split: str | None = None, log=print) -> dict:
+                 workers: int = 0, split: str | None = None, log=print, progress: bool = False) -> dict:
     """Encode this rank's missing shards; returns {"written": [i...], "skipped": [i...], "num_shards": n}.
+    progress: a tqdm bar of this rank's images (images/s, ETA).
 
     vae: a `vae.SDVAE` (or anything with encode, latent_shape, vae_id, scaling_factor, shift_factor);
     its `vae_id` is what the cache records. flip: also encode each image mirrored left-right (stored
@@ -91,8 +93,12 @@ def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: in
     num_shards = math.ceil(len(paths) / shard_size)
     written, skipped = [], []
     pool = ThreadPoolExecutor(workers) if workers > 0 else None  # PIL decode/resize release the GIL
+    mine = range(rank, num_shards, world)
+    done = sum(min(shard_size, len(paths) - i * shard_size) for i in mine if shard_path(out_dir, i).is_file())
+    bar = tqdm(total=sum(min(shard_size, len(paths) - i * shard_size) for i in mine), initial=done, unit="img",
+               desc=f"encode rank {rank}/{world}", dynamic_ncols=True, disable=not progress)
     try:
-        for index in range(rank, num_shards, world):
+        for index in mine:
             final = shard_path(out_dir, index)
             if final.is_file():
                 skipped.append(index)
@@ -115,8 +121,10 @@ def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: in
                 os.fsync(f.fileno())
             os.replace(tmp, final)  # a shard exists only complete: an interrupted one is redone
             written.append(index)
+            bar.update(stop - start)
             log(f"shard {index + 1}/{num_shards}: images {start}..{stop - 1} -> {final}")
     finally:
+        bar.close()
         if pool:
             pool.shutdown()
     return {"written": written, "skipped": skipped, "num_shards": num_shards}

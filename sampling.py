@@ -296,6 +296,7 @@ def generate(
     device="cpu",
     batch_size: int | None = None,
     labels: Tensor | None = None,
+    progress=None,
 ) -> tuple[Tensor, Tensor | None]:
     """Draw samples with the ODE solver settings in solver_cfg (method, num_steps, grid, shift,
     guidance_scale, guidance_interval, ep_cfg).
@@ -303,7 +304,8 @@ def generate(
     Conditional models get num_samples split evenly over the classes (class-major order) unless
     `labels` is given; with fewer samples than classes (ImageNet), one each of evenly spaced classes. The noise is drawn on the CPU from `seed`, so the same seed gives the same
     samples on every device. batch_size (images per forward; CFG doubles the rows): default 1024 on an
-    accelerator, CPU_SAMPLE_BATCH on the CPU. Returns (samples [N, *sample_shape] float32, labels [N] or None).
+    accelerator, CPU_SAMPLE_BATCH on the CPU. progress: called with each batch's size (a tqdm bar's
+    update). Returns (samples [N, *sample_shape] float32, labels [N] or None).
     """
     if batch_size is None:
         batch_size = CPU_SAMPLE_BATCH if torch.device(device).type == "cpu" else 1024
@@ -327,6 +329,8 @@ def generate(
             raise _non_finite(sampler, noise, labels, start + int((~finite).nonzero()[0]), int((~finite).sum()),
                               len(x), settings, device)
         chunks.append(x.float().cpu())
+        if progress is not None:
+            progress(len(x))
     return torch.cat(chunks), labels
 
 
@@ -403,10 +407,13 @@ def image_bits_per_dim(
     "num_images".
     """
     if dequantization != "uniform":
-        raise ValueError(f"dequantization must be 'uniform' (variational is not implemented), got {dequantization!r}")
+        raise ValueError(
+            f"dequantization must be 'uniform' (variational is not implemented), got {dequantization!r}"
+        )
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(
-            f"images_uint8 must be a uint8 tensor [B, C, H, W]; got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+            "images_uint8 must be a uint8 tensor [B, C, H, W]; "
+            f"got {images_uint8.dtype} {tuple(images_uint8.shape)}"
         )
     batch, dim = images_uint8.shape[0], images_uint8[0].numel()
     if batch == 0:

@@ -106,7 +106,8 @@ def main(argv=None) -> int:
                       subfolder=args.vae_subfolder, local_files_only=args.local_files_only)
         result = build_shards(args.images, args.out, codec, image_size=args.image_size, shard_size=args.shard_size,
                               flip=args.flip, dtype=args.dtype, rank=args.rank, world=args.world,
-                              max_shards=args.max_shards, workers=args.workers, split=args.split)
+                              max_shards=args.max_shards, workers=args.workers, split=args.split,
+                              log=lambda *_: None, progress=True)
     except (FileNotFoundError, ValueError) as e:  # LatentCacheError / VAENotFoundError are FileNotFoundErrors
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -114,3 +114,41 @@ def test_a_directory_made_with_other_settings_is_refused(pixel_run, tmp_path):
         evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "guidance_scale=2")
     with pytest.raises(runtime.RunError, match="differing: seed"):
         evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "seed=1")
+
+
+def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inception_weights):
+    """FID / IS / KID / precision-recall / sFID against reference statistics of the held-out digits."""
+    import json
+
+    from conftest import load_script
+
+    reference = tmp_path / "digits_test.npz"
+    assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "40", "--out",
+                                                      str(reference), "--weights", str(inception_weights),
+                                                      "--no-progress"]) == 0
+    assert eval_imagenet.main([f"checkpoint={pixel_run}", f"out={tmp_path / 'out'}", "num_steps=3", "device=cpu",
+                               "num_samples=20", "chunk_size=10", f"reference={reference}",
+                               f"inception_weights={inception_weights}"]) == 0
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"fid", "sfid", "is_mean", "is_std", "kid_mean", "precision", "recall"} <= set(result["metrics"])
+    assert result["metrics"]["fid"] > 0 and 0 <= result["metrics"]["precision"] <= 1
+    protocol = result["protocol"]
+    assert protocol["use_ema"] and protocol["solver"]["num_steps"] == 3 and protocol["num_samples"] == 20
+    assert protocol["reference_count"] == 40 and protocol["extractor_sha256"]
+    assert protocol["labels"].startswith("class-balanced") and protocol["checkpoint_manifest_sha256"]
+
+
+def test_inference_scores_fid_against_a_reference(pixel_run, tmp_path, inception_weights):
+    import json
+
+    import inference
+    from conftest import load_script
+
+    reference = tmp_path / "ref.npz"
+    assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "30", "--out",
+                                                      str(reference), "--weights", str(inception_weights),
+                                                      "--no-progress"]) == 0
+    assert inference.main([f"checkpoint={pixel_run}", f"out={tmp_path / 's'}", "n_per_class=2", "num_steps=2",
+                           "device=cpu", f"fid_reference={reference}", f"inception_weights={inception_weights}"]) == 0
+    scores = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert scores["inception/fid"] > 0 and scores["inception/num_samples"] == 20

@@ -308,3 +308,19 @@ def test_generate_spreads_labels_over_the_classes(num_samples, expected):
     solver = OmegaConf.structured(SolverConfig(method="euler", num_steps=1))
     samples, labels = sampling.generate(sampler, solver, (2,), num_samples)
     assert labels.tolist() == expected and samples.shape == (num_samples, 2)
+
+
+def test_likelihood_true_reports_held_out_bits_per_dim(tmp_path):
+    import json
+
+    from conftest import run_train
+
+    run_dir = tmp_path / "digits"
+    assert run_train(run_dir, "experiment=digits_cfg", "model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16",
+                     "training.max_steps=5", "training.num_eval_samples=20") == 0
+    out = tmp_path / "out"
+    assert inference.main([f"checkpoint={run_dir}", f"out={out}", "n_per_class=1", "num_steps=2", "device=cpu",
+                           "likelihood=true", "likelihood_images=6", "likelihood_steps=4"]) == 0
+    scores = json.loads((out / "metrics.json").read_text())
+    assert scores["bits_per_dim_images"] == 6 and scores["bits_per_dim_estimator"] == "hutchinson x1"
+    assert 0 < scores["bits_per_dim"] < 64 and scores["bits_per_dim_sem"] > 0  # an untrained model: many bits
