@@ -89,6 +89,9 @@ class TrainingConfig(RunConfig):
     compile: bool | None = None  # torch.compile the model; null = on for CUDA, off elsewhere
     channels_last: bool | None = None  # NHWC activations for image models; null = on for image data
     threads: int | None = None  # CPU intra-op threads; null = 1 for models under 0.2M parameters, else torch's
+    fid_reference: str | None = None  # Inception reference statistics: log FID-<n>k at every evaluation
+    fid_samples: int = 5000  # samples for that FID (FID-5k by default; biased upwards vs FID-50k: compare equal n)
+    inception_weights: str | None = None  # torch-fidelity's Inception file; null = the torch hub cache
 
 
 @dataclass
@@ -414,6 +417,7 @@ def validate(cfg: DictConfig) -> DictConfig:
           "required when any other training.init key is set (the run to start from)")
     check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
     check(tr.threads is None or tr.threads >= 1, "training.threads", tr.threads, "must be >= 1 or null")
+    check(tr.fid_samples >= 2, "training.fid_samples", tr.fid_samples, "must be >= 2")
     validate_solver(so, "solver")
     return _freeze(cfg)
 

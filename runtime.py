@@ -386,7 +386,8 @@ RESUME_MAY_CHANGE = ("training.resume", "training.run_dir", "training.max_steps"
                      "training.checkpoint_every", "training.keep_last", "training.eval_every",
                      "training.num_eval_samples", "training.classifier", "training.max_nonfinite_steps",
                      "training.tensorboard", "training.progress", "training.compile", "training.start_over",
-                     "training.init", "training.threads", "device", "dataset.root", "dataset.download", "solver",
+                     "training.init", "training.threads", "training.fid_reference", "training.fid_samples",
+                     "training.inception_weights", "device", "dataset.root", "dataset.download", "solver",
                      "seed_checkpoint")
 
 

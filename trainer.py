@@ -443,6 +443,8 @@ class Trainer:
         if self.decode_latents is not None:  # latent model: figures and metrics are about the decoded images
             latents, samples = samples, self.decode_latents(samples)
         metrics = {"sampling_s": time.perf_counter() - started, **self.sample_metrics(samples, labels)}
+        if self.fid is not None:
+            metrics.update(self.inception_metrics(sampler))
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if final and bad:
             raise RunError(f"final evaluation at step {self.step}: {', '.join(f'{k} = {metrics[k]}' for k in bad)} "
@@ -455,6 +457,24 @@ class Trainer:
             self.log.print(f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         close_figure(figure)
         self.model.train()
+
+    def inception_metrics(self, sampler) -> dict[str, float]:
+        """FID / IS (and KID, precision/recall when the reference keeps features) of fid_samples fresh
+        samples, named for the count: fid_5k is FID-5k, biased upwards against FID-50k."""
+        import metrics
+        from datasets import model_space_to_uint8
+        from sampling import generate
+
+        extractor, reference = self.fid
+        n = self.cfg.training.fid_samples
+        samples, _ = generate(sampler, self.cfg.solver, self.dataset.sample_shape, n, seed=self.cfg.seed + 1,
+                              device=self.runtime.device)
+        if self.decode_latents is not None:
+            samples = torch.cat([self.decode_latents(part) for part in samples.split(64)])
+        values = metrics.inception_metrics(extractor, model_space_to_uint8(samples), reference,
+                                           is_splits=min(10, len(samples)))
+        tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)
+        return {f"{key}_{tag}": value for key, value in values.items()}
 
     def sample_metrics(self, samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
         """2-D data: sliced W2 (+ moons class accuracy). Images: classifier accuracy against the
@@ -472,10 +492,17 @@ class Trainer:
         (loaded before the first step, so a wrong path fails now rather than after training)."""
         from vae import latent_decoder
 
-        self.decode_latents, self.eval_classifier = None, None
+        self.decode_latents, self.eval_classifier, self.fid = None, None, None
         if not self.runtime.is_main:
             return
         self.decode_latents = latent_decoder(getattr(self.dataset, "vae_id", None), self.runtime.device)
+        if self.cfg.training.fid_reference:  # loaded now, so a wrong path fails before training
+            import metrics
+
+            extractor = metrics.load_inception(self.cfg.training.inception_weights, self.runtime.device)
+            reference = metrics.load_reference_statistics(self.cfg.training.fid_reference, extractor)
+            reference.check_extractor(extractor)
+            self.fid = (extractor, reference)
         if self.cfg.training.classifier:
             self.eval_classifier = load_eval_classifier(
                 self.cfg.training.classifier, self.cfg.dataset, self.runtime.device,

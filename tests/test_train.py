@@ -317,3 +317,21 @@ def test_digits_stage_end_to_end(tmp_path):
     scores = json.loads((out / "metrics.json").read_text())
     assert scores["classifier_accuracy"] >= 0.6 and scores["classifier_fd_real_floor"] > 0
     assert set(scores) >= {"classifier_fd", "jpeg_bpp", "png_bpp", "jpeg_payload_bpp", "png_payload_bpp"}
+
+
+def test_training_logs_fid_n_against_a_reference(tmp_path, inception_weights):
+    import json
+
+    reference = tmp_path / "digits_test.npz"
+    assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "30", "--out",
+                                                      str(reference), "--weights", str(inception_weights),
+                                                      "--no-progress"]) == 0
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, "experiment=digits_cfg", "model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16",
+                     "training.max_steps=4", "training.eval_every=2", "training.num_eval_samples=20",
+                     f"training.fid_reference={reference}", "training.fid_samples=20",
+                     f"training.inception_weights={inception_weights}") == 0
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fids = [(line["step"], line["eval/fid_20"]) for line in logged if "eval/fid_20" in line]
+    assert [step for step, _ in fids] == [2, 4] and all(value > 0 for _, value in fids)
+    assert any("eval/is_mean_20" in line for line in logged)
