@@ -181,7 +181,10 @@ def _free_form_key_error(key: str, overrides: list[str], config_name: str, hydra
         return str(error)
     except (HydraException, TypeError):
         return None
-    return None
+    # A real argument that the preset does not set: Hydra adds new keys only with a '+'.
+    value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == key), "VALUE")
+    return (f"config key '{key}' is an argument of {section} '{spec['name']}' that this preset does not set; "
+            f"add it with a '+': +{key}={value}")
 
 
 def load_config(overrides: list[str]) -> DictConfig:

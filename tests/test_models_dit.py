@@ -505,3 +505,18 @@ def test_keep_ids_drawn_outside_the_model_equal_the_generator_path():
     # A compiled forward given keep_ids has no graph break (a Generator argument would be one).
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, t, y, keep_ids=ids), out)
+
+
+def test_named_sizes_take_overrides_from_the_command_line():
+    """Sizes are registered once (functools.partial); any constructor argument stays a config key."""
+    from config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'model.depth' is an argument of model 'dit_b2' .*: \+model.depth=2"):
+        load_config(["experiment=imagenet256_latent_dit_b2", "model.depth=2"])
+    cfg = load_config(["experiment=imagenet256_latent_dit_b2", "model.num_classes=10", "+model.depth=2"])
+    assert cfg.model.name == "dit_b2"
+    with torch.device("meta"):
+        model = md.DIT_MODELS[cfg.model.name](**{k: v for k, v in cfg.model.items() if k != "name"})
+    assert model.num_classes == 10 and len(model.blocks) == 2 and model.hidden_size == 768
+    with pytest.raises(ConfigError, match="model.depthh is not an argument of model 'dit_b2'"):
+        load_config(["experiment=imagenet256_latent_dit_b2", "+model.depthh=2"])
