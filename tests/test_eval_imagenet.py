@@ -69,9 +69,11 @@ def test_one_and_two_ranks_write_identical_samples(which, pixel_run, latent_run,
     assert len(np.unique(images.reshape(n, -1), axis=0)) == n  # every sample its own noise
 
 
-def test_another_batch_size_gives_the_same_images_up_to_rounding(pixel_run, tmp_path):
-    assert evaluate(pixel_run, tmp_path / "b3", "num_samples=16", "chunk_size=8", "batch_size=3") == 0
-    assert evaluate(pixel_run, tmp_path / "b8", "num_samples=16", "chunk_size=8", "batch_size=8") == 0
+@pytest.mark.parametrize("which", ["pixel", "latent"])
+def test_another_batch_size_gives_the_same_images_up_to_rounding(which, pixel_run, latent_run, tmp_path):
+    run_dir = pixel_run if which == "pixel" else latent_run
+    assert evaluate(run_dir, tmp_path / "b3", "num_samples=16", "chunk_size=8", "batch_size=3") == 0
+    assert evaluate(run_dir, tmp_path / "b8", "num_samples=16", "chunk_size=8", "batch_size=8") == 0
     a = np.load(tmp_path / "b3" / "samples.npz")["arr_0"].astype(int)
     b = np.load(tmp_path / "b8" / "samples.npz")["arr_0"].astype(int)
     assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
