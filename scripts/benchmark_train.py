@@ -111,7 +111,11 @@ def profile_steps(trainer, out: Path, sync, steps: int = 3) -> None:
 def main(argv: list[str] | None = None) -> dict:
     options, overrides = parse(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config([*overrides, f"training.run_dir={run_dir}", "training.tensorboard=false",
+        # A stage that starts from another run (training.init, the unmasked fine-tune) is timed from its
+        # random initialisation: the weights do not change the speed.
+        no_init = ["training.init.checkpoint=null", "training.init.model=ema", "training.init.ema=ema",
+                   "training.init.optimizer=false", "training.init.step=false"]
+        cfg = load_config([*overrides, *no_init, f"training.run_dir={run_dir}", "training.tensorboard=false",
                            "training.progress=false", f"training.max_steps={10**9}"])
         runtime = setup_runtime(cfg.device)
         dataset = None

@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: gpu_benchmarks.sh OUT_DIR}"
 mkdir -p "$OUT"
+# What comes back from the device machine is at most 8 files: table.md, log.txt, the two profile tables
+# and the two H1024 JSONs (for the cost estimator); every JSON stays in $WORK, chrome traces only with TRACE=1.
+WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 H1024=imagenet256_latent_dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05
 
@@ -26,7 +29,7 @@ fi
 bench() {  # name, then benchmark_train.py arguments
   local name=$1; shift
   echo "== $name" | tee -a "$OUT/log.txt"
-  $PY scripts/benchmark_train.py "${COMMON[@]}" "$@" out="$OUT/$name.json" >> "$OUT/log.txt" 2>&1 \
+  $PY scripts/benchmark_train.py "${COMMON[@]}" "$@" out="$WORK/$name.json" >> "$OUT/log.txt" 2>&1 \
     || echo "FAILED: $name" | tee -a "$OUT/log.txt"
 }
 
@@ -40,14 +43,16 @@ bench h1024_unmasked20 experiment=${H1024}_unmasked20 batch=$H_BATCH
 bench cifar10_cfg experiment=cifar10_cfg batch=$C_BATCH
 bench cifar10_cfg_b256 experiment=cifar10_cfg batch=256
 
-$PY - "$OUT" <<'EOF'
+cp "$WORK"/h1024_*.json "$OUT"/ 2>/dev/null || true
+[[ "${TRACE:-0}" == 1 ]] || rm -f "$OUT"/*.trace.json
+$PY - "$WORK" "$OUT" <<'EOF'
 import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-rows = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(out.glob("*.json"))]
+work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+rows = [json.loads(p.read_text()) | {"name": p.stem} for p in sorted(work.glob("*.json"))]
 keys = ["name", "batch", "images_per_s", "ms_per_step", "achieved_tflops", "mfu", "peak_memory_mb"]
 lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
 for r in rows:
     lines.append("| " + " | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys) + " |")
-(out / "table.md").write_text("\n".join(lines) + "\n")
+(out / "table.md").write_text("\n".join(lines) + "\n\n" + json.dumps(rows, indent=1) + "\n")
 print("\n".join(lines))
 EOF
