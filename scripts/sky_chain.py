@@ -1,0 +1,490 @@
+"""SkyPilot chains of training stages: render, validate, launch, simulate; and the stage hand-off check.
+
+    # the ImageNet-256 chain (masked80 -> unmasked20 -> eval) as one SkyPilot pipeline YAML, printed
+    uv run python scripts/sky_chain.py render --dry-run
+    # ... written (cloud/runpod_imagenet256_chain.yaml is this file, kept in sync by tests/test_cloud.py)
+    uv run python scripts/sky_chain.py render --infra runpod/CA --out cloud/runpod_imagenet256_chain.yaml
+    # validated by SkyPilot's own loader, each stage's cost estimated, then launched as a managed job
+    uv run python scripts/sky_chain.py launch --infra runpod/CA --gpus H100:1 --no-spot --run-name h1024-a
+    # any presets: --stage NAME=PRESET (in order; each stage starts from the previous one's weights)
+    uv run python scripts/sky_chain.py render --stage masked=imagenet256_latent_dit_smoke \\
+        --stage unmasked=imagenet256_latent_dit_smoke_unmasked --override training.epochs=6 --dry-run
+    # the chain's own `run:` commands on this machine (SKYPILOT_* set, `uv run` -> this venv), with a
+    # SIGTERM (exit 75, re-run as job_recovery does) or a SIGKILL (re-run) injected into a stage
+    uv run python scripts/sky_chain.py simulate --smoke --root /tmp/chain --preempt masked --kill unmasked
+
+    # used by the chain's `run:` commands (exit 0 if so, 1 with one `error:` line if not)
+    uv run python scripts/sky_chain.py require-finished /checkpoints/h1024-a/masked80
+    uv run python scripts/sky_chain.py eval-done /checkpoints/h1024-a/eval [--samples-only]
+
+The YAML is built as data (dicts -> yaml.safe_dump_all); SkyPilot parses it with
+sky.utils.dag_utils.load_chain_dag_from_yaml_str (sky.Task.from_yaml_config per task) before anything is
+written or launched. docs/cloud.md is the runbook.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FINISHED = "finished.json"  # runtime.FINISHED (not imported: runtime pulls in torch; tests check they agree)
+EXIT_OK, EXIT_ERROR, EXIT_PREEMPTED = 0, 1, 75  # runtime.EXIT_* (the same check)
+
+H1024 = "imagenet256_latent_dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05"
+DEFAULT_STAGES = [("masked80", f"{H1024}_masked80"), ("unmasked20", f"{H1024}_unmasked20")]
+SMOKE_STAGES = [("masked", "imagenet256_latent_dit_smoke"), ("unmasked", "imagenet256_latent_dit_smoke_unmasked")]
+# tiny step counts for the smoke chain (12 steps a stage, a checkpoint every 2, a 4-sample eval)
+SMOKE_OVERRIDES = ["training.epochs=6", "training.checkpoint_every=2", "training.tensorboard=false",
+                   "training.progress=false"]
+SMOKE_EVAL = ["device=cpu", "num_steps=2", "chunk_size=2", "batch_size=2"]
+
+CKPT_ROOT = "/checkpoints"  # the persistent volume (RunPod network volume) or bucket mount of every task
+DEFAULT_VOLUME = "nanoflow-data"
+SECRETS = {"HF_TOKEN": None}  # a null reference: the value comes from `--secret HF_TOKEN` at launch, never a file
+SETUP = "\n".join([
+    'command -v uv >/dev/null 2>&1 || python3 -m pip install --user uv',
+    'export PATH="$PATH:$HOME/.local/bin"',
+    'uv sync --locked',
+])
+PATH_LINE = 'export PATH="$PATH:$HOME/.local/bin"'  # appended: a uv already on PATH wins
+
+
+def job_recovery(max_restarts_on_errors: int = 3) -> dict:
+    """resources.job_recovery of every GPU task (sky/utils/schemas.py, SkyPilot 0.14): preemptions are
+    always recovered; exit 75 (SIGTERM, checkpoint saved) is recovered without counting as an error."""
+    return {"strategy": "FAILOVER", "max_restarts_on_errors": max_restarts_on_errors,
+            "recover_on_exit_codes": [EXIT_PREEMPTED]}
+
+
+# --- the stage hand-off ---------------------------------------------------------------------------------
+
+
+def check_finished(run_dir) -> str | None:
+    """None when RUN_DIR holds a finished run (finished.json naming a checkpoint whose manifest.json has
+    the recorded sha256, and every output it lists); else what is missing, as one line."""
+    run_dir = Path(run_dir)
+    marker_path = run_dir / FINISHED
+    if not run_dir.is_dir():
+        return f"{marker_path} is missing: the run directory {run_dir} does not exist (has the previous stage run?)"
+    if not marker_path.is_file():
+        return f"{marker_path} is missing: the previous stage has not finished (resume it first)"
+    try:
+        marker = json.loads(marker_path.read_text())
+        step, name = marker["step"], marker["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{marker_path} is unreadable ({error})"
+    manifest = run_dir / "checkpoints" / name / "manifest.json"
+    if not manifest.is_file():
+        return f"{manifest} is missing: {marker_path} names checkpoint {name} (step {step})"
+    expected = marker.get("manifest_sha256")
+    if expected is not None and hashlib.sha256(manifest.read_bytes()).hexdigest() != expected:
+        return f"{manifest} does not match the sha256 in {marker_path}"
+    for output in marker.get("outputs", []):
+        if not (run_dir / output).exists():
+            return f"{run_dir / output} is missing: {marker_path} lists it"
+    return None
+
+
+def eval_done(out_dir, samples_only: bool = False) -> bool:
+    """An evaluation directory is done when metrics.json exists (samples.npz with --samples-only)."""
+    out_dir = Path(out_dir)
+    return (out_dir / "metrics.json").is_file() or samples_only and (out_dir / "samples.npz").is_file()
+
+
+# --- rendering -------------------------------------------------------------------------------------------
+
+
+def _run_dir(stage: str) -> str:
+    return f"$CKPT_ROOT/$RUN_NAME/{stage}"
+
+
+def train_run(stage: str, previous: str | None, preflight: bool) -> str:
+    """The `run:` of a training stage: check the predecessor (and the cache), then train.py with resume=auto.
+    $EXTRA_OVERRIDES is left unquoted on purpose: it is a space-separated list of Hydra overrides."""
+    lines = [PATH_LINE, f'echo "stage {stage}: run $RUN_NAME, task ${{SKYPILOT_TASK_ID:-local}}"']
+    init = []
+    if previous is not None:
+        lines.append(f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1')
+        init = [f'training.init.checkpoint="{_run_dir(previous)}"']
+    if preflight:
+        lines.append('uv run python scripts/preflight_latent_cache.py "$CACHE_DIR/train" --quick || exit 1')
+    args = ['experiment="$EXPERIMENT"', f'training.run_dir="{_run_dir(stage)}"', "training.resume=auto", *init,
+            'dataset.path="$CACHE_DIR"', 'dataset.vae="$VAE"', "$EXTRA_OVERRIDES"]
+    lines.append("exec uv run python train.py " + " ".join(args))
+    return "\n".join(lines)
+
+
+def eval_run(stage: str, previous: str, samples_only: bool) -> str:
+    flag = " --samples-only" if samples_only else ""
+    return "\n".join([
+        PATH_LINE,
+        f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1',
+        f'if uv run python scripts/sky_chain.py eval-done "{_run_dir(stage)}"{flag}; then exit 0; fi',
+        f'exec uv run python eval_imagenet.py checkpoint="{_run_dir(previous)}" out="{_run_dir(stage)}" '
+        'num_samples="$NUM_SAMPLES" $EVAL_OVERRIDES',
+    ])
+
+
+def smoke_cache_run() -> str:
+    """The smoke chain's first task: the tiny cache (random PNGs + tiny VAE) unless it exists, preflight."""
+    return "\n".join([
+        PATH_LINE,
+        '[ -f "$DATA_ROOT/cache/train/manifest.json" ] || '
+        'uv run python scripts/build_latent_cache.py smoke --out "$DATA_ROOT" || exit 1',
+        'exec uv run python scripts/preflight_latent_cache.py "$DATA_ROOT/cache/train" --quick',
+    ])
+
+
+def resources(gpus: str | None, infra: str | None, use_spot: bool, max_restarts: int) -> dict:
+    res = {"use_spot": use_spot, "disk_size": 256, "job_recovery": job_recovery(max_restarts)}
+    if gpus:
+        res["accelerators"] = gpus
+    if infra:
+        res["infra"] = infra
+    return res
+
+
+def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_name: str = "h1024-chain",
+           overrides=(), stage_overrides: dict | None = None, gpus: str = "H100:1", infra: str | None = None,
+           use_spot: bool = False, max_restarts: int = 3, volume: str | None = DEFAULT_VOLUME,
+           bucket: str | None = None, ckpt_root: str = CKPT_ROOT, cache_dir: str = f"{CKPT_ROOT}/cache/imagenet256",
+           vae: str = "sd_vae_ft_ema", smoke_cache: bool = False, evaluate: bool = True,
+           num_samples: int = 50000, reference: str | None = f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
+           eval_overrides=("solver=heun", "num_steps=32", "guidance_scale=1.5")) -> list[dict]:
+    """The chain as data: [{"name": chain}, task, task, ...], one task per stage, run in order."""
+    stage_overrides = stage_overrides or {}
+    common_envs = {"RUN_NAME": run_name, "CKPT_ROOT": ckpt_root}
+    storage = {}
+    if bucket:
+        # MOUNT_CACHED: writes land on local disk first and are uploaded in the background; renames work,
+        # so the trainer's atomic checkpoint writes stay atomic on the bucket copy.
+        storage["file_mounts"] = {ckpt_root: {"name": bucket, "mode": "MOUNT_CACHED"}}
+    elif volume:
+        storage["volumes"] = {ckpt_root: volume}
+    docs: list[dict] = [{"name": name}]
+    if smoke_cache:
+        docs.append({"name": "cache", "resources": {"cpus": "2+", "infra": infra} if infra else {"cpus": "2+"},
+                     "envs": {**common_envs, "DATA_ROOT": str(Path(cache_dir).parent)}, "secrets": dict(SECRETS),
+                     **copy.deepcopy(storage), "setup": SETUP, "run": smoke_cache_run()})
+    previous = None
+    for index, (stage, preset) in enumerate(stages):
+        extra = [*overrides, *stage_overrides.get(stage, [])]
+        docs.append({
+            "name": stage,
+            "resources": resources(gpus, infra, use_spot, max_restarts),
+            "envs": {**common_envs, "EXPERIMENT": preset, "CACHE_DIR": cache_dir, "VAE": vae,
+                     "EXTRA_OVERRIDES": " ".join(extra)},
+            "secrets": dict(SECRETS),
+            **copy.deepcopy(storage),
+            "setup": SETUP,
+            "run": train_run(stage, previous, preflight=index == 0),
+        })
+        previous = stage
+    if evaluate:
+        eval_args = list(eval_overrides) + ([f"reference={reference}"] if reference else ["metrics=false"])
+        docs.append({
+            "name": "eval",
+            "resources": resources(gpus, infra, use_spot, max_restarts),
+            "envs": {**common_envs, "NUM_SAMPLES": str(num_samples), "EVAL_OVERRIDES": " ".join(eval_args)},
+            "secrets": dict(SECRETS),
+            **copy.deepcopy(storage),
+            "setup": SETUP,
+            "run": eval_run("eval", previous, samples_only=reference is None),
+        })
+    return docs
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """yaml.SafeDumper that writes multi-line strings (the run/setup scripts) as literal blocks."""
+
+
+def _str_representer(dumper, value):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+HEADER = ("# Rendered by scripts/sky_chain.py (do not edit by hand; re-render). One SkyPilot pipeline: the tasks\n"
+          "# below run in order as one managed job. docs/cloud.md is the runbook.\n")
+
+
+def dump(docs: list[dict]) -> str:
+    return HEADER + yaml.dump_all(docs, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+# --- SkyPilot's own parser -------------------------------------------------------------------------------
+
+
+def load_dag(text: str, env_overrides: dict | None = None):
+    """Parse a (multi-document) task YAML with SkyPilot's pipeline loader -> sky.Dag (raises on schema errors)."""
+    from sky.utils import dag_utils
+
+    envs = list((env_overrides or {}).items()) or None
+    return dag_utils.load_chain_dag_from_yaml_str(text, env_overrides=envs)
+
+
+# --- costs -----------------------------------------------------------------------------------------------
+
+
+def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = None) -> list[dict]:
+    """Each training stage's estimate from scripts/estimate_training_cost.py --json (a subprocess: scripts
+    do not import scripts), from the composed config's model, epochs and mask ratio."""
+    sys.path.insert(0, str(ROOT))
+    from config import load_config, to_plain
+
+    rows = []
+    for task in docs[1:]:
+        envs = task.get("envs", {})
+        if "EXPERIMENT" not in envs:
+            continue
+        cfg = load_config([f"experiment={envs['EXPERIMENT']}", "training.init.checkpoint=none-needed-here",
+                           *shlex.split(envs.get("EXTRA_OVERRIDES", ""))])
+        model = to_plain(cfg.model)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+            yaml.safe_dump(model, handle)
+        command = [sys.executable, str(ROOT / "scripts" / "estimate_training_cost.py"), handle.name,
+                   "--stage", f"{task['name']}:mask_ratio={model.get('mask_ratio', 0.0)},epochs={cfg.training.epochs}",
+                   "--gpus", str(gpus), "--json"]
+        if usd_per_gpu_hour is not None:
+            command += ["--usd-per-gpu-hour", str(usd_per_gpu_hour)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
+        finally:
+            os.unlink(handle.name)
+        rows.append(json.loads(result.stdout)[0])
+    return rows
+
+
+def gpu_count(gpus: str | None) -> int:
+    return int(gpus.split(":")[1]) if gpus and ":" in gpus else 1
+
+
+# --- local simulation ------------------------------------------------------------------------------------
+
+
+def _uv_shim(directory: Path) -> Path:
+    """A `uv` that runs `uv run CMD...` as CMD in this venv (no sync, no network): PATH puts it first."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shim = directory / "uv"
+    shim.write_text('#!/bin/sh\n[ "$1" = run ] && shift\nexec "$@"\n')
+    shim.chmod(0o755)
+    return directory
+
+
+def stage_env(task: dict, index: int, env_overrides: dict, shim_dir: Path) -> dict:
+    """What SkyPilot gives a task's `run:`: its envs (plus overrides) and the SKYPILOT_* variables."""
+    env = {**os.environ, **{k: str(v) for k, v in task.get("envs", {}).items()}, **env_overrides}
+    env.update({"SKYPILOT_TASK_ID": f"sky-managed-simulated_{env.get('RUN_NAME', 'chain')}_1_{index}",
+                "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1",
+                "SKYPILOT_NUM_GPUS_PER_NODE": "0", "PYTHONUNBUFFERED": "1"})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PATH"] = os.pathsep.join([str(shim_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print) -> int:
+    """One try of a task's `run:` under bash in the repo root -> its exit code (negative: killed by signal)."""
+    process = subprocess.Popen(["bash", "-c", task["run"]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if fault is not None:
+        fault(task, attempt, process, env)
+    output, _ = process.communicate()
+    for line in output.splitlines():
+        log(f"  [{task['name']}#{attempt}] {line}")
+    return process.returncode
+
+
+def simulate(docs: list[dict], env_overrides: dict | None = None, fault=None, log=print, max_tries: int = 10) -> int:
+    """Run a chain's tasks in order as the managed-jobs controller would: a task that exits 0 hands on to
+    the next; one killed by a signal (a lost VM) or exiting with a recover_on_exit_codes code is started
+    again (the same command); any other exit is retried up to max_restarts_on_errors times, then fails
+    the chain with that code."""
+    env_overrides = {k: str(v) for k, v in (env_overrides or {}).items()}
+    with tempfile.TemporaryDirectory(prefix="sky_chain_shim_") as tmp:
+        shim = _uv_shim(Path(tmp))
+        for index, task in enumerate(docs[1:]):
+            recovery = task.get("resources", {}).get("job_recovery") or {}
+            recover = set(recovery.get("recover_on_exit_codes") or [])
+            errors_left = recovery.get("max_restarts_on_errors", 0)
+            env = stage_env(task, index, env_overrides, shim)
+            for attempt in range(max_tries):
+                started = time.perf_counter()
+                code = run_stage(task, env, fault, attempt, log)
+                log(f"stage {task['name']} try {attempt}: exit {code} ({time.perf_counter() - started:.1f} s)")
+                if code == EXIT_OK:
+                    break
+                if code < 0 or code in recover:
+                    continue
+                if errors_left <= 0:
+                    return code
+                errors_left -= 1
+            else:
+                return EXIT_ERROR
+    return EXIT_OK
+
+
+def signal_when_checkpointed(stage_signals: dict, log=print):
+    """A simulate() fault: on the first try of each stage named in stage_signals, wait for its first
+    checkpoint, then send that signal to the stage's process group (SIGTERM: a preemption notice; SIGKILL:
+    the VM gone)."""
+
+    def fault(task, attempt, process, env):
+        sig = stage_signals.get(task["name"])
+        if sig is None or attempt > 0:
+            return
+        checkpoints = Path(env["CKPT_ROOT"]) / env["RUN_NAME"] / task["name"] / "checkpoints"
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if any(p.name.startswith("step_") for p in checkpoints.glob("step_*")):
+                break
+            time.sleep(0.005)
+        if process.poll() is None:
+            log(f"stage {task['name']}: sending {signal.Signals(sig).name}")
+            os.killpg(process.pid, sig)
+
+    return fault
+
+
+def smoke_chain(root, run_name: str = "smoke-chain") -> tuple[list[dict], dict]:
+    """The smoke chain (cache -> masked smoke DiT -> unmasked smoke -> samples-only eval) with tiny steps, and
+    the env overrides that put /checkpoints under ROOT: what the tests and `simulate --smoke` run."""
+    root = Path(root)
+    docs = render(SMOKE_STAGES, name="nanoflow-smoke", run_name=run_name, overrides=SMOKE_OVERRIDES,
+                  cache_dir=str(root / "data" / "cache"), vae=str(root / "data" / "vae"), smoke_cache=True,
+                  num_samples=4, reference=None, eval_overrides=SMOKE_EVAL, gpus=None)
+    return docs, {"CKPT_ROOT": str(root / "checkpoints")}
+
+
+# --- command line ----------------------------------------------------------------------------------------
+
+
+def _stages(values) -> list[tuple[str, str]]:
+    if not values:
+        return list(DEFAULT_STAGES)
+    out = []
+    for value in values:
+        name, sep, preset = value.partition("=")
+        if not sep or not name or not preset:
+            raise SystemExit(f"error: --stage {value!r}: expected NAME=PRESET")
+        out.append((name, preset))
+    return out
+
+
+def _render_from_args(args) -> list[dict]:
+    return render(_stages(args.stage), name=args.name, run_name=args.run_name, overrides=args.override,
+                  gpus=args.gpus, infra=args.infra, use_spot=args.use_spot, max_restarts=args.max_restarts,
+                  volume=None if args.bucket else args.volume, bucket=args.bucket, evaluate=not args.no_eval,
+                  num_samples=args.num_samples, reference=args.reference or None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("require-finished", help="exit 0 if RUN_DIR holds a finished run, else 1")
+    check.add_argument("run_dir")
+    done = sub.add_parser("eval-done", help="exit 0 if an evaluation directory is complete, else 1")
+    done.add_argument("out_dir")
+    done.add_argument("--samples-only", action="store_true", help="samples.npz suffices (metrics=false)")
+    for command in ("render", "launch"):
+        p = sub.add_parser(command, help=f"{command} a chain of presets")
+        p.add_argument("--stage", action="append", help="NAME=PRESET, in order (default: the H1024 masked80 -> unmasked20)")
+        p.add_argument("--override", action="append", default=[], help="a Hydra override for every training stage")
+        p.add_argument("--name", default="nanoflow-imagenet256", help="the pipeline (chain) name")
+        p.add_argument("--run-name", default="h1024-chain", help="stable run id: run dirs are /checkpoints/RUN_NAME/STAGE")
+        p.add_argument("--gpus", default="H100:1", help="accelerators per node, e.g. H100:1, H100:8")
+        p.add_argument("--infra", default=None, help="e.g. runpod, runpod/CA, aws/us-east-1, k8s")
+        p.add_argument("--use-spot", action=argparse.BooleanOptionalAction, default=False)
+        p.add_argument("--max-restarts", type=int, default=3, help="job_recovery.max_restarts_on_errors")
+        p.add_argument("--volume", default=DEFAULT_VOLUME, help="SkyPilot volume mounted at /checkpoints")
+        p.add_argument("--bucket", default=None, help="a bucket mounted at /checkpoints instead of a volume")
+        p.add_argument("--no-eval", action="store_true")
+        p.add_argument("--num-samples", type=int, default=50000)
+        p.add_argument("--reference", default=f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
+                       help="reference statistics on the volume ('' = samples only)")
+        p.add_argument("--usd-per-gpu-hour", type=float, default=None)
+        p.add_argument("--dry-run", action="store_true", help="print the YAML (and costs) and stop")
+        p.add_argument("--out", default=None, help="write the YAML here")
+        p.add_argument("--secret", action="append", default=[], help="launch only: NAME (value from the environment)")
+    sim = sub.add_parser("simulate", help="run a chain's run: commands locally")
+    sim.add_argument("yaml", nargs="?", help="a rendered chain YAML (default: --smoke)")
+    sim.add_argument("--smoke", action="store_true", help="the smoke chain with tiny steps")
+    sim.add_argument("--root", required=True, help="local stand-in for the volume (CKPT_ROOT)")
+    sim.add_argument("--env", action="append", default=[], help="KEY=VALUE for every task")
+    sim.add_argument("--preempt", action="append", default=[], help="SIGTERM this stage after its first checkpoint")
+    sim.add_argument("--kill", action="append", default=[], help="SIGKILL this stage after its first checkpoint")
+    args = parser.parse_args(argv)
+
+    if args.command == "require-finished":
+        problem = check_finished(args.run_dir)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"{Path(args.run_dir) / FINISHED}: finished")
+        return EXIT_OK
+    if args.command == "eval-done":
+        if eval_done(args.out_dir, args.samples_only):
+            print(f"evaluation {args.out_dir} already complete; nothing to do")
+            return EXIT_OK
+        return EXIT_ERROR
+    if args.command == "simulate":
+        if args.yaml:
+            docs = list(yaml.safe_load_all(Path(args.yaml).read_text()))
+            envs = {"CKPT_ROOT": str(Path(args.root) / "checkpoints")}
+        else:
+            docs, envs = smoke_chain(args.root)
+        envs.update(dict(item.split("=", 1) for item in args.env))
+        signals = {**{s: signal.SIGTERM for s in args.preempt}, **{s: signal.SIGKILL for s in args.kill}}
+        code = simulate(docs, envs, fault=signal_when_checkpointed(signals) if signals else None)
+        print(f"chain exit {code}")
+        return code
+
+    docs = _render_from_args(args)
+    text = dump(docs)
+    dag = load_dag(text)  # SkyPilot's parser: a schema error stops here, before anything is written
+    if args.dry_run or args.command == "render":
+        if args.out:
+            Path(args.out).write_text(text)
+            print(f"wrote {args.out}: {len(dag.tasks)} tasks ({', '.join(t.name for t in dag.tasks)})")
+        else:
+            print(text)
+    for row in stage_costs(docs, gpu_count(args.gpus), args.usd_per_gpu_hour):
+        print(f"estimate {row['name']}: {row['eflops']:.2f} EFLOPs, {row['gpu_hours']:.1f} GPU-hours, "
+              f"{row['wall_hours']:.1f} h wall, ${row['usd']:.2f} (at {row['mfu']:.0%} MFU; "
+              "scripts/estimate_training_cost.py)", file=sys.stderr)
+    if args.command == "render" or args.dry_run:
+        return EXIT_OK
+
+    import sky
+
+    secrets = [(name, os.environ[name]) for name in args.secret if name in os.environ]
+    missing = [name for name in args.secret if name not in os.environ]
+    if missing:
+        print(f"error: --secret {', '.join(missing)}: not set in the environment", file=sys.stderr)
+        return EXIT_ERROR
+    if secrets:
+        from sky.utils import dag_utils
+
+        dag = dag_utils.load_chain_dag_from_yaml_str(text, secrets_overrides=secrets)
+    dag.name = args.name
+    request_id = sky.jobs.launch(dag, name=args.run_name)
+    job_ids, _ = sky.stream_and_get(request_id)
+    print(f"managed job {job_ids}: `sky jobs logs {job_ids[0] if job_ids else ''}`, `sky jobs queue`")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
