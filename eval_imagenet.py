@@ -157,7 +157,7 @@ class Evaluation:
                    if self.chunk_path(c).is_file())
         # Rank 0's bar counts every rank's work by assuming the others keep its pace (images/s, ETA).
         bar = tqdm(total=self.cfg.num_samples, initial=done, unit="img", dynamic_ncols=True,
-                   disable=not self.runtime.is_main, desc=f"sampling x{self.runtime.world_size}")
+                   disable=None if self.runtime.is_main else True, desc=f"sampling x{self.runtime.world_size}")
         for chunk in todo:
             self.sample_chunk(chunk)
             bar.update(min(size, self.cfg.num_samples - chunk * size) * self.runtime.world_size)
@@ -204,9 +204,11 @@ class Evaluation:
         reference.check_extractor(extractor)
         # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once.
         parts = []
-        for images in tqdm(self.iter_images(), total=math.ceil(self.cfg.num_samples / 500), desc="inception",
-                           dynamic_ncols=True):
-            parts.append(metrics.inception_features(extractor, images))
+        with tqdm(total=self.cfg.num_samples, desc="inception features", unit="img", dynamic_ncols=True,
+                  disable=None) as bar:
+            for images in self.iter_images():
+                parts.append(metrics.inception_features(extractor, images))
+                bar.update(len(images))
         features = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
         values = metrics.inception_metrics_from_features(features, reference, is_splits=min(10, self.cfg.num_samples),
                                                          device=self.runtime.device)

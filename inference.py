@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         num = cfg.n_per_class * sampler.num_classes
     from tqdm import tqdm
 
-    with tqdm(total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True) as bar:
+    # disable=None: a bar on a terminal, none in a log file or a captured pipe (the error contract's one line)
+    with tqdm(total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True,
+              disable=None) as bar:
         samples, labels = generate(sampler, solver, run.sample_shape, num, seed=cfg.seed, device=device,
                                    batch_size=cfg.batch_size, progress=bar.update)
     decode, latents = latent_decoder(latent_vae_id(run.config.dataset), device), None

@@ -207,6 +207,7 @@ def snapshot(directory):
             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}  # .lock: the owner record
 
 
+@pytest.mark.slow  # 80 s: CI runs it (`uv run pytest -m slow` in .ci/run)
 def test_the_smoke_chain_survives_a_preemption_and_a_kill_bitwise_and_reruns_as_a_noop(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

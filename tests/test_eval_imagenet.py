@@ -118,6 +118,7 @@ def test_a_directory_made_with_other_settings_is_refused(pixel_run, tmp_path):
         evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "seed=1")
 
 
+@pytest.mark.slow  # Inception at 299 px on the CPU: CI runs it (`uv run pytest -m slow`)
 def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inception_weights):
     """FID / IS / KID / precision-recall / sFID against reference statistics of the held-out digits."""
     import json
@@ -140,6 +141,7 @@ def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inc
     assert protocol["labels"].startswith("class-balanced") and protocol["checkpoint_manifest_sha256"]
 
 
+@pytest.mark.slow
 def test_inference_scores_fid_against_a_reference(pixel_run, tmp_path, inception_weights):
     import json
 
