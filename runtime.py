@@ -160,8 +160,7 @@ def run_main(main, argv: list[str] | None = None) -> None:
 
 def describe_error(error: BaseException) -> str:
     """An exception as the text after `error:`; an OSError names its file and cause."""
-    if isinstance(error, OSError) and not str(error).startswith(("dataset", "image", "latent", "VAE")) and \
-            error.strerror and error.filename:
+    if isinstance(error, OSError) and error.strerror and error.filename:  # a raw OSError; ours carry a message
         return f"{error.filename}: {error.strerror} ({type(error).__name__})"
     return str(error)
 
