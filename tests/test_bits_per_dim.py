@@ -21,14 +21,6 @@ from sampling import DEQUANTIZATION_BITS_PER_DIM, FlowSampler, image_bits_per_di
 LN2 = math.log(2)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianVelocity(nn.Module):
     """Exact CondOT velocity for x1 ~ N(mean, Q diag(lam) Q^T) over the flattened sample [B, D]."""
 

@@ -118,17 +118,24 @@ def test_a_directory_made_with_other_settings_is_refused(pixel_run, tmp_path):
         evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "seed=1")
 
 
-@pytest.mark.slow  # Inception at 299 px on the CPU: CI runs it (`uv run pytest -m slow`)
-def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inception_weights):
-    """FID / IS / KID / precision-recall / sFID against reference statistics of the held-out digits."""
-    import json
-
+@pytest.fixture(scope="module")
+def digits_reference(tmp_path_factory, inception_weights):
+    """Inception statistics of 40 held-out digits, built by scripts/build_reference_stats.py."""
     from conftest import load_script
 
-    reference = tmp_path / "digits_test.npz"
+    reference = tmp_path_factory.mktemp("reference") / "digits_test.npz"
     assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "40", "--out",
                                                       str(reference), "--weights", str(inception_weights),
                                                       "--no-progress"]) == 0
+    return reference
+
+
+@pytest.mark.slow  # Inception at 299 px on the CPU: CI runs it (`uv run pytest -m slow`)
+def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inception_weights, digits_reference):
+    """FID / IS / KID / precision-recall / sFID against reference statistics of the held-out digits."""
+    import json
+
+    reference = digits_reference
     assert eval_imagenet.main([f"checkpoint={pixel_run}", f"out={tmp_path / 'out'}", "num_steps=3", "device=cpu",
                                "num_samples=20", "chunk_size=10", f"reference={reference}",
                                f"inception_weights={inception_weights}"]) == 0
@@ -142,16 +149,12 @@ def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inc
 
 
 @pytest.mark.slow
-def test_inference_scores_fid_against_a_reference(pixel_run, tmp_path, inception_weights):
+def test_inference_scores_fid_against_a_reference(pixel_run, tmp_path, inception_weights, digits_reference):
     import json
 
     import inference
-    from conftest import load_script
 
-    reference = tmp_path / "ref.npz"
-    assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "30", "--out",
-                                                      str(reference), "--weights", str(inception_weights),
-                                                      "--no-progress"]) == 0
+    reference = digits_reference
     assert inference.main([f"checkpoint={pixel_run}", f"out={tmp_path / 's'}", "n_per_class=2", "num_steps=2",
                            "device=cpu", f"fid_reference={reference}", f"inception_weights={inception_weights}"]) == 0
     scores = json.loads((tmp_path / "s" / "metrics.json").read_text())
