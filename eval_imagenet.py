@@ -38,7 +38,7 @@ from build import latent_vae_id, load_run
 from config import EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
 from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
-from sampling import NonFiniteSamplesError
+from sampling import NonFiniteSamplesError, sample_kwargs
 from vae import latent_decoder
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: identical runs, identical bytes
@@ -129,10 +129,7 @@ class Evaluation:
             indices = range(b, min(b + self.batch_size, stop))
             noise, y = sample_inputs(indices, cfg.seed, self.run.sample_shape, self.sampler.num_classes)
             device = self.runtime.device
-            x = self.sampler.sample(noise.to(device), y.to(device), solver=so.method, num_steps=so.num_steps,
-                                    grid=so.grid, shift=so.shift, guidance_scale=so.guidance_scale,
-                                    guidance_interval=tuple(so.guidance_interval), ep_cfg=so.ep_cfg,
-                                    rtol=so.rtol, atol=so.atol).x
+            x = self.sampler.sample(noise.to(device), y.to(device), **sample_kwargs(so)).x
             if not bool(torch.isfinite(x).all()):
                 raise NonFiniteSamplesError(f"samples {b}..{indices[-1]} are NaN/inf with solver {so.method} "
                                             f"x{so.num_steps}, guidance_scale={so.guidance_scale}; nothing was written "

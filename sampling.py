@@ -286,6 +286,15 @@ class FlowSampler:
         return -(log_p0 + div_integral) / (dim * math.log(2))
 
 
+def sample_kwargs(solver_cfg) -> dict:
+    """A run's solver settings (method, num_steps, grid, shift, guidance_*, ep_cfg, rtol, atol) as
+    `FlowSampler.sample` keyword arguments."""
+    return dict(solver=solver_cfg.method, num_steps=solver_cfg.num_steps, grid=solver_cfg.grid,
+                shift=solver_cfg.shift, guidance_scale=solver_cfg.guidance_scale,
+                guidance_interval=tuple(solver_cfg.guidance_interval), ep_cfg=solver_cfg.ep_cfg,
+                rtol=solver_cfg.rtol, atol=solver_cfg.atol)
+
+
 @torch.no_grad()
 def generate(
     sampler: FlowSampler,
@@ -316,10 +325,7 @@ def generate(
             labels = torch.arange(sampler.num_classes).repeat_interleave(num_samples // sampler.num_classes)
     total = len(labels) if labels is not None else num_samples
     noise = torch.randn((total, *sample_shape), generator=torch.Generator().manual_seed(seed))
-    settings = dict(solver=solver_cfg.method, num_steps=solver_cfg.num_steps, grid=solver_cfg.grid,
-                    shift=solver_cfg.shift, guidance_scale=solver_cfg.guidance_scale,
-                    guidance_interval=tuple(solver_cfg.guidance_interval), ep_cfg=solver_cfg.ep_cfg,
-                    rtol=solver_cfg.rtol, atol=solver_cfg.atol)
+    settings = sample_kwargs(solver_cfg)
     chunks = []
     for start in range(0, total, batch_size):
         y = labels[start : start + batch_size].to(device) if labels is not None else None
