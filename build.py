@@ -45,6 +45,26 @@ def build_dataset(dataset_cfg, device, **overrides):
     return datasets.build_dataset(name, device, **{**kwargs, **overrides})
 
 
+def build_coupling(coupling_cfg, dataset, conditional: bool, device):
+    """A validated `training.coupling` section -> a couplings.Coupling; a pair file must hold samples of
+    the dataset's shape (and labels, for a class-conditional model)."""
+    import couplings
+
+    if coupling_cfg.name == "minibatch_ot":
+        return couplings.MinibatchOT(within_class=coupling_cfg.within_class)
+    if coupling_cfg.name != "pairs":
+        return couplings.Coupling()
+    coupling = couplings.PairCoupling(coupling_cfg.pairs, device)
+    manifest, where = coupling.manifest, f"training.coupling.pairs = {str(coupling_cfg.pairs)!r}"
+    if tuple(manifest["sample_shape"]) != tuple(dataset.sample_shape) or manifest["dataset"] != dataset.name:
+        raise ConfigError(f"{where} holds {manifest['dataset']!r} samples of shape {manifest['sample_shape']}, but "
+                          f"this run's dataset is {dataset.name!r} of shape {list(dataset.sample_shape)}")
+    if conditional and bool((coupling.data.y < 0).any()):
+        raise ConfigError(f"{where} comes from an unconditional teacher (labels -1), but this run's model is "
+                          f"class-conditional; use an unconditional model or a class-conditional teacher")
+    return coupling
+
+
 def latent_vae_id(dataset_cfg) -> str | None:
     """The VAE a latent-space run's samples decode with (the dataset's `vae`, else the one its cache
     manifest records); None for pixel-space data."""

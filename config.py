@@ -50,6 +50,15 @@ class InitConfig:
 
 
 @dataclass
+class CouplingConfig:
+    """Which noise each training sample is paired with (couplings.py)."""
+
+    name: str = "independent"  # independent | minibatch_ot (exact OT per micro-batch) | pairs (reflow)
+    pairs: str | None = None  # pairs: a directory from scripts/generate_pairs.py; its rows are the training set
+    within_class: bool = True  # minibatch_ot with a class-conditional model: pair only within a class
+
+
+@dataclass
 class RunConfig:
     """Run management, the same keys and meaning for train.py and train_grpo.py (validate_run)."""
 
@@ -72,6 +81,7 @@ class RunConfig:
 @dataclass
 class TrainingConfig(RunConfig):
     init: InitConfig = field(default_factory=InitConfig)  # selective start from another run (fresh runs only)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)  # noise-data pairing (couplings.py)
     epochs: int = 100  # sets the LR-schedule horizon: epochs * steps_per_epoch optimizer steps
     batch_size: int = 128  # global batch (all ranks, all accumulation micro-steps)
     grad_accum: int = 1  # micro-steps per optimizer step on each rank
@@ -103,6 +113,7 @@ class SolverConfig:
     rtol: float = 1e-5
     atol: float = 1e-5
     guidance_scale: float = 1.0
+    # CFG only where t_lo <= t <= t_hi, both ends included (t = 0 noise, t = 1 data)
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     ep_cfg: bool = False  # energy-preserving CFG
 
@@ -146,6 +157,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     ConfigStore.instance().store(name="inference_schema", node=InferenceConfig)
     ConfigStore.instance().store(name="grpo_schema", node=GRPORunConfig)
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+    ConfigStore.instance().store(name="pairs_schema", node=PairsConfig)
     GlobalHydra.instance().clear()
     config_dir = CONFIG_DIR / config_name if config_name in FLAT_CONFIGS else CONFIG_DIR
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -386,6 +398,7 @@ def check_model_builds(spec) -> None:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Type-check and range-check a composed training config; returns it read-only."""
+    import couplings
     import datasets
     import flow
 
@@ -400,6 +413,12 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_spec("flow.weighting", fl.weighting, flow.LOSS_WEIGHTINGS)
     check_choice("flow.prediction", fl.prediction, flow.PREDICTIONS)
     check(0 < fl.denominator_min < 1, "flow.denominator_min", fl.denominator_min, "must be in (0, 1)")
+    if fl.scheduler.get("name") == "polynomial" and fl.prediction != "velocity":
+        # alpha = t^n has d_alpha = n t^(n-1) = inf at t = 0 for n < 1: a data or noise prediction converts to
+        # an infinite velocity where every sampler starts (a velocity-predicting model outputs it finite).
+        n = fl.scheduler.get("n", flow.PolynomialScheduler.n)
+        check(n >= 1, "flow.scheduler.n", n, f"must be >= 1 with flow.prediction = {fl.prediction} (for n < 1 the "
+              f"path's velocity is infinite at t = 0, where sampling starts; use flow.prediction=velocity)")
 
     validate_run(tr)
     check(tr.lr > 0, "training.lr", tr.lr, "must be > 0")
@@ -419,6 +438,11 @@ def validate(cfg: DictConfig) -> DictConfig:
           == ("ema", "ema", False, False), "training.init.checkpoint", None,
           "required when any other training.init key is set (the run to start from)")
     check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
+    check_choice("training.coupling.name", tr.coupling.name, couplings.COUPLINGS)
+    check(tr.coupling.name != "pairs" or bool(tr.coupling.pairs), "training.coupling.pairs", tr.coupling.pairs,
+          "is required with training.coupling.name=pairs: the pair directory of scripts/generate_pairs.py")
+    check(tr.coupling.name == "pairs" or tr.coupling.pairs is None, "training.coupling.pairs", tr.coupling.pairs,
+          f"is only read with training.coupling.name=pairs (here {tr.coupling.name!r}); drop it or use pairs")
     check(tr.threads is None or tr.threads >= 1, "training.threads", tr.threads, "must be >= 1 or null")
     check(tr.fid_samples >= 2, "training.fid_samples", tr.fid_samples, "must be >= 2")
     validate_solver(so, "solver")
@@ -545,6 +569,7 @@ class InferenceConfig(SolverOverrides):
     likelihood_images: int = 256  # held-out images scored
     likelihood_probes: int = 1  # Hutchinson probes per image
     likelihood_steps: int = 64  # rk4 steps of the likelihood ODE
+    straightness: bool = False  # also the ODE paths' straightness (Liu et al. 2022 eq. 8; 0 = straight) -> metrics.json
 
 
 @dataclass
@@ -563,6 +588,33 @@ class EvalConfig(SolverOverrides):
     reference: str | None = None  # reference statistics (.npz from scripts/build_reference_stats.py, or an ADM batch)
     inception_weights: str | None = None  # torch-fidelity's Inception file; null = the torch hub cache
     metrics: bool = True  # false: samples.npz only (score elsewhere)
+
+
+@dataclass
+class PairsConfig(SolverOverrides):
+    """`scripts/generate_pairs.py` keys: a teacher's (noise, sample, label) triples for reflow. Flat solver
+    keys as in inference.py; the defaults ask for an accurate solve (heun x64) rather than the run's own."""
+
+    checkpoint: str | None = None  # required: the teacher (checkpoint dir, run dir or RUN/checkpoints/latest)
+    out: str | None = None  # required: the pair directory (settings.json, chunks/, manifest.json)
+    num_pairs: int = 100_000
+    seed: int = 0  # pair i's noise comes from (seed, i) alone; its label is i mod num_classes
+    chunk_size: int = 10_000  # pairs per chunk file: the unit of work, resume and rank assignment
+    batch_size: int | None = None  # rows per forward; null = 1024 on CUDA / MPS, 128 on the CPU
+    use_ema: bool = True
+    device: str = "auto"
+    solver: str | None = None  # the ODE method (SolverOverrides.method)
+    method: str | None = "heun"
+    num_steps: int | None = 64
+
+
+def validate_pairs(cfg) -> None:
+    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint, "is required: the teacher, checkpoint=RUN_DIR")
+    check(bool(cfg.out), "out", cfg.out, "is required: the pair directory, e.g. out=runs/pairs/moons_rf1")
+    check(cfg.num_pairs >= 1, "num_pairs", cfg.num_pairs, "must be >= 1")
+    check(cfg.chunk_size >= 1, "chunk_size", cfg.chunk_size, "must be >= 1")
+    check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
+    check_choice("device", cfg.device, DEVICES)
 
 
 def validate_eval(cfg) -> None:
@@ -609,9 +661,17 @@ class GRPOConfig:
     group_size: int = 8  # G: rollouts per prompt; advantages are relative within a group
     num_inner: int = 6  # optimizer steps per rollout batch (PPO epochs)
     rollout_steps: int = 10  # T_rollout: Euler-Maruyama steps per rollout
-    train_timesteps: int | None = None  # per update, a random subset of this many transitions; null = all
+    # Which transitions each update trains (rl/sde_sampler.py: select_timesteps). "first" (Flow-GRPO):
+    # the first train_timesteps of them, null = all but the final step into t = 1; "last": the
+    # train_timesteps just before the final step (the low-noise end); "random": a random
+    # train_timesteps of all rollout_steps, the final one included (null = all).
+    timestep_selection: str = "first"
+    train_timesteps: int | None = None
     noise_level: float = 0.7  # a in g(t) = a sqrt((1 - t) / t), Flow-GRPO's default
     guidance_scale: float = 1.0  # CFG in rollouts, in the recomputed log-probs and in SDE evaluation
+    # Flow-GRPO: with CFG, log pi's gradient flows through the conditional branch only; false also trains
+    # the shared unconditional (null-label) model, with weight 1 - guidance_scale.
+    detach_uncond: bool = True
     clip_eps: float = 0.2  # PPO ratio clip
     kl_beta: float = 0.0  # weight of the Gaussian KL to the frozen seed policy
     advantage_scale: float = 1.0  # multiplies the normalised advantage
@@ -650,8 +710,9 @@ class GRPORunConfig:
 
 
 # The typed schema of each primary config (configs/<name>.yaml), for error messages.
-SCHEMAS = {"config": Config, "inference": InferenceConfig, "config_grpo": GRPORunConfig, "eval": EvalConfig}
-FLAT_CONFIGS = ("inference", "eval")  # primary configs with flat keys, each in configs/<name>/
+SCHEMAS = {"config": Config, "inference": InferenceConfig, "config_grpo": GRPORunConfig, "eval": EvalConfig,
+           "pairs": PairsConfig}
+FLAT_CONFIGS = ("inference", "eval", "pairs")  # primary configs with flat keys, each in configs/<name>/
 
 
 def load_grpo_config(overrides: list[str]) -> DictConfig:
@@ -666,8 +727,15 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
         check(g[key] >= 1, f"grpo.{key}", g[key], "must be >= 1")
     check(g.group_size >= 2, "grpo.group_size", g.group_size,
           "must be >= 2 (a group of one has no spread, so every advantage would be 0)")
-    check(g.train_timesteps is None or 1 <= g.train_timesteps <= g.rollout_steps, "grpo.train_timesteps",
-          g.train_timesteps, f"must be null or in [1, grpo.rollout_steps = {g.rollout_steps}]")
+    check_choice("grpo.timestep_selection", g.timestep_selection, ("first", "last", "random"))
+    if g.timestep_selection in ("first", "last"):
+        most = max(1, g.rollout_steps - 1)
+        check(g.train_timesteps is None or 1 <= g.train_timesteps <= most, "grpo.train_timesteps", g.train_timesteps,
+              f"must be null or in [1, grpo.rollout_steps - 1 = {most}] with grpo.timestep_selection = "
+              f"{g.timestep_selection} (the final step is never trained; timestep_selection=random may include it)")
+    else:
+        check(g.train_timesteps is None or 1 <= g.train_timesteps <= g.rollout_steps, "grpo.train_timesteps",
+              g.train_timesteps, f"must be null or in [1, grpo.rollout_steps = {g.rollout_steps}]")
     check(g.noise_level > 0, "grpo.noise_level", g.noise_level, "must be > 0 (the SDE needs noise for a log-prob)")
     check(g.guidance_scale >= 0, "grpo.guidance_scale", g.guidance_scale, "must be >= 0")
     check(g.clip_eps > 0, "grpo.clip_eps", g.clip_eps, "must be > 0")

@@ -316,11 +316,28 @@ class PowerTimeSampler(TimeSampler):
         return _uniform(batch_size, generator) ** (1 / self.exponent)
 
 
+@dataclass(frozen=True)
+class DiscreteTimeSampler(TimeSampler):
+    """t uniform on the num_steps grid times {0, 1/k, ..., (k-1)/k}: where a k-step uniform Euler sampler
+    queries the model. On reflow pairs this is k-step distillation (Liu et al. 2022, arXiv 2209.03003,
+    sec. 2.3); k = 1 is the one-step objective E ||(x1 - x0) - v(x0, 0)||^2."""
+
+    num_steps: int = 1
+
+    def __post_init__(self):
+        _require(self.num_steps >= 1, "DiscreteTimeSampler", "num_steps", self.num_steps, ">= 1")
+
+    def draw(self, batch_size, generator):
+        j = torch.randint(0, self.num_steps, (batch_size,), generator=generator, device=generator.device)
+        return j.float() / self.num_steps
+
+
 TIME_SAMPLERS: dict[str, type[TimeSampler]] = {
     "uniform": UniformTimeSampler,
     "logit_normal": LogitNormalTimeSampler,
     "stratified": StratifiedTimeSampler,
     "power": PowerTimeSampler,
+    "discrete": DiscreteTimeSampler,
 }
 
 
@@ -344,7 +361,10 @@ class UniformWeighting:
 
 @dataclass(frozen=True)
 class SNRWeighting:
-    """w = min(SNR(t), max_weight); the cap keeps it finite as SNR -> inf at t = 1."""
+    """w = min(SNR(t), max_weight) on the velocity MSE; the cap keeps it finite as SNR -> inf at t = 1.
+
+    The name says what w is, not what it multiplies: it weights the velocity error, which already equals
+    (D / sigma)^2 times the data error, so it is not Min-SNR's data-error weighting (MinSNRWeighting)."""
 
     max_weight: float = 5.0
 

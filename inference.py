@@ -14,7 +14,7 @@ from build import latent_vae_id, load_eval_classifier, load_run
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
 from figures import close_figure, samples_figure, save_samples
 from runtime import atomic_write_text, run_main, select_device
-from sampling import generate
+from sampling import generate, measure_straightness
 from vae import latent_decoder
 
 
@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         scores.update(inception_scores(samples, cfg, device))
     if cfg.likelihood:
         scores.update(held_out_bits_per_dim(run, cfg, device))
+    if cfg.straightness:  # of the first batch's paths (their trajectories are kept), same seed and settings
+        scores["straightness"] = measure_straightness(sampler, solver, run.sample_shape, min(num, 128), seed=cfg.seed,
+                                                      device=device)
     if scores:
         atomic_write_text(Path(cfg.out) / "metrics.json", json.dumps(scores, indent=2))
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()))

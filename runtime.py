@@ -390,6 +390,14 @@ RESUME_MAY_CHANGE = ("training.resume", "training.run_dir", "training.max_steps"
                      "seed_checkpoint")
 
 
+# Keys added after checkpoints were already being written, with the value that reproduces what those
+# older runs did: a checkpoint without the key is compared as if it held this value, so resuming an old
+# independent-coupling run is no change, while resuming an old GRPO run under Flow-GRPO's new defaults
+# is refused (pass the old value to continue it as it was).
+ADDED_KEYS = {"training.coupling.name": "independent", "training.coupling.pairs": None,
+              "training.coupling.within_class": True, "grpo.detach_uncond": False, "grpo.timestep_selection": "random"}
+
+
 def flatten(node, prefix: str = "") -> dict:
     """Nested mappings -> {dotted key: leaf value}."""
     if not isinstance(node, dict):
@@ -405,6 +413,9 @@ def resume_changes(saved, current, source: Path) -> dict[str, list]:
     outside RESUME_MAY_CHANGE is refused (it would silently change the run being continued)."""
     check_compatible(saved, current, source)
     old, new = flatten(to_plain(saved)), flatten(to_plain(current))
+    for key, value in ADDED_KEYS.items():
+        if key in new and key not in old:
+            old[key] = value
     changes = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
                if old.get(key) != new.get(key)}
     refused = [key for key in changes if not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)]

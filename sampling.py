@@ -8,7 +8,8 @@ integrates it three ways, all in our convention (t = 0 noise, t = 1 data):
 - `sde_step` / `sample_sde`: Euler-Maruyama steps of an SDE with the same marginals (Flow-GRPO rollouts);
 - `log_likelihood`: the ODE backwards, data -> noise, with the divergence of the velocity (bits/dim).
 
-`generate` draws N samples with a run's solver settings. This module imports only flow, ode_solvers
+`generate` draws N samples with a run's solver settings; `straightness` / `measure_straightness` score how
+straight the ODE paths are (Liu et al. 2022). This module imports only flow, ode_solvers
 and torch. Models are called as model(x [B, ...], t [B], y [B] | None); callers put them in eval mode.
 """
 
@@ -92,15 +93,19 @@ class FlowSampler:
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         ep_cfg: bool = False,
+        detach_uncond: bool = False,
     ) -> Tensor:
         """Guided velocity [B, ...] in float32 (or wider) at x [B, ...], t (0-dim or [B]), labels y [B].
 
         CFG (Ho & Salimans 2022) u = u_uncond + s (u_cond - u_uncond), applied only where
-        t_lo <= t <= t_hi (guidance interval, Kynkaanniemi et al. 2024) and always in a single forward
+        t_lo <= t <= t_hi (guidance interval, Kynkaanniemi et al. 2024; closed at both ends, so a solver
+        step evaluated exactly at t_lo or t_hi is guided) and always in a single forward
         pass: the batch is [x; x[guided]] with labels [y; null], so an unguided call costs B rows, a
         fully guided one 2B. The interval is checked per sample; a narrowed interval costs one host sync.
         ep_cfg (EP-CFG, Zhang et al. 2024, arXiv 2412.09966) rescales each guided velocity to the L2 norm
-        of its conditional velocity, which curbs the over-saturation of large scales.
+        of its conditional velocity, which curbs the over-saturation of large scales. detach_uncond makes
+        the unconditional branch a constant for autograd (Flow-GRPO's log-prob: only the conditional
+        branch is trained; otherwise the shared null-label model is trained with weight 1 - s).
         """
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
@@ -126,6 +131,8 @@ class FlowSampler:
         null = torch.full_like(y[guided], self.num_classes)
         u = self._model_velocity(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([y, null]))
         u_cond, u_uncond = u[:batch], u[batch:]
+        if detach_uncond:
+            u_uncond = u_uncond.detach()
         u_guided = u_uncond + guidance_scale * (u_cond[guided] - u_uncond)
         if ep_cfg:
             energy_ratio = _per_sample_norm(u_cond[guided]) / _per_sample_norm(u_guided).clamp_min(1e-12)
@@ -179,6 +186,7 @@ class FlowSampler:
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         ep_cfg: bool = False,
+        detach_uncond: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """One Euler-Maruyama step from t to t_next > t (0-dim or [B]) of an SDE whose marginals are the
         ODE's. Returns (mean [B, ...], std [B, 1, ..., 1]): x_next ~ N(mean, std^2 I), a Gaussian policy
@@ -195,16 +203,24 @@ class FlowSampler:
 
         g is infinite at t = 0 (alpha = 0); like Flow-GRPO at its s = 1 endpoint, it is then evaluated at
         the next grid time. Nothing is evaluated at t_next, so the last step into t = 1 (sigma = 0) is
-        finite; its std, g(t) sqrt(dt), vanishes as the grid is refined. The velocity -> noise conversion
-        must be finite at t (true for every path in flow.py except polynomial n > 1 at t = 0).
+        finite; its std, g(t) sqrt(dt), vanishes as the grid is refined. Where alpha(t) = 0 (t = 0 on
+        every path in flow.py) x_t is pure noise, so eps_hat = x / sigma exactly; the velocity -> noise
+        conversion is used only for t > 0, where its denominator alpha d_sigma - sigma d_alpha is nonzero
+        (at t = 0 it is 0 for polynomial n > 1 and infinite for n < 1, which gave NaN).
         """
-        u = self.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg)
+        u = self.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg, detach_uncond)
         x = x.to(u.dtype)
         t, t_next = (torch.as_tensor(v, device=x.device).to(u.dtype).expand(x.shape[0]) for v in (t, t_next))
         scheduler = self.path.scheduler
         t_g = torch.where(t > 0, t, t_next)
         g_squared = noise_level**2 * scheduler.sigma(t_g) / scheduler.alpha(t_g)
-        score = -self.path.convert(u, x, t, "velocity", "noise") / expand_t(scheduler.sigma(t), x)
+        sigma = expand_t(scheduler.sigma(t), x)
+        # At alpha = 0 the conversion is 0/0-prone; evaluate it at a harmless t there and select x / sigma,
+        # so neither the value nor its gradient sees a NaN.
+        at_noise = scheduler.alpha(t) == 0
+        converted = self.path.convert(u, x, torch.where(at_noise, torch.full_like(t, 0.5), t), "velocity", "noise")
+        eps_hat = torch.where(expand_t(at_noise, x), x / sigma, converted)
+        score = -eps_hat / sigma
         drift = u + 0.5 * expand_t(g_squared, x) * score
         dt = t_next - t
         return x + expand_t(dt, x) * drift, expand_t((g_squared * dt).sqrt(), x)
@@ -318,13 +334,8 @@ def generate(
     """
     if batch_size is None:
         batch_size = CPU_SAMPLE_BATCH if torch.device(device).type == "cpu" else 1024
-    if labels is None and sampler.num_classes is not None:
-        if num_samples < sampler.num_classes:
-            labels = torch.arange(num_samples) * sampler.num_classes // num_samples
-        else:
-            labels = torch.arange(sampler.num_classes).repeat_interleave(num_samples // sampler.num_classes)
-    total = len(labels) if labels is not None else num_samples
-    noise = torch.randn((total, *sample_shape), generator=torch.Generator().manual_seed(seed))
+    noise, labels = _noise_and_labels(sampler, sample_shape, num_samples, seed, labels)
+    total = len(noise)
     settings = sample_kwargs(solver_cfg)
     chunks = []
     for start in range(0, total, batch_size):
@@ -338,6 +349,44 @@ def generate(
         if progress is not None:
             progress(len(x))
     return torch.cat(chunks), labels
+
+
+def _noise_and_labels(sampler, sample_shape, num_samples, seed, labels=None) -> tuple[Tensor, Tensor | None]:
+    """generate's inputs: class-major balanced labels (unless given) and CPU noise from `seed`."""
+    if labels is None and sampler.num_classes is not None:
+        if num_samples < sampler.num_classes:
+            labels = torch.arange(num_samples) * sampler.num_classes // num_samples
+        else:
+            labels = torch.arange(sampler.num_classes).repeat_interleave(num_samples // sampler.num_classes)
+    total = len(labels) if labels is not None else num_samples
+    return torch.randn((total, *sample_shape), generator=torch.Generator().manual_seed(seed)), labels
+
+
+def straightness(trajectory: list[Tensor], times: Tensor) -> Tensor:
+    """Straightness of ODE paths, per sample [B] (Liu et al. 2022, arXiv 2209.03003, eq. 8):
+        S(v) = int_0^1 E ||(X_1 - X_0) - v(X_t, t)||^2 dt,
+    0 exactly when every path is a straight line travelled at constant speed (one Euler step is exact).
+    trajectory: states [B, ...] at the grid times [K + 1] (FlowSampler.sample(return_trajectory=True)).
+    On step k the velocity is the step's mean slope (x_{k+1} - x_k) / h_k, which is v(x_k, t_k) itself for
+    Euler: S is then the left Riemann sum of the integral, at no extra NFE. Summed over dimensions, as in
+    the paper; the integral is normalised by the time span (t_K - t_0)."""
+    x = torch.stack([state.flatten(1) for state in trajectory]).double()  # [K + 1, B, D]
+    h = (times[1:] - times[:-1]).double().to(x.device)
+    slopes = (x[1:] - x[:-1]) / h[:, None, None]
+    deviation = ((x[-1] - x[0])[None] - slopes).square().sum(-1)  # [K, B]
+    return (h[:, None] * deviation).sum(0) / h.sum()
+
+
+@torch.no_grad()
+def measure_straightness(sampler: FlowSampler, solver_cfg, sample_shape: tuple[int, ...], num_samples: int,
+                         seed: int = 0, device="cpu") -> float:
+    """Mean `straightness` of num_samples ODE paths (one batch: the trajectory is kept) from generate's
+    first inputs for `seed`, with solver_cfg's settings (guidance included: the field that is sampled)."""
+    noise, labels = _noise_and_labels(sampler, sample_shape, num_samples, seed)
+    y = labels.to(device) if labels is not None else None
+    solution = sampler.sample(noise.to(device), y, return_trajectory=True, **sample_kwargs(solver_cfg))
+    times = time_grid(solver_cfg.num_steps, solver_cfg.grid, solver_cfg.shift)
+    return float(straightness(solution.trajectory, times).mean())
 
 
 def _non_finite(sampler, noise, labels, index, bad, batch, settings, device) -> NonFiniteSamplesError:

@@ -216,7 +216,8 @@ class GRPOTrainer:
         for inner in range(g.num_inner):
             set_learning_rate(self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps,
                                                             1, "constant", 1.0))
-            steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner)).tolist()
+            steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner),
+                                     g.timestep_selection).tolist()
             terms = len(steps) * g.num_inner
             # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
             # the first update's ratio is exactly 1; gradients accumulate over the timesteps.
@@ -224,7 +225,8 @@ class GRPOTrainer:
                 with self.autocast():
                     log_probs, means, stds = transition_log_prob(
                         self.policy, rollout.states[k], rollout.times[k], rollout.next_times[k],
-                        rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce)
+                        rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce,
+                        g.detach_uncond)
                 kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
                 loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
                 (loss / len(steps)).backward()

@@ -9,7 +9,8 @@ step s is split into world_size * grad_accum micro-batches, and micro-batch j dr
 and label dropout from a generator seeded by (seed, s, j). Nothing random depends on process
 history, so a run killed anywhere and resumed from its last checkpoint replays the same steps
 bit for bit (on CPU), and any (world_size, grad_accum) with the same product trains the same
-model up to float summation order.
+model up to float summation order. The coupling (couplings.py: minibatch OT, reflow pairs) only
+re-pairs a micro-batch's own draws, so it keeps both properties.
 
 Exit codes (runtime.py): 0 done (or already finished), 75 (EX_TEMPFAIL) stopped by SIGTERM after
 saving a checkpoint (requeue the same command to continue), 1 error.
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import checkpoint as ckpt
 import flow
-from build import build_dataset, build_flow, build_model, load_eval_classifier
+from build import build_coupling, build_dataset, build_flow, build_model, load_eval_classifier
 from config import ConfigError
 from models import count_parameters
 from runtime import (
@@ -58,6 +59,7 @@ T_BINS = 10  # loss is also logged per t-bin of width 1/T_BINS
 # busy process (docs/benchmarks.md); the U-Nets gain 1.65x from two threads and keep them.
 SMALL_MODEL_PARAMETERS = 200_000
 FINAL_OUTPUTS = ["samples.png", "samples.npz"]
+STRAIGHTNESS_SAMPLES = 128  # ODE paths whose straightness each evaluation logs (their trajectories are kept)
 
 
 def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
@@ -95,6 +97,10 @@ class Trainer:
                               f"{self.dataset.num_classes} classes; set model.num_classes >= {self.dataset.num_classes}")
         self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
+        # The rows the epoch permutation runs over: the dataset, or a reflow pair file (its samples and
+        # labels; self.dataset stays the real data, which evaluation compares against).
+        self.coupling = build_coupling(tr.coupling, self.dataset, self.conditional, device)
+        self.train_data = self.coupling.training_data(self.dataset)
 
         self.micro_batches = runtime.world_size * tr.grad_accum
         if tr.batch_size % self.micro_batches:
@@ -102,9 +108,9 @@ class Trainer:
                 f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = {self.micro_batches}"
             )
         self.micro_batch_size = tr.batch_size // self.micro_batches
-        self.steps_per_epoch = len(self.dataset) // tr.batch_size
+        self.steps_per_epoch = len(self.train_data) // tr.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(self.dataset)}")
+            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(self.train_data)}")
         self.total_steps = tr.epochs * self.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
 
@@ -222,7 +228,7 @@ class Trainer:
     def global_batch_indices(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
         if self._permutation[0] != epoch:
-            self._permutation = (epoch, epoch_permutation(len(self.dataset), self.cfg.seed, epoch, self.runtime.device))
+            self._permutation = (epoch, epoch_permutation(len(self.train_data), self.cfg.seed, epoch, self.runtime.device))
         size = self.cfg.training.batch_size
         return self._permutation[1][position * size : (position + 1) * size]
 
@@ -230,9 +236,12 @@ class Trainer:
         """Micro-batch j of step s: its slice of the global batch and its own seeded draws."""
         indices = self.global_batch_indices(step).view(self.micro_batches, self.micro_batch_size)[micro_index]
         self.generator.manual_seed(micro_batch_seed(self.cfg.seed, step, micro_index))
-        x1, y = self.dataset.batch(indices, self.generator)
+        x1, y = self.train_data.batch(indices, self.generator)
         t = self.time_sampler(x1.shape[0], self.generator, self.runtime.device)
         eps = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        # Re-pair the noise (couplings.py) with the labels as drawn, before label dropout: OT pairs
+        # within a class, reflow takes its stored noise. Independent returns eps untouched.
+        eps = self.coupling(x1, eps, y if self.conditional else None, indices)
         if self.channels_last:
             x1, eps = (v.contiguous(memory_format=torch.channels_last) for v in (x1, eps))
         if self.conditional:
@@ -315,7 +324,8 @@ class Trainer:
         params = count_parameters(self.model)
         self.log.print(
             f"{self.cfg.experiment}: {type(self.model).__name__} with {params:,} parameters on {self.runtime.device} "
-            f"x{self.runtime.world_size} ({torch.get_num_threads()} threads); {len(self.dataset):,} samples, batch "
+            f"x{self.runtime.world_size} ({torch.get_num_threads()} threads); {len(self.train_data):,} samples "
+            f"({tr.coupling.name} coupling), batch "
             f"{tr.batch_size}, steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
         )
         return run_loop(self.stop, self._loop, self.finish, self.log)
@@ -424,7 +434,7 @@ class Trainer:
         if not self.runtime.is_main:
             return
         from figures import close_figure, samples_figure, save_samples
-        from sampling import FlowSampler, NonFiniteSamplesError, generate
+        from sampling import FlowSampler, NonFiniteSamplesError, generate, measure_straightness
 
         model = self.ema.model if self.ema else self.model
         model.eval()
@@ -443,6 +453,10 @@ class Trainer:
         if self.decode_latents is not None:  # latent model: figures and metrics are about the decoded images
             latents, samples = samples, self.decode_latents(samples)
         metrics = {"sampling_s": time.perf_counter() - started, **self.sample_metrics(samples, labels)}
+        # How straight the sampled paths are (0: one Euler step is exact), on one batch of the same noise.
+        metrics["straightness"] = measure_straightness(
+            sampler, self.cfg.solver, self.dataset.sample_shape, min(STRAIGHTNESS_SAMPLES, self.cfg.training.num_eval_samples),
+            seed=self.cfg.seed, device=self.runtime.device)
         if self.fid is not None:
             metrics.update(self.inception_metrics(sampler))
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]

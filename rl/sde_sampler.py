@@ -171,24 +171,47 @@ def transition_log_prob(
     noise_level: float = 0.7,
     guidance_scale: float = 1.0,
     log_prob_reduce: str = "mean",
+    detach_uncond: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """log pi_theta(next_states | states) under the sampler's current model, for a flat batch of N
     transitions: states, next_states [N, ...], times, next_times [N] (or 0-dim), labels [N] | None.
     One `sde_step` = one batched forward pass (2N rows with CFG). Differentiable when grad is enabled.
-    Returns (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
+    detach_uncond (Flow-GRPO's train_sd3.py `compute_log_prob`): with CFG the gradient flows through the
+    conditional branch only; False also trains the shared null-label model, with weight 1 - s (s = the
+    guidance scale: -2 at s = 3). Returns (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
     _check_noise_level(noise_level)
-    mean, std = sampler.sde_step(states, times, next_times, labels, noise_level, guidance_scale)
+    mean, std = sampler.sde_step(states, times, next_times, labels, noise_level, guidance_scale,
+                                 detach_uncond=detach_uncond)
     # next_states are actions sampled earlier: constants here, the gradient flows through the mean only.
     return gaussian_log_prob(next_states.detach(), mean, std, log_prob_reduce), mean, std
 
 
+TIMESTEP_SELECTIONS = ("first", "last", "random")
+
+
 def select_timesteps(
-    num_steps: int, num_train_steps: int | None, generator: torch.Generator | None = None
+    num_steps: int, num_train_steps: int | None, generator: torch.Generator | None = None,
+    selection: str = "first",
 ) -> Tensor:
-    """A random subset of `num_train_steps` distinct transition indices in [0, num_steps), sorted
-    (Flow-GRPO trains on a fraction of the timesteps, `timestep_fraction`). Drawn only from `generator`
-    (on its device); None or num_train_steps == num_steps gives all steps without drawing. -> [K] long."""
+    """The transition indices in [0, num_steps) one update trains on, sorted -> [K] long.
+
+    "first" (Flow-GRPO's train_sd3.py: `timestep_fraction` of the steps, in order): steps 0..K-1 with
+    K = num_train_steps, None meaning num_steps - 1, so the final step into t = 1 is never trained
+    (its transition std g(t) sqrt(dt) is the smallest, so its log-prob gradient is the largest, and it
+    sets the pixels the reward reads). "random": K distinct steps drawn from all num_steps, the final
+    one included (None or K = num_steps: all of them, without drawing). "last": the K steps just before
+    the final one, T-1-K..T-2 (the low-noise end, where details rather than layout form). Draws only
+    from `generator`."""
     device = generator.device if generator is not None else "cpu"
+    if selection not in TIMESTEP_SELECTIONS:
+        raise ValueError(f"selection must be one of {TIMESTEP_SELECTIONS}, got {selection!r}")
+    if selection in ("first", "last"):
+        most = max(1, num_steps - 1)
+        count = most if num_train_steps is None else num_train_steps
+        if not 1 <= count <= most:
+            raise ValueError(f"num_train_steps must lie in [1, num_steps - 1 = {num_steps - 1}] for selection "
+                             f"{selection!r}, got {num_train_steps}")
+        return torch.arange(count, device=device) + (most - count if selection == "last" else 0)
     if num_train_steps is None or num_train_steps == num_steps:
         return torch.arange(num_steps, device=device)
     if not 1 <= num_train_steps <= num_steps:

@@ -50,12 +50,14 @@ class ClassifierTrainConfig:
     seed: int = 0  # model init, dropout and batch order
     root: str = "./data"  # dataset root (dataset.root in training configs)
     download: bool = True  # fetch a missing dataset (needs network)
+    image_size: int | None = None  # digits only: resize to this side (dataset.image_size in training configs)
 
 
 # Short names used by the experiment presets and DESIGN.md's command line.
 DATASET_ALIASES = {"fashion": "fashion_mnist"}
 # train.py's keys for the same settings: `dataset.root=DIR` works as `root=DIR`.
-TRAINING_SPELLINGS = {"dataset.name": "dataset", "dataset.root": "root", "dataset.download": "download"}
+TRAINING_SPELLINGS = {"dataset.name": "dataset", "dataset.root": "root", "dataset.download": "download",
+                      "dataset.image_size": "image_size", "+dataset.image_size": "image_size"}
 
 
 def parse_args(argv: list[str]) -> ClassifierTrainConfig:
@@ -82,21 +84,25 @@ def parse_args(argv: list[str]) -> ClassifierTrainConfig:
         check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
     check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
+    check(cfg.image_size is None or (cfg.dataset == "digits" and cfg.image_size >= 8), "image_size", cfg.image_size,
+          "only for dataset=digits, >= 8 (the other datasets have a fixed size)")
     check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "must be in [0, 1)")
     return cfg
 
 
 def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3,
                      weight_decay: float = 0.05, width: int = 32, dropout: float = 0.3, device: str = "auto",
-                     seed: int = 0, root: str = "./data", download: bool = True, log=print) -> float:
+                     seed: int = 0, root: str = "./data", download: bool = True, image_size: int | None = None,
+                     log=print) -> float:
     """Train `models.CLASSIFIERS["cnn"]` on `dataset`'s train split, save it to `out`; -> test accuracy.
 
     Deterministic given seed on CPU; the caller's CPU RNG state is left as it was.
     """
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
     device = select_device(device)
-    train_set = DATASETS[dataset](device=device, root=root, split="train", download=download, hflip=False)
-    test_set = DATASETS[dataset](device=device, root=root, split="test", download=download, hflip=False)
+    sized = {} if image_size is None else {"image_size": image_size}
+    train_set = DATASETS[dataset](device=device, root=root, split="train", download=download, hflip=False, **sized)
+    test_set = DATASETS[dataset](device=device, root=root, split="test", download=download, hflip=False, **sized)
     if train_set.x.dim() != 4:
         raise ConfigError(f"dataset = {dataset!r} holds no images [N, C, H, W]; choose one of: {', '.join(IMAGE_DATASETS)}")
     kwargs = {"in_ch": train_set.sample_shape[0], "num_classes": train_set.num_classes, "width": width,

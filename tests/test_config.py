@@ -15,6 +15,8 @@ def test_presets_exist():
 def test_every_preset_composes_and_validates(preset):
     # A second stage names the run it starts from (required, so it can never silently start from scratch).
     stage = ["training.init.checkpoint=runs/stage1"] if "unmasked" in preset else []
+    # A reflow / distillation student names its pair directory (required too).
+    stage += ["training.coupling.pairs=runs/pairs"] if "reflow" in preset or "distill" in preset else []
     cfg = load_config([f"experiment={preset}", *stage])
     assert cfg.experiment == preset
     assert cfg.training.lr > 0
@@ -101,3 +103,14 @@ def test_run_dir_default_is_experiment_and_timestamp():
     assert run_dir.parent == Path("runs") and run_dir.name.startswith("moons_cfg_")
     with pytest.raises(ConfigError, match="training.run_dir"):
         resolve_run_dir(load_config(["training.resume=auto"]), Runtime(device=torch.device("cpu")))
+
+
+def test_polynomial_below_one_refuses_data_and_noise_prediction():
+    """alpha = t^n with n < 1 has an infinite velocity at t = 0, where sampling starts: a data or noise
+    prediction converted there gave NaN samples. Refused at validation; velocity prediction is allowed."""
+    for prediction in ("data", "noise"):
+        with pytest.raises(ConfigError) as error:
+            load_config(["flow.scheduler.name=polynomial", "+flow.scheduler.n=0.5", f"flow.prediction={prediction}"])
+        assert all(word in str(error.value) for word in ("flow.scheduler.n", "0.5", ">= 1", prediction))
+    assert load_config(["flow.scheduler.name=polynomial", "+flow.scheduler.n=0.5"]).flow.prediction == "velocity"
+    load_config(["flow.scheduler.name=polynomial", "+flow.scheduler.n=2.0", "flow.prediction=data"])

@@ -403,3 +403,25 @@ def test_a_log_write_that_fails_names_the_file(tmp_path):
     logger = runtime.MetricLogger(run_dir, enabled=True, tensorboard=False)
     with pytest.raises(runtime.RunError, match=r"cannot append to .*metrics.jsonl \(No space left on device\)"):
         logger.scalars(1, {"train/loss": 1.0})
+
+
+def test_resume_reads_keys_added_later_as_their_old_behaviour():
+    """A checkpoint written before training.coupling / Flow-GRPO's defaults existed: its missing keys
+    compare as the behaviour it had, so an old independent run resumes unchanged and an old GRPO run is
+    refused under the new defaults (naming the key) until the old value is passed."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from runtime import resume_changes
+
+    new = OmegaConf.create({"training": {"lr": 1e-3, "coupling": {"name": "independent", "pairs": None,
+                                                                  "within_class": True}}})
+    old = OmegaConf.create({"training": {"lr": 1e-3}})
+    assert resume_changes(old, new, Path("ckpt")) == {}
+    grpo_old = OmegaConf.create({"grpo": {"lr": 1e-4}})
+    grpo_new = OmegaConf.create({"grpo": {"lr": 1e-4, "detach_uncond": True, "timestep_selection": "random"}})
+    with pytest.raises(ConfigError, match="grpo.detach_uncond: False -> True"):
+        resume_changes(grpo_old, grpo_new, Path("ckpt"))
+    grpo_new.grpo.detach_uncond = False
+    assert resume_changes(grpo_old, grpo_new, Path("ckpt")) == {}

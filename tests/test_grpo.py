@@ -166,3 +166,41 @@ def test_grpo_loss_adds_beta_times_mean_kl():
     loss, stats = grpo_loss(new, old, advantages, 0.2)
     torch.testing.assert_close(loss, policy_loss)
     assert stats["kl"] == 0
+
+
+class LabelShift(nn.Module):
+    """u(x, t, y) = a x + b[y]: the null label (index num_classes) has its own b, so gradients show which
+    CFG branch they came from."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.num_classes = num_classes
+        self.a = nn.Parameter(torch.tensor(0.5))
+        self.b = nn.Parameter(torch.linspace(-1, 1, num_classes + 1))
+
+    def forward(self, x, t, y=None):
+        return self.a * x + self.b[y].view(-1, *[1] * (x.dim() - 1))
+
+
+def test_detach_uncond_trains_only_the_conditional_branch():
+    """Flow-GRPO's log-prob: with CFG scale s, u = u_uncond + s (u_cond - u_uncond). Detached (the
+    default), the null label's parameters get no gradient and the conditional ones get s times the
+    unguided gradient; attached, the null label is trained with weight 1 - s. Values are identical."""
+    model = LabelShift()
+    sampler = FlowSampler(model, make_path(), num_classes=3)
+    labels = torch.tensor([0, 1, 2, 0])
+    rollout = sde_rollout(sampler, torch.randn(4, 2), labels, 4, guidance_scale=3.0,
+                          generator=torch.Generator().manual_seed(0))
+    k = 1
+    args = (sampler, rollout.states[k], rollout.times[k], rollout.next_times[k], rollout.next_states[k], labels,
+            0.7, 3.0, "mean")
+    grads = {}
+    for detach in (True, False):
+        log_probs, _, _ = transition_log_prob(*args, detach_uncond=detach)
+        torch.testing.assert_close(log_probs.detach(), rollout.log_probs[k], rtol=0, atol=1e-6)
+        (grads[detach],) = torch.autograd.grad(log_probs.sum(), model.b)
+    null = model.num_classes
+    assert grads[True][null] == 0 and grads[False][null] != 0
+    # d u / d b_null = 1 - s and d u / d b_y = s: the attached null gradient is (1 - s) / s times the label's.
+    torch.testing.assert_close(grads[True][:null], grads[False][:null])
+    torch.testing.assert_close(grads[False][null], (1 - 3.0) / 3.0 * grads[False][:null].sum())

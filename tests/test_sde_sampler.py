@@ -176,9 +176,24 @@ def test_rollout_on_a_shifted_grid_and_bad_noise_level():
 # ---------------------------------------------------------------------------------------------- timesteps
 
 
+def test_select_timesteps_first_never_trains_the_final_step():
+    """Flow-GRPO's choice (the default): the first K transitions in order, K = T - 1 by default, no draw."""
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert torch.equal(select_timesteps(10, None, gen), torch.arange(9))
+    assert torch.equal(select_timesteps(10, 4, gen), torch.arange(4))
+    assert torch.equal(gen.get_state(), state)  # consumed nothing: exact resume does not depend on it
+    assert torch.equal(select_timesteps(1, None), torch.arange(1))  # a 1-step rollout has only the final step
+    for bad in (0, 10):
+        with pytest.raises(ValueError, match="num_train_steps"):
+            select_timesteps(10, bad, gen)
+    with pytest.raises(ValueError, match="selection"):
+        select_timesteps(10, 4, gen, "last")
+
+
 def test_select_timesteps_is_deterministic_distinct_and_sorted():
     def draw(seed):
-        return select_timesteps(20, 6, torch.Generator().manual_seed(seed))
+        return select_timesteps(20, 6, torch.Generator().manual_seed(seed), "random")
 
     steps = draw(0)
     assert steps.dtype == torch.long and steps.shape == (6,)
@@ -188,8 +203,37 @@ def test_select_timesteps_is_deterministic_distinct_and_sorted():
     assert any(not torch.equal(steps, draw(seed)) for seed in range(1, 5))
     # Consecutive draws from one generator continue its stream (exact resume from the generator state).
     gen = torch.Generator().manual_seed(0)
-    assert torch.equal(select_timesteps(20, 6, gen), steps)
-    assert torch.equal(select_timesteps(20, 20, gen), torch.arange(20))
-    assert torch.equal(select_timesteps(20, None), torch.arange(20))
+    assert torch.equal(select_timesteps(20, 6, gen, "random"), steps)
+    assert torch.equal(select_timesteps(20, 20, gen, "random"), torch.arange(20))
+    assert torch.equal(select_timesteps(20, None, selection="random"), torch.arange(20))
     with pytest.raises(ValueError, match="num_train_steps"):
-        select_timesteps(20, 0, gen)
+        select_timesteps(20, 0, gen, "random")
+
+
+class FiniteVelocity(nn.Module):
+    """u = gain (m - x): a finite velocity everywhere, as a trained velocity-predicting network gives."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x, t, y=None):
+        return self.gain * (MEAN - x)
+
+
+@pytest.mark.parametrize("n", [0.5, 2.0])
+def test_polynomial_sde_is_finite_and_exact_at_the_noise_end(n):
+    """Polynomial alpha = t^n gave NaN SDE rollouts for n = 0.5 and 2: the velocity -> noise conversion
+    divides by alpha d_sigma - sigma d_alpha, infinite (n < 1) or 0 (n > 1) at t = 0. At alpha = 0 the
+    state is pure noise, so eps_hat = x / sigma and the score is -x (sigma(0) = 1)."""
+    model = FiniteVelocity()
+    sampler = FlowSampler(model, make_path("polynomial", n=n))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    mean, std = sampler.sde_step(x, torch.tensor(0.0), torch.tensor(0.1), noise_level=0.7)
+    g_squared = 0.7**2 * (1 - 0.1**n) / 0.1**n  # g evaluated at t_next (g is infinite at t = 0)
+    torch.testing.assert_close(mean, x + 0.1 * (model(x, None) - 0.5 * g_squared * x))
+    torch.testing.assert_close(std, torch.full((64, 1), math.sqrt(g_squared * 0.1)))
+    mean.sum().backward()
+    assert torch.isfinite(model.gain.grad)
+    rollout = sde_rollout(sampler, x, None, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(rollout.samples).all() and torch.isfinite(rollout.log_probs).all()

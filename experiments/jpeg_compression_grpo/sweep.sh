@@ -14,7 +14,7 @@ printf '%s\n' \
   "kl0.3 grpo.kl_beta=0.3" \
   "kl1 grpo.kl_beta=1" \
   "kl10 grpo.kl_beta=10" \
-  "kl1_guided grpo.kl_beta=1 grpo.guidance_scale=3" \
+  "kl1_guided grpo.kl_beta=1 grpo.guidance_scale=3 grpo.detach_uncond=false" \
   "combined_kl0 grpo.kl_beta=0 reward=jpeg_and_classifier reward.terms.1.reward.classifier=$CLASSIFIER" \
   "combined_w0.3_kl0 grpo.kl_beta=0 grpo.epochs=200 reward=jpeg_and_classifier reward.terms.1.weight=0.3 reward.terms.1.reward.classifier=$CLASSIFIER" |
   xargs -P 2 -L 1 bash -c 'name=$0; OMP_NUM_THREADS=1 uv run python train_grpo.py '"$COMMON"' training.run_dir='"$OUT"'/$name "$@" > '"$OUT"'/$name.log 2>&1; echo "$name exit $?"'

@@ -1,0 +1,179 @@
+"""Quality per compute: NFE-vs-quality curves of independent, minibatch-OT, reflow (1 and 2 rounds) and
+one-step distillation, each with the training seconds it cost. Writes experiments/few_step_<stage>.json
+and experiments/figures/few_step_<stage>.png and prints the markdown table (experiments/few_step.md).
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py moons
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py digits --epochs 30 --pairs 6000
+
+Every stage is one `train.py` / `scripts/generate_pairs.py` process on one thread, run one at a time and
+timed in CPU seconds (user + sys, start-up included; the wall time is recorded too, but on a shared
+machine it measures the neighbours); a finished stage is reused with its recorded time.
+Sampling is Euler on the uniform grid at 1, 2, 4, 8, 32 steps (NFE = steps; a guided step is one
+forward of 2B rows), from the EMA weights. moons: sliced W2 of 4,000 samples to the 8,000 training
+points (metrics.sliced_wasserstein). digits: accuracy and classifier-FD of 500 samples (50 per digit)
+under runs/classifiers/digits.safetensors.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NFES = (1, 2, 4, 8, 32)
+STAGES = {  # stage -> (teacher experiment, minibatch-OT experiment, reflow experiment, distill experiment)
+    "moons": ("moons", "moons_ot", "moons_reflow", "moons_distill"),
+    "digits": ("digits_cfg", "digits_cfg", "digits_reflow", None),
+}
+
+
+def run(command: list[str], timings: dict, name: str, done: bool) -> float:
+    """Run one stage as its own process (unless done) and record its wall seconds."""
+    if done and name in timings:
+        return timings[name]
+    print("$", " ".join(command), flush=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, *command], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds (user + sys) of the one-thread process: on a shared machine the wall time measures the
+    # neighbours, the CPU time the work itself. Both are kept.
+    timings[name] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    timings[f"{name}_wall"] = time.perf_counter() - started
+    Path(timings["_path"]).write_text(json.dumps({k: v for k, v in timings.items() if k != "_path"}, indent=2))
+    return timings[name]
+
+
+def train(out: Path, name: str, experiment: str, timings: dict, *overrides: str) -> float:
+    run_dir = out / name
+    return run(["train.py", f"experiment={experiment}", f"training.run_dir={run_dir}", "training.progress=false",
+                "training.tensorboard=false", *overrides], timings, name, (run_dir / "finished.json").is_file())
+
+
+def pairs(out: Path, name: str, teacher: str, num_pairs: int, timings: dict, *overrides: str) -> float:
+    pair_dir = out / "pairs" / name
+    return run(["scripts/generate_pairs.py", f"checkpoint={out / teacher}", f"out={pair_dir}",
+                f"num_pairs={num_pairs}", "device=cpu", *overrides], timings, f"pairs_{name}",
+               (pair_dir / "manifest.json").is_file())
+
+
+def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: str | None) -> dict[int, dict]:
+    """{NFE: metrics} for one model: Euler at every NFE in NFES."""
+    import torch
+
+    import metrics
+    from build import build_dataset, load_eval_classifier, load_run
+    from sampling import generate, measure_straightness
+
+    torch.set_num_threads(1)
+    results, scorer = {}, None
+    for nfe in NFES:
+        overrides = {"method": "euler", "num_steps": nfe, "grid": "uniform"}
+        if guidance is not None:
+            overrides["guidance_scale"] = guidance
+        loaded = load_run(checkpoint, "cpu", solver_overrides=overrides)
+        count = 4000 if stage == "moons" else 500
+        samples, labels = generate(loaded.sampler, loaded.solver, loaded.sample_shape, count, seed=1)
+        values = {"straightness": measure_straightness(loaded.sampler, loaded.solver, loaded.sample_shape, 128, seed=1)}
+        if stage == "moons":
+            dataset = build_dataset(loaded.config.dataset, "cpu")
+            values["sliced_w2"] = metrics.sliced_wasserstein(samples, dataset.x)
+        else:
+            if scorer is None:
+                scorer = load_eval_classifier(classifier, loaded.config.dataset, "cpu", count, seed=0)
+            values.update(scorer.score(samples, labels))
+        results[nfe] = values
+        print(checkpoint.name, nfe, {k: round(v, 4) for k, v in values.items()}, flush=True)
+    return results
+
+
+def plot(stage: str, table: dict, key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for name, row in table.items():
+        axis.plot(NFES, [row["nfe"][str(n)][key] for n in NFES], marker="o", label=f"{name} ({row['seconds']:.0f} s)")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(NFES, [str(n) for n in NFES])
+    if key != "classifier_accuracy":
+        axis.set_yscale("log")
+    axis.set_xlabel("NFE (Euler steps)")
+    axis.set_ylabel(key)
+    axis.set_title(f"{stage}: {key} vs NFE (training seconds, cumulative)")
+    axis.legend(fontsize=7)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--out", default=None, help="run directory root (default runs/few_step/<stage>)")
+    parser.add_argument("--pairs", type=int, default=50_000, help="reflow pairs per round")
+    parser.add_argument("--epochs", type=int, default=None, help="digits: training.epochs of the teacher / OT runs")
+    parser.add_argument("--reflow-epochs", type=int, default=None, help="training.epochs of the reflow students")
+    parser.add_argument("--classifier", default="runs/classifiers/digits.safetensors")
+    args = parser.parse_args()
+    out = Path(args.out or f"runs/few_step/{args.stage}")
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    teacher, ot, reflow, distill = STAGES[args.stage]
+    epochs = [f"training.epochs={args.epochs}"] if args.epochs else []
+    reflow_epochs = [f"training.epochs={args.reflow_epochs}"] if args.reflow_epochs else []
+    extra = ["training.classifier=" + args.classifier] if args.stage == "digits" else []
+
+    timings["_path"] = str(timings_path)  # run() saves after every stage, so an interrupted table resumes
+    cost = {}
+    cost["independent"] = train(out, "independent", teacher, timings, *epochs, *extra)
+    cost["minibatch_ot"] = train(out, "minibatch_ot", ot, timings, "training.coupling.name=minibatch_ot",
+                                 *epochs, *extra)
+    p1 = pairs(out, "rf1", "independent", args.pairs, timings)
+    r1 = train(out, "reflow_1", reflow, timings, f"training.coupling.pairs={out / 'pairs/rf1'}",
+               f"training.init.checkpoint={out / 'independent'}", *reflow_epochs, *extra)
+    cost["reflow_1"] = cost["independent"] + p1 + r1
+    p2 = pairs(out, "rf2", "reflow_1", args.pairs, timings)
+    r2 = train(out, "reflow_2", reflow, timings, f"training.coupling.pairs={out / 'pairs/rf2'}",
+               f"training.init.checkpoint={out / 'reflow_1'}", *reflow_epochs, *extra)
+    cost["reflow_2"] = cost["reflow_1"] + p2 + r2
+    if distill:
+        d1 = train(out, "reflow_1_distill", distill, timings, f"training.coupling.pairs={out / 'pairs/rf2'}",
+                   f"training.init.checkpoint={out / 'reflow_1'}", *reflow_epochs)
+        cost["reflow_1_distill"] = cost["reflow_1"] + p2 + d1
+
+    # Guidance: the teacher and OT models sample with their run's guidance; reflow students learnt the
+    # guided field from guided pairs, so they sample with guidance 1.
+    guided = {"independent": None, "minibatch_ot": None}
+    table = {}
+    for name in cost:
+        guidance = guided.get(name, 1.0) if args.stage == "digits" else None
+        table[name] = {"seconds": cost[name], "nfe": {str(k): v for k, v in
+                                                       evaluate(args.stage, out / name, guidance, args.classifier).items()}}
+    timings.pop("_path")
+    (ROOT / f"experiments/few_step_{args.stage}.json").write_text(json.dumps({"timings": timings, "table": table},
+                                                                             indent=2))
+    key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
+    plot(args.stage, table, key, ROOT / f"experiments/figures/few_step_{args.stage}.png")
+    keys = [key] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
+    print("\n| model | training s (cumulative) | " + " | ".join(f"{k} @ {n}" for k in keys for n in NFES) + " |")
+    print("|---|---|" + "---|" * (len(keys) * len(NFES)))
+    for name, row in table.items():
+        cells = " | ".join(f"{row['nfe'][str(n)][k]:.4f}" for k in keys for n in NFES)
+        print(f"| {name} | {row['seconds']:.0f} | {cells} |")
+    print("\nstraightness (Euler x32): " + ", ".join(f"{n} {r['nfe']['32']['straightness']:.4f}" for n, r in table.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Reflow pairs: N (noise, sample, label) triples of a teacher's ODE, for `training.coupling.name=pairs`.
+
+    python scripts/generate_pairs.py checkpoint=runs/moons out=runs/pairs/moons_rf1 num_pairs=100000
+    torchrun --nproc_per_node=8 scripts/generate_pairs.py checkpoint=runs/c10 out=DIR num_pairs=1000000 \\
+        solver=heun num_steps=64 guidance_scale=1
+
+Rectified flow (Liu et al. 2022, arXiv 2209.03003, alg. 1): sample X0 ~ N(0, I), solve the teacher's ODE
+to X1 = ODE[v](X0), then train a new flow on the coupling (X0, X1); its paths are straighter, so few Euler
+steps suffice. Repeat on the student's pairs for 2-, 3-rectified flows.
+
+Pair i has label i mod K (class-balanced; -1 for an unconditional teacher) and its noise is row
+i - c * chunk_size of a draw seeded by (seed, c) for its chunk c. A chunk is the unit of work: rank r of
+W solves chunks r, r + W, ... in batches of `batch_size` starting at the chunk's first row, so any
+number of ranks writes the same bytes. Each chunk is written atomically; a killed run re-run with the
+same command solves only the missing chunks. out/settings.json fixes the settings at the first run (a
+directory holding other settings is refused); out/manifest.json (settings + every chunk's sha256) is
+written last and marks the directory complete.
+
+Guidance: with guidance_scale != 1 the samples are those of the guided field, so a student trained on
+them learns the guided field itself; sample it with guidance_scale=1.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import checkpoint as ckpt  # noqa: E402
+import couplings  # noqa: E402
+from build import load_run  # noqa: E402
+from config import PairsConfig, apply_schema, compose, solver_overrides, to_plain, validate_pairs  # noqa: E402
+from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime  # noqa: E402
+from sampling import NonFiniteSamplesError, sample_kwargs  # noqa: E402
+
+
+def chunk_inputs(chunk: int, rows: range, seed: int, shape, num_classes):
+    """The noise [n, *shape] and labels [n] (-1: unconditional) of pair rows `rows` of chunk `chunk`."""
+    noise = torch.randn((len(rows), *shape), generator=torch.Generator().manual_seed(derive_seed(seed, chunk, 0xF10)))
+    labels = torch.tensor([i % num_classes for i in rows]) if num_classes else torch.full((len(rows),), -1)
+    return noise, labels
+
+
+class PairGeneration:
+    def __init__(self, cfg, runtime):
+        self.cfg, self.runtime = cfg, runtime
+        self.out = Path(cfg.out)
+        self.run = load_run(cfg.checkpoint, runtime.device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
+        self.batch_size = cfg.batch_size or (128 if runtime.device.type == "cpu" else 1024)
+        self.num_chunks = math.ceil(cfg.num_pairs / cfg.chunk_size)
+
+    def settings(self) -> dict:
+        run, cfg = self.run, self.cfg
+        return {
+            "teacher": {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "use_ema": cfg.use_ema,
+                        "manifest_sha256": ckpt.sha256_file(run.checkpoint.path / "manifest.json"),
+                        "experiment": run.config.get("experiment")},
+            "solver": to_plain(run.solver), "guidance_scale": run.solver.guidance_scale,
+            "seed": cfg.seed, "num_pairs": cfg.num_pairs, "chunk_size": cfg.chunk_size, "batch_size": self.batch_size,
+            "dataset": run.config.dataset.name, "sample_shape": list(run.sample_shape),
+            "num_classes": run.sampler.num_classes,
+            "labels": "pair i: i mod num_classes (-1 for an unconditional teacher)",
+            "noise": "chunk c: torch.randn([rows, *sample_shape]) from a CPU generator seeded by derive_seed(seed, c, 0xF10)",
+        }
+
+    def claim_directory(self) -> dict:
+        """Rank 0 writes (or checks) out/settings.json; every rank then agrees on it."""
+        settings = self.settings()
+        path = self.out / "settings.json"
+        if self.runtime.is_main:
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                if couplings.settings_sha256(saved) != couplings.settings_sha256(settings):
+                    differ = sorted(k for k in settings if saved.get(k) != settings[k])
+                    raise RunError(f"out = {str(self.out)!r} holds pairs made with other settings (differing: "
+                                   f"{', '.join(differ)}); use another out directory or the original settings")
+            else:
+                self.out.mkdir(parents=True, exist_ok=True)
+                couplings.write_json(path, settings)
+        if self.runtime.distributed:
+            dist.barrier()
+        return settings
+
+    @torch.no_grad()
+    def solve_chunk(self, chunk: int) -> None:
+        cfg, run, device = self.cfg, self.run, self.runtime.device
+        rows = range(chunk * cfg.chunk_size, min((chunk + 1) * cfg.chunk_size, cfg.num_pairs))
+        noise, labels = chunk_inputs(chunk, rows, cfg.seed, run.sample_shape, run.sampler.num_classes)
+        samples = []
+        for b in range(0, len(rows), self.batch_size):
+            x0 = noise[b : b + self.batch_size].to(device)
+            y = labels[b : b + self.batch_size].to(device) if run.sampler.num_classes else None
+            x1 = run.sampler.sample(x0, y, **sample_kwargs(run.solver)).x
+            if not bool(torch.isfinite(x1).all()):
+                raise NonFiniteSamplesError(f"pairs {rows[b]}.. of chunk {chunk} are NaN/inf with solver "
+                                            f"{run.solver.method} x{run.solver.num_steps}, guidance_scale="
+                                            f"{run.solver.guidance_scale}; nothing was written for that chunk")
+            samples.append(x1.float().cpu())
+        couplings.write_chunk(self.out, chunk, noise, torch.cat(samples), labels)
+
+    def run_all(self) -> int:
+        from tqdm import tqdm
+
+        settings = self.claim_directory()
+        if (self.out / "manifest.json").is_file():
+            if self.runtime.is_main:
+                print(f"{self.out} is complete ({self.cfg.num_pairs} pairs); nothing to do")
+            return 0
+        mine = range(self.runtime.rank, self.num_chunks, self.runtime.world_size)
+        todo = [c for c in mine if not couplings.chunk_path(self.out, c).is_file()]
+        started = time.perf_counter()
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", dynamic_ncols=True,
+                   disable=None if self.runtime.is_main else True, desc=f"pairs x{self.runtime.world_size}")
+        for chunk in todo:
+            self.solve_chunk(chunk)
+            bar.update(1)
+        bar.close()
+        if self.runtime.distributed:
+            dist.barrier()
+        if self.runtime.is_main:
+            missing = [c for c in range(self.num_chunks) if not couplings.chunk_path(self.out, c).is_file()]
+            if missing:
+                raise RunError(f"{len(missing)} chunks missing in {self.out / 'chunks'} after sampling (first {missing[0]})")
+            couplings.write_manifest(self.out, settings, self.num_chunks)
+            print(f"{self.cfg.num_pairs} pairs from {self.run.checkpoint.path} (step {self.run.checkpoint.step}, "
+                  f"{self.run.solver.method} x{self.run.solver.num_steps}, guidance {self.run.solver.guidance_scale}) "
+                  f"-> {self.out} ({time.perf_counter() - started:.1f} s this run)")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="pairs"), PairsConfig)
+    validate_pairs(cfg)
+    runtime = setup_runtime(cfg.device)
+    try:
+        return PairGeneration(cfg, runtime).run_all()
+    finally:
+        teardown_runtime(runtime)
+
+
+if __name__ == "__main__":
+    run_main(main)
