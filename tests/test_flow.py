@@ -94,7 +94,7 @@ def test_factories_and_registries():
     path = flow.make_path("polynomial", denominator_min=0.1, n=3.0)
     assert path.scheduler == flow.PolynomialScheduler(3.0) and path.denominator_min == 0.1
     assert set(flow.SCHEDULERS) == {"condot", "polynomial", "cosine", "linear_vp"}
-    assert set(flow.TIME_SAMPLERS) == {"uniform", "logit_normal", "stratified", "power"}
+    assert set(flow.TIME_SAMPLERS) == {"uniform", "logit_normal", "stratified", "power", "discrete"}
     assert set(flow.LOSS_WEIGHTINGS) == {"uniform", "snr", "min_snr", "endpoint"}
     assert flow.make_time_sampler("power", exponent=2.0) == flow.PowerTimeSampler(2.0)
     assert flow.make_loss_weighting("min_snr", gamma=3.0) == flow.MinSNRWeighting(3.0)
