@@ -387,7 +387,10 @@ RESUME_MAY_CHANGE = ("training.resume", "training.run_dir", "training.max_steps"
                      "training.tensorboard", "training.progress", "training.compile", "training.start_over",
                      "training.init", "training.threads", "training.fid_reference", "training.fid_samples",
                      "training.inception_weights", "device", "dataset.root", "dataset.download", "solver",
-                     "seed_checkpoint")
+                     "seed_checkpoint",
+                     # GRPO's lr is constant after warm-up, so its iteration count sets only how long the
+                     # run goes (like max_steps); train.py's epochs set the LR schedule and stay fixed.
+                     "grpo.epochs")
 
 
 # Keys added after checkpoints were already being written, with the value that reproduces what those

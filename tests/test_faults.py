@@ -425,3 +425,20 @@ def test_resume_reads_keys_added_later_as_their_old_behaviour():
         resume_changes(grpo_old, grpo_new, Path("ckpt"))
     grpo_new.grpo.detach_uncond = False
     assert resume_changes(grpo_old, grpo_new, Path("ckpt")) == {}
+
+
+def test_grpo_run_may_be_extended_on_resume():
+    """GRPO's lr is constant after warm-up, so grpo.epochs only sets the run's length: a resume may raise
+    it (recorded), while a train.py run's training.epochs (the LR schedule's horizon) stays refused."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from runtime import resume_changes
+
+    changes = resume_changes(OmegaConf.create({"grpo": {"epochs": 30}}), OmegaConf.create({"grpo": {"epochs": 75}}),
+                             Path("ckpt"))
+    assert changes == {"grpo.epochs": [30, 75]}
+    with pytest.raises(ConfigError, match="training.epochs: 30 -> 75"):
+        resume_changes(OmegaConf.create({"training": {"epochs": 30}}),
+                       OmegaConf.create({"training": {"epochs": 75}}), Path("ckpt"))

@@ -187,8 +187,11 @@ def test_select_timesteps_first_never_trains_the_final_step():
     for bad in (0, 10):
         with pytest.raises(ValueError, match="num_train_steps"):
             select_timesteps(10, bad, gen)
+    # "last": the K steps just before the final one (the low-noise end)
+    assert torch.equal(select_timesteps(10, 4, gen, "last"), torch.arange(5, 9))
+    assert torch.equal(select_timesteps(10, None, gen, "last"), torch.arange(9))
     with pytest.raises(ValueError, match="selection"):
-        select_timesteps(10, 4, gen, "last")
+        select_timesteps(10, 4, gen, "middle")
 
 
 def test_select_timesteps_is_deterministic_distinct_and_sorted():
