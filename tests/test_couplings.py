@@ -111,6 +111,7 @@ def _files(directory):
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # needs the teacher fixture (a trained moons model and its pairs)
 def test_killed_generation_resumes_to_the_same_files(teacher, tmp_path, monkeypatch):
     generate = load_script("generate_pairs")
     args = [f"checkpoint={teacher / 'teacher'}", f"out={tmp_path / 'pairs'}", "num_pairs=1024", "chunk_size=256",
@@ -153,6 +154,7 @@ def _pairs_args(teacher):
             f"training.init.checkpoint={teacher / 'teacher'}"]
 
 
+@pytest.mark.slow  # two interrupted runs per coupling on the teacher fixture
 @pytest.mark.parametrize("coupling", ["minibatch_ot", "pairs"])
 def test_resume_is_bitwise_exact_with_the_coupling(coupling, teacher, tmp_path):
     extra = _pairs_args(teacher) if coupling == "pairs" else ["training.coupling.name=minibatch_ot"]
@@ -225,6 +227,7 @@ def test_discrete_time_sampler_draws_the_euler_grid():
     assert (flow.make_time_sampler("discrete")(100, torch.Generator()) < 1e-6).all()  # one-step: t = 0
 
 
+@pytest.mark.slow  # needs the teacher fixture (a trained moons model and its pairs)
 def test_inference_reports_straightness(teacher, tmp_path):
     import inference
 

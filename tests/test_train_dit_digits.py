@@ -13,6 +13,7 @@ TWO_STEPS = ["training.max_steps=2", "training.num_eval_samples=10", "training.c
              "training.log_every=1", "solver.num_steps=2", "device=cpu"]
 
 
+@pytest.mark.slow  # builds and trains each transformer preset; keeps the fast suite under 10 minutes
 @pytest.mark.parametrize("preset, prediction, masked", [
     ("digits_dit", "velocity", False),
     ("digits_jit", "data", False),
