@@ -669,6 +669,9 @@ class GRPOConfig:
     train_timesteps: int | None = None
     noise_level: float = 0.7  # a in g(t) = a sqrt((1 - t) / t), Flow-GRPO's default
     guidance_scale: float = 1.0  # CFG in rollouts, in the recomputed log-probs and in SDE evaluation
+    # [t_lo, t_hi]: where that CFG applies (closed; plain conditional velocity elsewhere), e.g. the
+    # interval of the sampler the seed is deployed with, so the rollout policy is that sampler's SDE
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     # Flow-GRPO: with CFG, log pi's gradient flows through the conditional branch only; false also trains
     # the shared unconditional (null-label) model, with weight 1 - guidance_scale.
     detach_uncond: bool = True
@@ -738,6 +741,9 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
               g.train_timesteps, f"must be null or in [1, grpo.rollout_steps = {g.rollout_steps}]")
     check(g.noise_level > 0, "grpo.noise_level", g.noise_level, "must be > 0 (the SDE needs noise for a log-prob)")
     check(g.guidance_scale >= 0, "grpo.guidance_scale", g.guidance_scale, "must be >= 0")
+    interval = list(g.guidance_interval)
+    check(len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1, "grpo.guidance_interval", interval,
+          "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
     check(g.clip_eps > 0, "grpo.clip_eps", g.clip_eps, "must be > 0")
     check(g.kl_beta >= 0, "grpo.kl_beta", g.kl_beta, "must be >= 0")
     check(g.advantage_scale > 0, "grpo.advantage_scale", g.advantage_scale, "must be > 0")

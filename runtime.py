@@ -398,7 +398,8 @@ RESUME_MAY_CHANGE = ("training.resume", "training.run_dir", "training.max_steps"
 # independent-coupling run is no change, while resuming an old GRPO run under Flow-GRPO's new defaults
 # is refused (pass the old value to continue it as it was).
 ADDED_KEYS = {"training.coupling.name": "independent", "training.coupling.pairs": None,
-              "training.coupling.within_class": True, "grpo.detach_uncond": False, "grpo.timestep_selection": "random"}
+              "training.coupling.within_class": True, "grpo.detach_uncond": False, "grpo.timestep_selection": "random",
+              "grpo.guidance_interval": [0.0, 1.0]}
 
 
 def flatten(node, prefix: str = "") -> dict:

@@ -192,7 +192,8 @@ class GRPOTrainer:
                             device=self.runtime.device)
         with self.autocast():
             rollout = sde_rollout(self.policy, noise, labels, g.rollout_steps, g.noise_level, g.guidance_scale,
-                                  generator=generator, log_prob_reduce=g.log_prob_reduce)
+                                  generator=generator, log_prob_reduce=g.log_prob_reduce,
+                                  guidance_interval=tuple(g.guidance_interval))
         return rollout, self.reward(rollout.samples, labels)
 
     def update(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
@@ -206,7 +207,7 @@ class GRPOTrainer:
                 with torch.no_grad(), self.autocast():
                     reference_means[k] = self.reference_policy.sde_step(
                         rollout.states[k], rollout.times[k], rollout.next_times[k], labels, g.noise_level,
-                        g.guidance_scale)[0]
+                        g.guidance_scale, tuple(g.guidance_interval))[0]
             return reference_means[k]
 
         means_of = {}  # running means over all (inner, k) terms; ratio_min / ratio_max as min / max
@@ -226,7 +227,7 @@ class GRPOTrainer:
                     log_probs, means, stds = transition_log_prob(
                         self.policy, rollout.states[k], rollout.times[k], rollout.next_times[k],
                         rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce,
-                        g.detach_uncond)
+                        g.detach_uncond, tuple(g.guidance_interval))
                 kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
                 loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
                 (loss / len(steps)).backward()
@@ -331,7 +332,8 @@ class GRPOTrainer:
         noise = torch.randn((len(ode), *self.sample_shape), generator=torch.Generator().manual_seed(self.cfg.seed))
         device_labels = labels.to(self.runtime.device) if labels is not None else None
         sde = self.policy.sample_sde(noise.to(self.runtime.device), device_labels, g.rollout_steps, g.noise_level,
-                                     torch.Generator(self.runtime.device).manual_seed(self.cfg.seed), g.guidance_scale)
+                                     torch.Generator(self.runtime.device).manual_seed(self.cfg.seed), g.guidance_scale,
+                                     tuple(g.guidance_interval))
         values = {"eval/sampling_s": time.perf_counter() - started}
         for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
             on_device = samples.to(self.runtime.device)

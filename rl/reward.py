@@ -9,7 +9,8 @@ are computed under torch.no_grad on detached inputs, so a returned tensor never 
 requires_grad and backward never reaches a reward classifier (the `Reward` base class asserts
 it). Each reward has a short `name` for logging.
 
-    classifier_logprob   log p(requested class | x) under a frozen classifier ("prompt alignment")
+    classifier_logprob   log p(requested class | x) under a frozen classifier ("prompt alignment"),
+                         optionally capped at log(ceiling)
     fixed_class_logprob  log p(target class | x), ignoring the prompt (Fashion Trouser = 1: "pantsiness")
     jpeg                 -JPEG bits per pixel at `quality` (compressibility)
     png                  -PNG bits per pixel
@@ -107,10 +108,23 @@ class ClassifierLogProbReward(_ClassifierReward):
     """log p(labels | x) [B] under a frozen classifier: prompt (class label) alignment.
 
     Labels must lie in [0, K) for the classifier's K classes (not the CFG null label).
+    ceiling: if set (a probability in (0, 1)), the reward is min(log p, log ceiling). As the anchor of a
+    compressibility reward this makes it a constraint rather than a trade: a sample the classifier
+    already gives the requested class with p >= ceiling earns nothing for more confidence, so within a
+    GRPO group only compressibility ranks such samples, and only those below the ceiling pay for it.
     """
 
     name = "classifier_logprob"
     uses_labels = True
+
+    def __init__(self, classifier: torch.nn.Module, batch_size: int = 512, ceiling: float | None = None):
+        super().__init__(classifier, batch_size)
+        if ceiling is not None and (isinstance(ceiling, bool) or not isinstance(ceiling, (int, float))
+                                    or not 0 < ceiling < 1):
+            raise ValueError(f"ceiling = {ceiling!r}: must be null or a probability in (0, 1)")
+        self.ceiling = None if ceiling is None else float(ceiling)
+        if self.ceiling is not None:
+            self.name = f"classifier_logprob_cap{self.ceiling:g}"
 
     def compute(self, images, labels):
         log_probs = self.log_probs(images)
@@ -121,7 +135,8 @@ class ClassifierLogProbReward(_ClassifierReward):
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
             raise ValueError(f"reward '{self.name}': labels must lie in [0, {num_classes}) for this classifier, "
                              f"got min {int(labels.min())} max {int(labels.max())}")
-        return log_probs.gather(1, labels[:, None])[:, 0]
+        log_prob = log_probs.gather(1, labels[:, None])[:, 0]
+        return log_prob if self.ceiling is None else log_prob.clamp(max=math.log(self.ceiling))
 
 
 class FixedClassLogProbReward(_ClassifierReward):
@@ -225,7 +240,7 @@ REWARDS: dict[str, type] = {
 # spec keys besides "name": (required, optional). Classifier specs give a file path where the
 # constructor takes the module, and an optional `dataset` the file must have been trained on.
 SPEC_KEYS = {
-    "classifier_logprob": (("classifier",), ("batch_size", "dataset")),
+    "classifier_logprob": (("classifier",), ("batch_size", "dataset", "ceiling")),
     "fixed_class_logprob": (("classifier", "target_class"), ("batch_size", "dataset")),
     "jpeg": ((), ("quality",)),
     "png": ((), ()),
@@ -239,6 +254,7 @@ def build_reward(spec, device="cpu", key: str = "reward") -> Reward:
         {"name": "jpeg", "quality": 75}
         {"name": "png"}
         {"name": "classifier_logprob", "classifier": "runs/classifiers/digits.safetensors"}
+        {"name": "classifier_logprob", "classifier": PATH, "ceiling": 0.9}    # min(log p, log 0.9)
         {"name": "fixed_class_logprob", "classifier": PATH, "target_class": 1}   # or "Trouser"
         {"name": "weighted_sum", "terms": [{"weight": 1.0, "reward": {...}}, {"weight": 0.5, "reward": {...}}]}
 

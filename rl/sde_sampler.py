@@ -126,10 +126,13 @@ def sde_rollout(
     grid: str = "uniform",
     shift: float = 1.0,
     log_prob_reduce: str = "mean",
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> Rollout:
     """`num_steps` (T_rollout) `sde_step`s from noise [B, ...] at t = 0 to samples at t = 1 on
     `time_grid(num_steps, grid, shift)`, storing every transition and its log-prob under the sampling
-    policy. Step noise comes from `generator` (on noise's device). The model should be in eval mode."""
+    policy. Step noise comes from `generator` (on noise's device). CFG applies on `guidance_interval`
+    (FlowSampler.velocity), so rollouts can follow the sampler a checkpoint is deployed with. The model
+    should be in eval mode."""
     _check_noise_level(noise_level)
     dtype = torch.promote_types(noise.dtype, torch.float32)
     # Grid on the CPU in float64 (time_grid), then cast before moving: MPS has no float64.
@@ -138,7 +141,7 @@ def sde_rollout(
     x = noise.to(dtype)
     states, next_states, means, stds, log_probs = [], [], [], [], []
     for t, t_next in zip(times, next_times):
-        mean, std = sampler.sde_step(x, t, t_next, labels, noise_level, guidance_scale)
+        mean, std = sampler.sde_step(x, t, t_next, labels, noise_level, guidance_scale, guidance_interval)
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=mean.dtype)
         # The log-prob of the stored action (not of the drawn noise), so the recomputation in
         # transition_log_prob follows the same arithmetic.
@@ -172,6 +175,7 @@ def transition_log_prob(
     guidance_scale: float = 1.0,
     log_prob_reduce: str = "mean",
     detach_uncond: bool = True,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """log pi_theta(next_states | states) under the sampler's current model, for a flat batch of N
     transitions: states, next_states [N, ...], times, next_times [N] (or 0-dim), labels [N] | None.
@@ -180,7 +184,7 @@ def transition_log_prob(
     conditional branch only; False also trains the shared null-label model, with weight 1 - s (s = the
     guidance scale: -2 at s = 3). Returns (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
     _check_noise_level(noise_level)
-    mean, std = sampler.sde_step(states, times, next_times, labels, noise_level, guidance_scale,
+    mean, std = sampler.sde_step(states, times, next_times, labels, noise_level, guidance_scale, guidance_interval,
                                  detach_uncond=detach_uncond)
     # next_states are actions sampled earlier: constants here, the gradient flows through the mean only.
     return gaussian_log_prob(next_states.detach(), mean, std, log_prob_reduce), mean, std

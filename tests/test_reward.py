@@ -77,6 +77,24 @@ def test_classifier_logprob_is_log_softmax_at_the_label(classifier):
         reward(x)
 
 
+def test_classifier_logprob_ceiling_caps_at_log_ceiling(classifier):
+    """min(log p, log ceiling): samples above the ceiling tie, those below keep their log p."""
+    import math
+
+    x, labels = images(8, seed=3), torch.tensor([0, 3, 9, 3, 1, 7, 2, 5])
+    log_p = expected_log_probs(classifier, x)[torch.arange(8), labels]
+    ceiling = math.exp(log_p.median().item())  # half the batch above it, half at or below
+    value = ClassifierLogProbReward(classifier, ceiling=ceiling)(x, labels)
+    torch.testing.assert_close(value, torch.minimum(log_p, torch.tensor(math.log(ceiling))))
+    above = log_p > math.log(ceiling)
+    assert 0 < int(above.sum()) < 8 and torch.unique(value[above]).numel() == 1
+    torch.testing.assert_close(value[~above], log_p[~above])
+    assert ClassifierLogProbReward(classifier, ceiling=0.9).name == "classifier_logprob_cap0.9"
+    for bad in (0, 1, 1.5, True, "0.9"):
+        with pytest.raises(ValueError, match=rf"ceiling = {bad!r}: must be null or a probability in \(0, 1\)"):
+            ClassifierLogProbReward(classifier, ceiling=bad)
+
+
 def test_fixed_class_logprob_ignores_the_labels(classifier):
     x = images(6)
     reward = FixedClassLogProbReward(classifier, target_class=1)
@@ -180,3 +198,5 @@ def test_build_reward_classifier_errors(classifier_file, tmp_path):
         build_reward({"name": "fixed_class_logprob", "classifier": str(classifier_file), "target_class": 12})
     with pytest.raises(ConfigError, match=r"reward.batch_size = 0: must be an int >= 1"):
         build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "batch_size": 0})
+    with pytest.raises(ConfigError, match=r"reward.ceiling = 2: must be null or a probability in \(0, 1\)"):
+        build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "ceiling": 2})

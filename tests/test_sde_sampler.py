@@ -136,6 +136,30 @@ def test_stored_log_probs_equal_recomputed_with_frozen_policy():
     assert torch.equal(flat.times, rollout.times[[2, 2, 2, 2, 2, 5, 5, 5, 5, 5]])
 
 
+def test_guidance_interval_guides_only_inside_it_and_recomputes_exactly():
+    """CFG on [0, 0.5] only: each stored mean is the guided step's inside the interval (t <= 0.5, closed)
+    and the plain conditional step's outside, and the recomputed log-probs match the stored ones."""
+    model, sampler, rollout = conditional_rollout(num_steps=6, batch=5, guidance_scale=3.0,
+                                                  guidance_interval=(0.0, 0.5))
+    labels = rollout.labels
+    for k in range(6):
+        t = rollout.times[k].item()
+        scale = 3.0 if t <= 0.5 else 1.0
+        expected, _ = sampler.sde_step(rollout.states[k], rollout.times[k], rollout.next_times[k], labels, 0.7, scale)
+        torch.testing.assert_close(rollout.means[k], expected, rtol=0, atol=1e-6)
+    guided = conditional_rollout(num_steps=6, batch=5, guidance_scale=3.0)[2]
+    assert not torch.allclose(rollout.samples, guided.samples)  # the interval changed the rollout
+    flat = rollout.transitions()
+    log_probs, _, _ = transition_log_prob(sampler, flat.states, flat.times, flat.next_times, flat.next_states,
+                                          flat.labels, 0.7, 3.0, guidance_interval=(0.0, 0.5))
+    torch.testing.assert_close(log_probs, flat.log_probs, rtol=0, atol=1e-5)
+    unguided_tail, _, _ = transition_log_prob(sampler, flat.states, flat.times, flat.next_times, flat.next_states,
+                                              flat.labels, 0.7, 3.0)  # guided everywhere: differs after t = 0.5
+    late = flat.times > 0.5
+    assert not torch.allclose(unguided_tail[late], flat.log_probs[late])
+    torch.testing.assert_close(unguided_tail[~late], flat.log_probs[~late], rtol=0, atol=1e-5)
+
+
 def test_transition_log_prob_is_differentiable_and_sum_is_d_times_mean():
     model = GaussianVelocity()
     sampler = FlowSampler(model, make_path())

@@ -83,6 +83,7 @@ def test_write_up_recipes_are_the_presets():
     (["seed_checkpoint=x", "grpo.log_prob_reduce=max"], ["grpo.log_prob_reduce", "max", "mean", "sum"]),
     (["seed_checkpoint=x", "solver.steps=3"], ["solver.steps", "num_steps"]),
     (["seed_checkpoint=x", "grpo.kl=0.1"], ["grpo.kl", "kl_beta"]),
+    (["seed_checkpoint=x", "grpo.guidance_interval=[0.7,0.2]"], ["grpo.guidance_interval", "0.7", "t_lo <= t_hi"]),
 ])
 def test_config_errors_name_the_key(overrides, words):
     with pytest.raises(ConfigError) as error:
@@ -109,6 +110,11 @@ def test_first_inner_update_has_ratio_one(tmp_path, seed_run):
     trainer = train_grpo.GRPOTrainer(cfg, setup_runtime("cpu"), tmp_path)
     values = trainer.iteration()
     assert values["grpo/first_update_ratio_deviation"] <= 1e-6
+    # rollouts guided on an interval only (the seed's deployed sampler): the recomputation uses it too
+    interval = load_grpo_config([f"seed_checkpoint={seed_run}", *FAST, "grpo.guidance_scale=2",
+                                 "grpo.guidance_interval=[0,0.6]"])
+    assert train_grpo.GRPOTrainer(interval, setup_runtime("cpu"), tmp_path / "interval").iteration()[
+        "grpo/first_update_ratio_deviation"] <= 1e-6
     assert values["grpo/ratio_max"] > 1 + 1e-6 or values["grpo/ratio_min"] < 1 - 1e-6  # the second update moved
     assert values["grpo/kl"] > 0 and torch.isfinite(torch.tensor(values["grpo/loss"]))
 
