@@ -63,10 +63,17 @@ def test_every_grpo_preset_composes(preset):
 
 
 def test_write_up_recipes_are_the_presets():
-    jpeg = load_grpo_config(["experiment=fashion_grpo_jpeg", "seed_checkpoint=x"])
+    # the write-up's JPEG recipe is WRITE_UP_JPEG's override line away (under Flow-GRPO's defaults)
+    jpeg = load_grpo_config(["experiment=fashion_grpo_jpeg", "seed_checkpoint=x", *WRITE_UP_JPEG])
     assert (jpeg.grpo.batch_size, jpeg.grpo.group_size, jpeg.grpo.num_inner, jpeg.grpo.lr, jpeg.grpo.clip_eps,
             jpeg.grpo.kl_beta, jpeg.grpo.advantage_scale, jpeg.grpo.epochs) == (4, 8, 6, 2e-5, 0.5, 0.01, 5.0, 300)
-    assert jpeg.reward.name == "jpeg"
+    assert (jpeg.reward.name, jpeg.grpo.guidance_scale, list(jpeg.grpo.guidance_interval), jpeg.grpo.timestep_selection,
+            jpeg.grpo.train_timesteps, jpeg.grpo.detach_uncond) == ("jpeg", 3.0, [0.0, 1.0], "first", None, True)
+    shipped = load_grpo_config(["experiment=fashion_grpo_jpeg", "seed_checkpoint=x"])
+    assert shipped.grpo.epochs == 60 and list(shipped.grpo.guidance_interval) == [0.0, 0.6]
+    anchor = shipped.reward.terms[1]
+    assert shipped.reward.name == "weighted_sum" and anchor.reward.ceiling == 0.95 and anchor.weight == 5.0
+    assert anchor.reward.classifier != shipped.training.classifier  # evaluated by a classifier it never sees
     trouser = load_grpo_config(["experiment=fashion_grpo_trouser", "seed_checkpoint=x"])
     assert (trouser.grpo.batch_size, trouser.grpo.group_size, trouser.grpo.num_inner, trouser.grpo.lr,
             trouser.grpo.kl_beta, trouser.grpo.clip_eps, trouser.grpo.advantage_scale) == (4, 32, 12, 1e-4, 0.001, 1.0, 20.0)
@@ -175,43 +182,74 @@ def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run, run_grpo):
 
 @pytest.fixture(scope="module")
 def seed_and_classifier_28(tmp_path_factory):
-    """A 22k-parameter digits_cfg U-Net and a small classifier on the digits resized to 28x28 (the size
-    of the held-out data the collapse was reported on; JPEG's fixed cost is 3.49 of ~5.7 bpp there)."""
+    """A 22k-parameter digits_cfg U-Net and two small classifiers on the digits resized to 28x28 (the size
+    of the held-out data the collapse was reported on; JPEG's fixed cost is 3.49 of ~5.7 bpp there): one
+    scores the samples, the other (another seed and width) anchors the shipped preset's reward."""
     from conftest import load_script, run_train
 
     root = tmp_path_factory.mktemp("digits28")
-    classifier = root / "classifier.safetensors"
-    load_script("train_classifier").train_classifier("digits", classifier, epochs=4, width=8, device="cpu",
-                                                     image_size=28, log=lambda line: None)
+    classifier, anchor = root / "classifier.safetensors", root / "anchor.safetensors"
+    train_classifier = load_script("train_classifier").train_classifier
+    train_classifier("digits", classifier, epochs=4, width=8, device="cpu", image_size=28, log=lambda line: None)
+    train_classifier("digits", anchor, epochs=4, width=12, seed=1, device="cpu", image_size=28, log=lambda line: None)
     seed = root / "seed"
     assert run_train(seed, "experiment=digits_cfg", "+dataset.image_size=28", *TINY_MODEL, "training.max_steps=300",
                      "training.checkpoint_every=300", "training.num_eval_samples=20") == 0
-    return seed, classifier
+    return seed, classifier, anchor
+
+
+# The write-up's JPEG recipe (reward = -JPEG bpp, CFG 3 rollouts at every t) under Flow-GRPO's defaults:
+# the override line experiments/jpeg_compression_grpo/experiment.md gives for it.
+WRITE_UP_JPEG = ["reward=jpeg", "grpo.guidance_scale=3", "grpo.guidance_interval=[0,1]", "grpo.epochs=300"]
+
+
+def jpeg_run_28(run_dir, seed, classifier, *overrides, lr="2e-4", iterations=8) -> tuple[list[dict], dict]:
+    """fashion_grpo_jpeg on the 28x28 seed (30 ODE samples every 4 iterations, 8 Heun steps, guidance as in
+    the shipped preset's rollouts) -> (evaluations, a summary of the first and last for messages)."""
+    assert train_grpo.main([f"seed_checkpoint={seed}", f"training.run_dir={run_dir}", "experiment=fashion_grpo_jpeg",
+                            "device=cpu", "training.progress=false", "training.tensorboard=false",
+                            f"training.classifier={classifier}", "training.num_eval_samples=30", "training.eval_every=4",
+                            "solver.num_steps=8", "solver.guidance_scale=1.75", "solver.guidance_interval=[0,0.6]",
+                            f"grpo.lr={lr}", f"training.max_steps={iterations}", *overrides]) == 0
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "eval/ode/classifier_accuracy" in line]
+    message = {key: [round(e[key], 3) for e in evals]
+               for key in ("eval/ode/classifier_accuracy", "eval/ode/jpeg_payload_bpp", "eval/ode/jpeg_bpp")}
+    return evals, message
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("departures", [[], ["grpo.detach_uncond=false", "grpo.timestep_selection=random"]],
                          ids=["flow_grpo_defaults", "old_departures"])
-def test_jpeg_recipe_collapses_to_blank_images_on_28x28_digits(tmp_path, seed_and_classifier_28, departures):
-    """Reproduces the reported collapse of `fashion_grpo_jpeg` (accuracy 1.00 -> 0.10, payload 2.48 ->
-    0.02 bpp by iteration 50): the recipe's knobs (CFG 3 rollouts, 6 inner steps, kl_beta 0.01) at 10x
-    its lr, so a 22k-parameter seed shows it within 8 iterations. It happens with Flow-GRPO's choices
-    (conditional-branch gradient only, final step never trained) as with the old departures: the cause
-    is the reward, whose optimum is a blank image, against a KL too weak to hold class identity, not the
-    two departures. Measured here (30 samples, 8 Heun steps, this small classifier): defaults accuracy
-    0.67 -> 0.10, payload 2.31 -> 0.21 bpp; old departures 0.67 -> 0.10, 2.31 -> 0.87 bpp."""
-    seed, classifier = seed_and_classifier_28
-    run_dir = tmp_path / "run"
-    assert train_grpo.main([f"seed_checkpoint={seed}", f"training.run_dir={run_dir}", "experiment=fashion_grpo_jpeg",
-                            "device=cpu", "training.progress=false", "training.tensorboard=false",
-                            f"training.classifier={classifier}", "training.num_eval_samples=30", "training.eval_every=0",
-                            "solver.num_steps=8", "solver.guidance_interval=[0,1]", "grpo.lr=2e-4",
-                            "training.max_steps=8", *departures]) == 0
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "eval/ode/classifier_accuracy" in line]
+def test_write_up_jpeg_recipe_collapses_to_blank_images_on_28x28_digits(tmp_path, seed_and_classifier_28, departures):
+    """Reproduces the reported collapse of the write-up's JPEG recipe, then `fashion_grpo_jpeg` (accuracy
+    1.00 -> 0.10, payload 2.48 -> 0.02 bpp by iteration 50): its knobs (CFG 3 rollouts, 6 inner steps,
+    kl_beta 0.01) at 10x its lr, so a 22k-parameter seed shows it within 8 iterations. It happens with
+    Flow-GRPO's choices (conditional-branch gradient only, final step never trained) as with the old
+    departures: the cause is the reward, whose optimum is a blank image, against a KL too weak to hold
+    class identity, not the two departures."""
+    seed, classifier, _ = seed_and_classifier_28
+    evals, message = jpeg_run_28(tmp_path / "run", seed, classifier, *WRITE_UP_JPEG, *departures)
     before, after = evals[0], evals[-1]
-    message = {key: (round(before[key], 3), round(after[key], 3))
-               for key in ("eval/ode/classifier_accuracy", "eval/ode/jpeg_payload_bpp", "eval/ode/jpeg_bpp")}
     assert before["eval/ode/classifier_accuracy"] >= 0.5, message  # the seed draws the requested digits
     assert after["eval/ode/classifier_accuracy"] <= 0.3, message  # ... and then near chance (0.1)
     assert after["eval/ode/jpeg_payload_bpp"] <= 0.6 * before["eval/ode/jpeg_payload_bpp"], message
+
+
+@pytest.mark.slow
+def test_shipped_jpeg_preset_compresses_without_collapse_on_28x28_digits(tmp_path, seed_and_classifier_28):
+    """The fix, at 2.5x the recipe's lr for 16 iterations on the same seed: the write-up's recipe falls to
+    chance, `fashion_grpo_jpeg` as shipped (anchored reward, rollouts on the deployed sampler's guidance)
+    keeps the requested digits while its samples get cheaper. Accuracy is scored by a classifier the
+    reward never sees. Measured here: write-up 0.60 -> 0.10 (payload 2.26 -> 1.20 bpp); shipped 0.60 ->
+    0.53, payload 2.04 bpp at iteration 8 (its lowest) and 2.26 at 16."""
+    seed, classifier, anchor = seed_and_classifier_28
+    write_up, write_up_message = jpeg_run_28(tmp_path / "write_up", seed, classifier, *WRITE_UP_JPEG,
+                                             lr="5e-5", iterations=16)
+    shipped, message = jpeg_run_28(tmp_path / "shipped", seed, classifier, f"reward.terms.1.reward.classifier={anchor}",
+                                   lr="5e-5", iterations=16)
+    assert write_up[-1]["eval/ode/classifier_accuracy"] <= 0.3, write_up_message
+    before = shipped[0]
+    assert before["eval/ode/classifier_accuracy"] >= 0.5, message
+    assert all(e["eval/ode/classifier_accuracy"] >= before["eval/ode/classifier_accuracy"] - 0.15 for e in shipped), message
+    assert min(e["eval/ode/jpeg_payload_bpp"] for e in shipped) <= 0.95 * before["eval/ode/jpeg_payload_bpp"], message

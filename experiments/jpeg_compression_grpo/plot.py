@@ -1,12 +1,15 @@
 """Figures and table of the digits JPEG-GRPO sweep (sweep.sh) for experiment.md.
 
     uv run python experiments/jpeg_compression_grpo/plot.py [SWEEP_DIR=runs/grpo_sweep] [best=RUN@ITERATION]
+        [measure=payload|total] [tag=SUFFIX]
 
 Reads every run's metrics.jsonl. Every evaluation (same 100 labels and noise each time, the seed's
 ODE solver: 32 Heun steps, guidance 3 on t everywhere (the seed run's saved solver: runs/digits_cfg predates the [0.6, 1] interval)) is one point: JPEG payload-bpp reduction
 against the seed's, and classifier accuracy against the requested digits. Writes pareto.png,
 reward_curves.png, and with best=, before_after.png (seed | post-trained, same noise), into
-experiments/jpeg_compression_grpo/figures/. Prints a markdown table of every run's evaluations.
+experiments/jpeg_compression_grpo/figures/ (each name + tag, e.g. pareto_28.png with tag=_28). The x axis
+is the payload (default) or total JPEG bpp reduction; the 28x28 bar is in total bpp. Prints a markdown
+table of every run's evaluations.
 """
 
 import json
@@ -28,30 +31,30 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [d for d in lines if "eval/ode/reward" in d], [d for d in lines if "reward/mean" in d]
 
 
-def points(evals: list[dict]) -> list[tuple[int, float, float, float, float]]:
-    """(iteration, payload reduction %, accuracy, total bpp, classifier-FD) per evaluation."""
-    seed_payload = evals[0]["eval/ode/jpeg_payload_bpp"]
-    return [(d["step"], 100 * (1 - d["eval/ode/jpeg_payload_bpp"] / seed_payload), d["eval/ode/classifier_accuracy"],
+def points(evals: list[dict], measure: str = "payload") -> list[tuple[int, float, float, float, float]]:
+    """(iteration, payload or total bpp reduction %, accuracy, total bpp, classifier-FD) per evaluation."""
+    key = "eval/ode/jpeg_payload_bpp" if measure == "payload" else "eval/ode/jpeg_bpp"
+    return [(d["step"], 100 * (1 - d[key] / evals[0][key]), d["eval/ode/classifier_accuracy"],
              d["eval/ode/jpeg_bpp"], d["eval/ode/classifier_fd"]) for d in evals]
 
 
-def main(sweep_dir: Path, best: str | None) -> None:
+def main(sweep_dir: Path, best: str | None, measure: str = "payload", tag: str = "") -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     runs = {p.name: load_run(p) for p in sorted(sweep_dir.iterdir()) if (p / "metrics.jsonl").is_file()}
     figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=120)
     axis.axvspan(BAR_REDUCTION, 100, ymin=0, ymax=1, color="none")
     axis.fill_between([BAR_REDUCTION, 100], BAR_ACCURACY, 1.02, color="tab:green", alpha=0.12, label="the bar")
     for name, (evals, _) in runs.items():
-        pts = points(evals)
+        pts = points(evals, measure)
         axis.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=3, label=name)
     axis.set_xlim(left=min(-5, axis.get_xlim()[0]), right=max(50, axis.get_xlim()[1]))
     axis.set_ylim(0, 1.02)
-    axis.set_xlabel("JPEG payload bpp reduction vs seed (%)")
+    axis.set_xlabel(f"JPEG {measure} bpp reduction vs seed (%)")
     axis.set_ylabel("classifier accuracy (requested digit)")
-    axis.set_title("digits JPEG-GRPO: every 10 iterations of each run")
+    axis.set_title("digits JPEG-GRPO: every evaluation of each run")
     axis.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
-    figure.savefig(FIGURES / "pareto.png")
+    figure.savefig(FIGURES / f"pareto{tag}.png")
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(6.5, 3.5), dpi=120)
@@ -63,21 +66,21 @@ def main(sweep_dir: Path, best: str | None) -> None:
         axis.set_title("rollout reward (combined runs: -reward includes -log p)", fontsize=9)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(FIGURES / "reward_curves.png")
+    figure.savefig(FIGURES / f"reward_curves{tag}.png")
     plt.close(figure)
 
-    print("| run | iteration | JPEG bpp (total) | payload reduction | accuracy | classifier-FD |")
+    print(f"| run | iteration | JPEG bpp (total) | {measure} reduction | accuracy | classifier-FD |")
     print("|---|---|---|---|---|---|")
     for name, (evals, _) in runs.items():
-        for step, reduction, accuracy, total, fd in points(evals):
+        for step, reduction, accuracy, total, fd in points(evals, measure):
             print(f"| {name} | {step} | {total:.2f} | {reduction:.1f} % | {accuracy:.2f} | {fd:.1f} |")
 
     if best:
         name, _, iteration = best.partition("@")
-        before_after(sweep_dir / name, int(iteration) if iteration else None)
+        before_after(sweep_dir / name, int(iteration) if iteration else None, tag)
 
 
-def before_after(run_dir: Path, iteration: int | None) -> None:
+def before_after(run_dir: Path, iteration: int | None, tag: str = "") -> None:
     """Seed | post-trained ODE samples from the same noise, 5 per digit."""
     import torch
 
@@ -96,10 +99,11 @@ def before_after(run_dir: Path, iteration: int | None) -> None:
     figure = comparison_figure(before, after, labels, "digits")
     figure.suptitle(f"left: seed | right: {run_dir.name} @ {policy.checkpoint.step} (same noise and labels)",
                     fontsize=9, y=1.02)
-    figure.savefig(FIGURES / "before_after.png", bbox_inches="tight")
+    figure.savefig(FIGURES / f"before_after{tag}.png", bbox_inches="tight")
     close_figure(figure)
 
 
 if __name__ == "__main__":
     args = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    main(Path(args.get("SWEEP_DIR", "runs/grpo_sweep")), args.get("best"))
+    main(Path(args.get("SWEEP_DIR", "runs/grpo_sweep")), args.get("best"), args.get("measure", "payload"),
+         args.get("tag", ""))
