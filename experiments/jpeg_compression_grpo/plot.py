@@ -44,10 +44,12 @@ def main(sweep_dir: Path, best: str | None, measure: str = "payload", tag: str =
     figure, axis = plt.subplots(figsize=(6.5, 4.5), dpi=120)
     axis.axvspan(BAR_REDUCTION, 100, ymin=0, ymax=1, color="none")
     axis.fill_between([BAR_REDUCTION, 100], BAR_ACCURACY, 1.02, color="tab:green", alpha=0.12, label="the bar")
+    furthest = 0.0
     for name, (evals, _) in runs.items():
         pts = points(evals, measure)
         axis.plot([p[1] for p in pts], [p[2] for p in pts], "o-", ms=3, label=name)
-    axis.set_xlim(left=min(-5, axis.get_xlim()[0]), right=max(50, axis.get_xlim()[1]))
+        furthest = max([furthest] + [p[1] for p in pts])
+    axis.set_xlim(left=min(-5, axis.get_xlim()[0]), right=min(100, max(40, furthest + 10)))
     axis.set_ylim(0, 1.02)
     axis.set_xlabel(f"JPEG {measure} bpp reduction vs seed (%)")
     axis.set_ylabel("classifier accuracy (requested digit)")
