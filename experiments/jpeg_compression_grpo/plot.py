@@ -3,8 +3,9 @@
     uv run python experiments/jpeg_compression_grpo/plot.py [SWEEP_DIR=runs/grpo_sweep] [best=RUN@ITERATION]
         [measure=payload|total] [tag=SUFFIX]
 
-Reads every run's metrics.jsonl. Every evaluation (same 100 labels and noise each time, the seed's
-ODE solver: 32 Heun steps, guidance 3 on t everywhere (the seed run's saved solver: runs/digits_cfg predates the [0.6, 1] interval)) is one point: JPEG payload-bpp reduction
+Reads every run's metrics.jsonl. Every evaluation (same labels and noise each time, the seed's ODE
+solver: for the 16x16 sweep 32 Heun steps, guidance 3 on t everywhere, since runs/digits_cfg predates
+the [0.6, 1] interval; for the 28x28 runs fashion_cfg's 1.75 on [0, 0.6]) is one point: JPEG bpp reduction
 against the seed's, and classifier accuracy against the requested digits. Writes pareto.png,
 reward_curves.png, and with best=, before_after.png (seed | post-trained, same noise), into
 experiments/jpeg_compression_grpo/figures/ (each name + tag, e.g. pareto_28.png with tag=_28). The x axis
