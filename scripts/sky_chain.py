@@ -5,12 +5,13 @@
     # ... written (cloud/runpod_imagenet256_chain.yaml is this file, kept in sync by tests/test_cloud.py)
     uv run python scripts/sky_chain.py render --infra runpod/CA --out cloud/runpod_imagenet256_chain.yaml
     # validated by SkyPilot's own loader, each stage's cost estimated, then launched as a managed job
-    uv run python scripts/sky_chain.py launch --infra runpod/CA --gpus H100:1 --no-spot --run-name h1024-a
+    uv run python scripts/sky_chain.py launch --infra runpod/CA --gpus H100:8 --no-use-spot --run-name h1024-a
     # any presets: --stage NAME=PRESET (in order; each stage starts from the previous one's weights)
     uv run python scripts/sky_chain.py render --stage masked=imagenet256_latent_dit_smoke \\
         --stage unmasked=imagenet256_latent_dit_smoke_unmasked --override training.epochs=6 --dry-run
-    # the chain's own `run:` commands on this machine (SKYPILOT_* set, `uv run` -> this venv), with a
-    # SIGTERM (exit 75, re-run as job_recovery does) or a SIGKILL (re-run) injected into a stage
+    # the chain on this machine: each task's `setup:` and `run:` in a copy of exactly the files SkyPilot
+    # uploads (SKYPILOT_* set, `uv run` -> this venv), with a SIGTERM (exit 75, re-run as job_recovery
+    # does) or a SIGKILL (re-run) injected into a stage; --gpus-per-node 2 runs each stage as 2 CPU ranks
     uv run python scripts/sky_chain.py simulate --smoke --root /tmp/chain --preempt masked --kill unmasked
 
     # used by the chain's `run:` commands (exit 0 if so, 1 with one `error:` line if not)
@@ -19,7 +20,10 @@
 
 The YAML is built as data (dicts -> yaml.safe_dump_all); SkyPilot parses it with
 sky.utils.dag_utils.load_chain_dag_from_yaml_str (sky.Task.from_yaml_config per task) before anything is
-written or launched. docs/cloud.md is the runbook.
+written or launched. Every task's `workdir` is the repository (SkyPilot uploads it without what
+.gitignore or a .skyignore excludes, and runs `setup:` and `run:` there); every stage starts its entry point
+through scripts/launch_stage.py, one process per GPU of the node. Cost estimates (which import torch) are
+made by `launch` only, so `render` takes seconds. docs/cloud.md is the runbook.
 """
 
 import argparse
@@ -27,7 +31,9 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +56,8 @@ SMOKE_OVERRIDES = ["training.epochs=6", "training.checkpoint_every=2", "training
                    "training.progress=false"]
 SMOKE_EVAL = ["device=cpu", "num_steps=2", "chunk_size=2", "batch_size=2"]
 
+STAGE_NAME = re.compile(r"[a-z0-9_-]+")  # stage names become path parts inside the bash `run:`
+WORKDIR = "."  # the repository: `sky jobs launch cloud/...yaml` is run from its root (launch sets it absolute)
 CKPT_ROOT = "/checkpoints"  # the persistent volume (RunPod network volume) or bucket mount of every task
 DEFAULT_VOLUME = "nanoflow-data"
 SECRETS = {"HF_TOKEN": None}  # a null reference: the value comes from `--secret HF_TOKEN` at launch, never a file
@@ -122,7 +130,7 @@ def train_run(stage: str, previous: str | None, preflight: bool) -> str:
         lines.append('uv run python scripts/preflight_latent_cache.py "$CACHE_DIR/train" --quick || exit 1')
     args = ['experiment="$EXPERIMENT"', f'training.run_dir="{_run_dir(stage)}"', "training.resume=auto", *init,
             'dataset.path="$CACHE_DIR"', 'dataset.vae="$VAE"', "$EXTRA_OVERRIDES"]
-    lines.append("exec uv run python train.py " + " ".join(args))
+    lines.append("exec uv run python scripts/launch_stage.py train.py " + " ".join(args))
     return "\n".join(lines)
 
 
@@ -132,7 +140,8 @@ def eval_run(stage: str, previous: str, samples_only: bool) -> str:
         PATH_LINE,
         f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1',
         f'if uv run python scripts/sky_chain.py eval-done "{_run_dir(stage)}"{flag}; then exit 0; fi',
-        f'exec uv run python eval_imagenet.py checkpoint="{_run_dir(previous)}" out="{_run_dir(stage)}" '
+        f'exec uv run python scripts/launch_stage.py eval_imagenet.py checkpoint="{_run_dir(previous)}" '
+        f'out="{_run_dir(stage)}" '
         'num_samples="$NUM_SAMPLES" $EVAL_OVERRIDES',
     ])
 
@@ -164,6 +173,10 @@ def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_nam
            num_samples: int = 50000, reference: str | None = f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
            eval_overrides=("solver=heun", "num_steps=32", "guidance_scale=1.5")) -> list[dict]:
     """The chain as data: [{"name": chain}, task, task, ...], one task per stage, run in order."""
+    for stage, _ in stages:
+        if not STAGE_NAME.fullmatch(stage) or stage == "eval" and evaluate:
+            raise ValueError(f"stage name {stage!r}: expected lowercase letters, digits, '_' or '-' "
+                             "(and not 'eval' when the chain evaluates)")
     stage_overrides = stage_overrides or {}
     common_envs = {"RUN_NAME": run_name, "CKPT_ROOT": ckpt_root}
     storage = {}
@@ -177,7 +190,8 @@ def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_nam
     if smoke_cache:
         docs.append({"name": "cache", "resources": {"cpus": "2+", "infra": infra} if infra else {"cpus": "2+"},
                      "envs": {**common_envs, "DATA_ROOT": str(Path(cache_dir).parent)}, "secrets": dict(SECRETS),
-                     **copy.deepcopy(storage), "setup": SETUP, "run": smoke_cache_run()})
+                     "workdir": WORKDIR, **copy.deepcopy(storage), "setup": SETUP,
+                     "run": smoke_cache_run()})
     previous = None
     for index, (stage, preset) in enumerate(stages):
         extra = [*overrides, *stage_overrides.get(stage, [])]
@@ -187,6 +201,7 @@ def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_nam
             "envs": {**common_envs, "EXPERIMENT": preset, "CACHE_DIR": cache_dir, "VAE": vae,
                      "EXTRA_OVERRIDES": " ".join(extra)},
             "secrets": dict(SECRETS),
+            "workdir": WORKDIR,
             **copy.deepcopy(storage),
             "setup": SETUP,
             "run": train_run(stage, previous, preflight=index == 0),
@@ -199,6 +214,7 @@ def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_nam
             "resources": resources(gpus, infra, use_spot, max_restarts),
             "envs": {**common_envs, "NUM_SAMPLES": str(num_samples), "EVAL_OVERRIDES": " ".join(eval_args)},
             "secrets": dict(SECRETS),
+            "workdir": WORKDIR,
             **copy.deepcopy(storage),
             "setup": SETUP,
             "run": eval_run("eval", previous, samples_only=reference is None),
@@ -276,28 +292,61 @@ def gpu_count(gpus: str | None) -> int:
 
 
 def _uv_shim(directory: Path) -> Path:
-    """A `uv` that runs `uv run CMD...` as CMD in this venv (no sync, no network): PATH puts it first."""
+    """A `uv` for the simulation (PATH puts it first): `uv run CMD...` runs CMD in this venv, and `uv sync`
+    checks that the working directory holds the project and its lock (no install, no network)."""
     directory.mkdir(parents=True, exist_ok=True)
     shim = directory / "uv"
-    shim.write_text('#!/bin/sh\n[ "$1" = run ] && shift\nexec "$@"\n')
+    shim.write_text(
+        '#!/bin/sh\n'
+        'case "$1" in\n'
+        '  run) shift; exec "$@" ;;\n'
+        '  sync) for f in pyproject.toml uv.lock; do [ -f "$f" ] || '
+        '{ echo "error: uv sync: $(pwd)/$f is missing (was the code uploaded?)" >&2; exit 2; }; done; exit 0 ;;\n'
+        '  *) echo "error: uv $1: not simulated" >&2; exit 2 ;;\n'
+        'esac\n')
     shim.chmod(0o755)
     return directory
 
 
-def stage_env(task: dict, index: int, env_overrides: dict, shim_dir: Path) -> dict:
-    """What SkyPilot gives a task's `run:`: its envs (plus overrides) and the SKYPILOT_* variables."""
+def upload_copy(source: Path, target: Path) -> Path:
+    """TARGET: the files SkyPilot uploads as a task's workdir SOURCE (everything but what its own
+    sky.data.storage_utils.get_excluded_files lists: .skyignore's patterns, else git's ignore rules)."""
+    from sky.data import storage_utils
+
+    source = Path(source).resolve()
+    excluded = {os.path.normpath(path) for path in storage_utils.get_excluded_files(str(source))}
+
+    def ignore(directory, names):
+        relative = os.path.relpath(directory, source)
+        return {name for name in names if os.path.normpath(os.path.join(relative, name)) in excluded}
+
+    shutil.copytree(source, target, ignore=ignore, symlinks=True)
+    return target
+
+
+def stage_env(task: dict, index: int, env_overrides: dict, shim_dir: Path, gpus_per_node: int = 0) -> dict:
+    """What SkyPilot gives a task's `setup:` and `run:`: its envs (plus overrides) and the SKYPILOT_*
+    variables (GPUs per node: 0 is a CPU-only node, N > 0 starts N CPU ranks through launch_stage.py)."""
     env = {**os.environ, **{k: str(v) for k, v in task.get("envs", {}).items()}, **env_overrides}
     env.update({"SKYPILOT_TASK_ID": f"sky-managed-simulated_{env.get('RUN_NAME', 'chain')}_1_{index}",
                 "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1",
-                "SKYPILOT_NUM_GPUS_PER_NODE": "0", "PYTHONUNBUFFERED": "1"})
+                "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node), "PYTHONUNBUFFERED": "1"})
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PATH"] = os.pathsep.join([str(shim_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
-def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print) -> int:
-    """One try of a task's `run:` under bash in the repo root -> its exit code (negative: killed by signal)."""
-    process = subprocess.Popen(["bash", "-c", task["run"]], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print, workdir: Path = ROOT) -> int:
+    """One try of a task on a fresh VM: its `setup:`, then its `run:`, each under bash in WORKDIR -> the
+    exit code (negative: killed by a signal)."""
+    if task.get("setup"):
+        setup = subprocess.run(["bash", "-c", task["setup"]], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        for line in setup.stdout.splitlines():
+            log(f"  [{task['name']}#{attempt} setup] {line}")
+        if setup.returncode != 0:
+            return setup.returncode
+    process = subprocess.Popen(["bash", "-c", task["run"]], cwd=workdir, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     if fault is not None:
         fault(task, attempt, process, env)
@@ -307,22 +356,30 @@ def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print) ->
     return process.returncode
 
 
-def simulate(docs: list[dict], env_overrides: dict | None = None, fault=None, log=print, max_tries: int = 10) -> int:
-    """Run a chain's tasks in order as the managed-jobs controller would: a task that exits 0 hands on to
-    the next; one killed by a signal (a lost VM) or exiting with a recover_on_exit_codes code is started
-    again (the same command); any other exit is retried up to max_restarts_on_errors times, then fails
-    the chain with that code."""
+def simulate(docs: list[dict], env_overrides: dict | None = None, fault=None, log=print, max_tries: int = 10,
+             gpus_per_node: int = 0) -> int:
+    """Run a chain's tasks in order as the managed-jobs controller would, each in a copy of what SkyPilot
+    uploads from its workdir: a task that exits 0 hands on to the next; one killed by a signal (a lost VM)
+    or exiting with a recover_on_exit_codes code is started again (setup, then the same command); any other
+    exit is retried up to max_restarts_on_errors times, then fails the chain with that code."""
     env_overrides = {k: str(v) for k, v in (env_overrides or {}).items()}
-    with tempfile.TemporaryDirectory(prefix="sky_chain_shim_") as tmp:
-        shim = _uv_shim(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="sky_chain_sim_") as tmp:
+        shim = _uv_shim(Path(tmp) / "bin")
+        uploads: dict[str, Path] = {}
         for index, task in enumerate(docs[1:]):
+            if "workdir" not in task:
+                log(f"stage {task['name']}: no workdir, so SkyPilot uploads no code to its VM")
+                return EXIT_ERROR
+            source = str((ROOT / task["workdir"]).resolve())  # relative: launched from the repository root
+            if source not in uploads:
+                uploads[source] = upload_copy(Path(source), Path(tmp) / f"sky_workdir_{len(uploads)}")
             recovery = task.get("resources", {}).get("job_recovery") or {}
             recover = set(recovery.get("recover_on_exit_codes") or [])
             errors_left = recovery.get("max_restarts_on_errors", 0)
-            env = stage_env(task, index, env_overrides, shim)
+            env = stage_env(task, index, env_overrides, shim, gpus_per_node)
             for attempt in range(max_tries):
                 started = time.perf_counter()
-                code = run_stage(task, env, fault, attempt, log)
+                code = run_stage(task, env, fault, attempt, log, workdir=uploads[source])
                 log(f"stage {task['name']} try {attempt}: exit {code} ({time.perf_counter() - started:.1f} s)")
                 if code == EXIT_OK:
                     break
@@ -378,7 +435,7 @@ def _stages(values) -> list[tuple[str, str]]:
     for value in values:
         name, sep, preset = value.partition("=")
         if not sep or not name or not preset:
-            raise SystemExit(f"error: --stage {value!r}: expected NAME=PRESET")
+            raise ValueError(f"--stage {value!r}: expected NAME=PRESET")
         out.append((name, preset))
     return out
 
@@ -416,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--reference", default=f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
                        help="reference statistics on the volume ('' = samples only)")
         p.add_argument("--usd-per-gpu-hour", type=float, default=None)
-        p.add_argument("--dry-run", action="store_true", help="print the YAML (and costs) and stop")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the YAML and stop (launch: with each stage's cost estimate)")
         p.add_argument("--out", default=None, help="write the YAML here")
         p.add_argument("--secret", action="append", default=[], help="launch only: NAME (value from the environment)")
     sim = sub.add_parser("simulate", help="run a chain's run: commands locally")
@@ -426,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--env", action="append", default=[], help="KEY=VALUE for every task")
     sim.add_argument("--preempt", action="append", default=[], help="SIGTERM this stage after its first checkpoint")
     sim.add_argument("--kill", action="append", default=[], help="SIGKILL this stage after its first checkpoint")
+    sim.add_argument("--gpus-per-node", type=int, default=0,
+                     help="SKYPILOT_NUM_GPUS_PER_NODE of the simulated node (N > 0: N CPU ranks per stage)")
     args = parser.parse_args(argv)
 
     if args.command == "require-finished":
@@ -448,24 +508,32 @@ def main(argv: list[str] | None = None) -> int:
             docs, envs = smoke_chain(args.root)
         envs.update(dict(item.split("=", 1) for item in args.env))
         signals = {**{s: signal.SIGTERM for s in args.preempt}, **{s: signal.SIGKILL for s in args.kill}}
-        code = simulate(docs, envs, fault=signal_when_checkpointed(signals) if signals else None)
+        code = simulate(docs, envs, fault=signal_when_checkpointed(signals) if signals else None,
+                        gpus_per_node=args.gpus_per_node)
         print(f"chain exit {code}")
         return code
 
-    docs = _render_from_args(args)
+    try:
+        docs = _render_from_args(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
     text = dump(docs)
     dag = load_dag(text)  # SkyPilot's parser: a schema error stops here, before anything is written
-    if args.dry_run or args.command == "render":
+    if args.command == "render":
         if args.out:
             Path(args.out).write_text(text)
             print(f"wrote {args.out}: {len(dag.tasks)} tasks ({', '.join(t.name for t in dag.tasks)})")
         else:
             print(text)
+        return EXIT_OK
+    if args.dry_run:
+        print(text)
     for row in stage_costs(docs, gpu_count(args.gpus), args.usd_per_gpu_hour):
         print(f"estimate {row['name']}: {row['eflops']:.2f} EFLOPs, {row['gpu_hours']:.1f} GPU-hours, "
               f"{row['wall_hours']:.1f} h wall, ${row['usd']:.2f} (at {row['mfu']:.0%} MFU; "
               "scripts/estimate_training_cost.py)", file=sys.stderr)
-    if args.command == "render" or args.dry_run:
+    if args.dry_run:
         return EXIT_OK
 
     import sky
@@ -475,10 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: --secret {', '.join(missing)}: not set in the environment", file=sys.stderr)
         return EXIT_ERROR
-    if secrets:
-        from sky.utils import dag_utils
+    for task in docs[1:]:
+        task["workdir"] = str(ROOT)  # the upload's source, wherever `launch` is run from
+    text = dump(docs)
+    from sky.utils import dag_utils
 
-        dag = dag_utils.load_chain_dag_from_yaml_str(text, secrets_overrides=secrets)
+    dag = dag_utils.load_chain_dag_from_yaml_str(text, secrets_overrides=secrets or None)
     dag.name = args.name
     request_id = sky.jobs.launch(dag, name=args.run_name)
     job_ids, _ = sky.stream_and_get(request_id)

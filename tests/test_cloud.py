@@ -12,8 +12,11 @@ import os
 import re
 import shlex
 import signal
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
 
 try:
@@ -32,6 +35,7 @@ from conftest import ROOT, assert_same_state, final_state, load_script
 CLOUD = ROOT / "cloud"
 YAMLS = sorted(CLOUD.glob("*.yaml"))
 sky_chain = load_script("sky_chain")
+launch_stage = load_script("launch_stage")
 
 
 def docs_of(text: str) -> list[dict]:
@@ -141,13 +145,92 @@ def test_every_gpu_task_recovers_exit_75_and_resumes(name):
 
 
 def test_the_multinode_task_uses_the_rendezvous_variables():
-    task = tasks_of((CLOUD / "multinode_train.yaml").read_text())[0]
-    assert task["num_nodes"] >= 2
-    run = task["run"]
-    for needle in ("SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS", "SKYPILOT_NUM_GPUS_PER_NODE", "SKYPILOT_NUM_NODES",
-                   "--rdzv_backend=c10d", '--rdzv_endpoint="$MASTER:29500"', "torchrun"):
-        assert needle in run, needle
-    assert "RunPod" in (CLOUD / "multinode_train.yaml").read_text()
+    text = (CLOUD / "multinode_train.yaml").read_text()
+    task = tasks_of(text)[0]
+    assert task["num_nodes"] >= 2 and "scripts/launch_stage.py train.py" in task["run"]
+    assert "RunPod" in text
+    env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_RANK": "1",
+           "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "RUN_NAME": "h1024"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        args = launch_stage.torchrun_args("train.py", ["experiment=x"])
+    assert args == ["--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29500",
+                    "--rdzv_id=h1024", "--nproc_per_node=8", "train.py", "experiment=x"]
+
+
+# --- the code on the VM, one process per GPU -------------------------------------------------------------
+
+
+def run_tasks(name: str) -> list[dict]:
+    return [t for t in tasks_of(ALL_TEXTS[name]) if not is_volume(t)]
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TEXTS))
+def test_every_task_uploads_the_repository_as_its_workdir(name):
+    """SkyPilot runs setup/run in ~/sky_workdir and puts code there only from `workdir`: without it
+    `uv sync --locked` and `python train.py` find nothing on a fresh VM."""
+    if not run_tasks(name):
+        return
+    dag = parse(ALL_TEXTS[name])
+    for task, parsed in zip(run_tasks(name), dag.tasks):
+        assert task.get("workdir") == ".", (name, task["name"])
+        assert parsed.workdir == ".", (name, task["name"])
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TEXTS))
+def test_every_training_and_eval_stage_starts_one_process_per_gpu(name):
+    for task in run_tasks(name):
+        for program in ("train.py", "eval_imagenet.py"):
+            for line in task["run"].replace("\\\n", " ").splitlines():
+                if f" {program} " in line and not line.lstrip().startswith("#"):
+                    assert f"scripts/launch_stage.py {program}" in line, (name, task["name"], line)
+
+
+def test_the_launcher_counts_processes_and_keeps_exit_75(monkeypatch):
+    for key in ("SKYPILOT_NUM_NODES", "SKYPILOT_NODE_RANK", "SKYPILOT_NODE_IPS"):
+        monkeypatch.delenv(key, raising=False)
+    for gpus in ("", "0", "1"):  # unset, a CPU-only node, one GPU: the entry point itself, no torchrun
+        monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", gpus)
+        assert launch_stage.torchrun_args("train.py", []) is None
+    monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "8")
+    assert launch_stage.torchrun_args("train.py", ["a=1"]) == ["--standalone", "--nproc_per_node=8", "train.py",
+                                                                  "a=1"]
+    monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "eight")
+    with pytest.raises(SystemExit, match=r"SKYPILOT_NUM_GPUS_PER_NODE='eight'"):
+        launch_stage.torchrun_args("train.py", [])
+    assert launch_stage.exit_code_of_failures([75, 75]) == 75
+    assert launch_stage.exit_code_of_failures([75, -15]) == 75  # one rank saved, the other was signalled
+    assert launch_stage.exit_code_of_failures([75, 1]) == 1  # a real error on any rank is an error
+    assert launch_stage.exit_code_of_failures([-9]) == 1
+
+
+def test_the_upload_holds_the_code_and_not_the_ignored_folders(tmp_path):
+    (ROOT / "runs").mkdir(exist_ok=True)
+    copy_dir = sky_chain.upload_copy(ROOT, tmp_path / "workdir")
+    for needed in ("pyproject.toml", "uv.lock", "train.py", "eval_imagenet.py", "scripts/launch_stage.py",
+                   "scripts/sky_chain.py", "configs/config.yaml"):
+        assert (copy_dir / needed).is_file(), needed
+    assert not (copy_dir / "runs").exists() and not (copy_dir / ".venv").exists()
+
+
+def test_simulate_refuses_a_task_without_workdir_and_fails_when_the_upload_lacks_a_file(tmp_path):
+    docs, envs = sky_chain.smoke_chain(tmp_path / "a")
+    del docs[1]["workdir"]
+    lines = []
+    assert sky_chain.simulate(docs, envs, log=lines.append) == 1
+    assert "no workdir, so SkyPilot uploads no code" in "\n".join(lines)
+
+    # A workdir that lacks the lock file: setup's `uv sync --locked` fails on the simulated VM, as it would.
+    partial = sky_chain.upload_copy(ROOT, tmp_path / "partial")
+    (partial / "uv.lock").unlink()
+    docs, envs = sky_chain.smoke_chain(tmp_path / "b")
+    docs = docs[:2]
+    docs[1]["workdir"] = str(partial)
+    docs[1]["resources"] = {"job_recovery": {"max_restarts_on_errors": 0}}
+    lines = []
+    assert sky_chain.simulate(docs, envs, log=lines.append) == 2
+    assert "uv.lock is missing" in "\n".join(lines)
 
 
 # --- the Hydra overrides of every run: compose with the project's schema ---------------------------------
@@ -263,14 +346,64 @@ def test_a_stage_refuses_to_start_without_its_predecessors_marker(tmp_path):
     assert sky_chain.eval_done(eval_dir, samples_only=True) and not sky_chain.eval_done(eval_dir)
 
 
-def test_render_dry_run_prints_a_parseable_chain_and_its_costs(capsys):
-    assert sky_chain.main(["render", "--dry-run", "--infra", "runpod/CA", "--gpus", "H100:1", "--use-spot",
+def test_render_dry_run_prints_a_parseable_chain_without_importing_torch():
+    """Rendering is YAML only (seconds): cost estimates, which import torch, are made by `launch`."""
+    code = ("import importlib.util, sys; "
+            "spec = importlib.util.spec_from_file_location('sky_chain', 'scripts/sky_chain.py'); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "c = m.main(['render', '--dry-run', '--infra', 'runpod/CA', '--gpus', 'H100:8', '--use-spot', "
+            "'--stage', 'masked=imagenet256_latent_dit_smoke', "
+            "'--stage', 'unmasked=imagenet256_latent_dit_smoke_unmasked', '--override', 'training.epochs=3']); "
+            "assert c == 0, c; assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dag = dag_utils.load_chain_dag_from_yaml_str(result.stdout)
+    assert [t.name for t in dag.tasks] == ["masked", "unmasked", "eval"]
+    assert all(r.use_spot for t in dag.tasks for r in t.resources)
+    assert "estimate" not in result.stderr
+
+
+def test_launch_dry_run_prints_the_chain_and_its_costs(capsys):
+    assert sky_chain.main(["launch", "--dry-run", "--infra", "runpod/CA", "--gpus", "H100:1",
                            "--stage", "masked=imagenet256_latent_dit_smoke",
                            "--stage", "unmasked=imagenet256_latent_dit_smoke_unmasked",
                            "--override", "training.epochs=3"]) == 0
     out, err = capsys.readouterr()
-    dag = dag_utils.load_chain_dag_from_yaml_str(out)
-    assert [t.name for t in dag.tasks] == ["masked", "unmasked", "eval"]
-    assert all(r.use_spot for t in dag.tasks for r in t.resources)
+    assert [t.name for t in dag_utils.load_chain_dag_from_yaml_str(out).tasks] == ["masked", "unmasked", "eval"]
     assert re.search(r"estimate masked: .* GPU-hours, .*\$", err) and "estimate unmasked:" in err, err
     assert os.environ.get("SKYPILOT_TASK_ID") is None  # the simulation never leaks its variables here
+
+
+@pytest.mark.parametrize("name", ['x";touch /tmp/pwned;"', "Masked", "a b", "", "eval"])
+def test_a_stage_name_that_is_not_a_plain_word_is_refused(name, capsys):
+    assert sky_chain.main(["render", "--stage", f"{name}=imagenet256_latent_dit_smoke"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def smoke_stage(root, gpus_per_node: int, *overrides):
+    """The smoke chain's cache task and masked stage only, simulated with GPUS_PER_NODE ranks."""
+    docs = sky_chain.render(SMOKE_MASKED, name="nanoflow-smoke", run_name="ranks",
+                            overrides=[*sky_chain.SMOKE_OVERRIDES, *overrides],
+                            cache_dir=str(root / "data" / "cache"), vae=str(root / "data" / "vae"),
+                            smoke_cache=True, evaluate=False, gpus=None)
+    lines = []
+    code = sky_chain.simulate(docs, {"CKPT_ROOT": str(root / "checkpoints")}, log=lines.append,
+                              gpus_per_node=gpus_per_node)
+    return code, "\n".join(lines), root / "checkpoints" / "ranks" / "masked"
+
+
+SMOKE_MASKED = sky_chain.SMOKE_STAGES[:1]
+
+
+@pytest.mark.slow  # two simulated stages, one of them 2 ranks (gloo): ~1 min on the 2-core machine
+def test_a_two_gpu_stage_trains_what_one_process_does_with_the_same_global_batch(tmp_path):
+    code, log, two = smoke_stage(tmp_path / "two", 2)
+    assert code == 0, log[-4000:]
+    code, log, one = smoke_stage(tmp_path / "one", 0, "training.grad_accum=2")
+    assert code == 0, log[-4000:]
+    ddp, single = final_state(two), final_state(one)
+    assert ddp[3].name == single[3].name
+    for index in (0, 1):  # the project's torchrun equivalence (tests/test_distributed.py): float tolerance
+        for key in single[index]:
+            torch.testing.assert_close(ddp[index][key], single[index][key], rtol=1e-5, atol=1e-6)
