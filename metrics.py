@@ -458,7 +458,13 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
     InceptionWeightsError naming the file, the URL torch-fidelity publishes it at and where to put it.
     The extractor gets `.weights_path` and `.weights_sha256` (the file's sha256, which reference
     statistics record so that features from other weights are refused).
+
+    The file is read with torch.load(weights_only=True): a pickle that would build any Python object other
+    than tensors (e.g. one that calls os.system) is refused before anything in it runs. torch-fidelity's
+    own loader unpickles with weights_only=False, so it is handed an in-memory copy of the verified
+    tensors, never the file.
     """
+    import io
     import pickle
 
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -468,13 +474,35 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
         where = f"Inception weights file {path}" if weights_path else \
             f"Inception weights file {inception_weights_filename()} (looked in the torch hub cache, {path})"
         raise InceptionWeightsError(f"{where} does not exist; {_weights_help()}")
+
+    def refuse(reason: str) -> InceptionWeightsError:
+        return InceptionWeightsError(f"Inception weights file {path} is not torch-fidelity's Inception-v3 "
+                                     f"state dict ({reason}); {_weights_help()}")
+
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; keep its one informative line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line), None)
+        if code is not None:
+            raise refuse(f"its pickle asks for Python code, and weight files are never unpickled with code: "
+                         f"{code}") from None
+        detail = next((line for line in reversed(lines) if not line.startswith(("Check the", "Weights only"))),
+                      type(e).__name__)
+        raise refuse(f"not a tensor file: {detail}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise refuse(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise refuse(f"a {type(state_dict).__name__}, expected a dict of tensors")
+    verified = io.BytesIO()
+    torch.save(state_dict, verified)
+    verified.seek(0)
     try:
         extractor = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, list(INCEPTION_FEATURES),
-                                                feature_extractor_weights_path=str(path))
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InceptionWeightsError(f"Inception weights file {path} is not torch-fidelity's Inception-v3 "
-                                    f"state dict ({reason}); {_weights_help()}") from None
+                                                feature_extractor_weights_path=verified)
+    except (RuntimeError, ValueError) as e:
+        raise refuse(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     extractor.weights_path, extractor.weights_sha256 = str(path), file_sha256(path)
     return extractor.to(device).eval()
 

@@ -8,6 +8,7 @@ hold for any network are what is checked. Images are tiny (16 x 16): the extract
 """
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -302,3 +303,38 @@ def test_weights_are_found_in_the_torch_hub_cache_and_an_unreadable_file_is_refu
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, broken)  # a state dict, but not this network's
     with pytest.raises(metrics.InceptionWeightsError, match="not torch-fidelity's Inception-v3 state dict"):
         metrics.load_inception(broken)
+
+
+class _RunsAShellCommand:
+    """Pickles to os.system(command): what a hostile weights file holds."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_path, inception_weights, capsys):
+    """torch-fidelity unpickles its weights file with weights_only=False; given as inception_weights= (or
+    through the hub cache, fid_reference or build_reference_stats --weights) such a file ran its code."""
+    from runtime import run_main
+
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    state = torch.load(inception_weights, weights_only=True)
+    torch.save({**state, "payload": _RunsAShellCommand(f"touch {marker}")}, hostile)
+    with pytest.raises(metrics.InceptionWeightsError, match=r"never unpickled with code: .*posix\.system"):
+        metrics.load_inception(hostile)
+    assert not marker.exists()
+    script = load_script("build_reference_stats")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(script.main, ["dataset=digits", "--out", str(tmp_path / "x.npz"), "--device", "cpu",
+                               "--weights", str(hostile)])
+    assert exit_info.value.code == 1 and not marker.exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Inception weights file {hostile}") and err.count("\n") == 1, err
+    # a file that is no pickle at all says so, in one line too
+    hostile.write_bytes(b"\x80\x02not a checkpoint")
+    with pytest.raises(metrics.InceptionWeightsError, match="not a tensor file"):
+        metrics.load_inception(hostile)
