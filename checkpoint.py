@@ -15,6 +15,7 @@ is skipped with a warning. Only the run's owner (resume=auto, under the run-dir 
 ones aside as step_*.corrupt.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -69,6 +70,24 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path):
+    """Yield a temporary path beside PATH; when the block ends without an error, rename it onto PATH.
+    Readers see the old file or the new one, never a part; a failed write leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from build import latent_vae_id, load_eval_classifier, load_run
+from checkpoint import atomic_write_text
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
 from figures import close_figure, samples_figure, save_samples
-from runtime import atomic_write_text, run_main, select_device
+from runtime import run_main, select_device
 from sampling import generate, measure_straightness
 from vae import latent_decoder
 

@@ -12,7 +12,8 @@ the same command), 1 error (runtime.py).
 import sys
 
 from config import load_config
-from runtime import resolve_run_dir, run_main, setup_runtime, teardown_runtime
+from run_dir import resolve_run_dir
+from runtime import run_main, setup_runtime, teardown_runtime
 from trainer import Trainer
 
 

@@ -23,34 +23,27 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import checkpoint as ckpt
 import flow
 from build import build_coupling, build_dataset, build_flow, build_model, load_eval_classifier
 from config import ConfigError
 from models import count_parameters
+from run_dir import Run
 from runtime import (
     EMA,
+    EXIT_OK,
+    EXIT_PREEMPTED,
     MetricLogger,
-    RunDirLock,
     RunError,
     Runtime,
-    StopSignal,
-    after_step,
     amp_dtype,
-    atomic_write_text,
     derive_seed,
     epoch_permutation,
-    find_resume_checkpoint,
-    is_finished,
     learning_rate,
     optimizer_step,
-    record_resume,
-    resume_changes,
-    run_loop,
     set_learning_rate,
-    write_finished,
 )
 
 T_BINS = 10  # loss is also logged per t-bin of width 1/T_BINS
@@ -65,6 +58,46 @@ STRAIGHTNESS_SAMPLES = 128  # ODE paths whose straightness each evaluation logs 
 def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
     """Seed of every random draw of one micro-batch; a function of position only (exact resume)."""
     return derive_seed(seed, step, micro_index)
+
+
+class StepMeter:
+    """Running means of the logged training scalars between two log lines, kept on the device (no host
+    sync per step). Skipped (non-finite) steps are kept out of every mean."""
+
+    def __init__(self, device):
+        self.bin_sums = torch.zeros(T_BINS, device=device)
+        self.bin_counts = torch.zeros(T_BINS, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.norm_sum = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.steps, self.started = 0, time.perf_counter()
+
+    def add(self, loss, grad_norm, per_sample, t) -> None:
+        finite = torch.isfinite(grad_norm)
+        bins = (t * T_BINS).long().clamp_(0, T_BINS - 1)
+        self.bin_sums.index_add_(0, bins, torch.where(finite, per_sample.float(), 0.0))
+        self.bin_counts.index_add_(0, bins, finite.float().expand(per_sample.shape))
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.norm_sum += torch.where(finite, grad_norm, 0.0)
+        self.skipped += (~finite).float()
+        self.steps += 1
+
+    def values(self, batch_size: int) -> dict[str, float]:
+        """The means since the last call (then reset): loss, grad norm, images/s and loss per t-bin."""
+        elapsed = time.perf_counter() - self.started
+        good_steps = max(self.steps - int(self.skipped), 1)
+        values = {
+            "train/loss": (self.loss_sum / good_steps).item(),
+            "train/grad_norm": (self.norm_sum / good_steps).item(),
+            "train/skipped_steps": float(self.skipped),
+            "train/images_per_s": self.steps * batch_size / elapsed,
+        }
+        per_bin = (self.bin_sums / self.bin_counts.clamp(min=1)).tolist()
+        values.update({f"loss_by_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}": v for i, v in enumerate(per_bin)})
+        for total in (self.bin_sums, self.bin_counts, self.loss_sum, self.norm_sum, self.skipped):
+            total.zero_()
+        self.steps, self.started = 0, time.perf_counter()
+        return values
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -135,9 +168,7 @@ class Trainer:
         self.nonfinite_in_a_row = torch.zeros((), dtype=torch.long, device=device)
         self.nonfinite_total = torch.zeros((), dtype=torch.long, device=device)  # for the warnings
         self._nonfinite_reported = (0, 0)  # (total skipped, step) at the last warning
-        self.stop = StopSignal(runtime)
         self._permutation = (None, None)  # (epoch, permutation) cache
-        self.resumed = None  # (step, changed keys) when fit() continues a checkpoint
 
     # -- state --
 
@@ -169,15 +200,14 @@ class Trainer:
         if self.runtime.distributed:
             dist.barrier()
 
-    def resume(self) -> None:
+    def resume(self, run: Run) -> None:
         """Fresh start, or continue from training.resume (auto | PATH). Never overwrites a run."""
-        source = find_resume_checkpoint(self.run_dir, self.cfg.training.resume, self.runtime, self.log.print,
-                                        start_over=self.cfg.training.start_over)
+        source = run.checkpoint_to_resume(self.cfg.training.resume, self.cfg.training.start_over)
         if source is None:
             self.initialize()
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
-        changes = resume_changes(loaded.config, self.cfg, loaded.path)
+        run.accept_resume(loaded.config, self.cfg, loaded.path, loaded.step)
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         if self.ema:
             if loaded.ema is None:
@@ -187,10 +217,6 @@ class Trainer:
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite_in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
-        changes.pop("training.resume", None)
-        self.resumed = (self.step, changes)  # recorded in resumes.jsonl once the run goes on (fit)
-        changed = "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()) if changes else ""
-        self.log.print(f"resumed from {loaded.path} at step {self.step}{changed}")
 
     def initialize(self) -> None:
         """A fresh run's start from training.init.checkpoint: each part (model, EMA, optimizer, step) on
@@ -296,45 +322,56 @@ class Trainer:
     # -- the loop --
 
     def fit(self) -> int:
-        """Train to target_steps, evaluate, write the final outputs and the finished marker. The run
-        dir is locked for the duration; a finished run (outputs present) is a no-op."""
-        lock = RunDirLock(self.run_dir).acquire() if self.runtime.is_main else None
-        try:
-            return self._fit()
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def _fit(self) -> int:
+        """Train to target_steps, evaluate, write the final outputs, then the finished marker (run_dir.Run).
+        A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
         tr = self.cfg.training
-        self.log = MetricLogger(self.run_dir, self.runtime.is_main, tr.tensorboard)
-        self.resume()
-        self.load_eval_classifier()
-        if self.runtime.is_main and not (self.run_dir / "config.yaml").exists():  # the original is kept
-            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
-        if self.step >= self.target_steps and (not self.runtime.is_main or is_finished(self.run_dir, self.step)):
-            self.log.print(f"run {self.run_dir} already finished at step {self.step} (target {self.target_steps}); nothing to do")
-            return 0
-        if self.resumed is not None and self.runtime.is_main:
-            record_resume(self.run_dir, *self.resumed)
+        with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
+            self.log = run.log
+            self.resume(run)
+            self.load_eval_classifier()
+            if not run.start(self.cfg, self.step, self.target_steps):
+                return EXIT_OK
+            self.print_plan()
+            meter = StepMeter(self.runtime.device)
+            bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
+            while self.step < self.target_steps:
+                loss, grad_norm, per_sample, t = self.train_step()
+                meter.add(loss, grad_norm, per_sample, t)
+                bar.update(1)
+                at_log = self.step % tr.log_every == 0 or self.step == self.target_steps
+                if at_log or self.step % self.nonfinite_check_every() == 0:
+                    self._check_nonfinite(summarise=at_log)
+                if at_log:
+                    values = {**meter.values(tr.batch_size), "train/lr": self.optimizer.param_groups[0]["lr"],
+                              "train/epoch": self.step / self.steps_per_epoch, **self.moe_load_metrics()}
+                    self.log.scalars(self.step, values)
+                    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+                stopping = run.stop_requested(self.step)
+                if stopping or self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
+                    self._check_nonfinite()
+                    self.save()
+                if stopping:
+                    return EXIT_PREEMPTED
+                if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
+                    self.evaluate(final=False)
+            bar.close()
+            with run.final_phase():
+                self.evaluate(final=True)
+                run.finish(self.step, FINAL_OUTPUTS)
+        return EXIT_OK
+
+    def print_plan(self) -> None:
+        tr = self.cfg.training
         if tr.max_steps is not None and tr.max_steps > self.total_steps:
             self.log.print(f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
                            f"(training.epochs = {tr.epochs} x {self.steps_per_epoch} steps per epoch); training stops at "
                            f"{self.total_steps}. Raise training.epochs to train longer.")
-        params = count_parameters(self.model)
         self.log.print(
-            f"{self.cfg.experiment}: {type(self.model).__name__} with {params:,} parameters on {self.runtime.device} "
-            f"x{self.runtime.world_size} ({torch.get_num_threads()} threads); {len(self.train_data):,} samples "
-            f"({tr.coupling.name} coupling), batch "
-            f"{tr.batch_size}, steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
+            f"{self.cfg.experiment}: {type(self.model).__name__} with {count_parameters(self.model):,} parameters on "
+            f"{self.runtime.device} x{self.runtime.world_size} ({torch.get_num_threads()} threads); "
+            f"{len(self.train_data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, steps {self.step} "
+            f"-> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
         )
-        return run_loop(self.stop, self._loop, self.finish, self.log)
-
-    def finish(self) -> None:
-        """The final evaluation; its outputs, then the finished marker, are written last."""
-        self.evaluate(final=True)
-        if self.runtime.is_main:
-            write_finished(self.run_dir, self.step, FINAL_OUTPUTS)
 
     def nonfinite_check_every(self) -> int:
         """Steps between reads of the device counters (a host sync): a run stops after between
@@ -363,60 +400,6 @@ class Trainer:
                 f"{self.step}; aborting: the loss or gradients diverged (try a lower training.lr, or check the data "
                 f"for NaN/inf). {last}"
             )
-
-    def _loop(self) -> None:
-        from tqdm import tqdm
-
-        tr = self.cfg.training
-        device = self.runtime.device
-        bar = tqdm(total=self.target_steps, initial=self.step, disable=not (self.runtime.is_main and tr.progress),
-                   dynamic_ncols=True, desc=self.cfg.experiment)
-        bin_sums = torch.zeros(T_BINS, device=device)
-        bin_counts = torch.zeros(T_BINS, device=device)
-        loss_sum = torch.zeros((), device=device)
-        norm_sum = torch.zeros((), device=device)
-        skipped = torch.zeros((), device=device)
-        window_steps, window_start = 0, time.perf_counter()
-        while self.step < self.target_steps:
-            loss, grad_norm, per_sample, t = self.train_step()
-            # Skipped (non-finite) steps are kept out of every logged mean.
-            finite = torch.isfinite(grad_norm)
-            bins = (t * T_BINS).long().clamp_(0, T_BINS - 1)
-            bin_sums.index_add_(0, bins, torch.where(finite, per_sample.float(), 0.0))
-            bin_counts.index_add_(0, bins, finite.float().expand(per_sample.shape))
-            loss_sum += torch.where(finite, loss, 0.0)
-            norm_sum += torch.where(finite, grad_norm, 0.0)
-            skipped += (~finite).float()
-            window_steps += 1
-            bar.update(1)
-            at_log = self.step % tr.log_every == 0 or self.step == self.target_steps
-            if at_log or self.step % self.nonfinite_check_every() == 0:
-                self._check_nonfinite(summarise=at_log)
-            if at_log:
-                elapsed = time.perf_counter() - window_start
-                good_steps = max(window_steps - int(skipped), 1)
-                values = {
-                    "train/loss": (loss_sum / good_steps).item(),
-                    "train/grad_norm": (norm_sum / good_steps).item(),
-                    "train/skipped_steps": float(skipped),
-                    "train/lr": self.optimizer.param_groups[0]["lr"],
-                    "train/images_per_s": window_steps * tr.batch_size / elapsed,
-                    "train/epoch": self.step / self.steps_per_epoch,
-                }
-                values.update(self.moe_load_metrics())
-                per_bin = (bin_sums / bin_counts.clamp(min=1)).tolist()
-                values.update({f"loss_by_t/{i / T_BINS:.1f}-{(i + 1) / T_BINS:.1f}": v for i, v in enumerate(per_bin)})
-                self.log.scalars(self.step, values)
-                bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
-                bin_sums.zero_(), bin_counts.zero_(), loss_sum.zero_(), norm_sum.zero_(), skipped.zero_()
-                window_steps, window_start = 0, time.perf_counter()
-            if after_step(self.step, self.target_steps, tr, self.stop, self._checked_save, self.evaluate, self.log):
-                break
-        bar.close()
-
-    def _checked_save(self) -> None:
-        self._check_nonfinite()
-        self.save()
 
     def moe_load_metrics(self) -> dict[str, float]:
         """Expert-choice load of the last forward, averaged over MoE blocks: the fraction of tokens no

@@ -45,7 +45,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FINISHED = "finished.json"  # runtime.FINISHED (not imported: runtime pulls in torch; tests check they agree)
+FINISHED = "finished.json"  # run_dir.FINISHED (not imported: runtime pulls in torch; tests check they agree)
 EXIT_OK, EXIT_ERROR, EXIT_PREEMPTED = 0, 1, 75  # runtime.EXIT_* (the same check)
 
 H1024 = "imagenet256_latent_dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05"

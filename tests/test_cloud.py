@@ -31,6 +31,7 @@ from sky.volumes.volume import Volume  # noqa: E402
 import runtime
 from config import EvalConfig, apply_schema, compose, load_config, validate_eval
 from conftest import ROOT, assert_same_state, final_state, load_script
+from run_dir import FINISHED
 
 CLOUD = ROOT / "cloud"
 YAMLS = sorted(CLOUD.glob("*.yaml"))
@@ -79,7 +80,7 @@ def test_the_cloud_files_exist_and_agree_with_the_runtime():
     assert {"train.yaml", "runpod_volume.yaml", "runpod_latent_cache.yaml", "runpod_imagenet256_chain.yaml",
             "multinode_train.yaml"} <= names, names
     assert (sky_chain.FINISHED, sky_chain.EXIT_OK, sky_chain.EXIT_ERROR, sky_chain.EXIT_PREEMPTED) == \
-        (runtime.FINISHED, runtime.EXIT_OK, runtime.EXIT_ERROR, runtime.EXIT_PREEMPTED)
+        (FINISHED, runtime.EXIT_OK, runtime.EXIT_ERROR, runtime.EXIT_PREEMPTED)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_TEXTS))
@@ -311,7 +312,7 @@ def test_the_smoke_chain_survives_a_preemption_and_a_kill_bitwise_and_reruns_as_
         b = tmp_path / "faulty" / "checkpoints" / "smoke-chain" / stage
         assert_same_state(final_state(a), final_state(b))
         assert final_state(a)[3].name == final_state(b)[3].name
-        assert (b / runtime.FINISHED).is_file()
+        assert (b / FINISHED).is_file()
     eval_a = tmp_path / "clean" / "checkpoints" / "smoke-chain" / "eval" / "samples.npz"
     eval_b = tmp_path / "faulty" / "checkpoints" / "smoke-chain" / "eval" / "samples.npz"
     assert eval_a.read_bytes() == eval_b.read_bytes()
@@ -331,7 +332,7 @@ def test_a_stage_refuses_to_start_without_its_predecessors_marker(tmp_path):
     env = sky_chain.stage_env(unmasked, 2, envs, sky_chain._uv_shim(tmp_path / "shim"))
     assert sky_chain.run_stage(unmasked, env, log=lines.append) == 1
     output = "\n".join(lines)
-    marker = tmp_path / "checkpoints" / "smoke-chain" / "masked" / runtime.FINISHED
+    marker = tmp_path / "checkpoints" / "smoke-chain" / "masked" / FINISHED
     assert f"error: {marker} is missing" in output, output
     assert not (tmp_path / "checkpoints" / "smoke-chain" / "unmasked").exists()  # train.py never started
 

@@ -96,7 +96,8 @@ def test_inference_config_composes():
 def test_run_dir_default_is_experiment_and_timestamp():
     import torch
 
-    from runtime import Runtime, resolve_run_dir
+    from run_dir import resolve_run_dir
+    from runtime import Runtime
 
     cfg = load_config([])
     run_dir = resolve_run_dir(cfg, Runtime(device=torch.device("cpu")))

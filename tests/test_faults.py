@@ -3,7 +3,7 @@ the edges"), reproduced and kept fixed, plus random SIGKILLs during a run that m
 
 Guarantees under test (README, "Robustness"): a run is finished only when its final outputs exist and
 a re-run completes whatever is missing; SIGTERM at any point exits 75; readers never write; a resume
-changes only the keys runtime.RESUME_MAY_CHANGE lists and records them; one process owns a run dir;
+changes only the keys run_dir.RESUME_MAY_CHANGE lists and records them; one process owns a run dir;
 bad values and faults are one `error:` line naming the key or path, exit 1.
 """
 
@@ -23,6 +23,7 @@ import checkpoint as ckpt
 import runtime
 from config import ConfigError, load_config
 from conftest import FAST, ROOT, assert_same_state, final_state, run_train, train_subprocess
+from run_dir import FINISHED
 
 SHORT = ["training.max_steps=40", "training.checkpoint_every=10", "training.batch_size=64"]
 
@@ -74,12 +75,12 @@ def test_sigterm_during_the_final_evaluation_exits_75_and_the_rerun_writes_the_o
     output = process.communicate(timeout=120)[0]
     assert process.returncode == runtime.EXIT_PREEMPTED, output[-3000:]
     assert "SIGTERM during the final evaluation" in output
-    assert not (run_dir / "samples.npz").exists() and not (run_dir / runtime.FINISHED).exists()
+    assert not (run_dir / "samples.npz").exists() and not (run_dir / FINISHED).exists()
     # The same command (a requeue) finishes the missing part from the step-40 checkpoint; a cheaper
     # evaluation here, since num_eval_samples may change on resume.
     assert run_train(run_dir, *SHORT, "training.resume=auto", "training.num_eval_samples=300") == 0
     assert (run_dir / "samples.npz").is_file() and (run_dir / "samples.png").is_file()
-    marker = json.loads((run_dir / runtime.FINISHED).read_text())
+    marker = json.loads((run_dir / FINISHED).read_text())
     assert marker["step"] == 40 and marker["outputs"] == ["samples.png", "samples.npz"]
     assert len(np.load(run_dir / "samples.npz")["points"]) == 300
     before = snapshot(run_dir)
@@ -343,7 +344,7 @@ def test_a_nan_in_the_data_warns_and_fails_the_final_evaluation(tmp_path, capsys
     with pytest.raises(runtime.RunError, match="final evaluation at step 125: sliced_w2 = nan"):
         Trainer(cfg, runtime.setup_runtime("cpu"), tmp_path / "run", dataset=data).fit()
     assert "WARNING: 1 optimizer step(s) between steps 0 and" in capsys.readouterr().out
-    assert not (tmp_path / "run" / runtime.FINISHED).exists()
+    assert not (tmp_path / "run" / FINISHED).exists()
 
 
 # --- 10. smaller ones -----------------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def test_resume_reads_keys_added_later_as_their_old_behaviour():
 
     from omegaconf import OmegaConf
 
-    from runtime import resume_changes
+    from run_dir import resume_changes
 
     new = OmegaConf.create({"training": {"lr": 1e-3, "coupling": {"name": "independent", "pairs": None,
                                                                   "within_class": True}}})
@@ -434,7 +435,7 @@ def test_grpo_run_may_be_extended_on_resume():
 
     from omegaconf import OmegaConf
 
-    from runtime import resume_changes
+    from run_dir import resume_changes
 
     changes = resume_changes(OmegaConf.create({"grpo": {"epochs": 30}}), OmegaConf.create({"grpo": {"epochs": 75}}),
                              Path("ckpt"))

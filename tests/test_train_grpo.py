@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import train_grpo
 from config import ConfigError, load_grpo_config
 from conftest import ROOT
+from rl.trainer import GRPOTrainer
 
 # A tiny class-conditional U-Net on 16x16 digits: a seed trains in seconds.
 TINY_MODEL = ["model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16"]
@@ -114,13 +115,13 @@ def test_first_inner_update_has_ratio_one(tmp_path, seed_run):
     from runtime import setup_runtime
 
     cfg = load_grpo_config([f"seed_checkpoint={seed_run}", *FAST, "grpo.kl_beta=0.1", "grpo.lr=1e-3"])
-    trainer = train_grpo.GRPOTrainer(cfg, setup_runtime("cpu"), tmp_path)
+    trainer = GRPOTrainer(cfg, setup_runtime("cpu"), tmp_path)
     values = trainer.iteration()
     assert values["grpo/first_update_ratio_deviation"] <= 1e-6
     # rollouts guided on an interval only (the seed's deployed sampler): the recomputation uses it too
     interval = load_grpo_config([f"seed_checkpoint={seed_run}", *FAST, "grpo.guidance_scale=2",
                                  "grpo.guidance_interval=[0,0.6]"])
-    assert train_grpo.GRPOTrainer(interval, setup_runtime("cpu"), tmp_path / "interval").iteration()[
+    assert GRPOTrainer(interval, setup_runtime("cpu"), tmp_path / "interval").iteration()[
         "grpo/first_update_ratio_deviation"] <= 1e-6
     assert values["grpo/ratio_max"] > 1 + 1e-6 or values["grpo/ratio_min"] < 1 - 1e-6  # the second update moved
     assert values["grpo/kl"] > 0 and torch.isfinite(torch.tensor(values["grpo/loss"]))

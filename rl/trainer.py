@@ -1,0 +1,334 @@
+"""Flow-GRPO post-training: the trainer behind `python train_grpo.py`.
+
+A trained flow model becomes a Gaussian policy through the SDE of `rl/sde_sampler.py`, and is
+post-trained on a black-box terminal reward (`rl/reward.py`) with GRPO (`rl/grpo.py`). One iteration:
+
+1. rollouts: batch_size prompts (class labels) x group_size SDE trajectories of rollout_steps steps,
+   each transition's log pi stored (the model in eval mode, so the function is deterministic);
+2. rewards of the final samples, turned into advantages relative to each prompt's group;
+3. num_inner optimizer steps on the clipped-ratio loss + kl_beta x the Gaussian KL to the frozen
+   seed. Each step recomputes log pi one rollout timestep at a time, with the same batch as the
+   rollout (so on the first step the ratio is exactly 1) and accumulates the gradient over them.
+
+The run directory's lifecycle (owner lock, resume, SIGTERM -> save and exit 75, the finished marker) is
+run_dir.Run's, as for train.py; checkpoints are checkpoint.py's. Checkpoints carry the seed's model, flow,
+dataset and solver sections, so `inference.py checkpoint=RUN` samples a post-trained run.
+
+Exact resume: the prompts, rollout noise and timestep subsets of iteration i come from generators
+seeded by (seed, i), and the reference policy is re-read from the seed checkpoint, so a run killed
+anywhere and resumed from its last checkpoint replays the same iterations bit for bit (on CPU).
+"""
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import checkpoint as ckpt
+from build import load_eval_classifier, load_run
+from config import ConfigError, solver_overrides, to_plain
+from figures import close_figure, comparison_figure, samples_figure, save_samples
+from models import count_parameters
+from rl.grpo import gaussian_kl, group_advantages, grpo_loss
+from rl.reward import build_reward
+from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob
+from run_dir import Run
+from runtime import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    MetricLogger,
+    RunError,
+    amp_dtype,
+    derive_seed,
+    learning_rate,
+    optimizer_step,
+    set_learning_rate,
+)
+from sampling import FlowSampler, generate
+
+FINAL_OUTPUTS = ["samples.png", "samples.npz", "eval.json"]
+
+class GRPOTrainer:
+    def __init__(self, cfg: DictConfig, runtime, run_dir: Path):
+        self.cfg, self.runtime, self.run_dir = cfg, runtime, run_dir
+        if runtime.distributed:
+            raise ConfigError("train_grpo.py runs in one process (WORLD_SIZE = 1); launch it with python, not torchrun")
+        device = runtime.device
+        self.log = MetricLogger(run_dir, enabled=False, tensorboard=False)  # opened by fit(), under the lock
+
+        # The seed's EMA (or raw) weights on the device, in eval mode throughout: rollouts and recomputed
+        # log-probs must be the same function. The evaluation solver: the seed's, with solver.* overrides.
+        seed = load_run(cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema,
+                        solver_overrides=solver_overrides(cfg.solver))
+        if len(seed.sample_shape) != 3:
+            raise ConfigError(f"seed_checkpoint = {cfg.seed_checkpoint!r} was trained on {seed.config.dataset.name!r} "
+                              f"samples of shape {list(seed.sample_shape)}; Flow-GRPO's rewards score images, so the "
+                              f"seed must be an image model [C, H, W] (e.g. a digits_cfg run)")
+        self.policy, self.model = seed.sampler, seed.model
+        self.reference = copy.deepcopy(self.model).requires_grad_(False)  # the frozen seed policy
+        self.reference_policy = FlowSampler(self.reference, self.policy.path, self.policy.prediction,
+                                            self.policy.num_classes)
+        self.num_classes = self.policy.num_classes
+        self.sample_shape = seed.sample_shape
+        self.seed_path, self.seed_step = seed.checkpoint.path, seed.checkpoint.step
+        self.run_config = self._run_config(seed.config, seed.solver)
+        self.reward = build_reward(cfg.reward, device)
+
+        g = cfg.grpo
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
+                                           weight_decay=g.weight_decay, fused=True)
+        self.amp_dtype = amp_dtype(cfg.training.amp, device)
+        self.target_steps = g.epochs if cfg.training.max_steps is None else min(g.epochs, cfg.training.max_steps)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self._seed_samples = None
+
+    def _run_config(self, seed_config: DictConfig, solver: DictConfig) -> DictConfig:
+        """This run's config plus the seed's model / flow / dataset and the evaluation solver: what
+        checkpoints record, so inference.py and resume need nothing else."""
+        run = OmegaConf.create(to_plain(self.cfg))
+        run.solver = solver
+        for section in ("model", "flow", "dataset"):
+            run[section] = seed_config[section]
+        run.seed_checkpoint_resolved = {"path": str(self.seed_path), "step": self.seed_step}
+        return run
+
+    def autocast(self):
+        device_type = self.runtime.device.type
+        return torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    # -- state --
+
+    def save(self) -> None:
+        path = ckpt.save_checkpoint(
+            self.run_dir, self.step, model=self.model.state_dict(), ema=None,
+            state={"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row},
+            config=self.run_config, keep_last=self.cfg.training.keep_last,
+            meta={"sample_shape": list(self.sample_shape), "num_classes": self.num_classes},
+        )
+        self.log.print(f"saved {path}")
+
+    def resume(self, run: Run) -> None:
+        source = run.checkpoint_to_resume(self.cfg.training.resume, self.cfg.training.start_over)
+        if source is None:
+            return
+        loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, load_ema=False)
+        run.accept_resume(loaded.config, self.run_config, loaded.path, loaded.step, "iteration")  # same seed, recipe, reward
+        ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
+        self.optimizer.load_state_dict(loaded.state["optimizer"])
+        self.nonfinite_in_a_row = int(loaded.state["nonfinite_in_a_row"])
+        self.step = loaded.step
+
+    # -- one iteration --
+
+    def generator(self, *stream: int) -> torch.Generator:
+        """A generator seeded by (seed, iteration, stream...): a function of position only."""
+        return torch.Generator(self.runtime.device).manual_seed(derive_seed(self.cfg.seed, self.step, *stream))
+
+    def draw_prompts(self, generator: torch.Generator) -> torch.Tensor | None:
+        """batch_size class labels, each repeated group_size times -> [B * G] (None: unconditional).
+        Distinct classes when batch_size <= num_classes."""
+        g = self.cfg.grpo
+        if self.num_classes is None:
+            return None
+        device = self.runtime.device
+        if g.batch_size <= self.num_classes:
+            prompts = torch.randperm(self.num_classes, generator=generator, device=device)[: g.batch_size]
+        else:
+            prompts = torch.randint(self.num_classes, (g.batch_size,), generator=generator, device=device)
+        return prompts.repeat_interleave(g.group_size)
+
+    def iteration(self) -> dict[str, float]:
+        """One rollout batch and its num_inner updates; returns the values to log."""
+        g = self.cfg.grpo
+        started = time.perf_counter()
+        rollout, rewards = self.rollout()
+        # Groups are prompts; an unconditional model has one group per iteration.
+        group_ids = rollout.labels if rollout.labels is not None else torch.zeros_like(rewards, dtype=torch.long)
+        advantages, group = group_advantages(rewards, group_ids, eps=g.advantage_eps, global_std=g.global_std,
+                                             clip=g.advantage_clip, scale=g.advantage_scale, return_stats=True)
+        rollout_seconds = time.perf_counter() - started
+        values = self.update(rollout, advantages)
+        self.step += 1
+        values.update({
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std(correction=0).item(),
+            "reward/zero_std_fraction": float(group.zero_std_fraction),
+            "grpo/lr": self.optimizer.param_groups[0]["lr"],
+            "time/rollout_s": rollout_seconds,
+            "time/iteration_s": time.perf_counter() - started,
+        })
+        return values
+
+    def rollout(self):
+        """batch_size prompts x group_size SDE trajectories from this iteration's seeded noise -> (Rollout,
+        rewards [B * G])."""
+        g = self.cfg.grpo
+        generator = self.generator(0)
+        labels = self.draw_prompts(generator)
+        noise = torch.randn((g.batch_size * g.group_size, *self.sample_shape), generator=generator,
+                            device=self.runtime.device)
+        with self.autocast():
+            rollout = sde_rollout(self.policy, noise, labels, g.rollout_steps, g.noise_level, g.guidance_scale,
+                                  generator=generator, log_prob_reduce=g.log_prob_reduce,
+                                  guidance_interval=tuple(g.guidance_interval))
+        return rollout, self.reward(rollout.samples, labels)
+
+    def update(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """num_inner optimizer steps on the GRPO loss of the rollout's transitions [B * G advantages]."""
+        g = self.cfg.grpo
+        labels = rollout.labels
+        reference_means = {}  # the frozen seed's transition means: fixed for the iteration, computed once per k
+
+        def reference_mean(k: int) -> torch.Tensor:
+            if k not in reference_means:
+                with torch.no_grad(), self.autocast():
+                    reference_means[k] = self.reference_policy.sde_step(
+                        rollout.states[k], rollout.times[k], rollout.next_times[k], labels, g.noise_level,
+                        g.guidance_scale, tuple(g.guidance_interval))[0]
+            return reference_means[k]
+
+        means_of = {}  # running means over all (inner, k) terms; ratio_min / ratio_max as min / max
+        extremes = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}
+        first_ratio_deviation = torch.zeros((), device=advantages.device)
+        grad_norms = []
+        for inner in range(g.num_inner):
+            set_learning_rate(self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps,
+                                                            1, "constant", 1.0))
+            steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner),
+                                     g.timestep_selection).tolist()
+            terms = len(steps) * g.num_inner
+            # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
+            # the first update's ratio is exactly 1; gradients accumulate over the timesteps.
+            for k in steps:
+                with self.autocast():
+                    log_probs, means, stds = transition_log_prob(
+                        self.policy, rollout.states[k], rollout.times[k], rollout.next_times[k],
+                        rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce,
+                        g.detach_uncond, tuple(g.guidance_interval))
+                kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
+                loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
+                (loss / len(steps)).backward()
+                if inner == 0:
+                    deviation = (log_probs.detach() - rollout.log_probs[k]).exp().sub(1).abs().max()
+                    first_ratio_deviation = torch.maximum(first_ratio_deviation, deviation)
+                for key, value in stats.items():
+                    if key in extremes:
+                        means_of[key] = extremes[key](means_of[key], value) if key in means_of else value
+                    else:
+                        means_of[key] = means_of.get(key, 0.0) + value / terms
+            grad_norm, _ = optimizer_step(self.model, self.optimizer, g.grad_clip)
+            grad_norms.append(grad_norm)
+        grad_norms = torch.stack(grad_norms)
+        finite = torch.isfinite(grad_norms)
+        self.nonfinite_in_a_row = 0 if bool(finite.all()) else self.nonfinite_in_a_row + int((~finite).sum())
+        if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_steps:
+            saved = ckpt.list_checkpoints(self.run_dir)
+            last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
+            raise RunError(f"{self.nonfinite_in_a_row} consecutive non-finite GRPO updates (training.max_nonfinite_steps "
+                           f"= {self.cfg.training.max_nonfinite_steps}) at iteration {self.step}; aborting (try a lower "
+                           f"grpo.lr). {last}")
+        if not bool(finite.all()):
+            self.log.print(f"WARNING: iteration {self.step}: {int((~finite).sum())} of {len(finite)} updates had a "
+                           f"non-finite gradient norm and were skipped")
+        values = {f"grpo/{key}": float(value) for key, value in means_of.items()}
+        values.update({
+            "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
+            "grpo/skipped_updates": float((~finite).sum()),
+            # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
+            "grpo/first_update_ratio_deviation": float(first_ratio_deviation),
+        })
+        return values
+
+    # -- the loop --
+
+    def fit(self) -> int:
+        """Post-train to target_steps, evaluate, write samples and eval.json, then the finished marker
+        (run_dir.Run). A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
+        tr, g = self.cfg.training, self.cfg.grpo
+        with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
+            self.log = run.log
+            self.resume(run)
+            self.eval_classifier = None
+            if tr.classifier:
+                self.eval_classifier = load_eval_classifier(tr.classifier, self.run_config.dataset,
+                                                            self.runtime.device, tr.num_eval_samples, self.cfg.seed)
+            if not run.start(self.run_config, self.step, self.target_steps, "iteration"):
+                return EXIT_OK
+            self.log.print(
+                f"{self.cfg.experiment}: GRPO on {type(self.model).__name__} ({count_parameters(self.model):,} "
+                f"parameters) from {self.seed_path} (step {self.seed_step}) on {self.runtime.device}; reward "
+                f"{self.reward.name}; {g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, "
+                f"num_inner={g.num_inner}; iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}")
+            if self.step == 0:
+                self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
+            bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
+            while self.step < self.target_steps:
+                values = self.iteration()
+                bar.update(1)
+                bar.set_postfix(reward=f"{values['reward/mean']:.4f}", kl=f"{values['grpo/kl']:.2e}")
+                if self.step % tr.log_every == 0 or self.step == self.target_steps:
+                    self.log.scalars(self.step, values)
+                stopping = run.stop_requested(self.step, "iteration")
+                if stopping or self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
+                    self.save()
+                if stopping:
+                    return EXIT_PREEMPTED
+                if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
+                    self.evaluate(final=False)
+            bar.close()
+            with run.final_phase():
+                self.evaluate(final=True)
+                run.finish(self.step, FINAL_OUTPUTS)
+        return EXIT_OK
+
+    @torch.no_grad()
+    def evaluate(self, final: bool) -> dict[str, float]:
+        """The same labels and noise every time: deterministic ODE samples with the run's solver and SDE
+        samples as in the rollouts, each scored by the reward and the image metrics. Logs a seed | current
+        grid; at the end also writes samples.png / samples.npz and eval.json to the run dir."""
+        import metrics
+
+        tr, g = self.cfg.training, self.cfg.grpo
+        started = time.perf_counter()
+        ode, labels = generate(self.policy, self.run_config.solver, self.sample_shape, tr.num_eval_samples,
+                               seed=self.cfg.seed, device=self.runtime.device)
+        noise = torch.randn((len(ode), *self.sample_shape), generator=torch.Generator().manual_seed(self.cfg.seed))
+        device_labels = labels.to(self.runtime.device) if labels is not None else None
+        sde = self.policy.sample_sde(noise.to(self.runtime.device), device_labels, g.rollout_steps, g.noise_level,
+                                     torch.Generator(self.runtime.device).manual_seed(self.cfg.seed), g.guidance_scale,
+                                     tuple(g.guidance_interval))
+        values = {"eval/sampling_s": time.perf_counter() - started}
+        for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
+            on_device = samples.to(self.runtime.device)
+            values[f"eval/{kind}/reward"] = self.reward(on_device, device_labels).mean().item()
+            if self.eval_classifier is not None:
+                scores = self.eval_classifier.score(on_device, labels)
+                values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
+            else:
+                scores = metrics.image_compression_metrics(samples)
+            values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if final and bad:
+            raise RunError(f"final evaluation at iteration {self.step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")
+        self.log.scalars(self.step, values)
+        if self._seed_samples is None:
+            if self.step == 0:
+                self._seed_samples = ode
+            else:
+                self._seed_samples, _ = generate(self.reference_policy, self.run_config.solver, self.sample_shape,
+                                                 tr.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+        comparison = comparison_figure(self._seed_samples, ode, labels, self.run_config.dataset.name)
+        self.log.figure(self.step, "samples/seed_vs_current", comparison)
+        close_figure(comparison)
+        if final:
+            figure = samples_figure(ode, labels, self.run_config.dataset.name)
+            save_samples(ode, labels, self.run_dir, figure)
+            close_figure(figure)
+            ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps({"iteration": self.step, **values}, indent=2))
+        self.log.print(f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items()))
+        return values
