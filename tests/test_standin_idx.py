@@ -8,8 +8,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-import datasets  # noqa: E402
 import make_standin_idx  # noqa: E402
+
+import datasets  # noqa: E402
 
 
 def test_standin_sets_load_through_the_fashion_loader(tmp_path):
