@@ -3,7 +3,10 @@
 Layout: RUN_DIR/checkpoints/step_XXXXXXX/ with
   model.safetensors   raw weights (no `module.` / `_orig_mod.` prefixes)
   ema.safetensors     EMA weights (absent when EMA is off)
-  state.pt            optimizer, step, data position, RNG, ... (torch.load(weights_only=True))
+  state.pt            the writer's dict plus step and format_version (torch.load(weights_only=True)):
+                      the trainer's holds the optimizer, EMA update count, non-finite streak, and the
+                      epoch / batch position for inspection; GRPO's the optimizer and non-finite streak.
+                      No RNG state: every draw is seeded from (seed, rank, step), so the step restores it.
   config.yaml         the resolved config of the run
   manifest.json       sha256 + size of every file above and `meta` (sample_shape, ...); written last
 A checkpoint is written to a hidden temp dir and renamed into place, so a directory named

@@ -1,6 +1,6 @@
 """Flow-matching maths: probability paths, prediction conversions, time samplers, loss weightings, loss.
 
-Convention (DESIGN.md): t = 0 is noise, t = 1 is data, and every path is affine,
+Convention (README.md, "Conventions"): t = 0 is noise, t = 1 is data, and every path is affine,
 
     x_t = alpha(t) x1 + sigma(t) eps,    u_t = d_alpha(t) x1 + d_sigma(t) eps,
 

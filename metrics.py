@@ -408,7 +408,8 @@ SFID_MODULE = "Mixed_6d.branch1x1"  # TF `mixed_6/conv` in torch-fidelity's modu
 
 class InceptionWeightsError(ConfigError):
     """The Inception weights file is missing or unreadable. A ConfigError: it comes from a setting
-    (metrics.inception_weights, --weights), so entry points report it as one line."""
+    (training.inception_weights, inference/eval's inception_weights, --weights), so entry points report
+    it as one line."""
 
 
 class ReferenceStatisticsError(ConfigError):

@@ -16,7 +16,9 @@ model.sample_keep(B, model.grid ** 2, model.mask_ratio, g, device)``, ``model(x,
 return_mask=True)`` (a Generator argument is a graph break).
 
 Named sizes (``DIT_MODELS``): the DiT paper's S/2, B/2, L/2, XL/2 and the NanoFlow b2 / m2 / H1024 D20
-families (see NANOFLOW_SIZES); configs/model/dit_*.yaml spell them out as ``class_cond_dit`` kwargs.
+families (see NANOFLOW_SIZES); the configs/model/ files for those sizes name one (``name: dit_xl2``), and any
+constructor argument they or the command line add overrides the size's value; the small digits and smoke
+models (dit_digits, dit_digits_moe, dit_smoke, jit_digits) spell out ``class_cond_dit`` kwargs instead.
 Parameter counts of any size, MoE-active counts included, come from ``dit_parameter_counts``, which builds
 the model on the meta device (no memory, no init cost); per-image MACs / FLOPs from
 scripts/estimate_dit_complexity.py.

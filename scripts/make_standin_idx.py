@@ -5,7 +5,7 @@
 
 Each writes ROOT/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte, so the real loader reads
 it: `dataset=fashion_mnist dataset.root=ROOT dataset.download=false` (train.py, inference.py,
-scripts/train_classifier.py). Used by the issue-13 recipe study in experiments/fashion_mnist.md.
+scripts/train_classifier.py). Used by the 28x28 recipe study in experiments/fashion_mnist.md.
 
 - digits28: MNIST-like digits from scikit-learn's 1,797 real 8x8 digits. Each is upsampled to 20x20
   (bilinear), put in a 28x28 frame (MNIST's 4-pixel margin) and given a random affine jitter (rotation

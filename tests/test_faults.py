@@ -1,4 +1,4 @@
-"""Fault injection: every defect found by breaking the project as a user would (issue "Reliability at
+"""Fault injection: every defect found by breaking the project as a user would ("reliability at
 the edges"), reproduced and kept fixed, plus random SIGKILLs during a run that must resume bit for bit.
 
 Guarantees under test (README, "Robustness"): a run is finished only when its final outputs exist and

@@ -1,4 +1,4 @@
-"""scripts/make_standin_idx.py: the issue-13 stand-in data sets load through the real Fashion-MNIST loader."""
+"""scripts/make_standin_idx.py: the 28x28 stand-in data sets load through the real Fashion-MNIST loader."""
 
 import sys
 from pathlib import Path

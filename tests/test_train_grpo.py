@@ -178,7 +178,7 @@ def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run, run_grpo):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, message
 
 
-# --- the reported collapse, on digits at the reviewer's 28x28 ------------------------------------
+# --- the reported collapse, on digits at 28x28 -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

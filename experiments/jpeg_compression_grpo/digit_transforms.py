@@ -1,7 +1,7 @@
 """How cheap can a recognisable digit be in JPEG? A per-image frontier over simple transforms of real data.
 
     uv run python experiments/jpeg_compression_grpo/digit_transforms.py root=data/standin_digits28 \
-        anchor=runs/i13/judge28.safetensors judge=runs/i13/clf28.safetensors [n=500]
+        anchor=runs/jpeg28/judge28.safetensors judge=runs/jpeg28/clf28.safetensors [n=500]
 
 Takes the first n held-out images of a 28x28 set in Fashion-MNIST's layout (scripts/make_standin_idx.py)
 and, for each image, every combination of isotropic scale, horizontal squeeze, contrast, Gaussian blur

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sampler sweep on one checkpoint (issue-13 recipe study, experiments/fashion_mnist.md).
-#   bash experiments/issue13/sweep.sh CKPT OUTROOT N_PER_CLASS CLASSIFIER "g:lo:hi g:lo:hi ..." [num_steps]
+# Guidance sweep on one checkpoint: CFG scale and guidance interval (the 28x28 recipe study in
+# experiments/fashion_mnist.md, "Unseen 28x28 data").
+#   bash experiments/guidance_sweep/sweep.sh CKPT OUTROOT N_PER_CLASS CLASSIFIER "g:lo:hi g:lo:hi ..." [num_steps]
 # One inference.py call per setting (32 Heun steps unless num_steps is given, seed 0), scored with
 # CLASSIFIER -> OUTROOT/g{g}_{lo}_{hi}/metrics.json; one summary line per setting on stdout.
 set -euo pipefail
