@@ -167,3 +167,37 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
     reference = metrics.reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
     floor = metrics.real_fd_floor(classifier, train_split, reference, num_samples, seed)
     return metrics.EvalClassifier(classifier, reference, floor)
+
+
+def load_inception_reference(weights, reference, device):
+    """(torch-fidelity's Inception extractor, reference statistics made with the same weights)."""
+    import metrics
+
+    extractor = metrics.load_inception(weights, device)
+    statistics = metrics.load_reference_statistics(reference, extractor)
+    statistics.check_extractor(extractor)
+    return extractor, statistics
+
+
+def build_evaluator(dataset_cfg, device, *, sample_shape=None, classifier: str | None = None,
+                    fid_reference: str | None = None, inception_weights: str | None = None, num_samples: int = 0,
+                    seed: int = 0, dataset=None, decode_latents: bool = True):
+    """A run's evaluation settings -> evaluation.Evaluator: the VAE decoder of a latent dataset, the
+    metrics classifier and the Inception reference, each loaded now so a wrong path fails at start-up.
+    dataset: the training split when the caller has it (the 2-D metrics and the classifier's real-vs-real
+    floor use it); sample_shape: defaults to the dataset's."""
+    from evaluation import Evaluator
+    from vae import latent_decoder
+
+    name, _ = spec_kwargs(dataset_cfg)
+    if sample_shape is None:
+        dataset = build_dataset(dataset_cfg, device) if dataset is None else dataset
+        sample_shape = dataset.sample_shape
+    vae_id = getattr(dataset, "vae_id", None) if dataset is not None else latent_vae_id(dataset_cfg)
+    decode = latent_decoder(vae_id, device) if decode_latents else None
+    scorer = None
+    if classifier:
+        scorer = load_eval_classifier(classifier, dataset_cfg, device, num_samples, seed, train_split=dataset)
+    inception = load_inception_reference(inception_weights, fid_reference, device) if fid_reference else None
+    return Evaluator(sample_shape, device, decode=decode, classifier=scorer, inception=inception, dataset=dataset,
+                     dataset_name=name, class_names=getattr(dataset, "class_names", None))

@@ -23,7 +23,6 @@ give the same bytes) and, with a reference, out/metrics.json with every metric a
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 import zipfile
@@ -34,12 +33,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoint as ckpt
-from build import latent_vae_id, load_run
+from build import build_evaluator, latent_vae_id, load_run
 from config import EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
+from ode_solvers import CountCalls
 from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
 from sampling import NonFiniteSamplesError, sample_kwargs
-from vae import latent_decoder
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: identical runs, identical bytes
 
@@ -68,17 +67,15 @@ class Evaluation:
         if self.sampler.num_classes is None:
             raise RunError(f"checkpoint {self.run.checkpoint.path} is unconditional; eval_imagenet.py samples "
                            f"class-balanced labels and needs a class-conditional model")
-        self.decode = latent_decoder(latent_vae_id(self.run.config.dataset), device)
+        # the decoder and the Inception reference, loaded before any sampling: a wrong path fails now
+        reference = cfg.reference if cfg.metrics else None
+        self.evaluator = build_evaluator(self.run.config.dataset, device, sample_shape=self.run.sample_shape,
+                                         fid_reference=reference, inception_weights=cfg.inception_weights)
+        self.decode = self.evaluator.decode
         self.batch_size = cfg.batch_size or (250 if device.type == "cuda" else 50)
         self.num_chunks = math.ceil(cfg.num_samples / cfg.chunk_size)
-        self.forwards = 0
-        forward = self.sampler.model.forward
-
-        def counted(*args, **kwargs):
-            self.forwards += 1
-            return forward(*args, **kwargs)
-
-        self.sampler.model.forward = counted
+        self.forwards = CountCalls(self.sampler.model)  # the model's forward passes (a guided step is one)
+        self.sampler.model = self.forwards
 
     # -- settings and the output directory --
 
@@ -108,9 +105,7 @@ class Evaluation:
                                    f"{', '.join(differ)}); use another out directory or the original settings")
             else:
                 (self.out / "shards").mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(".eval.json.tmp")
-                tmp.write_text(json.dumps({"settings": settings, "settings_sha256": digest}, indent=2))
-                os.replace(tmp, path)
+                ckpt.atomic_write_text(path, json.dumps({"settings": settings, "settings_sha256": digest}, indent=2))
         if self.runtime.distributed:
             dist.barrier()
         return settings
@@ -138,11 +133,8 @@ class Evaluation:
                 x = self.decode(x)
             images.append(to_uint8_rgb(x))
             labels.append(y.numpy().astype(np.int64))
-        final = self.chunk_path(chunk)
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with ckpt.atomic_write(self.chunk_path(chunk)) as tmp, open(tmp, "wb") as f:  # a shard exists only complete
             np.savez(f, images=np.concatenate(images), labels=np.concatenate(labels))
-        os.replace(tmp, final)  # a shard exists only complete
 
     def sample_all(self) -> None:
         from tqdm import tqdm
@@ -170,8 +162,8 @@ class Evaluation:
         height, width, channels = first["images"].shape[1:]
         n = self.cfg.num_samples
         path = self.out / "samples.npz"
-        tmp = path.with_name(".samples.npz.tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with ckpt.atomic_write(path) as tmp, \
+                zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             for name, dtype, shape, key in (("arr_0.npy", np.uint8, (n, height, width, channels), "images"),
                                             ("arr_1.npy", np.int64, (n,), "labels")):
                 with archive.open(zipfile.ZipInfo(name, date_time=ZIP_DATE), "w", force_zip64=True) as member:
@@ -181,42 +173,34 @@ class Evaluation:
                     for chunk in range(self.num_chunks):
                         with np.load(self.chunk_path(chunk)) as shard:
                             member.write(np.ascontiguousarray(shard[key], dtype=dtype).tobytes())
-        os.replace(tmp, path)
         return path
 
-    def iter_images(self, batch: int = 500):
+    def iter_images(self, batch: int = 500, progress=None):
         """uint8 [n, 3, H, W] torch batches of every sample, in index order (for the metrics)."""
         for chunk in range(self.num_chunks):
             with np.load(self.chunk_path(chunk)) as shard:
                 images = torch.from_numpy(shard["images"]).permute(0, 3, 1, 2).contiguous()
-            yield from images.split(batch)
+            for part in images.split(batch):
+                yield part
+                if progress is not None:
+                    progress(len(part))
 
     def score(self, settings: dict, seconds: float) -> dict:
         from tqdm import tqdm
 
         import metrics
 
-        extractor = metrics.load_inception(self.cfg.inception_weights, self.runtime.device)
-        reference = metrics.load_reference_statistics(self.cfg.reference, extractor)
-        reference.check_extractor(extractor)
+        extractor, reference = self.evaluator.inception_reference
         # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once.
-        parts = []
         with tqdm(total=self.cfg.num_samples, desc="inception features", unit="img", dynamic_ncols=True,
                   disable=None) as bar:
-            for images in self.iter_images():
-                parts.append(metrics.inception_features(extractor, images))
-                bar.update(len(images))
-        features = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        values = metrics.inception_metrics_from_features(features, reference, is_splits=min(10, self.cfg.num_samples),
-                                                         device=self.runtime.device)
+            values = self.evaluator.inception(batch for batch in self.iter_images(progress=bar.update))
         protocol = {**settings, "reference": str(self.cfg.reference), "reference_count": reference.count,
                     "extractor": f"torch-fidelity {metrics.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
                     "extractor_sha256": extractor.weights_sha256, "world_size": self.runtime.world_size,
                     "nfe_per_sample_rank0": self.forwards_per_sample(), "sampling_seconds": seconds}
         result = {"metrics": values, "protocol": protocol}
-        tmp = self.out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        os.replace(tmp, self.out / "metrics.json")
+        ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2, default=str))
         return values
 
     def forwards_per_sample(self) -> float | None:
@@ -224,7 +208,7 @@ class Evaluation:
         batches = sum(math.ceil(min(self.cfg.chunk_size, self.cfg.num_samples - c * self.cfg.chunk_size)
                                 / self.batch_size) for c in range(self.runtime.rank, self.num_chunks,
                                                                   self.runtime.world_size))
-        return self.forwards / batches if batches and self.forwards else None
+        return self.forwards.calls / batches if batches and self.forwards.calls else None
 
     def run_all(self) -> int:
         settings = self.claim_directory()

@@ -10,25 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from build import latent_vae_id, load_eval_classifier, load_run
+from build import build_evaluator, latent_vae_id, load_run
 from checkpoint import atomic_write_text
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
-from figures import close_figure, samples_figure, save_samples
 from runtime import run_main, select_device
-from sampling import generate, measure_straightness
-from vae import latent_decoder
-
-
-def inception_scores(samples, cfg, device) -> dict:
-    """FID / IS / KID / precision-recall of the saved 8-bit samples against cfg.fid_reference."""
-    import metrics
-    from datasets import model_space_to_uint8
-
-    extractor = metrics.load_inception(cfg.inception_weights, device)
-    reference = metrics.load_reference_statistics(cfg.fid_reference, extractor)
-    values = metrics.inception_metrics(extractor, model_space_to_uint8(samples), reference,
-                                      is_splits=min(10, len(samples)), progress=True)
-    return {f"inception/{k}": v for k, v in values.items()} | {"inception/num_samples": len(samples)}
 
 
 def held_out_bits_per_dim(run, cfg, device) -> dict:
@@ -68,28 +53,25 @@ def main(argv: list[str] | None = None) -> int:
         num = cfg.n_per_class * sampler.num_classes
     from tqdm import tqdm
 
+    evaluator = build_evaluator(run.config.dataset, device, sample_shape=run.sample_shape, classifier=cfg.classifier,
+                                fid_reference=cfg.fid_reference, inception_weights=cfg.inception_weights,
+                                num_samples=num, seed=cfg.seed)
     # disable=None: a bar on a terminal, none in a log file or a captured pipe (the error contract's one line)
     with tqdm(total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True,
               disable=None) as bar:
-        samples, labels = generate(sampler, solver, run.sample_shape, num, seed=cfg.seed, device=device,
-                                   batch_size=cfg.batch_size, progress=bar.update)
-    decode, latents = latent_decoder(latent_vae_id(run.config.dataset), device), None
-    if decode is not None:
-        latents, samples = samples, decode(samples).cpu()
-    figure = samples_figure(samples, labels, run.config.dataset.name)
-    save_samples(samples, labels, cfg.out, figure, latents=latents)
-    close_figure(figure)
+        samples, labels, latents = evaluator.sample(sampler, solver, num, cfg.seed, batch_size=cfg.batch_size,
+                                                    progress=bar.update)
+    evaluator.save(cfg.out, samples, labels, latents)
     scores = {}
     if cfg.classifier:
-        scorer = load_eval_classifier(cfg.classifier, run.config.dataset, device, len(samples), cfg.seed)
-        scores.update(scorer.score(samples, labels))
+        scores.update(evaluator.score(samples, labels))
     if cfg.fid_reference:
-        scores.update(inception_scores(samples, cfg, device))
+        values = evaluator.inception(samples, progress=True)
+        scores.update({f"inception/{k}": v for k, v in values.items()} | {"inception/num_samples": len(samples)})
     if cfg.likelihood:
         scores.update(held_out_bits_per_dim(run, cfg, device))
     if cfg.straightness:  # of the first batch's paths (their trajectories are kept), same seed and settings
-        scores["straightness"] = measure_straightness(sampler, solver, run.sample_shape, min(num, 128), seed=cfg.seed,
-                                                      device=device)
+        scores["straightness"] = evaluator.straightness(sampler, solver, num, cfg.seed)
     if scores:
         atomic_write_text(Path(cfg.out) / "metrics.json", json.dumps(scores, indent=2))
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()))

@@ -41,16 +41,17 @@ class ODESolution:
     trajectory: list[Tensor] | None = None
 
 
-class _CountCalls:
-    """Wraps a velocity function and counts its calls, so the reported NFE is measured, not assumed."""
+class CountCalls:
+    """Wraps a function (a velocity field, a model) and counts its calls, so a reported NFE is measured,
+    not assumed."""
 
-    def __init__(self, fn: VelocityFn):
+    def __init__(self, fn):
         self.fn = fn
         self.calls = 0
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, *args, **kwargs):
         self.calls += 1
-        return self.fn(x, t)
+        return self.fn(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def solve_ode(
     _check_choice("method", method, SOLVERS)
     grid = _check_grid(time_grid).to(device=x0.device, dtype=x0.dtype)
     step = SOLVERS[method].step
-    counted = _CountCalls(velocity_fn)
+    counted = CountCalls(velocity_fn)
     x = x0
     trajectory = [x0] if return_trajectory else None
     for t, t_next in zip(grid[:-1], grid[1:]):
@@ -173,7 +174,7 @@ def solve_dopri5(
             raise ValueError(f"trajectory_times must run from t0={t0} to t1={t1}, got {times.tolist()}")
     from torchdiffeq import odeint  # imported here: it costs ~1 s of start-up and only dopri5 needs it
 
-    counted = _CountCalls(velocity_fn)
+    counted = CountCalls(velocity_fn)
     # torchdiffeq calls func(t, x); ours is velocity_fn(x, t).
     xs = odeint(
         lambda t, x: counted(x, t),

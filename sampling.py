@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from flow import PREDICTIONS, AffinePath, expand_t
-from ode_solvers import ODESolution, solve, time_grid
+from ode_solvers import CountCalls, ODESolution, solve, time_grid
 
 # On the CPU a smaller batch keeps the activations in cache: fashion_cfg's U-Net (32 Heun steps, CFG)
 # samples about 2x faster at 64-128 images per batch than at 512-1024 (docs/benchmarks.md).
@@ -407,18 +407,6 @@ def _non_finite(sampler, noise, labels, index, bad, batch, settings, device) -> 
 DEQUANTIZATION_BITS_PER_DIM = math.log2(128)
 
 
-class _CountForwards:
-    """Wraps a model and counts its forward passes (image_bits_per_dim's NFE)."""
-
-    def __init__(self, model):
-        self.model = model
-        self.calls = 0
-
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        self.calls += 1
-        return self.model(x, t, y)
-
-
 @torch.no_grad()
 def image_bits_per_dim(
     sampler: FlowSampler,
@@ -479,7 +467,7 @@ def image_bits_per_dim(
     # The same sampler with its model's forward passes counted (subclasses keep their methods).
     counted = object.__new__(type(sampler))
     counted.__dict__.update(vars(sampler))
-    counted.model = _CountForwards(sampler.model)
+    counted.model = CountCalls(sampler.model)
     step = batch if batch_size is None else batch_size
     chunks = []
     for start in range(0, batch, step):

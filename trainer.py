@@ -27,8 +27,9 @@ from omegaconf import DictConfig
 
 import checkpoint as ckpt
 import flow
-from build import build_coupling, build_dataset, build_flow, build_model, load_eval_classifier
+from build import build_coupling, build_dataset, build_evaluator, build_flow, build_model
 from config import ConfigError
+from figures import close_figure
 from models import count_parameters
 from run_dir import Run
 from runtime import (
@@ -52,7 +53,6 @@ T_BINS = 10  # loss is also logged per t-bin of width 1/T_BINS
 # busy process (docs/benchmarks.md); the U-Nets gain 1.65x from two threads and keep them.
 SMALL_MODEL_PARAMETERS = 200_000
 FINAL_OUTPUTS = ["samples.png", "samples.npz"]
-STRAIGHTNESS_SAMPLES = 128  # ODE paths whose straightness each evaluation logs (their trajectories are kept)
 
 
 def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
@@ -328,7 +328,7 @@ class Trainer:
         with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
             self.log = run.log
             self.resume(run)
-            self.load_eval_classifier()
+            self.load_evaluator()
             if not run.start(self.cfg, self.step, self.target_steps):
                 return EXIT_OK
             self.print_plan()
@@ -412,95 +412,52 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> None:
-        """Sample with the EMA (else raw) model using the run's solver settings; log metrics and a
-        figure; at the end also write samples.png / samples.npz to the run dir."""
+        """Sample with the EMA (else raw) model using the run's solver settings; log the scores and a
+        figure; at the end also write samples.png / samples.npz to the run dir (evaluation.Evaluator)."""
         if not self.runtime.is_main:
             return
-        from figures import close_figure, samples_figure, save_samples
-        from sampling import FlowSampler, NonFiniteSamplesError, generate, measure_straightness
+        from sampling import FlowSampler, NonFiniteSamplesError
 
+        tr, evaluator = self.cfg.training, self.evaluator
         model = self.ema.model if self.ema else self.model
         model.eval()
         sampler = FlowSampler(model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None))
         started = time.perf_counter()
         try:
-            samples, labels = generate(sampler, self.cfg.solver, self.dataset.sample_shape,
-                                       self.cfg.training.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+            samples, labels, latents = evaluator.sample(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed)
         except NonFiniteSamplesError as error:
             if final:
                 raise RunError(f"final evaluation at step {self.step}: {error}") from None
             self.log.print(f"WARNING: evaluation at step {self.step} skipped: {error}")
             self.model.train()
             return
-        latents = None
-        if self.decode_latents is not None:  # latent model: figures and metrics are about the decoded images
-            latents, samples = samples, self.decode_latents(samples)
-        metrics = {"sampling_s": time.perf_counter() - started, **self.sample_metrics(samples, labels)}
-        # How straight the sampled paths are (0: one Euler step is exact), on one batch of the same noise.
-        metrics["straightness"] = measure_straightness(
-            sampler, self.cfg.solver, self.dataset.sample_shape, min(STRAIGHTNESS_SAMPLES, self.cfg.training.num_eval_samples),
-            seed=self.cfg.seed, device=self.runtime.device)
-        if self.fid is not None:
-            metrics.update(self.inception_metrics(sampler))
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        scores = {"sampling_s": time.perf_counter() - started, **evaluator.score(samples, labels),
+                  "straightness": evaluator.straightness(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed)}
+        if evaluator.inception_reference is not None:
+            # FID-5k and the like are named for their count: biased upwards against FID-50k
+            fid_samples = evaluator.sample(sampler, self.cfg.solver, tr.fid_samples, self.cfg.seed + 1)[0]
+            tag = f"{tr.fid_samples // 1000}k" if tr.fid_samples % 1000 == 0 else str(tr.fid_samples)
+            scores.update({f"{key}_{tag}": value for key, value in evaluator.inception(fid_samples).items()})
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if final and bad:
-            raise RunError(f"final evaluation at step {self.step}: {', '.join(f'{k} = {metrics[k]}' for k in bad)} "
+            raise RunError(f"final evaluation at step {self.step}: {', '.join(f'{k} = {scores[k]}' for k in bad)} "
                            f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)")
-        self.log.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
-        figure = samples_figure(samples, labels, self.dataset.name, getattr(self.dataset, "class_names", None))
+        self.log.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
+        figure = evaluator.figure(samples, labels)
         self.log.figure(self.step, "samples", figure)
         if final:
-            save_samples(samples.cpu(), labels.cpu() if labels is not None else None, self.run_dir, figure, latents=latents)
-            self.log.print(f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            evaluator.save(self.run_dir, samples, labels, latents, figure=figure)
+            self.log.print(f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
         close_figure(figure)
         self.model.train()
 
-    def inception_metrics(self, sampler) -> dict[str, float]:
-        """FID / IS (and KID, precision/recall when the reference keeps features) of fid_samples fresh
-        samples, named for the count: fid_5k is FID-5k, biased upwards against FID-50k."""
-        import metrics
-        from datasets import model_space_to_uint8
-        from sampling import generate
-
-        extractor, reference = self.fid
-        n = self.cfg.training.fid_samples
-        samples, _ = generate(sampler, self.cfg.solver, self.dataset.sample_shape, n, seed=self.cfg.seed + 1,
-                              device=self.runtime.device)
-        if self.decode_latents is not None:
-            samples = torch.cat([self.decode_latents(part) for part in samples.split(64)])
-        values = metrics.inception_metrics(extractor, model_space_to_uint8(samples), reference,
-                                           is_splits=min(10, len(samples)))
-        tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)
-        return {f"{key}_{tag}": value for key, value in values.items()}
-
-    def sample_metrics(self, samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-        """2-D data: sliced W2 (+ moons class accuracy). Images: classifier accuracy against the
-        requested labels, classifier-FD to held-out real images, JPEG/PNG bits per pixel."""
-        import metrics
-
-        if len(self.dataset.sample_shape) != 3:
-            return metrics.sample_metrics(samples, labels, self.dataset)
-        if self.eval_classifier is None:
-            return metrics.image_compression_metrics(samples)
-        return self.eval_classifier.score(samples, labels)
-
-    def load_eval_classifier(self) -> None:
-        """Rank 0's evaluation tools: the VAE decoder of a latent dataset, and the metrics classifier
-        (loaded before the first step, so a wrong path fails now rather than after training)."""
-        from vae import latent_decoder
-
-        self.decode_latents, self.eval_classifier, self.fid = None, None, None
-        if not self.runtime.is_main:
-            return
-        self.decode_latents = latent_decoder(getattr(self.dataset, "vae_id", None), self.runtime.device)
-        if self.cfg.training.fid_reference:  # loaded now, so a wrong path fails before training
-            import metrics
-
-            extractor = metrics.load_inception(self.cfg.training.inception_weights, self.runtime.device)
-            reference = metrics.load_reference_statistics(self.cfg.training.fid_reference, extractor)
-            reference.check_extractor(extractor)
-            self.fid = (extractor, reference)
-        if self.cfg.training.classifier:
-            self.eval_classifier = load_eval_classifier(
-                self.cfg.training.classifier, self.cfg.dataset, self.runtime.device,
-                self.cfg.training.num_eval_samples, self.cfg.seed, train_split=self.dataset)
+    def load_evaluator(self) -> None:
+        """Rank 0's evaluation tools (the VAE decoder of a latent dataset, the metrics classifier, the
+        Inception reference), loaded before the first step so a wrong path fails now."""
+        tr = self.cfg.training
+        self.evaluator = None
+        if self.runtime.is_main:
+            self.evaluator = build_evaluator(
+                self.cfg.dataset, self.runtime.device, classifier=tr.classifier, fid_reference=tr.fid_reference,
+                inception_weights=tr.inception_weights, num_samples=tr.num_eval_samples, seed=self.cfg.seed,
+                dataset=self.dataset)

@@ -29,9 +29,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoint as ckpt
-from build import load_eval_classifier, load_run
+from build import build_evaluator, load_run
 from config import ConfigError, solver_overrides, to_plain
-from figures import close_figure, comparison_figure, samples_figure, save_samples
+from figures import close_figure, comparison_figure
 from models import count_parameters
 from rl.grpo import gaussian_kl, group_advantages, grpo_loss
 from rl.reward import build_reward
@@ -48,7 +48,7 @@ from runtime import (
     optimizer_step,
     set_learning_rate,
 )
-from sampling import FlowSampler, generate
+from sampling import FlowSampler
 
 FINAL_OUTPUTS = ["samples.png", "samples.npz", "eval.json"]
 
@@ -253,10 +253,11 @@ class GRPOTrainer:
         with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
             self.log = run.log
             self.resume(run)
-            self.eval_classifier = None
-            if tr.classifier:
-                self.eval_classifier = load_eval_classifier(tr.classifier, self.run_config.dataset,
-                                                            self.runtime.device, tr.num_eval_samples, self.cfg.seed)
+            # the seed's data and the metrics classifier, loaded before the first iteration (a wrong path fails now)
+            self.evaluator = build_evaluator(self.run_config.dataset, self.runtime.device,
+                                             sample_shape=self.sample_shape, classifier=tr.classifier,
+                                             num_samples=tr.num_eval_samples, seed=self.cfg.seed,
+                                             decode_latents=False)
             if not run.start(self.run_config, self.step, self.target_steps, "iteration"):
                 return EXIT_OK
             self.log.print(
@@ -291,12 +292,9 @@ class GRPOTrainer:
         """The same labels and noise every time: deterministic ODE samples with the run's solver and SDE
         samples as in the rollouts, each scored by the reward and the image metrics. Logs a seed | current
         grid; at the end also writes samples.png / samples.npz and eval.json to the run dir."""
-        import metrics
-
         tr, g = self.cfg.training, self.cfg.grpo
         started = time.perf_counter()
-        ode, labels = generate(self.policy, self.run_config.solver, self.sample_shape, tr.num_eval_samples,
-                               seed=self.cfg.seed, device=self.runtime.device)
+        ode, labels, _ = self.evaluator.sample(self.policy, self.run_config.solver, tr.num_eval_samples, self.cfg.seed)
         noise = torch.randn((len(ode), *self.sample_shape), generator=torch.Generator().manual_seed(self.cfg.seed))
         device_labels = labels.to(self.runtime.device) if labels is not None else None
         sde = self.policy.sample_sde(noise.to(self.runtime.device), device_labels, g.rollout_steps, g.noise_level,
@@ -306,11 +304,9 @@ class GRPOTrainer:
         for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
             on_device = samples.to(self.runtime.device)
             values[f"eval/{kind}/reward"] = self.reward(on_device, device_labels).mean().item()
-            if self.eval_classifier is not None:
-                scores = self.eval_classifier.score(on_device, labels)
+            scores = self.evaluator.score(on_device if self.evaluator.classifier else samples, labels)
+            if "classifier_fd_real_floor" in scores:
                 values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
-            else:
-                scores = metrics.image_compression_metrics(samples)
             values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if final and bad:
@@ -320,15 +316,13 @@ class GRPOTrainer:
             if self.step == 0:
                 self._seed_samples = ode
             else:
-                self._seed_samples, _ = generate(self.reference_policy, self.run_config.solver, self.sample_shape,
-                                                 tr.num_eval_samples, seed=self.cfg.seed, device=self.runtime.device)
+                self._seed_samples = self.evaluator.sample(self.reference_policy, self.run_config.solver,
+                                                           tr.num_eval_samples, self.cfg.seed)[0]
         comparison = comparison_figure(self._seed_samples, ode, labels, self.run_config.dataset.name)
         self.log.figure(self.step, "samples/seed_vs_current", comparison)
         close_figure(comparison)
         if final:
-            figure = samples_figure(ode, labels, self.run_config.dataset.name)
-            save_samples(ode, labels, self.run_dir, figure)
-            close_figure(figure)
+            self.evaluator.save(self.run_dir, ode, labels)
             ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps({"iteration": self.step, **values}, indent=2))
         self.log.print(f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items()))
         return values
