@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 NFES = (1, 2, 4, 8, 32)
 STAGES = {  # stage -> (teacher experiment, minibatch-OT experiment, reflow experiment, distill experiment)

@@ -26,13 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import datasets  # noqa: E402
-from latent_cache import write_synthetic_cache  # noqa: E402
-from runtime import derive_seed, epoch_permutation  # noqa: E402
+import datasets
+from latent_cache import write_synthetic_cache
+from runtime import derive_seed, epoch_permutation
 
 
 def memory_mib() -> dict:

@@ -15,17 +15,14 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from build import build_flow, build_model, load_run  # noqa: E402
-from config import load_config, resolve_solver  # noqa: E402
-from datasets import DATASET_INFO  # noqa: E402
-from runtime import run_main, select_device  # noqa: E402
-from sampling import FlowSampler, generate  # noqa: E402
+from build import build_flow, build_model, load_run
+from config import load_config, resolve_solver
+from datasets import DATASET_INFO
+from runtime import run_main, select_device
+from sampling import FlowSampler, generate
 
 BENCH_KEYS = {"num_samples": 200, "batch": 128, "solver": None, "num_steps": None, "guidance_scale": None,
               "device": "auto", "checkpoint": None, "repeats": 1}

@@ -21,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from config import load_config  # noqa: E402
-from runtime import run_main, setup_runtime  # noqa: E402
-from trainer import Trainer  # noqa: E402
+from config import load_config
+from runtime import run_main, setup_runtime
+from trainer import Trainer
 
 BENCH_KEYS = {"steps": 50, "warmup": 10, "batch": None, "device": None, "compile": None, "amp": None,
               "channels_last": None, "synthetic": True, "peak_tflops": None, "out": None, "profile": None}

@@ -28,12 +28,9 @@ Shard i holds images [i * shard_size, (i + 1) * shard_size) of the sorted file l
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets import LATENT_DTYPES  # noqa: E402
-from latent_cache import build_shards, convert_shards, make_smoke_cache, shard_path, write_synthetic_cache  # noqa: E402
+from datasets import LATENT_DTYPES
+from latent_cache import build_shards, convert_shards, make_smoke_cache, shard_path, write_synthetic_cache
 
 
 def parse(argv):

@@ -18,20 +18,17 @@ torch hub cache where torch-fidelity keeps its download. Nothing is downloaded h
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import build  # noqa: E402
-import metrics  # noqa: E402
-from config import DEVICES, ConfigError  # noqa: E402
-from datasets import DATASETS, ImageFolderDataset, load_imagefolder  # noqa: E402
-from runtime import run_main, select_device  # noqa: E402
+import build
+import metrics
+from config import DEVICES, ConfigError
+from datasets import DATASETS, ImageFolderDataset, load_imagefolder
+from runtime import run_main, select_device
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

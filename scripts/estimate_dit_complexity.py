@@ -23,14 +23,9 @@ c B T / E is an integer. tests/test_estimators.py checks all of this against tor
 import argparse
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from build import build_meta_dit, parse_overrides  # noqa: E402
-from models_dit import complexity, forward_macs  # noqa: E402
+from build import build_meta_dit, parse_overrides
+from models_dit import complexity, forward_macs
 
 
 def markdown(rows: list[dict], title: str) -> str:

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build import build_meta_dit, parse_overrides  # noqa: E402
-from models_dit import complexity  # noqa: E402
+from build import build_meta_dit, parse_overrides
+from models_dit import complexity
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity

@@ -27,8 +27,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 KEYS = {"kind": None, "root": None, "n_train": 4000, "n_test": 1000, "seed": 0}
 
 

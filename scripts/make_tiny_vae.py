@@ -9,11 +9,8 @@ Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `--vae runs/tiny_vae` in build
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vae import save_tiny_vae  # noqa: E402
+from vae import save_tiny_vae
 
 KEYS = {"out": None, "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4, "seed": 0}
 CASTS = {"out": str, "scaling_factor": float, "shift_factor": float, "latent_channels": int, "seed": int}

@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from datasets import LatentCacheError, check_latent_cache  # noqa: E402
+from datasets import LatentCacheError, check_latent_cache
 
 
 def sample_rows(path: Path, count: int) -> np.ndarray:

@@ -13,14 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from omegaconf import OmegaConf
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from build import load_eval_classifier  # noqa: E402
-from datasets import uint8_to_model_space  # noqa: E402
+from build import load_eval_classifier
+from datasets import uint8_to_model_space
 
 
 def main(argv: list[str]) -> None:

@@ -258,7 +258,6 @@ def load_dag(text: str, env_overrides: dict | None = None):
 def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = None) -> list[dict]:
     """Each training stage's estimate from scripts/estimate_training_cost.py --json (a subprocess: scripts
     do not import scripts), from the composed config's model, epochs and mask ratio."""
-    sys.path.insert(0, str(ROOT))
     from config import load_config, to_plain
 
     rows = []

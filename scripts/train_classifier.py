@@ -19,18 +19,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from config import DEVICES, ConfigError, apply_schema, check, check_choice  # noqa: E402
-from datasets import DATASET_INFO, DATASETS  # noqa: E402
-from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits  # noqa: E402
-from models import CLASSIFIERS, count_parameters  # noqa: E402
-from runtime import learning_rate, run_main, select_device  # noqa: E402
+from config import DEVICES, ConfigError, apply_schema, check, check_choice
+from datasets import DATASET_INFO, DATASETS
+from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits
+from models import CLASSIFIERS, count_parameters
+from runtime import learning_rate, run_main, select_device
 
 # datasets of images [C, H, W] (not moons)
 IMAGE_DATASETS = tuple(name for name in DATASETS if len(DATASET_INFO.get(name, {}).get("shape", ())) == 3)

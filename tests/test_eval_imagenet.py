@@ -81,7 +81,6 @@ def test_another_batch_size_gives_the_same_images_up_to_rounding(which, pixel_ru
 
 KILL_AFTER_TWO_CHUNKS = """
 import os, signal, sys
-sys.path.insert(0, ".")
 import eval_imagenet, runtime
 done = []
 original = eval_imagenet.Evaluation.sample_chunk

@@ -1,15 +1,14 @@
 """scripts/make_standin_idx.py: the issue-13 stand-in data sets load through the real Fashion-MNIST loader."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import datasets
+from conftest import load_script
 
-import datasets  # noqa: E402
-import make_standin_idx  # noqa: E402
+make_standin_idx = load_script("make_standin_idx")
 
 
 def test_standin_sets_load_through_the_fashion_loader(tmp_path):

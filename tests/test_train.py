@@ -193,7 +193,6 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
 # Dies by SIGKILL inside the save of step 40, after the weights are written but before the manifest.
 KILL_MID_SAVE = """
 import os, signal, sys
-sys.path.insert(0, ".")
 import checkpoint
 original = checkpoint._write_manifest
 def dying(directory, step, names, meta):

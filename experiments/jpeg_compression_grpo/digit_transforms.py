@@ -15,15 +15,12 @@ experiment.md, with the anchor as the reward's class term and the judge as the e
 import itertools
 import math
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from datasets import load_fashion_mnist, uint8_to_model_space  # noqa: E402
-from metrics import classifier_logits, constant_image_bits_per_pixel, jpeg_bits_per_pixel, load_classifier  # noqa: E402
+from datasets import load_fashion_mnist, uint8_to_model_space
+from metrics import classifier_logits, constant_image_bits_per_pixel, jpeg_bits_per_pixel, load_classifier
 
 SCALES, SQUEEZES, CONTRASTS, BLURS, THRESHOLDS = (1, 0.85, 0.7), (1, 0.75, 0.55), (1, 0.6, 0.4, 0.3), (0, 1), (0, 0.15)
 TAUS = (0.5, 0.8, 0.9, 0.95, 0.99)

@@ -87,7 +87,6 @@ def before_after(run_dir: Path, iteration: int | None, tag: str = "") -> None:
     """Seed | post-trained ODE samples from the same noise, 5 per digit."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import checkpoint
     from build import load_run
     from figures import close_figure, comparison_figure
