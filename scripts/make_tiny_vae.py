@@ -9,28 +9,31 @@ Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `--vae runs/tiny_vae` in build
 """
 
 import sys
+from dataclasses import asdict, dataclass
 
+from config import check, parse_keys
+from runtime import run_main
 from vae import save_tiny_vae
 
-KEYS = {"out": None, "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4, "seed": 0}
-CASTS = {"out": str, "scaling_factor": float, "shift_factor": float, "latent_channels": int, "seed": int}
+
+@dataclass
+class TinyVAEConfig:
+    out: str | None = None  # required: the directory to write (config.json + safetensors)
+    scaling_factor: float = 0.18215  # recorded in the VAE config, as SD-VAE's
+    shift_factor: float | None = None
+    latent_channels: int = 4
+    seed: int = 0  # the random initialisation
 
 
-def main(argv=None) -> int:
-    options = dict(KEYS)
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key not in KEYS or not value:
-            print(f"error: expected key=value with key one of {', '.join(KEYS)}, got {arg!r}", file=sys.stderr)
-            return 1
-        options[key] = None if value in ("null", "None") else CASTS[key](value)
-    if options["out"] is None:
-        print("error: out=DIR is required", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_keys(sys.argv[1:] if argv is None else argv, TinyVAEConfig, __doc__)
+    check(bool(cfg.out), "out", cfg.out, "is required: the directory to write, e.g. out=runs/tiny_vae")
+    check(cfg.latent_channels >= 1, "latent_channels", cfg.latent_channels, "must be >= 1")
+    options = asdict(cfg)
     path = save_tiny_vae(options.pop("out"), **options)
     print(f"saved a tiny AutoencoderKL to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
