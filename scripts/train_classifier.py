@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from config import DEVICES, ConfigError, apply_schema, check, check_choice
+from config import DEVICES, ConfigError, check, check_choice, parse_keys
 from datasets import DATASET_INFO, DATASETS
 from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits
 from models import CLASSIFIERS, count_parameters
@@ -60,19 +58,8 @@ TRAINING_SPELLINGS = {"dataset.name": "dataset", "dataset.root": "root", "datase
 
 def parse_args(argv: list[str]) -> ClassifierTrainConfig:
     """`key=value` strings -> a checked config; unknown keys, wrong types and bad values fail with
-    the key named (the training config's messages, via config.apply_schema)."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith("="):
-            raise ConfigError(f"argument {arg!r} is not key=value; keys: "
-                              f"{', '.join(f.name for f in dataclasses.fields(ClassifierTrainConfig))}")
-    # The training commands' spellings of the dataset keys work here too.
-    argv = [TRAINING_SPELLINGS.get(arg.partition("=")[0], arg.partition("=")[0]) + "=" + arg.partition("=")[2]
-            for arg in argv]
-    try:
-        cfg = OmegaConf.from_dotlist(list(argv))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse arguments {argv}: {e}") from None
-    cfg = OmegaConf.to_object(apply_schema(cfg, ClassifierTrainConfig))
+    the key named (the training config's messages, via config.parse_keys)."""
+    cfg = parse_keys(argv, ClassifierTrainConfig, __doc__, spellings=TRAINING_SPELLINGS)
     cfg.dataset = DATASET_ALIASES.get(cfg.dataset, cfg.dataset)
     check(cfg.dataset is not None, "dataset", cfg.dataset, f"required; choose one of: {', '.join(IMAGE_DATASETS)}")
     check_choice("dataset", cfg.dataset, IMAGE_DATASETS)
