@@ -32,7 +32,15 @@ import torch.distributed as dist
 import checkpoint as ckpt
 import couplings
 from build import load_run
-from config import PairsConfig, apply_schema, compose, solver_overrides, to_plain, validate_pairs
+from config import (
+    PairsConfig,
+    apply_schema,
+    compose,
+    exit_on_help,
+    solver_overrides,
+    to_plain,
+    validate_pairs,
+)
 from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
 from sampling import NonFiniteSamplesError, sample_kwargs
 
@@ -132,7 +140,9 @@ class PairGeneration:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="pairs"), PairsConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, __doc__, ("keys (key=value; configs/pairs/pairs.yaml)", PairsConfig))
+    cfg = apply_schema(compose(argv, config_name="pairs"), PairsConfig)
     validate_pairs(cfg)
     runtime = setup_runtime(cfg.device)
     try:
