@@ -4,7 +4,7 @@ channels, 67k parameters) with save_pretrained, for CPU smoke runs and tests.
     uv run python scripts/make_tiny_vae.py out=runs/tiny_vae [scaling_factor=0.18215 shift_factor=null
         latent_channels=4 seed=0]
 
-Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `--vae runs/tiny_vae` in build_latent_cache.py,
+Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `vae=runs/tiny_vae` in build_latent_cache.py,
 `dataset.vae=runs/tiny_vae`. It is not a useful codec (random weights).
 """
 

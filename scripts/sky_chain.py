@@ -127,7 +127,7 @@ def train_run(stage: str, previous: str | None, preflight: bool) -> str:
         lines.append(f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1')
         init = [f'training.init.checkpoint="{_run_dir(previous)}"']
     if preflight:
-        lines.append('uv run python scripts/preflight_latent_cache.py "$CACHE_DIR/train" --quick || exit 1')
+        lines.append('uv run python scripts/preflight_latent_cache.py cache="$CACHE_DIR/train" quick=true || exit 1')
     args = ['experiment="$EXPERIMENT"', f'training.run_dir="{_run_dir(stage)}"', "training.resume=auto", *init,
             'dataset.path="$CACHE_DIR"', 'dataset.vae="$VAE"', "$EXTRA_OVERRIDES"]
     lines.append("exec uv run python scripts/launch_stage.py train.py " + " ".join(args))
@@ -151,8 +151,8 @@ def smoke_cache_run() -> str:
     return "\n".join([
         PATH_LINE,
         '[ -f "$DATA_ROOT/cache/train/manifest.json" ] || '
-        'uv run python scripts/build_latent_cache.py smoke --out "$DATA_ROOT" || exit 1',
-        'exec uv run python scripts/preflight_latent_cache.py "$DATA_ROOT/cache/train" --quick',
+        'uv run python scripts/build_latent_cache.py smoke out="$DATA_ROOT" || exit 1',
+        'exec uv run python scripts/preflight_latent_cache.py cache="$DATA_ROOT/cache/train" quick=true',
     ])
 
 
