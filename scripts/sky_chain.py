@@ -256,7 +256,7 @@ def load_dag(text: str, env_overrides: dict | None = None):
 
 
 def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = None) -> list[dict]:
-    """Each training stage's estimate from scripts/estimate_training_cost.py --json (a subprocess: scripts
+    """Each training stage's estimate from scripts/estimate_training_cost.py json=true (a subprocess: scripts
     do not import scripts), from the composed config's model, epochs and mask ratio."""
     from config import load_config, to_plain
 
@@ -270,11 +270,12 @@ def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = No
         model = to_plain(cfg.model)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             yaml.safe_dump(model, handle)
-        command = [sys.executable, str(ROOT / "scripts" / "estimate_training_cost.py"), handle.name,
-                   "--stage", f"{task['name']}:mask_ratio={model.get('mask_ratio', 0.0)},epochs={cfg.training.epochs}",
-                   "--gpus", str(gpus), "--json"]
+        stage = f"stages.{task['name']}"
+        command = [sys.executable, str(ROOT / "scripts" / "estimate_training_cost.py"), f"model={handle.name}",
+                   f"{stage}.mask_ratio={model.get('mask_ratio', 0.0)}", f"{stage}.epochs={cfg.training.epochs}",
+                   f"gpus={gpus}", "json=true"]
         if usd_per_gpu_hour is not None:
-            command += ["--usd-per-gpu-hour", str(usd_per_gpu_hour)]
+            command += [f"usd_per_gpu_hour={usd_per_gpu_hour}"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
         finally:
