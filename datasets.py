@@ -679,7 +679,7 @@ class LatentCacheDataset:
     every rank on a node), the process's own memory is the 8 B/sample label tensor plus one batch,
     whatever the cache size. vae / scaling_factor: refuse a cache encoded with another VAE.
     flip: serve each training sample from the flip twin (the encoded mirrored image; flipping a
-    latent is not the same thing) with probability 1/2; needs a cache built with --flip.
+    latent is not the same thing) with probability 1/2; needs a cache built with flip=true.
     verify: also run the O(size) checks at open (sha256 of every file, finite latents).
     The VAE binding is exposed as `vae_id`, `latent_scaling_factor`, `latent_shift_factor` and
     `image_size`, so samples can be decoded with `vae.SDVAE(dataset.vae_id)` (see `check_vae`).
@@ -694,7 +694,7 @@ class LatentCacheDataset:
         has_twin = manifest.get("flip") == "twin"
         if flip and not has_twin:
             problems.append(f"flip=true needs latents_flip.npy, but this cache has flip policy {manifest.get('flip')!r} "
-                            "(rebuild with --flip, or set the dataset's flip to false)")
+                            "(rebuild with flip=true, or set the dataset's flip to false)")
         if split is not None and split not in (self.root.name, manifest.get("split")):
             problems.append(f"split: this directory holds split {manifest.get('split')!r}, the run asked for {split!r}")
         if problems:

@@ -85,7 +85,7 @@ def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: in
         if previous.get("file_list_sha256") != settings["file_list_sha256"]:
             differ.append("the image folder's file list differs from the one the cache was started with")
         if differ:
-            raise LatentCacheError(f"build: {out_dir} was started with other settings; use a new --out or the "
+            raise LatentCacheError(f"build: {out_dir} was started with other settings; use a new out= or the "
                                    "same settings:\n  " + "\n  ".join(differ))
     else:
         _atomic_write_json(build_json, settings)

@@ -408,8 +408,8 @@ SFID_MODULE = "Mixed_6d.branch1x1"  # TF `mixed_6/conv` in torch-fidelity's modu
 
 class InceptionWeightsError(ConfigError):
     """The Inception weights file is missing or unreadable. A ConfigError: it comes from a setting
-    (training.inception_weights, inference/eval's inception_weights, --weights), so entry points report
-    it as one line."""
+    (training.inception_weights, inference/eval's inception_weights, build_reference_stats weights=), so entry
+    points report it as one line."""
 
 
 class ReferenceStatisticsError(ConfigError):
@@ -446,7 +446,8 @@ def file_sha256(path) -> str:
 
 def _weights_help() -> str:
     return (f"download {inception_weights_url()} (torch-fidelity's TF-2015 Inception-v3, file "
-            f"{inception_weights_filename()}) and pass metrics.inception_weights=PATH (scripts: --weights PATH), or put it at "
+            f"{inception_weights_filename()}) and pass training.inception_weights=PATH (inference.py, eval_imagenet.py: inception_weights=PATH; scripts: "
+            f"weights=PATH), or put it at "
             f"{default_inception_weights_path()} (the torch hub cache, where torch-fidelity looks)")
 
 
@@ -722,7 +723,7 @@ def load_reference_statistics(path, extractor: torch.nn.Module | None = None, ba
     path = Path(path)
     if not path.is_file():
         raise ReferenceStatisticsError(f"reference statistics {path} do not exist; build them with "
-                                       f"python scripts/build_reference_stats.py dataset=NAME split=train --out {path}")
+                                       f"python scripts/build_reference_stats.py dataset=NAME dataset.split=train out={path}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:

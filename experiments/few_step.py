@@ -2,8 +2,8 @@
 one-step distillation, each with the training seconds it cost. Writes experiments/few_step_<stage>.json
 and experiments/figures/few_step_<stage>.png and prints the markdown table (experiments/few_step.md).
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py moons
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py digits --epochs 30 --pairs 6000
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py stage=moons
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py stage=digits epochs=30 pairs=6000
 
 Every stage is one `train.py` / `scripts/generate_pairs.py` process on one thread, run one at a time and
 timed in CPU seconds (user + sys, start-up included; the wall time is recorded too, but on a shared
@@ -14,17 +14,19 @@ points (metrics.sliced_wasserstein). digits: accuracy and classifier-FD of 500 s
 under runs/classifiers/digits.safetensors.
 """
 
-import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from config import check, check_choice, parse_keys
+from runtime import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 NFES = (1, 2, 4, 8, 32)
 STAGES = {  # stage -> (teacher experiment, minibatch-OT experiment, reflow experiment, distill experiment)
@@ -117,15 +119,21 @@ def plot(stage: str, table: dict, key: str, path: Path) -> None:
     figure.savefig(path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES))
-    parser.add_argument("--out", default=None, help="run directory root (default runs/few_step/<stage>)")
-    parser.add_argument("--pairs", type=int, default=50_000, help="reflow pairs per round")
-    parser.add_argument("--epochs", type=int, default=None, help="digits: training.epochs of the teacher / OT runs")
-    parser.add_argument("--reflow-epochs", type=int, default=None, help="training.epochs of the reflow students")
-    parser.add_argument("--classifier", default="runs/classifiers/digits.safetensors")
-    args = parser.parse_args()
+@dataclass
+class FewStepConfig:
+    stage: str | None = None  # required: moons | digits
+    out: str | None = None  # run directory root (null: runs/few_step/<stage>)
+    pairs: int = 50_000  # reflow pairs per round
+    epochs: int | None = None  # digits: training.epochs of the teacher / OT runs
+    reflow_epochs: int | None = None  # training.epochs of the reflow students
+    classifier: str = "runs/classifiers/digits.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, FewStepConfig, __doc__)
+    check(args.stage is not None, "stage", args.stage, f"is required; choose one of: {', '.join(sorted(STAGES))}")
+    check_choice("stage", args.stage, sorted(STAGES))
+    check(args.pairs >= 1, "pairs", args.pairs, "must be >= 1")
     out = Path(args.out or f"runs/few_step/{args.stage}")
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
@@ -173,7 +181,8 @@ def main() -> None:
         cells = " | ".join(f"{row['nfe'][str(n)][k]:.4f}" for k in keys for n in NFES)
         print(f"| {name} | {row['seconds']:.0f} | {cells} |")
     print("\nstraightness (Euler x32): " + ", ".join(f"{n} {r['nfe']['32']['straightness']:.4f}" for n, r in table.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,7 +1,7 @@
 """Read throughput and process memory of the latent cache reader as the cache grows.
 
-    uv run python scripts/benchmark_latent_cache.py --path /tmp/lc_bench --count 1048576 \\
-        [--batch 256 --steps 300 --flip --cold --keep-mapped --advice auto|normal|random --delete]
+    uv run python scripts/benchmark_latent_cache.py path=/tmp/lc_bench count=1048576 \\
+        [batch=256 steps=300 flip=true cold=true keep_mapped=true advice=auto|normal|random delete=true]
 
 Writes a synthetic cache (N(0, 1) float16 latents [count, 4, 32, 32] = 8 KiB each, uniform labels,
 valid manifest; `build_latent_cache.write_synthetic_cache`, the same writer as `convert`) unless
@@ -11,28 +11,27 @@ seeded generator per batch for the flip coins). Prints one JSON line: batches/s,
 the process's memory from /proc/self/status before opening, after opening and after reading
 (VmRSS = RssAnon (private) + RssFile (mapped file pages) + RssShmem), plus the largest VmRSS seen.
 
---cold drops the cache files from the OS page cache first (posix_fadvise DONTNEED), so reads come
-from disk. --keep-mapped turns off the reader's unmapping of read pages after each batch (plain
-np.memmap behaviour). --advice overrides the reader's choice between the kernel's read-around
+cold=true drops the cache files from the OS page cache first (posix_fadvise DONTNEED), so reads come
+from disk. keep_mapped=true turns off the reader's unmapping of read pages after each batch (plain
+np.memmap behaviour). advice= overrides the reader's choice between the kernel's read-around
 (normal) and 4 KiB page faults (MADV_RANDOM), which it makes from cache size vs MemAvailable.
 """
 
-import argparse
 import json
 import mmap
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-import datasets  # noqa: E402
-from latent_cache import write_synthetic_cache  # noqa: E402
-from runtime import derive_seed, epoch_permutation  # noqa: E402
+import datasets
+from config import check, check_choice, parse_keys
+from latent_cache import write_synthetic_cache
+from runtime import derive_seed, epoch_permutation, run_main
 
 
 def memory_mib() -> dict:
@@ -55,18 +54,26 @@ def drop_from_page_cache(path: Path) -> None:
         os.close(fd)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--path", required=True, help="cache root; the split is PATH/train")
-    parser.add_argument("--count", type=int, required=True, help="latents in the cache (8 KiB each)")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--flip", action="store_true", help="write and serve the flip twin (2x the bytes)")
-    parser.add_argument("--cold", action="store_true", help="drop the cache files from the page cache first")
-    parser.add_argument("--keep-mapped", action="store_true", help="never unmap read pages (release_pages)")
-    parser.add_argument("--advice", default="auto", choices=("auto", "normal", "random"), help="madvise on the maps")
-    parser.add_argument("--delete", action="store_true", help="remove PATH afterwards")
-    args = parser.parse_args(argv)
+@dataclass
+class BenchCacheConfig:
+    path: str | None = None  # required: cache root; the split is PATH/train
+    count: int | None = None  # required: latents in the cache (8 KiB each)
+    batch: int = 256
+    steps: int = 300
+    flip: bool = False  # write and serve the flip twin (2x the bytes)
+    cold: bool = False  # drop the cache files from the page cache first
+    keep_mapped: bool = False  # never unmap read pages (release_pages)
+    advice: str = "auto"  # madvise on the maps: auto | normal | random
+    delete: bool = False  # remove PATH afterwards
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, BenchCacheConfig, __doc__)
+    check(bool(args.path), "path", args.path, "is required: the cache root, e.g. path=/tmp/lc_bench")
+    check(args.count is not None and args.count >= 2, "count", args.count, "is required: latents in the cache, >= 2")
+    check(1 <= args.batch <= args.count, "batch", args.batch, f"must be in [1, count = {args.count}]")
+    check(args.steps >= 1, "steps", args.steps, "must be >= 1")
+    check_choice("advice", args.advice, ("auto", "normal", "random"))
     torch.set_num_threads(1)
 
     split = Path(args.path) / "train"
@@ -119,4 +126,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(lambda argv: (main(argv), 0)[1])

@@ -15,45 +15,46 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from build import build_flow, build_model, load_run  # noqa: E402
-from config import load_config, resolve_solver  # noqa: E402
-from datasets import DATASET_INFO  # noqa: E402
-from runtime import run_main, select_device  # noqa: E402
-from sampling import FlowSampler, generate  # noqa: E402
-
-BENCH_KEYS = {"num_samples": 200, "batch": 128, "solver": None, "num_steps": None, "guidance_scale": None,
-              "device": "auto", "checkpoint": None, "repeats": 1}
+from build import build_flow, build_model, load_run
+from config import DEVICES, check, check_choice, load_config, parse_keys, resolve_solver
+from datasets import DATASET_INFO
+from runtime import run_main, select_device
+from sampling import FlowSampler, generate
 
 
-def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    options, overrides = dict(BENCH_KEYS), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in BENCH_KEYS:
-            options[key] = None if value in ("null", "") else value
-        else:
-            overrides.append(arg)
-    for key in ("num_samples", "batch", "num_steps", "repeats"):
-        if options[key] is not None:
-            options[key] = int(options[key])
-    if options["guidance_scale"] is not None:
-        options["guidance_scale"] = float(options["guidance_scale"])
+@dataclass
+class BenchSamplingConfig:
+    """The benchmark's own keys; every other key=value argument is a train.py override (the preset)."""
+
+    num_samples: int = 200  # timed samples per repeat
+    batch: int = 128  # samples per forward
+    solver: str | None = None  # the ODE method (null: the preset's or the checkpoint's)
+    num_steps: int | None = None
+    guidance_scale: float | None = None
+    device: str = "auto"
+    checkpoint: str | None = None  # time this checkpoint's EMA model (null: the preset's random init)
+    repeats: int = 1
+
+
+def parse(argv: list[str]) -> tuple[BenchSamplingConfig, list[str]]:
+    options, overrides = parse_keys(argv, BenchSamplingConfig, __doc__, passthrough=True)
+    for key in ("num_samples", "batch", "repeats"):
+        check(getattr(options, key) >= 1, key, getattr(options, key), "must be >= 1")
+    check_choice("device", options.device, DEVICES)
     return options, overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
     options, overrides = parse(sys.argv[1:] if argv is None else argv)
-    device = select_device(options["device"])
-    solver_overrides = {"method": options["solver"], "num_steps": options["num_steps"],
-                        "guidance_scale": options["guidance_scale"]}
-    if options["checkpoint"]:
-        run = load_run(options["checkpoint"], device, solver_overrides=solver_overrides)
+    device = select_device(options.device)
+    solver_overrides = {"method": options.solver, "num_steps": options.num_steps,
+                        "guidance_scale": options.guidance_scale}
+    if options.checkpoint:
+        run = load_run(options.checkpoint, device, solver_overrides=solver_overrides)
         sampler, solver, shape, name = run.sampler, run.solver, run.sample_shape, run.config.experiment
     else:
         cfg = load_config(overrides)
@@ -70,30 +71,30 @@ def main(argv: list[str] | None = None) -> dict:
     forward = sampler.model.forward
     sampler.model.forward = lambda x, *a, **k: (calls.append(x.shape[0]), forward(x, *a, **k))[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    generate(sampler, solver, shape, min(options["batch"], options["num_samples"]), device=device,
-             batch_size=options["batch"])  # warm-up: allocator pools, kernels, lazy init
+    generate(sampler, solver, shape, min(options.batch, options.num_samples), device=device,
+             batch_size=options.batch)  # warm-up: allocator pools, kernels, lazy init
     sync()
     calls.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
-    for _ in range(options["repeats"]):
-        generate(sampler, solver, shape, options["num_samples"], device=device, batch_size=options["batch"])
+    for _ in range(options.repeats):
+        generate(sampler, solver, shape, options.num_samples, device=device, batch_size=options.batch)
     sync()
-    seconds = (time.perf_counter() - start) / options["repeats"]
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / options["repeats"]
+    seconds = (time.perf_counter() - start) / options.repeats
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / options.repeats
     result = {
         "experiment": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
         "parameters": sum(p.numel() for p in sampler.model.parameters()),
         "solver": f"{solver.method} x{solver.num_steps}, guidance {solver.guidance_scale}",
-        "num_samples": options["num_samples"],
-        "batch": options["batch"],
+        "num_samples": options.num_samples,
+        "batch": options.batch,
         "seconds": seconds,
-        "images_per_s": options["num_samples"] / seconds,
-        "nfe_per_s": len(calls) / options["repeats"] / seconds,
-        "rows_per_s": sum(calls) / options["repeats"] / seconds,
+        "images_per_s": options.num_samples / seconds,
+        "nfe_per_s": len(calls) / options.repeats / seconds,
+        "rows_per_s": sum(calls) / options.repeats / seconds,
         "minor_page_faults": faults,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -19,39 +19,45 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from config import check, load_config, parse_keys
+from runtime import run_main, setup_runtime
+from trainer import Trainer
 
-from config import load_config  # noqa: E402
-from runtime import run_main, setup_runtime  # noqa: E402
-from trainer import Trainer  # noqa: E402
 
-BENCH_KEYS = {"steps": 50, "warmup": 10, "batch": None, "device": None, "compile": None, "amp": None,
-              "channels_last": None, "synthetic": True, "peak_tflops": None, "out": None, "profile": None}
+@dataclass
+class BenchTrainConfig:
+    """The benchmark's own keys; every other key=value argument is a train.py override."""
+
+    steps: int = 50  # timed steps
+    warmup: int = 10  # untimed steps first
+    batch: int | None = None  # training.batch_size (null: the preset's)
+    device: str | None = None  # device (null: the preset's)
+    compile: bool | None = None  # training.compile (null: the preset's)
+    amp: str | None = None  # training.amp: auto | bf16 | none (null: the preset's)
+    channels_last: bool | None = None  # training.channels_last (null: the preset's)
+    synthetic: bool = True  # random uint8 images of the preset's shape instead of the dataset
+    peak_tflops: float | None = None  # MFU's peak per GPU (null: the GPU's bf16 dense figure)
+    out: str | None = None  # also write the result JSON here
+    profile: str | None = None  # also write a torch.profiler table here (+ a chrome trace beside it)
+
+
 # bf16 dense tensor-core peaks (TFLOP/s) for MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 4090": 165.2, "RTX 4080": 97.5}
 
 
-def parse(argv: list[str]) -> tuple[dict, list[str]]:
-    options, overrides = dict(BENCH_KEYS), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in BENCH_KEYS:
-            options[key] = None if value in ("null", "None", "") else (
-                value.lower() == "true" if value.lower() in ("true", "false") else value)
-        else:
-            overrides.append(arg)
-    for key in ("steps", "warmup", "batch"):
-        if options[key] is not None:
-            options[key] = int(options[key])
-    if options["peak_tflops"] is not None:
-        options["peak_tflops"] = float(options["peak_tflops"])
+def parse(argv: list[str]) -> tuple[BenchTrainConfig, list[str]]:
+    """-> (the benchmark's keys, train.py overrides: the rest, plus the benchmark keys that set training keys)."""
+    options, overrides = parse_keys(argv, BenchTrainConfig, __doc__, passthrough=True)
+    check(options.steps >= 1, "steps", options.steps, "must be >= 1")
+    check(options.warmup >= 0, "warmup", options.warmup, "must be >= 0")
     mapping = {"batch": "training.batch_size", "device": "device", "compile": "training.compile",
                "amp": "training.amp", "channels_last": "training.channels_last"}
-    overrides += [f"{mapping[k]}={str(options[k]).lower()}" for k in mapping if options[k] is not None]
+    overrides += [f"{mapping[k]}={str(getattr(options, k)).lower()}" for k in mapping if getattr(options, k) is not None]
     return options, overrides
 
 
@@ -119,26 +125,26 @@ def main(argv: list[str] | None = None) -> dict:
                            "training.progress=false", f"training.max_steps={10**9}"])
         runtime = setup_runtime(cfg.device)
         dataset = None
-        if options["synthetic"] and cfg.dataset.name != "moons":
+        if options.synthetic and cfg.dataset.name != "moons":
             dataset = synthetic_like(cfg.dataset, runtime.device, cfg.model)
         trainer = Trainer(cfg, runtime, Path(run_dir), dataset=dataset)
         device = runtime.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        for _ in range(options["warmup"]):
+        for _ in range(options.warmup):
             trainer.train_step()
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
-        for _ in range(options["steps"]):
+        for _ in range(options.steps):
             trainer.train_step()
         sync()
-        seconds = (time.perf_counter() - start) / options["steps"]
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / options["steps"]
+        seconds = (time.perf_counter() - start) / options.steps
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / options.steps
         flops = step_flops(trainer)
-        if options["profile"]:
-            profile_steps(trainer, Path(options["profile"]), sync)
+        if options.profile:
+            profile_steps(trainer, Path(options.profile), sync)
         result = {
             "experiment": cfg.experiment,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
@@ -153,16 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
             "compile": trainer.forward_model is not trainer.model,
             "amp": str(trainer.amp_dtype),
             "channels_last": trainer.channels_last,
-            "synthetic_data": bool(options["synthetic"]) and cfg.dataset.name != "moons",
+            "synthetic_data": bool(options.synthetic) and cfg.dataset.name != "moons",
         }
-        peak = options["peak_tflops"]
+        peak = options.peak_tflops
         if peak is None and device.type == "cuda":
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in result["device"]), None)
         if peak:
             result["mfu"] = result["achieved_tflops"] / peak
         print(json.dumps(result, indent=2))
-        if options["out"]:
-            Path(options["out"]).write_text(json.dumps(result, indent=2))
+        if options.out:
+            Path(options.out).write_text(json.dumps(result, indent=2))
         return result
 
 

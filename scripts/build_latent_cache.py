@@ -1,22 +1,23 @@
 """Build an SD-VAE latent cache from an image folder: `build` shards, then `convert` them.
 
     # every rank/machine builds shards i with i % world == rank; rerun to resume (finished shards are skipped)
-    uv run python scripts/build_latent_cache.py build --images /data/imagenet/train \\
-        --out cache/imagenet256/train --vae sd_vae_ft_ema --flip --vae-dtype float16 \\
-        [--rank R --world W --shard-size 1024 --chunk-size 64 --workers 8 --max-shards K]
+    uv run python scripts/build_latent_cache.py build images=/data/imagenet/train \\
+        out=cache/imagenet256/train vae=sd_vae_ft_ema flip=true vae_dtype=float16 \\
+        [rank=R world=W shard_size=1024 chunk_size=64 workers=8 max_shards=K]
     # or one process per GPU on a node (RANK / WORLD_SIZE / LOCAL_RANK from torchrun; no process group)
-    uv run torchrun --nproc_per_node=8 scripts/build_latent_cache.py build --images ... --out ... --flip
+    uv run torchrun --nproc_per_node=8 scripts/build_latent_cache.py build images=... out=... flip=true
     # once, after all shards exist: latents.npy (+ latents_flip.npy), labels.npy, manifest.json
-    uv run python scripts/build_latent_cache.py convert --out cache/imagenet256/train [--delete-shards]
+    uv run python scripts/build_latent_cache.py convert out=cache/imagenet256/train [delete_shards=true]
     # tiny end-to-end data for the *_smoke presets: OUT/images (PNGs), OUT/vae (tiny AutoencoderKL), OUT/cache/train
-    uv run python scripts/build_latent_cache.py smoke --out runs/smoke
+    uv run python scripts/build_latent_cache.py smoke out=runs/smoke
     # a random cache of the real layout (benchmarks; no VAE, no images)
-    uv run python scripts/build_latent_cache.py synthetic --out /tmp/fake/train --count 100000
+    uv run python scripts/build_latent_cache.py synthetic out=/tmp/fake/train count=100000
 
-Images get ADM's centre crop to --image-size (default 256); latents are the posterior mean
-(deterministic), scaled by the VAE config's scaling/shift factors (see vae.py), stored as --dtype.
-Offline: pass --vae a local directory (`hf download stabilityai/sd-vae-ft-ema --local-dir DIR`)
-and --vae-id sd_vae_ft_ema so the cache records which VAE it is bound to.
+The first argument is the command; the rest are its key=value arguments (`--help` lists them).
+Images get ADM's centre crop to image_size (default 256); latents are the posterior mean
+(deterministic), scaled by the VAE config's scaling/shift factors (see vae.py), stored as dtype.
+Offline: pass vae= a local directory (`hf download stabilityai/sd-vae-ft-ema --local-dir DIR`)
+and vae_id=sd_vae_ft_ema so the cache records which VAE it is bound to.
 
 Layout of one split directory (the writer is latent_cache.py, the reader datasets.LatentCacheDataset):
   build.json               build settings; the first build run writes it, later runs and ranks must agree
@@ -25,72 +26,109 @@ Layout of one split directory (the writer is latent_cache.py, the reader dataset
 Shard i holds images [i * shard_size, (i + 1) * shard_size) of the sorted file list.
 """
 
-import argparse
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datasets import LATENT_DTYPES  # noqa: E402
-from latent_cache import build_shards, convert_shards, make_smoke_cache, shard_path, write_synthetic_cache  # noqa: E402
-
-
-def parse(argv):
-    env = os.environ
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="encode this rank's missing shards")
-    build.add_argument("--images", required=True, help="image folder: one sub-folder per class")
-    build.add_argument("--out", required=True, help="cache directory of this split, e.g. cache/imagenet256/train")
-    build.add_argument("--split", default=None, help="split name recorded in the manifest (default: --out's name)")
-    build.add_argument("--vae", default="sd_vae_ft_ema", help="preset, hub id or local directory to load")
-    build.add_argument("--vae-id", default=None, help="id recorded in the cache (default: --vae resolved)")
-    build.add_argument("--vae-subfolder", default=None)
-    build.add_argument("--image-size", type=int, default=256)
-    build.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
-    build.add_argument("--chunk-size", type=int, default=32, help="images per VAE forward pass")
-    build.add_argument("--flip", action="store_true", help="also store the horizontally flipped image's latents")
-    build.add_argument("--dtype", default="float16", choices=LATENT_DTYPES, help="stored latent dtype")
-    build.add_argument("--vae-dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    build.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if CUDA, else cpu)|cpu|cuda:N|mps")
-    build.add_argument("--rank", type=int, default=int(env.get("RANK", 0)), help="default: $RANK or 0")
-    build.add_argument("--world", type=int, default=int(env.get("WORLD_SIZE", 1)), help="default: $WORLD_SIZE or 1")
-    build.add_argument("--max-shards", type=int, default=None, help="stop after writing this many shards")
-    build.add_argument("--workers", type=int, default=4, help="image decoding threads (0: in the main thread)")
-    build.add_argument("--local-files-only", action="store_true", help="never contact the hub")
-    convert = sub.add_parser("convert", help="concatenate shards into memory-mapped arrays + manifest.json")
-    convert.add_argument("--out", required=True)
-    convert.add_argument("--delete-shards", action="store_true")
-    smoke = sub.add_parser("smoke", help="random PNGs + tiny VAE + their cache (make_smoke_cache), for *_smoke presets")
-    smoke.add_argument("--out", required=True, help="writes OUT/images, OUT/vae, OUT/cache/train")
-    smoke.add_argument("--num-classes", type=int, default=2)
-    smoke.add_argument("--images-per-class", type=int, default=4)
-    smoke.add_argument("--image-size", type=int, default=64)
-    smoke.add_argument("--no-flip", action="store_true")
-    synthetic = sub.add_parser("synthetic", help="a random cache of the real layout (benchmarks)")
-    synthetic.add_argument("--out", required=True)
-    synthetic.add_argument("--count", type=int, required=True)
-    synthetic.add_argument("--num-classes", type=int, default=1000)
-    synthetic.add_argument("--dtype", default="float16", choices=LATENT_DTYPES)
-    synthetic.add_argument("--flip", action="store_true")
-    return parser.parse_args(argv)
+from config import ConfigError, check, check_choice, exit_on_help, parse_keys
+from datasets import LATENT_DTYPES
+from latent_cache import build_shards, convert_shards, make_smoke_cache, shard_path, write_synthetic_cache
+from runtime import run_main
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
+@dataclass
+class BuildKeys:
+    images: str | None = None  # required: image folder, one sub-folder per class
+    out: str | None = None  # required: cache directory of this split, e.g. cache/imagenet256/train
+    split: str | None = None  # split name recorded in the manifest (null: out's name)
+    vae: str = "sd_vae_ft_ema"  # preset, hub id or local directory to load
+    vae_id: str | None = None  # id recorded in the cache (null: vae resolved)
+    vae_subfolder: str | None = None
+    image_size: int = 256
+    shard_size: int = 1024  # images per shard file
+    chunk_size: int = 32  # images per VAE forward pass
+    flip: bool = False  # also store the horizontally flipped image's latents
+    dtype: str = "float16"  # stored latent dtype
+    vae_dtype: str = "float32"  # float32 | float16 | bfloat16
+    device: str = "auto"  # auto (cuda:LOCAL_RANK if CUDA, else cpu) | cpu | cuda:N | mps
+    rank: int | None = None  # null: $RANK or 0
+    world: int | None = None  # null: $WORLD_SIZE or 1
+    max_shards: int | None = None  # stop after writing this many shards
+    workers: int = 4  # image decoding threads (0: in the main thread)
+    local_files_only: bool = False  # never contact the hub
+
+
+@dataclass
+class ConvertKeys:
+    out: str | None = None  # required: the split directory holding shards/
+    delete_shards: bool = False
+
+
+@dataclass
+class SmokeKeys:
+    out: str | None = None  # required: writes OUT/images, OUT/vae, OUT/cache/train
+    num_classes: int = 2
+    images_per_class: int = 4
+    image_size: int = 64
+    flip: bool = True
+
+
+@dataclass
+class SyntheticKeys:
+    out: str | None = None  # required: the split directory to write
+    count: int | None = None  # required: latents in the cache
+    num_classes: int = 1000
+    dtype: str = "float16"
+    flip: bool = False
+
+
+COMMANDS = {
+    "build": (BuildKeys, "encode this rank's missing shards"),
+    "convert": (ConvertKeys, "concatenate shards into memory-mapped arrays + manifest.json"),
+    "smoke": (SmokeKeys, "random PNGs + tiny VAE + their cache (make_smoke_cache), for *_smoke presets"),
+    "synthetic": (SyntheticKeys, "a random cache of the real layout (benchmarks)"),
+}
+
+
+def parse(argv: list[str]) -> tuple[str, object]:
+    """`COMMAND key=value ...` -> (command, its keys, typed and checked)."""
+    if not argv or argv[0] not in COMMANDS:
+        exit_on_help(argv, __doc__, *((f"{name} keys ({text})", schema) for name, (schema, text) in COMMANDS.items()))
+        given = argv[0] if argv else None
+        raise ConfigError(f"command = {given!r} is not allowed; the first argument is one of: {', '.join(COMMANDS)}")
+    command, (schema, text) = argv[0], COMMANDS[argv[0]]
+    args = parse_keys(argv[1:], schema, f"{command}: {text}")
+    check(bool(args.out), "out", args.out, "is required: the cache directory, e.g. out=cache/imagenet256/train")
+    if command == "build":
+        check(bool(args.images), "images", args.images, "is required: the image folder, one sub-folder per class")
+        check_choice("dtype", args.dtype, LATENT_DTYPES)
+        check_choice("vae_dtype", args.vae_dtype, ("float32", "float16", "bfloat16"))
+        args.rank = int(os.environ.get("RANK", 0)) if args.rank is None else args.rank
+        args.world = int(os.environ.get("WORLD_SIZE", 1)) if args.world is None else args.world
+        check(args.world >= 1, "world", args.world, "must be >= 1")
+        check(0 <= args.rank < args.world, "rank", args.rank, f"must be in [0, world = {args.world})")
+        for key in ("image_size", "shard_size", "chunk_size"):
+            check(getattr(args, key) >= 1, key, getattr(args, key), "must be >= 1")
+    if command == "synthetic":
+        check(args.count is not None and args.count >= 1, "count", args.count, "is required: latents in the cache, >= 1")
+        check_choice("dtype", args.dtype, LATENT_DTYPES)
+    return command, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, args = parse(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "convert":
+        if command == "convert":
             manifest = convert_shards(args.out, delete_shards=args.delete_shards)
             print(f"converted {manifest['count']} latents {manifest['latent_shape']} {manifest['dtype']} -> {args.out}")
             return 0
-        if args.command == "smoke":
+        if command == "smoke":
             made = make_smoke_cache(args.out, args.num_classes, args.images_per_class, args.image_size,
-                                    flip=not args.no_flip)
+                                    flip=args.flip)
             print(f"smoke cache: dataset.path={made['path']} dataset.split={made['split']} dataset.vae={made['vae']} "
                   f"(images: {made['images']})")
             return 0
-        if args.command == "synthetic":
+        if command == "synthetic":
             manifest = write_synthetic_cache(args.out, args.count, args.num_classes, dtype=args.dtype, flip=args.flip)
             size = sum(f["bytes"] for f in manifest["files"].values())
             print(f"wrote {manifest['count']} synthetic latents ({size / 2**30:.2f} GiB) -> {args.out}")
@@ -119,4 +157,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

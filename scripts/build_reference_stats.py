@@ -1,63 +1,62 @@
 """Inception reference statistics of real images (FID, sFID, KID, precision/recall) for metrics.inception_metrics.
 
-    python scripts/build_reference_stats.py dataset=cifar10 split=train --out stats/cifar10_train.npz
-    python scripts/build_reference_stats.py --images data/imagenet/train --image-size 256 --out stats/in256.npz
-    python scripts/build_reference_stats.py dataset=digits split=test --out /tmp/digits.npz --device cpu
+    python scripts/build_reference_stats.py dataset=cifar10 dataset.split=train out=stats/cifar10_train.npz
+    python scripts/build_reference_stats.py images=data/imagenet/train image_size=256 out=stats/in256.npz
+    python scripts/build_reference_stats.py dataset=digits dataset.split=test out=/tmp/digits.npz device=cpu
 
-The images: a dataset of the registry (`dataset=NAME` and its keys as key=value, e.g. `split=train`,
-`root=./data`, `download=false`; the CIFAR-10 protocol is the 50k train split), or any folder of
-images (`--images DIR`: datasets.load_imagefolder, ADM's centre crop to --image-size). Every image is
+The images: a dataset of the registry (`dataset=NAME` and its keys as dataset.KEY=VALUE, as in the
+training commands, e.g. `dataset.split=train`, `dataset.root=./data`, `dataset.download=false`; the
+CIFAR-10 protocol is the 50k train split), or any folder of images (`images=DIR`:
+datasets.load_imagefolder, ADM's centre crop to image_size). Every image is
 scored as its stored 8-bit pixels; grayscale is repeated to RGB. The output (.npz, see
 metrics.ReferenceStatistics.save) holds the pool-feature mean/covariance, the sFID statistics, up to
---features pool features (for KID and precision/recall), the image count, and the sha256 of the
+`features` pool features (for KID and precision/recall), the image count, and the sha256 of the
 Inception weights, so statistics from other weights are refused at load. Building twice gives
 byte-identical files (fixed order, no timestamps).
 
-Weights: torch-fidelity's TF-2015 Inception-v3 (see metrics.load_inception); `--weights PATH`, or the
+Weights: torch-fidelity's TF-2015 Inception-v3 (see metrics.load_inception); `weights=PATH`, or the
 torch hub cache where torch-fidelity keeps its download. Nothing is downloaded here.
 """
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import build  # noqa: E402
-import metrics  # noqa: E402
-from config import DEVICES, ConfigError  # noqa: E402
-from datasets import DATASETS, ImageFolderDataset, load_imagefolder  # noqa: E402
-from runtime import run_main, select_device  # noqa: E402
+import build
+import metrics
+from config import DEVICES, ConfigError, check, check_choice, parse_keys
+from datasets import DATASETS, ImageFolderDataset, load_imagefolder
+from runtime import run_main, select_device
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Inception reference statistics of a dataset split or an image folder (an .npz for "
-                    "metrics.load_reference_statistics).")
-    parser.add_argument("dataset", nargs="*", metavar="KEY=VALUE",
-                        help="dataset=NAME and its keys, e.g. dataset=cifar10 split=train root=./data")
-    parser.add_argument("--images", metavar="DIR", help="a folder of images (root/<class>/<image> or flat) "
-                        "instead of a dataset")
-    parser.add_argument("--image-size", type=int, default=256, help="--images: centre-crop size (default 256)")
-    parser.add_argument("--out", required=True, help="the .npz to write")
-    parser.add_argument("--weights", default=None, help="Inception weights (.pth); default: the torch hub cache")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--features", type=int, default=10000,
-                        help="pool features kept for KID / precision-recall: a fixed-seed subset of this many "
-                             "(default 10000, ADM's reference-batch size; 0 keeps none, -1 all)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a progress bar (default on)")
-    args = parser.parse_args(argv)
-    if bool(args.images) == bool(args.dataset):
-        parser.error("give either dataset=NAME [key=value ...] or --images DIR")
-    if args.batch_size < 1 or args.image_size < 1 or (args.limit is not None and args.limit < 2):
-        parser.error("--batch-size and --image-size must be >= 1, --limit >= 2")
+@dataclass
+class ReferenceStatsConfig:
+    out: str | None = None  # required: the .npz to write
+    dataset: dict[str, Any] | None = None  # dataset=NAME and its keys, e.g. dataset=cifar10 dataset.split=train
+    images: str | None = None  # a folder of images (root/<class>/<image> or flat) instead of a dataset
+    image_size: int = 256  # images=: centre-crop size
+    weights: str | None = None  # Inception weights (.pth); null: the torch hub cache
+    device: str = "auto"
+    batch_size: int = 100
+    features: int = 10000  # pool features kept for KID / precision-recall (ADM's 10000; 0 none, -1 all)
+    limit: int | None = None  # only the first N images (smoke tests)
+    progress: bool = True  # show a progress bar
+
+
+def parse_args(argv: list[str]) -> ReferenceStatsConfig:
+    args = parse_keys(argv, ReferenceStatsConfig, __doc__, named=("dataset",))
+    check(bool(args.out), "out", args.out, "is required: the .npz to write, e.g. out=stats/cifar10_train.npz")
+    check(bool(args.images) != bool(args.dataset), "images", args.images,
+          "give either dataset=NAME [dataset.KEY=VALUE ...] or images=DIR, not both")
+    check_choice("device", args.device, DEVICES)
+    for key in ("batch_size", "image_size"):
+        check(getattr(args, key) >= 1, key, getattr(args, key), "must be >= 1")
+    check(args.limit is None or args.limit >= 2, "limit", args.limit, "must be null or >= 2")
     return args
 
 
@@ -66,13 +65,10 @@ def open_images(args) -> tuple[object, str]:
     if args.images:
         return load_imagefolder("cpu", root=args.images, image_size=args.image_size), \
             f"images={args.images} image_size={args.image_size}"
-    try:
-        spec = build.parse_overrides(args.dataset)
-    except ValueError as e:
-        raise ConfigError(f"{e}; dataset arguments are key=value, e.g. dataset=cifar10 split=train") from None
-    if "dataset" not in spec:
-        raise ConfigError("dataset=NAME is required with dataset keys (or use --images DIR)")
-    name = spec.pop("dataset")
+    spec = dict(args.dataset)
+    if "name" not in spec:
+        raise ConfigError(f"dataset = {spec}: needs a name, dataset=NAME (or use images=DIR)")
+    name = spec.pop("name")
     if name not in DATASETS:
         raise ConfigError(f"dataset={name!r} is not a dataset; choose one of: {', '.join(DATASETS)}")
     try:
@@ -95,7 +91,7 @@ def image_batch(dataset, start: int, stop: int) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     device = select_device(args.device)
     extractor = metrics.load_inception(args.weights, device)
     dataset, source = open_images(args)

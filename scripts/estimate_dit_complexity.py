@@ -1,12 +1,13 @@
 """Parameters and compute of a DiT: total and token-average active parameters, forward MACs and FLOPs per
 image, and training FLOPs per image, for one or more mask ratios (masked pretraining / unmasked stages).
 
-    uv run python scripts/estimate_dit_complexity.py nanoflow_h1024_d20 --mask-ratio 0.75 0
-    uv run python scripts/estimate_dit_complexity.py configs/model/dit_xl2.yaml
-    uv run python scripts/estimate_dit_complexity.py class_cond_dit depth=4 hidden_size=64 num_heads=4 --json
+    uv run python scripts/estimate_dit_complexity.py model=nanoflow_h1024_d20 mask_ratio=[0.75,0]
+    uv run python scripts/estimate_dit_complexity.py model=configs/model/dit_xl2.yaml
+    uv run python scripts/estimate_dit_complexity.py model=class_cond_dit model.depth=4 model.hidden_size=64 \\
+        model.num_heads=4 json=true
 
 The model is a `models_dit.DIT_MODELS` name or a model config YAML (`name:` + constructor kwargs), with
-optional key=value overrides (values parsed as YAML: `mlp_ratio=[0.5,4.0]`). It is built on the meta
+optional constructor overrides as in the training commands: `model.KEY=VALUE` (`model.mlp_ratio=[0.5,4.0]`). It is built on the meta
 device, so even the 695M-parameter model costs no memory, and counted analytically from its layer shapes.
 
 Conventions (those of the write-up's figures, e.g. 14.45 G MACs -> 86.72 G train FLOPs per image):
@@ -20,17 +21,15 @@ so per image the experts cost c x T x (one expert's MACs per token), the token a
 c B T / E is an integer. tests/test_estimators.py checks all of this against torch's FlopCounterMode.
 """
 
-import argparse
 import json
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from build import build_meta_dit, parse_overrides  # noqa: E402
-from models_dit import complexity, forward_macs  # noqa: E402
+from build import build_meta_dit
+from config import ConfigError, check, parse_keys
+from models_dit import complexity, forward_macs
+from runtime import run_main
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -46,26 +45,47 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a models_dit.DIT_MODELS name or a model config YAML")
-    parser.add_argument("overrides", nargs="*", help="constructor key=value overrides")
-    parser.add_argument("--mask-ratio", type=float, nargs="+", default=None,
-                        help="stages to report (default: the model's mask_ratio, then 0 if that is > 0)")
-    parser.add_argument("--breakdown", action="store_true", help="also print MACs per part")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
-    args = parser.parse_args(argv)
+@dataclass
+class ComplexityConfig:
+    model: dict[str, Any] | None = None  # required: model=NAME|CONFIG.yaml [model.KEY=VALUE ...]
+    mask_ratio: Any = None  # a ratio or a list, e.g. [0.75,0] (null: the model's mask_ratio, then 0 if > 0)
+    breakdown: bool = False  # also print MACs per part
+    json: bool = False  # print JSON instead of a markdown table
 
-    model = build_meta_dit(args.model, parse_overrides(args.overrides))
-    ratios = args.mask_ratio
+
+def model_spec(key: str, spec: dict | None) -> tuple[str, dict, str]:
+    """model=NAME [model.KEY=VALUE ...] -> (name or YAML, constructor overrides, a title)."""
+    spec = dict(spec or {})
+    check("name" in spec, key, spec or None, "is required: model=NAME (models_dit.DIT_MODELS) or model=CONFIG.yaml, "
+          "plus model.KEY=VALUE overrides")
+    name = str(spec.pop("name"))
+    return name, spec, " ".join([name, *(f"{k}={v}" for k, v in spec.items())])
+
+
+def mask_ratios(value) -> list[float] | None:
+    ratios = value if isinstance(value, list) or value is None else [value]
+    check(ratios is None or (ratios and all(isinstance(r, (int, float)) and 0 <= r < 1 for r in ratios)), "mask_ratio",
+          value, "must be a ratio in [0, 1) or a list of them, e.g. [0.75,0]")
+    return None if ratios is None else [float(r) for r in ratios]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, ComplexityConfig, __doc__, named=("model",))
+    ratios = mask_ratios(args.mask_ratio)
+    name, overrides, title = model_spec("model", args.model)
+    try:
+        model = build_meta_dit(name, overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"model = {name!r}: {e}") from None
     if ratios is None:
         ratios = [model.mask_ratio, 0.0] if model.mask_ratio > 0 else [0.0]
     rows = [complexity(model, r) for r in ratios]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(markdown(rows, " ".join([args.model, *args.overrides])))
+    print(markdown(rows, title))
     if args.breakdown:
         for r in ratios:
             parts = forward_macs(model, r)
@@ -76,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

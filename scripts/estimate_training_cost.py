@@ -1,58 +1,79 @@
 """Training cost of a staged recipe: images, EFLOPs, throughput, GPU-hours and dollars per stage and in total.
 
     # the write-up's ImageNet-256 H1024 run, with its measured H100-hours per stage
-    uv run python scripts/estimate_training_cost.py nanoflow_h1024_d20 \\
-        --stage masked:mask_ratio=0.75,epochs=240,gpu_hours=41.8397 \\
-        --stage unmasked:mask_ratio=0,epochs=40,gpu_hours=21.9317
+    uv run python scripts/estimate_training_cost.py model=nanoflow_h1024_d20 \\
+        stages.masked.mask_ratio=0.75 stages.masked.epochs=240 stages.masked.gpu_hours=41.8397 \\
+        stages.unmasked.mask_ratio=0 stages.unmasked.epochs=40 stages.unmasked.gpu_hours=21.9317
 
     # a plan: the same recipe at an assumed 40 % MFU on H100s at $3.30/GPU-hour
-    uv run python scripts/estimate_training_cost.py nanoflow_h1024_d20 --mfu 0.4 \\
-        --stage masked:mask_ratio=0.75,epochs=240 --stage unmasked:mask_ratio=0,epochs=40
+    uv run python scripts/estimate_training_cost.py model=nanoflow_h1024_d20 mfu=0.4 \\
+        stages.masked.mask_ratio=0.75 stages.masked.epochs=240 stages.unmasked.mask_ratio=0 stages.unmasked.epochs=40
 
     # any model, from its training FLOPs per image (e.g. the latent U-Net's 16.4 G, 400 epochs)
-    uv run python scripts/estimate_training_cost.py --stage unet:train_gflops=16.4,epochs=400,gpu_hours=16.5
+    uv run python scripts/estimate_training_cost.py stages.unet.train_gflops=16.4 stages.unet.epochs=400 \\
+        stages.unet.gpu_hours=16.5
 
-A stage is NAME:key=value,... with keys
+The model is as in scripts/estimate_dit_complexity.py: model=NAME|CONFIG.yaml [model.KEY=VALUE ...].
+Stages run in the order given; stage NAME takes stages.NAME.KEY=VALUE with keys
   mask_ratio    deferred-masking ratio of the stage (DiT models; default 0)
-  epochs        passes over --images-per-epoch images (ImageNet-1k train: 1,281,167), or
+  epochs        passes over images_per_epoch images (ImageNet-1k train: 1,281,167), or
   images        images seen
   train_gflops  training GFLOPs per image; default: scripts/estimate_dit_complexity.py on the model
 and at most one measured speed: `gpu_hours` (GPU-hours the stage took), `images_per_s` (of the whole
-job, all --gpus together) or `benchmark` (a JSON file from `scripts/benchmark_train.py ... out=FILE`,
-measured on one GPU and scaled linearly to --gpus). Without one, the stage runs at --mfu of
---peak-tflops per GPU.
+job, all `gpus` together) or `benchmark` (a JSON file from `scripts/benchmark_train.py ... out=FILE`,
+measured on one GPU and scaled linearly to `gpus`). Without one, the stage runs at `mfu` of
+`peak_tflops` per GPU.
 Training FLOPs per image are 3 x forward (forward + backward), as in the estimator.
 """
 
-import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from build import build_meta_dit, parse_overrides  # noqa: E402
-from models_dit import complexity  # noqa: E402
+from build import build_meta_dit
+from config import ConfigError, check, parse_keys
+from models_dit import complexity
+from runtime import run_main
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM, bf16 tensor cores without sparsity
 STAGE_KEYS = {"mask_ratio", "epochs", "images", "train_gflops", "gpu_hours", "images_per_s", "benchmark"}
 
 
-def parse_stage(text: str) -> dict:
-    """'masked:mask_ratio=0.75,epochs=240' -> {'name': 'masked', 'mask_ratio': 0.75, 'epochs': 240}."""
-    name, _, rest = text.partition(":")
-    stage = {"name": name}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in STAGE_KEYS:
-            raise ValueError(f"stage {text!r}: {item!r} is not one of {sorted(STAGE_KEYS)}=value")
-        stage[key] = yaml.safe_load(value)
-    if ("epochs" in stage) == ("images" in stage):
-        raise ValueError(f"stage {text!r}: give exactly one of epochs= or images=")
-    if sum(key in stage for key in ("gpu_hours", "images_per_s", "benchmark")) > 1:
-        raise ValueError(f"stage {text!r}: give at most one of gpu_hours=, images_per_s= or benchmark=")
+@dataclass
+class StageKeys:
+    mask_ratio: float | None = None
+    epochs: float | None = None
+    images: int | None = None
+    train_gflops: float | None = None
+    gpu_hours: float | None = None
+    images_per_s: float | None = None
+    benchmark: str | None = None
+
+
+@dataclass
+class CostConfig:
+    model: dict[str, Any] | None = None  # model=NAME|CONFIG.yaml [model.KEY=VALUE ...] (omit with train_gflops)
+    stages: dict[str, StageKeys] = field(default_factory=dict)  # required: stages.NAME.KEY=VALUE (see above)
+    images_per_epoch: int = IMAGENET_TRAIN_IMAGES
+    gpus: int = 1  # GPUs the job runs on (wall-clock hours only)
+    mfu: float = 0.4  # assumed model-FLOP utilisation
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS  # per GPU
+    usd_per_gpu_hour: float = 3.30
+    json: bool = False  # print JSON instead of a markdown table
+
+
+def check_stage(name: str, keys: dict) -> dict:
+    """A stage's set keys ({'mask_ratio': 0.75, 'epochs': 240}) -> {'name': name, ...}, checked; a
+    `benchmark` file is read into its measured images/s per GPU."""
+    stage = {"name": name, **{k: v for k, v in keys.items() if v is not None}}
+    unknown = sorted(set(stage) - {"name"} - STAGE_KEYS)
+    check(not unknown, f"stages.{name}", keys, f"{', '.join(unknown)} is not one of: {', '.join(sorted(STAGE_KEYS))}")
+    check(("epochs" in stage) != ("images" in stage), f"stages.{name}", keys, "give exactly one of epochs or images")
+    check(sum(key in stage for key in ("gpu_hours", "images_per_s", "benchmark")) <= 1, f"stages.{name}", keys,
+          "give at most one of gpu_hours, images_per_s or benchmark")
     if "benchmark" in stage:  # a measured speed: scripts/benchmark_train.py ... out=FILE.json (one GPU)
         measured = json.loads(Path(str(stage.pop("benchmark"))).read_text())
         stage["images_per_s_per_gpu"] = float(measured["images_per_s"])
@@ -117,21 +138,21 @@ def markdown(rows: list[dict], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("model", nargs="?", help="DIT_MODELS name or model config YAML (omit with train_gflops=)")
-    parser.add_argument("overrides", nargs="*", help="model constructor key=value overrides")
-    parser.add_argument("--stage", action="append", required=True, help="NAME:key=value,... (repeatable)")
-    parser.add_argument("--images-per-epoch", type=int, default=IMAGENET_TRAIN_IMAGES)
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the job runs on (wall-clock hours only)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="per GPU")
-    parser.add_argument("--usd-per-gpu-hour", type=float, default=3.30)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-
-    stages = [parse_stage(s) for s in args.stage]
-    model = build_meta_dit(args.model, parse_overrides(args.overrides)) if args.model else None
+    args = parse_keys(sys.argv[1:] if argv is None else argv, CostConfig, __doc__, named=("model",))
+    check(bool(args.stages), "stages", None, "is required: stages.NAME.epochs=E (and the stage's other keys)")
+    stages = [check_stage(name, asdict(keys)) for name, keys in args.stages.items()]
+    title, model = "training cost", None
+    if args.model:
+        overrides = dict(args.model)
+        check("name" in overrides, "model", overrides, "needs a name: model=NAME|CONFIG.yaml [model.KEY=VALUE ...]")
+        name = str(overrides.pop("name"))
+        title = " ".join([name, *(f"{k}={v}" for k, v in overrides.items())])
+        try:
+            model = build_meta_dit(name, overrides)
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"model = {name!r}: {e}") from None
     rows = []
     for stage in stages:
         if "train_gflops" in stage:
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         elif model is not None:
             per_image = complexity(model, stage.get("mask_ratio", 0.0))["train_flops"]
         else:
-            parser.error(f"stage {stage['name']!r} needs train_gflops= when no model is given")
+            raise ConfigError(f"stages.{stage['name']} needs train_gflops when no model is given")
         rows.append(stage_cost(stage, per_image, images_per_epoch=args.images_per_epoch, gpus=args.gpus,
                                mfu=args.mfu, peak_tflops=args.peak_tflops,
                                usd_per_gpu_hour=args.usd_per_gpu_hour))
@@ -147,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        title = " ".join(filter(None, [args.model, *args.overrides])) or "training cost"
         print(markdown(rows, f"{title} (${args.usd_per_gpu_hour:.2f}/GPU-hour, peak {args.peak_tflops:g} "
                              f"TFLOP/s per GPU, {args.gpus} GPU{'s' if args.gpus > 1 else ''})"))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -26,17 +26,23 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-import checkpoint as ckpt  # noqa: E402
-import couplings  # noqa: E402
-from build import load_run  # noqa: E402
-from config import PairsConfig, apply_schema, compose, solver_overrides, to_plain, validate_pairs  # noqa: E402
-from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime  # noqa: E402
-from sampling import NonFiniteSamplesError, sample_kwargs  # noqa: E402
+import checkpoint as ckpt
+import couplings
+from build import load_run
+from config import (
+    PairsConfig,
+    apply_schema,
+    compose,
+    exit_on_help,
+    solver_overrides,
+    to_plain,
+    validate_pairs,
+)
+from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
+from sampling import NonFiniteSamplesError, sample_kwargs
 
 
 def chunk_inputs(chunk: int, rows: range, seed: int, shape, num_classes):
@@ -134,7 +140,9 @@ class PairGeneration:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="pairs"), PairsConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, __doc__, ("keys (key=value; configs/pairs/pairs.yaml)", PairsConfig))
+    cfg = apply_schema(compose(argv, config_name="pairs"), PairsConfig)
     validate_pairs(cfg)
     runtime = setup_runtime(cfg.device)
     try:

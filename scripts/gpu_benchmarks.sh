@@ -6,8 +6,9 @@
 #   bash scripts/gpu_benchmarks.sh OUT_DIR                      # on the GPU machine
 #   DRY_RUN=1 bash scripts/gpu_benchmarks.sh /tmp/gpu_dry       # here: CPU, 1 step, tiny batches
 #
-# Then: scripts/estimate_training_cost.py nanoflow_h1024_d20 --stage masked:mask_ratio=0.75,epochs=240,
-#   benchmark=OUT_DIR/h1024_masked80.json --stage unmasked:mask_ratio=0,epochs=40,benchmark=OUT_DIR/h1024_unmasked20.json
+# Then: scripts/estimate_training_cost.py model=nanoflow_h1024_d20 stages.masked.mask_ratio=0.75 stages.masked.epochs=240
+#   stages.masked.benchmark=OUT_DIR/h1024_masked80.json stages.unmasked.mask_ratio=0 stages.unmasked.epochs=40
+#   stages.unmasked.benchmark=OUT_DIR/h1024_unmasked20.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: gpu_benchmarks.sh OUT_DIR}"

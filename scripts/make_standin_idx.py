@@ -21,15 +21,26 @@ scripts/train_classifier.py). Used by the 28x28 recipe study in experiments/fash
 import math
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import check, check_choice, parse_keys
+from runtime import run_main
 
-KEYS = {"kind": None, "root": None, "n_train": 4000, "n_test": 1000, "seed": 0}
+KINDS = ("digits28", "shapes28")
+
+
+@dataclass
+class StandinConfig:
+    kind: str | None = None  # required: digits28 | shapes28
+    root: str | None = None  # required: writes ROOT/FashionMNIST/raw/
+    n_train: int = 4000
+    n_test: int = 1000
+    seed: int = 0
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -141,24 +152,23 @@ def make_shapes28(n_train: int, n_test: int, seed: int):
     return out
 
 
-def main(argv: list[str]) -> None:
-    cfg = dict(KEYS)
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in KEYS:
-            raise SystemExit(f"error: unknown key {key!r}; keys: {', '.join(KEYS)}")
-        cfg[key] = type(KEYS[key])(value) if KEYS[key] is not None else value
-    if cfg["kind"] not in ("digits28", "shapes28") or not cfg["root"]:
-        raise SystemExit("error: kind=digits28|shapes28 and root=DIR are required")
-    make = make_digits28 if cfg["kind"] == "digits28" else make_shapes28
-    (train_x, train_y), (test_x, test_y) = make(cfg["n_train"], cfg["n_test"], cfg["seed"])
-    raw = Path(cfg["root"]) / "FashionMNIST" / "raw"
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_keys(sys.argv[1:] if argv is None else argv, StandinConfig, __doc__)
+    check(cfg.kind is not None, "kind", cfg.kind, f"is required; choose one of: {', '.join(KINDS)}")
+    check_choice("kind", cfg.kind, KINDS)
+    check(bool(cfg.root), "root", cfg.root, "is required: the data root, e.g. root=data/standin_digits28")
+    for key in ("n_train", "n_test"):
+        check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
+    make = make_digits28 if cfg.kind == "digits28" else make_shapes28
+    (train_x, train_y), (test_x, test_y) = make(cfg.n_train, cfg.n_test, cfg.seed)
+    raw = Path(cfg.root) / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, x, y in (("train", train_x, train_y), ("t10k", test_x, test_y)):
         write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
-    print(f"{cfg['kind']}: {len(train_y)} train / {len(test_y)} test images [28, 28] -> {raw}")
+    print(f"{cfg.kind}: {len(train_y)} train / {len(test_y)} test images [28, 28] -> {raw}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

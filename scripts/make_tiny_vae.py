@@ -4,36 +4,36 @@ channels, 67k parameters) with save_pretrained, for CPU smoke runs and tests.
     uv run python scripts/make_tiny_vae.py out=runs/tiny_vae [scaling_factor=0.18215 shift_factor=null
         latent_channels=4 seed=0]
 
-Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `--vae runs/tiny_vae` in build_latent_cache.py,
+Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `vae=runs/tiny_vae` in build_latent_cache.py,
 `dataset.vae=runs/tiny_vae`. It is not a useful codec (random weights).
 """
 
 import sys
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vae import save_tiny_vae  # noqa: E402
-
-KEYS = {"out": None, "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4, "seed": 0}
-CASTS = {"out": str, "scaling_factor": float, "shift_factor": float, "latent_channels": int, "seed": int}
+from config import check, parse_keys
+from runtime import run_main
+from vae import save_tiny_vae
 
 
-def main(argv=None) -> int:
-    options = dict(KEYS)
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, _, value = arg.partition("=")
-        if key not in KEYS or not value:
-            print(f"error: expected key=value with key one of {', '.join(KEYS)}, got {arg!r}", file=sys.stderr)
-            return 1
-        options[key] = None if value in ("null", "None") else CASTS[key](value)
-    if options["out"] is None:
-        print("error: out=DIR is required", file=sys.stderr)
-        return 1
+@dataclass
+class TinyVAEConfig:
+    out: str | None = None  # required: the directory to write (config.json + safetensors)
+    scaling_factor: float = 0.18215  # recorded in the VAE config, as SD-VAE's
+    shift_factor: float | None = None
+    latent_channels: int = 4
+    seed: int = 0  # the random initialisation
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_keys(sys.argv[1:] if argv is None else argv, TinyVAEConfig, __doc__)
+    check(bool(cfg.out), "out", cfg.out, "is required: the directory to write, e.g. out=runs/tiny_vae")
+    check(cfg.latent_channels >= 1, "latent_channels", cfg.latent_channels, "must be >= 1")
+    options = asdict(cfg)
     path = save_tiny_vae(options.pop("out"), **options)
     print(f"saved a tiny AutoencoderKL to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,26 +1,26 @@
 """Check a latent cache before spending GPU hours on it; exit 1 with one line per problem.
 
-    uv run python scripts/preflight_latent_cache.py cache/imagenet256/train \\
-        [--vae sd_vae_ft_ema] [--scaling-factor 0.18215] [--quick]
+    uv run python scripts/preflight_latent_cache.py cache=cache/imagenet256/train \\
+        [vae=sd_vae_ft_ema] [scaling_factor=0.18215] [quick=true]
 
 Checks file sizes, shapes and dtypes against manifest.json, labels in [0, num_classes), the VAE
-binding (if --vae / --scaling-factor given), and unless --quick the O(size) scans: sha256 of every
+binding (if vae / scaling_factor given), and unless quick=true the O(size) scans: sha256 of every
 file and finite latents. Prints a summary: count, shapes, size, VAE, classes, latent mean/std.
 The training-time open (datasets.LatentCacheDataset) runs the same checks (the O(size) ones with
 dataset.verify=true) and reports problems in the same words.
 """
 
-import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from datasets import LatentCacheError, check_latent_cache  # noqa: E402
+from config import check, parse_keys
+from datasets import LatentCacheError, check_latent_cache
+from runtime import run_main
 
 
 def sample_rows(path: Path, count: int) -> np.ndarray:
@@ -53,13 +53,17 @@ def summary(root: Path, manifest: dict, seconds: float, sample: int = 4096) -> s
     ])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cache", help="a converted cache split directory (holds manifest.json)")
-    parser.add_argument("--vae", default=None, help="preset, hub id or local directory the cache must be bound to")
-    parser.add_argument("--scaling-factor", type=float, default=None, help="the VAE scaling factor the run uses")
-    parser.add_argument("--quick", action="store_true", help="skip the sha256 and finiteness scans")
-    args = parser.parse_args(argv)
+@dataclass
+class PreflightConfig:
+    cache: str | None = None  # required: a converted cache split directory (holds manifest.json)
+    vae: str | None = None  # preset, hub id or local directory the cache must be bound to
+    scaling_factor: float | None = None  # the VAE scaling factor the run uses
+    quick: bool = False  # skip the sha256 and finiteness scans
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, PreflightConfig, __doc__)
+    check(bool(args.cache), "cache", args.cache, "is required: the cache split directory, e.g. cache=cache/imagenet256/train")
     root = Path(args.cache)
     started = time.perf_counter()
     try:
@@ -77,4 +81,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

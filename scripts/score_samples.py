@@ -1,6 +1,6 @@
 """Score saved samples (inference.py's samples.npz) with one or more classifiers, without re-sampling.
 
-    python scripts/score_samples.py run=RUN_DIR classifiers=A.safetensors,B.safetensors samples=DIR1,DIR2 [out=FILE.jsonl]
+    python scripts/score_samples.py run=RUN_DIR classifiers=[A.safetensors,B.safetensors] samples=[DIR1,DIR2] [out=FILE.jsonl]
 
 The dataset (and so the held-out split the classifier-FD is taken against, and the train split behind
 the real-vs-real floor) is the run's own, read from RUN_DIR/config.yaml, exactly as `inference.py
@@ -11,29 +11,46 @@ classifier=...` does; the scores are the same `metrics.EvalClassifier.score` on 
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from omegaconf import OmegaConf
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from build import load_eval_classifier  # noqa: E402
-from datasets import uint8_to_model_space  # noqa: E402
+from build import load_eval_classifier
+from config import check, parse_keys
+from datasets import uint8_to_model_space
+from runtime import run_main
 
 
-def main(argv: list[str]) -> None:
-    args = dict(arg.partition("=")[::2] for arg in argv)
-    run, out = Path(args["run"]), args.get("out")
+@dataclass
+class ScoreConfig:
+    run: str | None = None  # required: the run whose dataset (RUN/config.yaml) the scores are taken against
+    classifiers: Any = None  # required: a classifier file, or a list: classifiers=[A.safetensors,B.safetensors]
+    samples: Any = None  # required: a directory holding samples.npz, or a list: samples=[DIR1,DIR2]
+    out: str | None = None  # also append the JSON lines to this file
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, ScoreConfig, __doc__)
+    check(bool(args.run), "run", args.run, "is required: the run directory the samples came from")
+    for key in ("classifiers", "samples"):
+        value = getattr(args, key)
+        value = [value] if isinstance(value, str) else value
+        check(bool(value) and all(isinstance(v, str) and "," not in v for v in value), key, getattr(args, key),
+              "is required: a path, or a list of paths in brackets, e.g. [A,B]")
+        setattr(args, key, value)
+    run, out = Path(args.run), args.out
     dataset_cfg = OmegaConf.load(run / "config.yaml").dataset
-    dirs = [Path(d) for d in args["samples"].split(",")]
+    dirs = [Path(d) for d in args.samples]
     loaded = {}
     for d in dirs:
         npz = np.load(d / "samples.npz")
         loaded[d] = (uint8_to_model_space(torch.from_numpy(npz["images"]).permute(0, 3, 1, 2)),
                      torch.from_numpy(npz["labels"]))
-    for path in args["classifiers"].split(","):
+    for path in args.classifiers:
         scorers = {}
         for d, (x, y) in loaded.items():
             if len(x) not in scorers:
@@ -44,7 +61,8 @@ def main(argv: list[str]) -> None:
             if out:
                 with open(out, "a") as f:
                     f.write(line + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

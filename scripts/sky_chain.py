@@ -127,7 +127,7 @@ def train_run(stage: str, previous: str | None, preflight: bool) -> str:
         lines.append(f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1')
         init = [f'training.init.checkpoint="{_run_dir(previous)}"']
     if preflight:
-        lines.append('uv run python scripts/preflight_latent_cache.py "$CACHE_DIR/train" --quick || exit 1')
+        lines.append('uv run python scripts/preflight_latent_cache.py cache="$CACHE_DIR/train" quick=true || exit 1')
     args = ['experiment="$EXPERIMENT"', f'training.run_dir="{_run_dir(stage)}"', "training.resume=auto", *init,
             'dataset.path="$CACHE_DIR"', 'dataset.vae="$VAE"', "$EXTRA_OVERRIDES"]
     lines.append("exec uv run python scripts/launch_stage.py train.py " + " ".join(args))
@@ -151,8 +151,8 @@ def smoke_cache_run() -> str:
     return "\n".join([
         PATH_LINE,
         '[ -f "$DATA_ROOT/cache/train/manifest.json" ] || '
-        'uv run python scripts/build_latent_cache.py smoke --out "$DATA_ROOT" || exit 1',
-        'exec uv run python scripts/preflight_latent_cache.py "$DATA_ROOT/cache/train" --quick',
+        'uv run python scripts/build_latent_cache.py smoke out="$DATA_ROOT" || exit 1',
+        'exec uv run python scripts/preflight_latent_cache.py cache="$DATA_ROOT/cache/train" quick=true',
     ])
 
 
@@ -256,9 +256,8 @@ def load_dag(text: str, env_overrides: dict | None = None):
 
 
 def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = None) -> list[dict]:
-    """Each training stage's estimate from scripts/estimate_training_cost.py --json (a subprocess: scripts
+    """Each training stage's estimate from scripts/estimate_training_cost.py json=true (a subprocess: scripts
     do not import scripts), from the composed config's model, epochs and mask ratio."""
-    sys.path.insert(0, str(ROOT))
     from config import load_config, to_plain
 
     rows = []
@@ -271,11 +270,12 @@ def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = No
         model = to_plain(cfg.model)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             yaml.safe_dump(model, handle)
-        command = [sys.executable, str(ROOT / "scripts" / "estimate_training_cost.py"), handle.name,
-                   "--stage", f"{task['name']}:mask_ratio={model.get('mask_ratio', 0.0)},epochs={cfg.training.epochs}",
-                   "--gpus", str(gpus), "--json"]
+        stage = f"stages.{task['name']}"
+        command = [sys.executable, str(ROOT / "scripts" / "estimate_training_cost.py"), f"model={handle.name}",
+                   f"{stage}.mask_ratio={model.get('mask_ratio', 0.0)}", f"{stage}.epochs={cfg.training.epochs}",
+                   f"gpus={gpus}", "json=true"]
         if usd_per_gpu_hour is not None:
-            command += ["--usd-per-gpu-hour", str(usd_per_gpu_hour)]
+            command += [f"usd_per_gpu_hour={usd_per_gpu_hour}"]
         try:
             result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
         finally:

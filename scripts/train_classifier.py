@@ -19,18 +19,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
-
-from config import DEVICES, ConfigError, apply_schema, check, check_choice  # noqa: E402
-from datasets import DATASET_INFO, DATASETS  # noqa: E402
-from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits  # noqa: E402
-from models import CLASSIFIERS, count_parameters  # noqa: E402
-from runtime import learning_rate, run_main, select_device  # noqa: E402
+from config import DEVICES, ConfigError, check, check_choice, parse_keys
+from datasets import DATASET_INFO, DATASETS
+from metrics import CLASSIFIER_FORMAT, class_accuracy, classifier_logits
+from models import CLASSIFIERS, count_parameters
+from runtime import learning_rate, run_main, select_device
 
 # datasets of images [C, H, W] (not moons)
 IMAGE_DATASETS = tuple(name for name in DATASETS if len(DATASET_INFO.get(name, {}).get("shape", ())) == 3)
@@ -62,19 +58,8 @@ TRAINING_SPELLINGS = {"dataset.name": "dataset", "dataset.root": "root", "datase
 
 def parse_args(argv: list[str]) -> ClassifierTrainConfig:
     """`key=value` strings -> a checked config; unknown keys, wrong types and bad values fail with
-    the key named (the training config's messages, via config.apply_schema)."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith("="):
-            raise ConfigError(f"argument {arg!r} is not key=value; keys: "
-                              f"{', '.join(f.name for f in dataclasses.fields(ClassifierTrainConfig))}")
-    # The training commands' spellings of the dataset keys work here too.
-    argv = [TRAINING_SPELLINGS.get(arg.partition("=")[0], arg.partition("=")[0]) + "=" + arg.partition("=")[2]
-            for arg in argv]
-    try:
-        cfg = OmegaConf.from_dotlist(list(argv))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse arguments {argv}: {e}") from None
-    cfg = OmegaConf.to_object(apply_schema(cfg, ClassifierTrainConfig))
+    the key named (the training config's messages, via config.parse_keys)."""
+    cfg = parse_keys(argv, ClassifierTrainConfig, __doc__, spellings=TRAINING_SPELLINGS)
     cfg.dataset = DATASET_ALIASES.get(cfg.dataset, cfg.dataset)
     check(cfg.dataset is not None, "dataset", cfg.dataset, f"required; choose one of: {', '.join(IMAGE_DATASETS)}")
     check_choice("dataset", cfg.dataset, IMAGE_DATASETS)

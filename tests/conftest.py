@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The suite runs tiny models on a 2-core machine, often beside other processes: one intra-op
 # thread avoids OpenMP oversubscription, which made small ops 10-50x slower here.

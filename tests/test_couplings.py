@@ -240,7 +240,7 @@ def test_inference_reports_straightness(teacher, tmp_path):
 @pytest.mark.slow  # trains a teacher and two reflow rounds: ~4 CPU-minutes
 def test_two_rectified_moons_needs_a_quarter_of_the_nfe(tmp_path):
     """The 2-rectified `moons` MLP at 2 Euler steps reaches a sliced W2 the independent-coupling model
-    needs >= 8 Euler steps for. Measured by experiments/few_step.py moons (50k pairs per round, SW2 of
+    needs >= 8 Euler steps for. Measured by experiments/few_step.py stage=moons (50k pairs per round, SW2 of
     4,000 samples): see experiments/few_step.md for the numbers; this test uses 20k pairs per round."""
     import metrics
     from build import build_dataset, load_run

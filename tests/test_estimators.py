@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import models
 import models_dit as md
 from build import build_meta_dit
+from config import ConfigError
 from conftest import ROOT, load_script
 
 complexity_script = load_script("estimate_dit_complexity")
@@ -103,8 +104,8 @@ def test_dit_compute_matches_the_paper(name):
 def test_cost_reproduces_the_write_up_h1024_run():
     with torch.device("meta"):
         model = md.DIT_MODELS[H1024]()
-    stages = [cost_script.parse_stage("masked:mask_ratio=0.75,epochs=240,gpu_hours=41.8397"),
-              cost_script.parse_stage("unmasked:mask_ratio=0,epochs=40,gpu_hours=21.9317")]
+    stages = [cost_script.check_stage("masked", {"mask_ratio": 0.75, "epochs": 240, "gpu_hours": 41.8397}),
+              cost_script.check_stage("unmasked", {"mask_ratio": 0, "epochs": 40, "gpu_hours": 21.9317})]
     rows = [cost_script.stage_cost(s, md.complexity(model, s["mask_ratio"])["train_flops"])
             for s in stages]
     total = cost_script.total_row(rows, cost_script.H100_BF16_DENSE_TFLOPS)
@@ -115,12 +116,12 @@ def test_cost_reproduces_the_write_up_h1024_run():
     assert total["tflops_per_gpu"] == pytest.approx(180, rel=0.01)  # "about 180 TFLOP/s"
     assert total["mfu"] == pytest.approx(0.18, abs=0.005)  # "about 18 % of bf16 dense peak"
     # From an assumed MFU instead of measured hours: 40 % MFU -> 41.3 EFLOPs / (0.4 x 989 TFLOP/s).
-    planned = cost_script.stage_cost(cost_script.parse_stage("all:epochs=1,train_gflops=100"), 100e9, mfu=0.4)
+    planned = cost_script.stage_cost(cost_script.check_stage("all", {"epochs": 1, "train_gflops": 100}), 100e9, mfu=0.4)
     assert planned["gpu_hours"] == pytest.approx(IMAGENET * 100e9 / (0.4 * 989e12) / 3600)
 
 
 def test_cost_reproduces_the_write_up_latent_unet_run():
-    row = cost_script.stage_cost(cost_script.parse_stage("unet:train_gflops=16.4,epochs=400,gpu_hours=16.5"),
+    row = cost_script.stage_cost(cost_script.check_stage("unet", {"train_gflops": 16.4, "epochs": 400, "gpu_hours": 16.5}),
                                  16.4e9)
     assert row["eflops"] == pytest.approx(8.4, rel=0.005) and row["usd"] == pytest.approx(54.45)
     # Our latent U-Net preset, counted by FlopCounterMode on the meta device: 16.1 G train FLOPs per
@@ -136,19 +137,26 @@ def test_cost_reproduces_the_write_up_latent_unet_run():
 
 
 def test_clis_print_tables_and_json(capsys):
-    assert complexity_script.main(["configs/model/dit_smoke.yaml", "--breakdown"]) == 0
+    assert complexity_script.main(["model=configs/model/dit_smoke.yaml", "breakdown=true"]) == 0
     out = capsys.readouterr().out
     assert "| 0.5 | 8 / 16 |" in out and "| 0 | 16 / 16 |" in out and "mixer_moe_experts" in out
-    assert complexity_script.main([H1024, "moe_weight=1.0", "--mask-ratio", "0.75", "--json"]) == 0
+    assert complexity_script.main([f"model={H1024}", "model.moe_weight=1.0", "mask_ratio=0.75", "json=true"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["mask_ratio"] == 0.75 and row["total_params"] > 695_120_720  # the override took effect
-    assert cost_script.main(["nanoflow_h1024_d20", "--stage", "masked:mask_ratio=0.75,epochs=240,gpu_hours=41.8397",
-                             "--stage", "unmasked:mask_ratio=0,epochs=40,gpu_hours=21.9317"]) == 0
+    assert cost_script.main(["model=nanoflow_h1024_d20", "stages.masked.mask_ratio=0.75", "stages.masked.epochs=240",
+                             "stages.masked.gpu_hours=41.8397", "stages.unmasked.mask_ratio=0",
+                             "stages.unmasked.epochs=40", "stages.unmasked.gpu_hours=21.9317"]) == 0
     out = capsys.readouterr().out
     assert "| total |" in out and "| 41.27 |" in out and "| 63.77 |" in out and "210.45" in out
-    with pytest.raises(ValueError, match="exactly one of epochs"):
-        cost_script.parse_stage("x:mask_ratio=0")
-    with pytest.raises(ValueError, match="not one of"):
-        cost_script.parse_stage("x:epochs=1,lr=3")
+    with pytest.raises(ConfigError, match="stages.x = .*: give exactly one of epochs or images"):
+        cost_script.main(["model=nanoflow_h1024_d20", "stages.x.mask_ratio=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'stages.x.lr'"):
+        cost_script.main(["stages.x.epochs=1", "stages.x.lr=3"])
+    with pytest.raises(ConfigError, match="stages.x needs train_gflops when no model is given"):
+        cost_script.main(["stages.x.epochs=1"])
+    with pytest.raises(ConfigError, match="mask_ratio = 2: must be a ratio in"):
+        complexity_script.main(["model=dit_smoke", "mask_ratio=2"])
+    with pytest.raises(ConfigError, match="'--json' is not key=value"):
+        complexity_script.main(["model=dit_s2", "--json"])
     with pytest.raises(ValueError, match="cannot be trained masked"):
         md.complexity(build_meta_dit("dit_s2"), 0.5)

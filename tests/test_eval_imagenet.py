@@ -81,7 +81,6 @@ def test_another_batch_size_gives_the_same_images_up_to_rounding(which, pixel_ru
 
 KILL_AFTER_TWO_CHUNKS = """
 import os, signal, sys
-sys.path.insert(0, ".")
 import eval_imagenet, runtime
 done = []
 original = eval_imagenet.Evaluation.sample_chunk
@@ -124,9 +123,9 @@ def digits_reference(tmp_path_factory, inception_weights):
     from conftest import load_script
 
     reference = tmp_path_factory.mktemp("reference") / "digits_test.npz"
-    assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "40", "--out",
-                                                      str(reference), "--weights", str(inception_weights),
-                                                      "--no-progress"]) == 0
+    assert load_script("build_reference_stats").main(["dataset=digits", "dataset.split=test", "limit=40",
+                                                      f"out={reference}", f"weights={inception_weights}",
+                                                      "progress=false"]) == 0
     return reference
 
 

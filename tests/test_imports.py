@@ -29,7 +29,7 @@ def is_entry_point(name: str) -> bool:
 
 def imports_of(tree: ast.Module, modules: set[str]) -> set[str]:
     """Project modules a file imports anywhere (top level or inside functions: a lazy import is still an
-    edge). Scripts put the repo root and scripts/ on sys.path, so `import x` may name scripts/x.py."""
+    edge). A script run as `python scripts/x.py` has scripts/ on sys.path, so `import x` may name scripts/x.py."""
     out = set()
     for node in ast.walk(tree):
         names = []

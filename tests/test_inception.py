@@ -237,10 +237,10 @@ def test_build_reference_stats_twice_gives_byte_identical_files(tmp_path, incept
     for i, image in enumerate(tiny_images(5, count=8).permute(0, 2, 3, 1).numpy()):
         Image.fromarray(image).save(folder / f"{i:02d}.png")
     script = load_script("build_reference_stats")
-    common = ["--images", str(folder), "--image-size", "16", "--weights", str(inception_weights), "--device", "cpu",
-              "--batch-size", "5", "--no-progress"]
-    assert script.main([*common, "--out", str(tmp_path / "one.npz")]) == 0
-    assert script.main([*common, "--out", str(tmp_path / "two.npz")]) == 0
+    common = [f"images={folder}", "image_size=16", f"weights={inception_weights}", "device=cpu",
+              "batch_size=5", "progress=false"]
+    assert script.main([*common, f"out={tmp_path / 'one.npz'}"]) == 0
+    assert script.main([*common, f"out={tmp_path / 'two.npz'}"]) == 0
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
     stats = metrics.load_reference_statistics(tmp_path / "one.npz", extractor)
     assert stats.count == 8 and stats.features.shape == (8, 2048) and stats.sfid_mu.shape == (2023,)
@@ -251,8 +251,8 @@ def test_build_reference_stats_from_a_dataset_split(tmp_path, inception_weights,
     """dataset=digits (bundled with scikit-learn, offline): grayscale 16 x 16, repeated to RGB."""
     script = load_script("build_reference_stats")
     out = tmp_path / "digits.npz"
-    assert script.main(["dataset=digits", "split=test", "--limit", "6", "--features", "4", "--out", str(out),
-                        "--weights", str(inception_weights), "--device", "cpu", "--no-progress"]) == 0
+    assert script.main(["dataset=digits", "dataset.split=test", "limit=6", "features=4", f"out={out}",
+                        f"weights={inception_weights}", "device=cpu", "progress=false"]) == 0
     stats = metrics.load_reference_statistics(out, extractor)
     assert stats.count == 6 and stats.features.shape == (4, 2048)
     assert stats.source == "dataset=digits split=test limit=6"
@@ -274,7 +274,7 @@ def test_missing_weights_error_names_the_file_the_url_and_where_to_put_it(tmp_pa
         metrics.load_inception(None)
     message = str(error.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in message and URL_INCEPTION_V3 in message
-    assert str(hub_path) in message and "metrics.inception_weights=PATH" in message
+    assert str(hub_path) in message and "training.inception_weights=PATH" in message
     assert isinstance(error.value, ConfigError)
     with pytest.raises(metrics.InceptionWeightsError, match=f"{tmp_path / 'nope.pth'} does not exist.*"
                                                             f"{URL_INCEPTION_V3}"):
@@ -282,7 +282,7 @@ def test_missing_weights_error_names_the_file_the_url_and_where_to_put_it(tmp_pa
     # an entry point reports it as one line and exit code 1
     script = load_script("build_reference_stats")
     with pytest.raises(SystemExit) as exit_info:
-        run_main(script.main, ["dataset=digits", "--out", str(tmp_path / "x.npz"), "--device", "cpu"])
+        run_main(script.main, ["dataset=digits", f"out={tmp_path / 'x.npz'}", "device=cpu"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: Inception weights file weights-inception-2015-12-05-6726825d.pth") and \
@@ -317,7 +317,7 @@ class _RunsAShellCommand:
 
 def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_path, inception_weights, capsys):
     """torch-fidelity unpickles its weights file with weights_only=False; given as inception_weights= (or
-    through the hub cache, fid_reference or build_reference_stats --weights) such a file ran its code."""
+    through the hub cache, fid_reference or build_reference_stats weights=) such a file ran its code."""
     from runtime import run_main
 
     marker = tmp_path / "code_ran"
@@ -329,8 +329,7 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_pat
     assert not marker.exists()
     script = load_script("build_reference_stats")
     with pytest.raises(SystemExit) as exit_info:
-        run_main(script.main, ["dataset=digits", "--out", str(tmp_path / "x.npz"), "--device", "cpu",
-                               "--weights", str(hostile)])
+        run_main(script.main, ["dataset=digits", f"out={tmp_path / 'x.npz'}", "device=cpu", f"weights={hostile}"])
     assert exit_info.value.code == 1 and not marker.exists()
     err = capsys.readouterr().err
     assert err.startswith(f"error: Inception weights file {hostile}") and err.count("\n") == 1, err
@@ -338,3 +337,19 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_pat
     hostile.write_bytes(b"\x80\x02not a checkpoint")
     with pytest.raises(metrics.InceptionWeightsError, match="not a tensor file"):
         metrics.load_inception(hostile)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dataset=digits"], "out = None: is required"),
+    (["out=x.npz"], "give either dataset=NAME"),
+    (["dataset=digits", "images=d", "out=x.npz"], "give either dataset=NAME"),
+    (["dataset=digits", "out=x.npz", "--limit", "3"], "argument '--limit' is not key=value"),
+    (["dataset=digits", "out=x.npz", "limit=1"], "limit = 1: must be null or >= 2"),
+    (["dataset=moons", "out=x.npz"], "dataset='moons' holds no 8-bit images"),
+    (["dataset=digits", "dataset.splits=test", "out=x.npz"], "dataset='digits': .*splits"),
+])
+def test_build_reference_stats_rejects_bad_arguments_naming_the_key(argv, message, tmp_path, monkeypatch, inception_weights):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_script("build_reference_stats").main([*argv, f"weights={inception_weights}", "device=cpu"])
+    assert not (tmp_path / "x.npz").exists()

@@ -19,6 +19,7 @@ from PIL import Image
 
 import datasets
 import latent_cache
+from config import ConfigError
 from conftest import ROOT, load_script
 
 SIZES = {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90), (37, 33)]}  # (W, H), odd on purpose
@@ -72,7 +73,7 @@ def cache(setup):
     second = latent_cache.build_shards(root / "images", out, counting, **common)
     assert second == {"written": [1, 2], "skipped": [0], "num_shards": 3}
     assert counting.encoded == 6 * 2  # each image (and its mirror) encoded exactly once
-    assert build.main(["convert", "--out", str(out)]) == 0
+    assert build.main(["convert", f"out={out}"]) == 0
     return out
 
 
@@ -80,16 +81,31 @@ def preflight(path, *args):
     """The preflight CLI in-process (a subprocess per call would re-import torch: ~2 s each)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = load_script("preflight_latent_cache").main([str(path), *args])
+        code = load_script("preflight_latent_cache").main([f"cache={path}", *args])
     return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def test_preflight_command_line(cache):
-    command = [sys.executable, str(ROOT / "scripts" / "preflight_latent_cache.py"), str(cache)]
-    result = subprocess.run([*command, "--vae", "org/tiny-vae"], capture_output=True, text=True)
+    command = [sys.executable, str(ROOT / "scripts" / "preflight_latent_cache.py"), f"cache={cache}"]
+    result = subprocess.run([*command, "vae=org/tiny-vae"], capture_output=True, text=True)
     assert result.returncode == 0 and f"latent cache {cache}: OK" in result.stdout, result.stderr
-    result = subprocess.run([*command, "--vae", "sd_vae_ft_ema", "--quick"], capture_output=True, text=True)
+    result = subprocess.run([*command, "vae=sd_vae_ft_ema", "quick=true"], capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.count("problem:") == 1 and "vae_id" in result.stderr
+    result = subprocess.run([*command, "--scaling-factor", "0.2"], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.startswith("error: argument '--scaling-factor' is not key=value")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "out=x"], "images = None: is required"),
+    (["build", "images=x", "out=x", "shard-size=3"], "unknown config key 'shard-size'.*shard_size"),
+    (["build", "images=x", "out=x", "dtype=int8"], "dtype = 'int8' is not allowed; choose one of: float16"),
+    (["build", "images=x", "out=x", "rank=2", "world=2"], r"rank = 2: must be in \[0, world = 2\)"),
+    (["synthetic", "out=x"], "count = None: is required"),
+    (["--out", "x"], "command = '--out' is not allowed; the first argument is one of: build, convert, smoke, synthetic"),
+])
+def test_build_command_line_rejects_bad_arguments(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        build.main(argv)
 
 
 def test_manifest_preflight_and_dataset(setup, cache):
@@ -101,7 +117,7 @@ def test_manifest_preflight_and_dataset(setup, cache):
     assert manifest["split"] == "train" and manifest["crop"] == "adm_center_crop" and manifest["num_classes"] == 2
     assert manifest["class_names"] == ["cat", "dog"] and set(manifest["files"]) == {"latents.npy", "latents_flip.npy", "labels.npy"}
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"].values())
-    result = preflight(cache, "--vae", "org/tiny-vae", "--scaling-factor", "0.18215")
+    result = preflight(cache, "vae=org/tiny-vae", "scaling_factor=0.18215")
     assert result.returncode == 0, result.stderr
     assert "count 6" in result.stdout and "org/tiny-vae" in result.stdout and "flip twin" in result.stdout
 
@@ -153,7 +169,7 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
     with pytest.raises(datasets.LatentCacheError, match="shard_size: cache has 2, this run 3"):
         latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
     assert latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
-    assert build.main(["convert", "--out", str(out), "--delete-shards"]) == 0
+    assert build.main(["convert", f"out={out}", "delete_shards=true"]) == 0
     assert not list((out / "shards").iterdir())
     data = datasets.LatentCacheDataset(out)
     assert data.latents.dtype == np.float32 and not data.flip and data.y.tolist() == [0, 0, 0, 1, 1, 1]
@@ -175,7 +191,7 @@ def test_smoke_cache_in_one_call(tmp_path):
     folder = datasets.build_dataset("imagefolder", "cpu", root=str(made["images"]), image_size=32)
     assert len(folder) == 6 and folder.num_classes == 3
     # The CLI the *_smoke presets name; rerunning into the same directory starts over.
-    assert build.main(["smoke", "--out", str(tmp_path / "smoke"), "--images-per-class", "3", "--image-size", "16"]) == 0
+    assert build.main(["smoke", f"out={tmp_path / 'smoke'}", "images_per_class=3", "image_size=16"]) == 0
     again = datasets.load_latent_cache(path=str(made["path"]), vae=made["vae"])
     assert len(again) == 6 and again.sample_shape == (4, 2, 2) and again.num_classes == 2
 
@@ -277,7 +293,7 @@ def test_damaged_cache_fails_preflight_and_open(cache, tmp_path, kind, message, 
 
 
 def test_wrong_vae_binding_and_missing_manifest(cache, tmp_path):
-    result = preflight(cache, "--vae", "sd_vae_ft_mse", "--scaling-factor", "0.13025")
+    result = preflight(cache, "vae=sd_vae_ft_mse", "scaling_factor=0.13025")
     assert result.returncode == 1
     assert "vae_id: cache was encoded with 'org/tiny-vae', the run expects 'stabilityai/sd-vae-ft-mse'" in result.stderr
     assert "vae_scaling_factor: cache has 0.18215" in result.stderr and "has 0.13025" in result.stderr

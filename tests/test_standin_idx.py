@@ -1,16 +1,15 @@
 """scripts/make_standin_idx.py: the 28x28 stand-in data sets load through the real Fashion-MNIST loader."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import datasets
+from conftest import load_script
 
-import make_standin_idx  # noqa: E402
-
-import datasets  # noqa: E402
+make_standin_idx = load_script("make_standin_idx")
 
 
 def test_standin_sets_load_through_the_fashion_loader(tmp_path):
@@ -29,3 +28,13 @@ def test_standin_sets_load_through_the_fashion_loader(tmp_path):
     make_standin_idx.main(["kind=digits28", f"root={again}", "n_train=30", "n_test=20", "seed=3"])
     raw = Path("FashionMNIST") / "raw" / "train-images-idx3-ubyte"
     assert (again / raw).read_bytes() == (tmp_path / "digits28" / raw).read_bytes()
+
+
+def test_bad_keys_are_one_error_naming_the_key(tmp_path):
+    from config import ConfigError
+
+    with pytest.raises(ConfigError, match="kind = 'circles' is not allowed; choose one of: digits28, shapes28"):
+        make_standin_idx.main(["kind=circles", f"root={tmp_path}"])
+    with pytest.raises(ConfigError, match="unknown config key 'n'"):
+        make_standin_idx.main(["kind=digits28", f"root={tmp_path}", "n=3"])
+    assert list(tmp_path.iterdir()) == []

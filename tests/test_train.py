@@ -193,7 +193,6 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
 # Dies by SIGKILL inside the save of step 40, after the weights are written but before the manifest.
 KILL_MID_SAVE = """
 import os, signal, sys
-sys.path.insert(0, ".")
 import checkpoint
 original = checkpoint._write_manifest
 def dying(directory, step, names, meta):
@@ -325,9 +324,9 @@ def test_training_logs_fid_n_against_a_reference(tmp_path, inception_weights):
     import json
 
     reference = tmp_path / "digits_test.npz"
-    assert load_script("build_reference_stats").main(["dataset=digits", "split=test", "--limit", "30", "--out",
-                                                      str(reference), "--weights", str(inception_weights),
-                                                      "--no-progress"]) == 0
+    assert load_script("build_reference_stats").main(["dataset=digits", "dataset.split=test", "limit=30",
+                                                      f"out={reference}", f"weights={inception_weights}",
+                                                      "progress=false"]) == 0
     run_dir = tmp_path / "run"
     assert run_train(run_dir, "experiment=digits_cfg", "model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16",
                      "training.max_steps=4", "training.eval_every=2", "training.num_eval_samples=20",

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from config import ConfigError
 from conftest import ROOT
 
 
@@ -95,7 +96,13 @@ def test_make_tiny_vae_script(tmp_path, capsys):
     spec.loader.exec_module(script)
     out = tmp_path / "v"
     assert script.main([f"out={out}", "scaling_factor=0.5"]) == 0
-    assert script.main(["scale=2"]) == 1 and "key one of out, scaling_factor" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="unknown config key 'scale'; allowed keys under '<root>': out, scaling_factor"):
+        script.main(["scale=2"])
+    with pytest.raises(ConfigError, match="out = None: is required"):
+        script.main(["seed=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0 and "latent_channels: int = 4" in capsys.readouterr().out
     assert (out / "config.json").is_file() and '"scaling_factor": 0.5' in (out / "config.json").read_text()
 
 

@@ -15,15 +15,15 @@ experiment.md, with the anchor as the reward's class term and the judge as the e
 import itertools
 import math
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from datasets import load_fashion_mnist, uint8_to_model_space  # noqa: E402
-from metrics import classifier_logits, constant_image_bits_per_pixel, jpeg_bits_per_pixel, load_classifier  # noqa: E402
+from config import check, parse_keys
+from datasets import load_fashion_mnist, uint8_to_model_space
+from metrics import classifier_logits, constant_image_bits_per_pixel, jpeg_bits_per_pixel, load_classifier
+from runtime import run_main
 
 SCALES, SQUEEZES, CONTRASTS, BLURS, THRESHOLDS = (1, 0.85, 0.7), (1, 0.75, 0.55), (1, 0.6, 0.4, 0.3), (0, 1), (0, 0.15)
 TAUS = (0.5, 0.8, 0.9, 0.95, 0.99)
@@ -76,6 +76,22 @@ def main(root: str, anchor_path: str, judge_path: str, n: int) -> None:
               f"{judged[choice, rows].mean().item():.3f} |")
 
 
+@dataclass
+class TransformsConfig:
+    root: str | None = None  # required: the stand-in data root (scripts/make_standin_idx.py root=)
+    anchor: str | None = None  # required: the anchor classifier (.safetensors)
+    judge: str | None = None  # required: the judge classifier (.safetensors)
+    n: int = 500  # held-out images
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, TransformsConfig, __doc__)
+    for key in ("root", "anchor", "judge"):
+        check(bool(getattr(args, key)), key, getattr(args, key), "is required")
+    check(args.n >= 1, "n", args.n, "must be >= 1")
+    main(args.root, args.anchor, args.judge, args.n)
+    return 0
+
+
 if __name__ == "__main__":
-    args = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    main(args["root"], args["anchor"], args["judge"], int(args.get("n", 500)))
+    run_main(cli)

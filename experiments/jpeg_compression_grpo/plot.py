@@ -1,6 +1,6 @@
 """Figures and table of the digits JPEG-GRPO sweep (sweep.sh) for experiment.md.
 
-    uv run python experiments/jpeg_compression_grpo/plot.py [SWEEP_DIR=runs/grpo_sweep] [best=RUN@ITERATION]
+    uv run python experiments/jpeg_compression_grpo/plot.py [sweep_dir=runs/grpo_sweep] [best=RUN@ITERATION]
         [measure=payload|total] [tag=SUFFIX]
 
 Reads every run's metrics.jsonl. Every evaluation (same labels and noise each time, the seed's ODE
@@ -15,6 +15,7 @@ table of every run's evaluations.
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -87,7 +88,6 @@ def before_after(run_dir: Path, iteration: int | None, tag: str = "") -> None:
     """Seed | post-trained ODE samples from the same noise, 5 per digit."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     import checkpoint
     from build import load_run
     from figures import close_figure, comparison_figure
@@ -106,7 +106,23 @@ def before_after(run_dir: Path, iteration: int | None, tag: str = "") -> None:
     close_figure(figure)
 
 
+@dataclass
+class PlotConfig:
+    sweep_dir: str = "runs/grpo_sweep"  # the sweep's run directories (each with metrics.jsonl)
+    best: str | None = None  # RUN@ITERATION to mark, e.g. combined_kl0@200
+    measure: str = "payload"  # payload | total (JPEG bits per pixel with or without the constant image's)
+    tag: str = ""  # suffix of the figure files
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from config import parse_keys
+
+    args = parse_keys(sys.argv[1:] if argv is None else argv, PlotConfig, __doc__)
+    main(Path(args.sweep_dir), args.best, args.measure, args.tag)
+    return 0
+
+
 if __name__ == "__main__":
-    args = dict(arg.split("=", 1) for arg in sys.argv[1:])
-    main(Path(args.get("SWEEP_DIR", "runs/grpo_sweep")), args.get("best"), args.get("measure", "payload"),
-         args.get("tag", ""))
+    from runtime import run_main
+
+    run_main(cli)
