@@ -200,8 +200,10 @@ class Trainer:
         if self.runtime.distributed:
             dist.barrier()
 
-    def resume(self, run: Run) -> None:
-        """Fresh start, or continue from training.resume (auto | PATH). Never overwrites a run."""
+    def resume(self, run: Run | None = None) -> None:
+        """Fresh start, or continue from training.resume (auto | PATH). Never overwrites a run. run: the
+        open run directory (fit's); None reads the decision without holding it (tests, tools)."""
+        run = Run(self.run_dir, self.runtime) if run is None else run
         source = run.checkpoint_to_resume(self.cfg.training.resume, self.cfg.training.start_over)
         if source is None:
             self.initialize()
