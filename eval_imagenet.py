@@ -194,23 +194,23 @@ class Evaluation:
     def score(self, settings: dict, seconds: float) -> dict:
         from tqdm import tqdm
 
-        import metrics
+        import inception
 
-        extractor = metrics.load_inception(self.cfg.inception_weights, self.runtime.device)
-        reference = metrics.load_reference_statistics(self.cfg.reference, extractor)
+        extractor = inception.load_inception(self.cfg.inception_weights, self.runtime.device)
+        reference = inception.load_reference_statistics(self.cfg.reference, extractor)
         reference.check_extractor(extractor)
         # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once.
         parts = []
         with tqdm(total=self.cfg.num_samples, desc="inception features", unit="img", dynamic_ncols=True,
                   disable=None) as bar:
             for images in self.iter_images():
-                parts.append(metrics.inception_features(extractor, images))
+                parts.append(inception.inception_features(extractor, images))
                 bar.update(len(images))
         features = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        values = metrics.inception_metrics_from_features(features, reference, is_splits=min(10, self.cfg.num_samples),
-                                                         device=self.runtime.device)
+        values = inception.inception_metrics_from_features(features, reference, is_splits=min(10, self.cfg.num_samples),
+                                                           device=self.runtime.device)
         protocol = {**settings, "reference": str(self.cfg.reference), "reference_count": reference.count,
-                    "extractor": f"torch-fidelity {metrics.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
+                    "extractor": f"torch-fidelity {inception.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
                     "extractor_sha256": extractor.weights_sha256, "world_size": self.runtime.world_size,
                     "nfe_per_sample_rank0": self.forwards_per_sample(), "sampling_seconds": seconds}
         result = {"metrics": values, "protocol": protocol}

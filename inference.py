@@ -20,13 +20,13 @@ from vae import latent_decoder
 
 def inception_scores(samples, cfg, device) -> dict:
     """FID / IS / KID / precision-recall of the saved 8-bit samples against cfg.fid_reference."""
-    import metrics
+    import inception
     from datasets import model_space_to_uint8
 
-    extractor = metrics.load_inception(cfg.inception_weights, device)
-    reference = metrics.load_reference_statistics(cfg.fid_reference, extractor)
-    values = metrics.inception_metrics(extractor, model_space_to_uint8(samples), reference,
-                                      is_splits=min(10, len(samples)), progress=True)
+    extractor = inception.load_inception(cfg.inception_weights, device)
+    reference = inception.load_reference_statistics(cfg.fid_reference, extractor)
+    values = inception.inception_metrics(extractor, model_space_to_uint8(samples), reference,
+                                        is_splits=min(10, len(samples)), progress=True)
     return {f"inception/{k}": v for k, v in values.items()} | {"inception/num_samples": len(samples)}
 
 

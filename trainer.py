@@ -475,7 +475,7 @@ class Trainer:
     def inception_metrics(self, sampler) -> dict[str, float]:
         """FID / IS (and KID, precision/recall when the reference keeps features) of fid_samples fresh
         samples, named for the count: fid_5k is FID-5k, biased upwards against FID-50k."""
-        import metrics
+        import inception
         from datasets import model_space_to_uint8
         from sampling import generate
 
@@ -485,8 +485,8 @@ class Trainer:
                               device=self.runtime.device)
         if self.decode_latents is not None:
             samples = torch.cat([self.decode_latents(part) for part in samples.split(64)])
-        values = metrics.inception_metrics(extractor, model_space_to_uint8(samples), reference,
-                                           is_splits=min(10, len(samples)))
+        values = inception.inception_metrics(extractor, model_space_to_uint8(samples), reference,
+                                             is_splits=min(10, len(samples)))
         tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)
         return {f"{key}_{tag}": value for key, value in values.items()}
 
@@ -511,10 +511,10 @@ class Trainer:
             return
         self.decode_latents = latent_decoder(getattr(self.dataset, "vae_id", None), self.runtime.device)
         if self.cfg.training.fid_reference:  # loaded now, so a wrong path fails before training
-            import metrics
+            import inception
 
-            extractor = metrics.load_inception(self.cfg.training.inception_weights, self.runtime.device)
-            reference = metrics.load_reference_statistics(self.cfg.training.fid_reference, extractor)
+            extractor = inception.load_inception(self.cfg.training.inception_weights, self.runtime.device)
+            reference = inception.load_reference_statistics(self.cfg.training.fid_reference, extractor)
             reference.check_extractor(extractor)
             self.fid = (extractor, reference)
         if self.cfg.training.classifier:

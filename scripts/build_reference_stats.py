@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import build  # noqa: E402
-import metrics  # noqa: E402
+import inception  # noqa: E402
 from config import DEVICES, ConfigError  # noqa: E402
 from datasets import DATASETS, ImageFolderDataset, load_imagefolder  # noqa: E402
 from runtime import run_main, select_device  # noqa: E402
@@ -97,7 +97,7 @@ def image_batch(dataset, start: int, stop: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = select_device(args.device)
-    extractor = metrics.load_inception(args.weights, device)
+    extractor = inception.load_inception(args.weights, device)
     dataset, source = open_images(args)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if count < 2:
@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=count, desc="inception features", unit="img", disable=not args.progress) as bar:
         for start in range(0, count, args.batch_size):
             stop = min(start + args.batch_size, count)
-            for key, value in metrics.inception_features(extractor, image_batch(dataset, start, stop),
-                                                         args.batch_size).items():
+            for key, value in inception.inception_features(extractor, image_batch(dataset, start, stop),
+                                                           args.batch_size).items():
                 parts.setdefault(key, []).append(value)
             bar.update(stop - start)
     features = {key: np.concatenate(values) for key, values in parts.items() if key != "logits"}
     keep = None if args.features < 0 else args.features
-    stats = metrics.ReferenceStatistics.from_features(features, extractor.weights_sha256, keep, source)
+    stats = inception.ReferenceStatistics.from_features(features, extractor.weights_sha256, keep, source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)
