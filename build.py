@@ -150,11 +150,11 @@ def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: di
 
 
 def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int, train_split=None):
-    """A classifier file (`scripts/train_classifier.py`) for a run's dataset -> metrics.EvalClassifier:
+    """A classifier file (`scripts/train_classifier.py`) for a run's dataset -> classifier.EvalClassifier:
     the classifier, the feature statistics of the held-out split and the real-vs-real FD floor at
     num_samples (from `train_split`, built when not given). Called before any training, so a wrong
     path or a classifier for other data fails at start-up."""
-    import metrics
+    from classifier import EvalClassifier, load_classifier, real_fd_floor, reference_statistics
 
     name, _ = spec_kwargs(dataset_cfg)
     if train_split is None:
@@ -162,8 +162,8 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
     if len(train_split.sample_shape) != 3:
         raise ConfigError(f"training.classifier = {str(path)!r}: dataset {name!r} holds no images; a classifier "
                           f"scores image datasets only")
-    classifier = metrics.load_classifier(Path(path), device, expected_dataset=name,
-                                         expected_shape=tuple(train_split.sample_shape))
-    reference = metrics.reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
-    floor = metrics.real_fd_floor(classifier, train_split, reference, num_samples, seed)
-    return metrics.EvalClassifier(classifier, reference, floor)
+    classifier = load_classifier(Path(path), device, expected_dataset=name,
+                                 expected_shape=tuple(train_split.sample_shape))
+    reference = reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
+    floor = real_fd_floor(classifier, train_split, reference, num_samples, seed)
+    return EvalClassifier(classifier, reference, floor)

@@ -15,18 +15,13 @@ Inception metrics (FID, sFID, IS, KID, precision/recall) are in inception.py.
 
 import functools
 import io
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from config import ConfigError
-from datasets import model_space_to_uint8, moons_to_data_space, uint8_to_model_space
-from runtime import epoch_permutation
+from datasets import model_space_to_uint8, moons_to_data_space
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int = 256, seed: int = 0) -> float:
@@ -118,105 +113,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * trace_sqrt
     return max(distance.item(), 0.0)  # rounding can leave -1e-13 for identical inputs
-
-
-# --- classifier-based proxy metrics ---------------------------------------------------------------
-
-
-class ClassifierError(ConfigError):
-    """A classifier file that is missing, unreadable or trained for other data. A ConfigError, since
-    it comes from a config value (training.classifier), so entry points report it as one."""
-
-
-CLASSIFIER_FORMAT = "nanoflow-classifier-v1"  # metadata["format"] of files written by scripts/train_classifier.py
-
-
-def _how_to_train(dataset: str | None) -> str:
-    return f"train one with: python scripts/train_classifier.py dataset={dataset or 'NAME'} out=PATH"
-
-
-def load_classifier(path, device="cpu", expected_dataset: str | None = None,
-                    expected_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
-    """A classifier file written by `scripts/train_classifier.py` -> the model in eval mode on `device`.
-
-    Everything needed to rebuild it (architecture, constructor kwargs, dataset name, image shape
-    [C, H, W]) is in the safetensors metadata. With expected_dataset / expected_shape given, a
-    file trained for other data is an error rather than a silently meaningless metric. The model
-    gets `.dataset_name`, `.image_shape` and `.metadata` (the raw string dict) attributes.
-    Raises ClassifierError naming the file, and how to train one, if it is missing or does not fit.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    import models
-    from checkpoint import load_weights
-
-    path = Path(path)
-    if not path.is_file():
-        raise ClassifierError(f"classifier file {path} does not exist; {_how_to_train(expected_dataset)}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            weights = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ClassifierError(f"classifier file {path} is not a readable safetensors file ({e})") from None
-    if meta.get("format") != CLASSIFIER_FORMAT:
-        raise ClassifierError(f"{path} is not a classifier written by scripts/train_classifier.py (metadata format "
-                              f"{meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {_how_to_train(expected_dataset)}")
-    dataset, shape = meta["dataset"], tuple(json.loads(meta["image_shape"]))
-    if expected_dataset is not None and dataset != expected_dataset:
-        raise ClassifierError(f"classifier {path} was trained on dataset '{dataset}', not '{expected_dataset}'; "
-                              f"{_how_to_train(expected_dataset)}")
-    if expected_shape is not None and shape != tuple(expected_shape):
-        raise ClassifierError(f"classifier {path} was trained on images of shape {list(shape)}, not "
-                              f"{list(expected_shape)}; {_how_to_train(expected_dataset or dataset)}")
-    classifier = models.CLASSIFIERS[meta["architecture"]](**json.loads(meta["kwargs"]))
-    load_weights(classifier, weights, f"classifier {path}")
-    classifier.dataset_name, classifier.image_shape, classifier.metadata = dataset, shape, meta
-    return classifier.to(device).eval()
-
-
-@torch.no_grad()
-def classifier_outputs(classifier: torch.nn.Module, images: torch.Tensor,
-                       batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """images [N, C, H, W] (float in [-1, 1], or uint8 0..255) -> (features [N, F], logits [N, K]),
-    float32 on the classifier's device; eval mode during the call (the previous mode is restored).
-
-    Batches move to the classifier's device and are converted one at a time, so a whole uint8
-    dataset can stay where it is. Features and logits come from one pass: the classifier's
-    forward is head(features(x)).
-    """
-    device = next(classifier.parameters()).device
-    was_training = classifier.training
-    classifier.eval()
-    features, logits = [], []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        x = uint8_to_model_space(x) if x.dtype == torch.uint8 else x.float()
-        f = classifier.features(x)
-        features.append(f.float())
-        logits.append(classifier.head(f).float())
-    classifier.train(was_training)
-    return torch.cat(features), torch.cat(logits)
-
-
-def classifier_features(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """images [N, C, H, W] -> penultimate features [N, F] (see `classifier_outputs`)."""
-    return classifier_outputs(classifier, images, batch_size)[0]
-
-
-def classifier_logits(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """images [N, C, H, W] -> logits [N, K] (see `classifier_outputs`)."""
-    return classifier_outputs(classifier, images, batch_size)[1]
-
-
-def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows of logits [N, K] whose argmax equals labels [N]."""
-    return (logits.argmax(dim=1) == labels.to(logits.device)).double().mean().item()
-
-
-def reference_statistics(classifier: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feature (mean, covariance) of a real image dataset (use the held-out split), float64 CPU."""
-    return feature_statistics(classifier_features(classifier, dataset.x))
 
 
 # --- compressed size: JPEG / PNG bits per pixel ---------------------------------------------------
@@ -322,49 +218,3 @@ def image_compression_metrics(samples, quality: int = 75) -> dict[str, float]:
         "jpeg_payload_bpp": jpeg - constant_image_bits_per_pixel(shape, "jpeg", quality),
         "png_payload_bpp": png - constant_image_bits_per_pixel(shape, "png"),
     }
-
-
-def image_sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, classifier: torch.nn.Module,
-                         reference_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """samples [N, C, H, W] in [-1, 1] and the labels [N] they were drawn for (None: unconditional,
-    no accuracy) -> classifier_accuracy, classifier_fd (to `reference_statistics` of real data),
-    jpeg_bpp, png_bpp, jpeg_payload_bpp, png_payload_bpp.
-
-    classifier_fd is biased upwards at small N, like FID: compare runs at equal N. Everything is
-    scored on the 8-bit image a user gets (clipped to [-1, 1] and rounded), as JPEG/PNG must be:
-    the classifier never saw out-of-range pixels, and a policy pushed off the data manifold (GRPO)
-    can put many there, which float scoring would hide.
-    """
-    if samples.dtype != torch.uint8:
-        samples = model_space_to_uint8(samples)
-    features, logits = classifier_outputs(classifier, samples)
-    metrics = {}
-    if labels is not None:
-        metrics["classifier_accuracy"] = class_accuracy(logits, labels)
-    metrics["classifier_fd"] = frechet_distance(*feature_statistics(features), *reference_stats)
-    return {**metrics, **image_compression_metrics(samples)}
-
-
-def real_fd_floor(classifier, dataset, reference_stats, count: int, seed: int = 0) -> float:
-    """Classifier-FD of `count` real training images to the held-out statistics: what a perfect
-    generator scores with as many samples (FD is biased upwards at small N, so compare equal N)."""
-    count = min(count, len(dataset))
-    device = dataset.x.device
-    real = dataset.batch(epoch_permutation(len(dataset), seed, -1, device)[:count])[0]
-    return frechet_distance(*feature_statistics(classifier_features(classifier, real)), *reference_stats)
-
-
-
-@dataclass
-class EvalClassifier:
-    """A metrics classifier with the statistics its scores need (built by `build.load_eval_classifier`)."""
-
-    classifier: torch.nn.Module
-    reference_statistics: tuple[torch.Tensor, torch.Tensor]  # features of the held-out real split
-    fd_floor: float  # real-vs-real classifier-FD at the evaluation sample count
-
-    def score(self, samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-        """image_sample_metrics of samples [N, C, H, W] (on any device) plus the floor."""
-        device = next(self.classifier.parameters()).device
-        values = image_sample_metrics(samples.to(device), labels, self.classifier, self.reference_statistics)
-        return {**values, "classifier_fd_real_floor": self.fd_floor}

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from classifier import classifier_logits, load_classifier  # noqa: E402
 from datasets import load_fashion_mnist, uint8_to_model_space  # noqa: E402
-from metrics import classifier_logits, constant_image_bits_per_pixel, jpeg_bits_per_pixel, load_classifier  # noqa: E402
+from metrics import constant_image_bits_per_pixel, jpeg_bits_per_pixel  # noqa: E402
 
 SCALES, SQUEEZES, CONTRASTS, BLURS, THRESHOLDS = (1, 0.85, 0.7), (1, 0.75, 0.55), (1, 0.6, 0.4, 0.3), (0, 1), (0, 0.15)
 TAUS = (0.5, 0.8, 0.9, 0.95, 0.99)
