@@ -1,16 +1,15 @@
-"""Sample-quality numbers that are cheap enough to log during training.
+"""Sample-quality numbers computed without a network.
 
-2-D data: sliced Wasserstein distance to the training set and, for two moons, the fraction of
-class-k samples that land nearer crescent k than the other crescent.
+- 2-D data: sliced Wasserstein distance to the training set and, for two moons, the fraction of
+  class-k samples that land nearer crescent k than the other crescent (`sample_metrics`).
+- Images: JPEG/PNG bits per pixel, how much detail samples carry (`image_compression_metrics`; the
+  compressibility reward uses the same functions).
+- Feature statistics and the Frechet distance between the Gaussians they define (float64): the
+  formula of classifier-FD (classifier.py) and FID (inception.py), which supply the features.
 
-Images: a small CNN classifier trained on the dataset (`scripts/train_classifier.py`) gives proxy
-metrics: its accuracy on samples against the requested labels, and the Frechet distance between
-its penultimate features on samples and on the held-out real split ("classifier-FD": FID's
-formula with a dataset-specific network in place of Inception, so comparable only between runs
-that use the same classifier file and the same number of samples). JPEG/PNG bits per pixel
-measure how much detail samples carry (the compressibility reward uses the same functions).
-
-Inception metrics (FID, sFID, IS, KID, precision/recall) are in inception.py.
+The 2-D and bits-per-pixel numbers are cheap enough to log at every training-time evaluation.
+Metrics that run a network live with it: classifier.py (accuracy and classifier-FD of a small CNN
+trained on the dataset), inception.py (FID, sFID, IS, KID, precision/recall).
 """
 
 import functools
