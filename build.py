@@ -39,10 +39,10 @@ def build_flow(flow_cfg):
 
 def build_dataset(dataset_cfg, device, **overrides):
     """A `dataset` section (`{name, **kwargs}`) -> the dataset on `device`; overrides win (split=...)."""
-    import datasets
+    import dataset_registry
 
     name, kwargs = spec_kwargs(dataset_cfg)
-    return datasets.build_dataset(name, device, **{**kwargs, **overrides})
+    return dataset_registry.build_dataset(name, device, **{**kwargs, **overrides})
 
 
 def build_coupling(coupling_cfg, dataset, conditional: bool, device):
@@ -73,7 +73,7 @@ def latent_vae_id(dataset_cfg) -> str | None:
         return None
     if kwargs.get("vae"):
         return kwargs["vae"]
-    from datasets import latent_cache_dir, read_latent_manifest
+    from latent_cache import latent_cache_dir, read_latent_manifest
 
     return read_latent_manifest(latent_cache_dir(kwargs["path"], kwargs.get("split", "train")))["vae_id"]
 

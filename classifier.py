@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import ConfigError
-from datasets import DATASET_INFO, DATASETS, model_space_to_uint8, uint8_to_model_space
+from dataset_registry import DATASETS
+from datasets import DATASET_INFO, model_space_to_uint8, uint8_to_model_space
 from metrics import feature_statistics, frechet_distance, image_compression_metrics
 from models import count_parameters
 from runtime import epoch_permutation, learning_rate, select_device

@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import datasets  # noqa: E402
-from latent_cache import write_synthetic_cache  # noqa: E402
+from latent_cache import load_latent_cache, write_synthetic_cache  # noqa: E402
 from runtime import derive_seed, epoch_permutation  # noqa: E402
 
 
@@ -82,7 +81,7 @@ def main(argv=None) -> dict:
             drop_from_page_cache(path)
 
     before_open = memory_mib()
-    data = datasets.load_latent_cache(path=args.path, split="train", vae="synthetic", flip=args.flip)
+    data = load_latent_cache(path=args.path, split="train", vae="synthetic", flip=args.flip)
     data.unmap_pages = not args.keep_mapped
     if args.advice != "auto":
         data.random_access = args.advice == "random"

@@ -32,8 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets import LATENT_DTYPES  # noqa: E402
-from latent_cache import build_shards, convert_shards, make_smoke_cache, shard_path, write_synthetic_cache  # noqa: E402
+from latent_cache import (  # noqa: E402
+    LATENT_DTYPES,
+    build_shards,
+    convert_shards,
+    make_smoke_cache,
+    shard_path,
+    write_synthetic_cache,
+)
 
 
 def parse(argv):

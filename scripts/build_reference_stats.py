@@ -30,7 +30,8 @@ from tqdm import tqdm  # noqa: E402
 import build  # noqa: E402
 import inception  # noqa: E402
 from config import DEVICES, ConfigError  # noqa: E402
-from datasets import DATASETS, ImageFolderDataset, load_imagefolder  # noqa: E402
+from dataset_registry import DATASETS  # noqa: E402
+from datasets import ImageFolderDataset, load_imagefolder  # noqa: E402
 from runtime import run_main, select_device  # noqa: E402
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from datasets import LatentCacheError, check_latent_cache  # noqa: E402
+from latent_cache import LatentCacheError, check_latent_cache  # noqa: E402
 
 
 def sample_rows(path: Path, count: int) -> np.ndarray:
