@@ -36,10 +36,10 @@ from latent_cache import (  # noqa: E402
     LATENT_DTYPES,
     build_shards,
     convert_shards,
-    make_smoke_cache,
     shard_path,
     write_synthetic_cache,
 )
+from smoke_data import make_smoke_cache  # noqa: E402
 
 
 def parse(argv):

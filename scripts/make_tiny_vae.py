@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vae import save_tiny_vae  # noqa: E402
+from smoke_data import save_tiny_vae  # noqa: E402
 
 KEYS = {"out": None, "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4, "seed": 0}
 CASTS = {"out": str, "scaling_factor": float, "shift_factor": float, "latent_channels": int, "seed": int}

@@ -32,6 +32,7 @@ build = load_script("build_latent_cache")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 2-class x 3-image folder of PNGs, a tiny VAE directory, and the VAE loaded from it."""
+    import smoke_data
     import vae
 
     root = tmp_path_factory.mktemp("latent_cache")
@@ -41,7 +42,7 @@ def setup(tmp_path_factory):
         for k, (w, h) in enumerate(sizes):
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / name / f"{k}.png")
     (root / "images" / "dog" / "notes.txt").write_text("not an image")
-    vae.save_tiny_vae(root / "vae")
+    smoke_data.save_tiny_vae(root / "vae")
     return root, vae.SDVAE(str(root / "vae"), chunk_size=4, vae_id="org/tiny-vae")
 
 
@@ -163,9 +164,10 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
 
 
 def test_smoke_cache_in_one_call(tmp_path):
+    import smoke_data
     import vae
 
-    made = latent_cache.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
+    made = smoke_data.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
     assert made["split"] == "train" and (tmp_path / "smoke" / "vae" / "config.json").is_file()
     data = dataset_registry.build_dataset("latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"],
                                   flip=True, verify=True)
