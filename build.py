@@ -39,10 +39,10 @@ def build_flow(flow_cfg):
 
 def build_dataset(dataset_cfg, device, **overrides):
     """A `dataset` section (`{name, **kwargs}`) -> the dataset on `device`; overrides win (split=...)."""
-    import datasets
+    import dataset_registry
 
     name, kwargs = spec_kwargs(dataset_cfg)
-    return datasets.build_dataset(name, device, **{**kwargs, **overrides})
+    return dataset_registry.build_dataset(name, device, **{**kwargs, **overrides})
 
 
 def build_coupling(coupling_cfg, dataset, conditional: bool, device):
@@ -73,7 +73,7 @@ def latent_vae_id(dataset_cfg) -> str | None:
         return None
     if kwargs.get("vae"):
         return kwargs["vae"]
-    from datasets import latent_cache_dir, read_latent_manifest
+    from latent_cache import latent_cache_dir, read_latent_manifest
 
     return read_latent_manifest(latent_cache_dir(kwargs["path"], kwargs.get("split", "train")))["vae_id"]
 
@@ -150,11 +150,11 @@ def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: di
 
 
 def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int, train_split=None):
-    """A classifier file (`scripts/train_classifier.py`) for a run's dataset -> metrics.EvalClassifier:
+    """A classifier file (`scripts/train_classifier.py`) for a run's dataset -> classifier.EvalClassifier:
     the classifier, the feature statistics of the held-out split and the real-vs-real FD floor at
     num_samples (from `train_split`, built when not given). Called before any training, so a wrong
     path or a classifier for other data fails at start-up."""
-    import metrics
+    from classifier import EvalClassifier, load_classifier, real_fd_floor, reference_statistics
 
     name, _ = spec_kwargs(dataset_cfg)
     if train_split is None:
@@ -162,19 +162,19 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
     if len(train_split.sample_shape) != 3:
         raise ConfigError(f"training.classifier = {str(path)!r}: dataset {name!r} holds no images; a classifier "
                           f"scores image datasets only")
-    classifier = metrics.load_classifier(Path(path), device, expected_dataset=name,
-                                         expected_shape=tuple(train_split.sample_shape))
-    reference = metrics.reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
-    floor = metrics.real_fd_floor(classifier, train_split, reference, num_samples, seed)
-    return metrics.EvalClassifier(classifier, reference, floor)
+    classifier = load_classifier(Path(path), device, expected_dataset=name,
+                                 expected_shape=tuple(train_split.sample_shape))
+    reference = reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
+    floor = real_fd_floor(classifier, train_split, reference, num_samples, seed)
+    return EvalClassifier(classifier, reference, floor)
 
 
 def load_inception_reference(weights, reference, device):
     """(torch-fidelity's Inception extractor, reference statistics made with the same weights)."""
-    import metrics
+    import inception
 
-    extractor = metrics.load_inception(weights, device)
-    statistics = metrics.load_reference_statistics(reference, extractor)
+    extractor = inception.load_inception(weights, device)
+    statistics = inception.load_reference_statistics(reference, extractor)
     statistics.check_extractor(extractor)
     return extractor, statistics
 

@@ -399,13 +399,13 @@ def check_model_builds(spec) -> None:
 def validate(cfg: DictConfig) -> DictConfig:
     """Type-check and range-check a composed training config; returns it read-only."""
     import couplings
-    import datasets
+    import dataset_registry
     import flow
 
     cfg = apply_schema(cfg)
     tr, so, fl = cfg.training, cfg.solver, cfg.flow
     check_choice("device", cfg.device, DEVICES)
-    check_spec("dataset", cfg.dataset, datasets.DATASETS, skip=("device",))
+    check_spec("dataset", cfg.dataset, dataset_registry.DATASETS, skip=("device",))
     check_spec("model", cfg.model, model_registry())
     check_model_builds(cfg.model)
     check_spec("flow.scheduler", fl.scheduler, flow.SCHEDULERS)
@@ -506,9 +506,9 @@ def model_registry() -> dict:
 
 
 def _dataset_registry() -> dict:
-    import datasets
+    import dataset_registry
 
-    return datasets.DATASETS
+    return dataset_registry.DATASETS
 
 
 def _flow_registry(name: str):

@@ -188,7 +188,7 @@ class Evaluation:
     def score(self, settings: dict, seconds: float) -> dict:
         from tqdm import tqdm
 
-        import metrics
+        import inception
 
         extractor, reference = self.evaluator.inception_reference
         # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once.
@@ -196,7 +196,7 @@ class Evaluation:
                   disable=None) as bar:
             values = self.evaluator.inception(batch for batch in self.iter_images(progress=bar.update))
         protocol = {**settings, "reference": str(self.cfg.reference), "reference_count": reference.count,
-                    "extractor": f"torch-fidelity {metrics.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
+                    "extractor": f"torch-fidelity {inception.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
                     "extractor_sha256": extractor.weights_sha256, "world_size": self.runtime.world_size,
                     "nfe_per_sample_rank0": self.forwards_per_sample(), "sampling_seconds": seconds}
         result = {"metrics": values, "protocol": protocol}

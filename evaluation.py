@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import inception
 import metrics
 from datasets import model_space_to_uint8
 from figures import close_figure, samples_figure, save_samples
@@ -31,7 +32,7 @@ class Evaluator:
     """What a run is judged by, loaded once (a wrong classifier or reference path fails at start-up).
 
     sample_shape: one sample's model-space shape; decode: latents -> images [-1, 1] (None: pixel data);
-    classifier: a metrics.EvalClassifier (None: compressed size only); inception: (extractor, reference
+    classifier: a classifier.EvalClassifier (None: compressed size only); inception: (extractor, reference
     statistics) or None; dataset: the real data, for the 2-D metrics; dataset_name / class_names: figures."""
 
     def __init__(self, sample_shape, device, *, decode=None, classifier=None, inception=None, dataset=None,
@@ -71,12 +72,12 @@ class Evaluator:
         [N, C, H, W] in [-1, 1], or an iterable of uint8 [n, 3, H, W] batches (streamed from disk)."""
         extractor, reference = self.inception_reference
         if isinstance(images, Tensor):
-            return metrics.inception_metrics(extractor, model_space_to_uint8(images), reference,
+            return inception.inception_metrics(extractor, model_space_to_uint8(images), reference,
                                              is_splits=min(10, len(images)), progress=progress)
-        parts = [metrics.inception_features(extractor, batch) for batch in images]
+        parts = [inception.inception_features(extractor, batch) for batch in images]
         features = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         count = len(next(iter(features.values())))
-        return metrics.inception_metrics_from_features(features, reference, is_splits=min(10, count),
+        return inception.inception_metrics_from_features(features, reference, is_splits=min(10, count),
                                                        device=self.device)
 
     def figure(self, samples: Tensor, labels: Tensor | None):

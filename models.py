@@ -1,5 +1,5 @@
-"""Networks for the small stages: MLPs for 2-D toy data, U-Nets for 16-32 px images and 32x32 latents,
-and a small CNN classifier for proxy metrics and rewards.
+"""Networks for the small stages: MLPs for 2-D toy data, U-Nets for 16-32 px images and 32x32 latents
+(the CNN classifier for proxy metrics and rewards is in classifier.py).
 
 Every model is called as ``model(x, t, y)``: x [B, ...] in data space, t [B] float in [0, 1]
 (0 = noise, 1 = data), y [B] long class labels or None. It returns a tensor shaped like x
@@ -300,47 +300,7 @@ class ClassCondUNet(UNet):
         return self.time_embed(t) + self.class_embed(y, t.shape[0], t.device)
 
 
-
-
-# --- classifier for proxy metrics and rewards ---------------------------------------------------------
-
-
-class Classifier(nn.Module):
-    """Small CNN for 16-32 px images: three stages of (conv-BN-ReLU) x 2 + 2x2 max-pool, global average
-    pool, a hidden layer whose activations are the Frechet-distance features, dropout, logits."""
-
-    def __init__(
-        self,
-        in_ch: int = 1,  # image channels
-        num_classes: int = 10,  # logits
-        width: int = 32,  # channels of the first stage; stages use width, 2 width, 4 width
-        dropout: float = 0.3,  # before the logits layer
-    ):
-        super().__init__()
-
-        def stage(cin: int, cout: int) -> nn.Sequential:
-            # conv bias is redundant before BatchNorm
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),  # floors odd sizes: 28 -> 14 -> 7 -> 3
-            )
-
-        self.feature_dim = 4 * width
-        self.stages = nn.Sequential(stage(in_ch, width), stage(width, 2 * width), stage(2 * width, 4 * width))
-        self.hidden = nn.Sequential(nn.Linear(4 * width, self.feature_dim), nn.ReLU(inplace=True))
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.feature_dim, num_classes))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W] in [-1, 1] -> penultimate features [B, 4 * width] (post-ReLU, pre-logits)."""
-        return self.hidden(self.stages(x).mean(dim=(2, 3)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # [B, num_classes]
-
-
 MODELS = {"mlp": MLP, "class_cond_mlp": ClassCondMLP, "unet": UNet, "class_cond_unet": ClassCondUNet}
-CLASSIFIERS = {"cnn": Classifier}
 
 
 def count_parameters(model: nn.Module) -> int:

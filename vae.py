@@ -146,28 +146,3 @@ def latent_decoder(vae_id: str | None, device):
         return None
     device = torch.device(device)
     return SDVAE(vae_id, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).decode
-
-
-def tiny_autoencoder(scaling_factor: float = 0.18215, shift_factor: float | None = None, latent_channels: int = 4,
-                     seed: int = 0):
-    """A random-init diffusers AutoencoderKL with SD-VAE's structure (4 levels: 8x downsampling,
-    `latent_channels` latent channels) but 8-16 channels per level: 67k parameters, milliseconds
-    per image at 32-64 px. Not a useful codec; it exercises the real loading and encode/decode code."""
-    from diffusers import AutoencoderKL
-
-    kwargs = {} if shift_factor is None else {"shift_factor": shift_factor}
-    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-        torch.manual_seed(seed)
-        return AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-                             latent_channels=latent_channels, norm_num_groups=8, sample_size=32,
-                             scaling_factor=scaling_factor, **kwargs)
-
-
-def save_tiny_vae(out_dir, scaling_factor: float = 0.18215, shift_factor: float | None = None,
-                  latent_channels: int = 4, seed: int = 0) -> Path:
-    """`tiny_autoencoder(...)` written with save_pretrained to out_dir (config.json + safetensors);
-    load it like any VAE: SDVAE(str(out_dir)). Returns out_dir."""
-    out_dir = Path(out_dir)
-    tiny_autoencoder(scaling_factor, shift_factor, latent_channels, seed).save_pretrained(out_dir)
-    return out_dir

@@ -20,7 +20,6 @@ Configs build them with `build_reward(spec, device)` from plain `{"name": ..., *
 classifier specs name a file written by `scripts/train_classifier.py`.
 """
 
-import json
 import math
 from os import PathLike
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from classifier import classifier_class_names, classifier_logits, classifier_num_classes, load_classifier
 from config import ConfigError
 from metrics import jpeg_bits_per_pixel, png_bits_per_pixel
 
@@ -65,34 +65,22 @@ class Reward:
 # --- classifier rewards -----------------------------------------------------------------------------
 
 
-def _num_classes(classifier: torch.nn.Module) -> int | None:
-    """Logit count of a classifier: its metadata kwargs (files from scripts/train_classifier.py), else the
-    out_features of its last Linear layer (models.Classifier); None if neither exists."""
-    metadata = getattr(classifier, "metadata", None)
-    if metadata and "kwargs" in metadata:
-        return int(json.loads(metadata["kwargs"])["num_classes"])
-    linears = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
-    return linears[-1].out_features if linears else None
-
-
 class _ClassifierReward(Reward):
     """Shared part: log_softmax of a frozen classifier's logits, in float32.
 
     The classifier is used as given: no parameters are changed (not even requires_grad), and
-    `metrics.classifier_logits` runs it in eval mode and restores the previous mode afterwards.
+    `classifier.classifier_logits` runs it in eval mode and restores the previous mode afterwards.
     """
 
     def __init__(self, classifier: torch.nn.Module, batch_size: int = 512):
         self.classifier = classifier
         self.batch_size = batch_size
-        self.num_classes = _num_classes(classifier)
-        # set by metrics.load_classifier: a classifier trained on other images gives meaningless rewards
+        self.num_classes = classifier_num_classes(classifier)
+        # set by classifier.load_classifier: a classifier trained on other images gives meaningless rewards
         self.image_shape = getattr(classifier, "image_shape", None)
 
     def log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, C, H, W] -> log p(k | x) [B, K] float32."""
-        from metrics import classifier_logits
-
         if self.image_shape is not None and tuple(images.shape[1:]) != tuple(self.image_shape):
             raise ValueError(f"reward '{self.name}': the classifier was trained on images {list(self.image_shape)}, "
                              f"got {list(images.shape[1:])}")
@@ -150,7 +138,7 @@ class FixedClassLogProbReward(_ClassifierReward):
     def __init__(self, classifier: torch.nn.Module, target_class: int | str, batch_size: int = 512):
         super().__init__(classifier, batch_size)
         if isinstance(target_class, str):
-            names = json.loads(getattr(classifier, "metadata", {}).get("class_names", "[]"))
+            names = classifier_class_names(classifier)
             if target_class not in names:
                 raise ValueError(f"target_class = {target_class!r} is not a class name of this classifier; "
                                  f"choose an index or one of: {', '.join(names) or '(the classifier has no names)'}")
@@ -249,7 +237,7 @@ SPEC_KEYS = {
 
 
 def build_reward(spec, device="cpu", key: str = "reward") -> Reward:
-    """A plain spec -> a reward; classifier files load onto `device` via `metrics.load_classifier`.
+    """A plain spec -> a reward; classifier files load onto `device` via `classifier.load_classifier`.
 
         {"name": "jpeg", "quality": 75}
         {"name": "png"}
@@ -298,8 +286,6 @@ def build_reward(spec, device="cpu", key: str = "reward") -> Reward:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"{key}.batch_size = {batch_size!r}: must be an int >= 1")
     if "classifier" in args:
-        from metrics import load_classifier
-
         path = args.pop("classifier")
         if not isinstance(path, (str, PathLike)) or not str(path):
             raise ConfigError(f"{key}.classifier = {path!r}: must be the path of a file written by scripts/train_classifier.py")

@@ -5,7 +5,7 @@
 
 Writes a synthetic cache (N(0, 1) float16 latents [count, 4, 32, 32] = 8 KiB each, uniform labels,
 valid manifest; `build_latent_cache.write_synthetic_cache`, the same writer as `convert`) unless
-PATH/train already holds one of that count, opens it with datasets.load_latent_cache as train.py
+PATH/train already holds one of that count, opens it with latent_cache.load_latent_cache as train.py
 does, and draws `steps` batches the way the trainer does (slices of the epoch permutation, a
 seeded generator per batch for the flip coins). Prints one JSON line: batches/s, images/s and
 the process's memory from /proc/self/status before opening, after opening and after reading
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-import datasets
+import latent_cache
 from config import check, check_choice, parse_keys
 from latent_cache import write_synthetic_cache
 from runtime import derive_seed, epoch_permutation, run_main
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             drop_from_page_cache(path)
 
     before_open = memory_mib()
-    data = datasets.load_latent_cache(path=args.path, split="train", vae="synthetic", flip=args.flip)
+    data = latent_cache.load_latent_cache(path=args.path, split="train", vae="synthetic", flip=args.flip)
     data.unmap_pages = not args.keep_mapped
     if args.advice != "auto":
         data.random_access = args.advice == "random"

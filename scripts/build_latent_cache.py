@@ -19,7 +19,7 @@ Images get ADM's centre crop to image_size (default 256); latents are the poster
 Offline: pass vae= a local directory (`hf download stabilityai/sd-vae-ft-ema --local-dir DIR`)
 and vae_id=sd_vae_ft_ema so the cache records which VAE it is bound to.
 
-Layout of one split directory (the writer is latent_cache.py, the reader datasets.LatentCacheDataset):
+Layout of one split directory (the writer is latent_cache.py, the reader latent_cache.LatentCacheDataset):
   build.json               build settings; the first build run writes it, later runs and ranks must agree
   shards/shard_XXXXX.npz   latents [n, C, h, w], optional latents_flip, labels [n] int64, start
   latents.npy, latents_flip.npy, labels.npy, manifest.json   written by `convert`, manifest last
@@ -31,9 +31,9 @@ import sys
 from dataclasses import dataclass
 
 from config import ConfigError, check, check_choice, exit_on_help, parse_keys
-from datasets import LATENT_DTYPES
-from latent_cache import build_shards, convert_shards, make_smoke_cache, shard_path, write_synthetic_cache
+from latent_cache import LATENT_DTYPES, build_shards, convert_shards, shard_path, write_synthetic_cache
 from runtime import run_main
+from smoke_data import make_smoke_cache
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Inception reference statistics of real images (FID, sFID, KID, precision/recall) for metrics.inception_metrics.
+"""Inception reference statistics of real images (FID, sFID, KID, precision/recall) for inception.inception_metrics.
 
     python scripts/build_reference_stats.py dataset=cifar10 dataset.split=train out=stats/cifar10_train.npz
     python scripts/build_reference_stats.py images=data/imagenet/train image_size=256 out=stats/in256.npz
@@ -9,12 +9,12 @@ training commands, e.g. `dataset.split=train`, `dataset.root=./data`, `dataset.d
 CIFAR-10 protocol is the 50k train split), or any folder of images (`images=DIR`:
 datasets.load_imagefolder, ADM's centre crop to image_size). Every image is
 scored as its stored 8-bit pixels; grayscale is repeated to RGB. The output (.npz, see
-metrics.ReferenceStatistics.save) holds the pool-feature mean/covariance, the sFID statistics, up to
+inception.ReferenceStatistics.save) holds the pool-feature mean/covariance, the sFID statistics, up to
 `features` pool features (for KID and precision/recall), the image count, and the sha256 of the
 Inception weights, so statistics from other weights are refused at load. Building twice gives
 byte-identical files (fixed order, no timestamps).
 
-Weights: torch-fidelity's TF-2015 Inception-v3 (see metrics.load_inception); `weights=PATH`, or the
+Weights: torch-fidelity's TF-2015 Inception-v3 (see inception.load_inception); `weights=PATH`, or the
 torch hub cache where torch-fidelity keeps its download. Nothing is downloaded here.
 """
 
@@ -28,9 +28,10 @@ import torch
 from tqdm import tqdm
 
 import build
-import metrics
+import inception
 from config import DEVICES, ConfigError, check, check_choice, parse_keys
-from datasets import DATASETS, ImageFolderDataset, load_imagefolder
+from dataset_registry import DATASETS
+from datasets import ImageFolderDataset, load_imagefolder
 from runtime import run_main, select_device
 
 
@@ -93,7 +94,7 @@ def image_batch(dataset, start: int, stop: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = select_device(args.device)
-    extractor = metrics.load_inception(args.weights, device)
+    extractor = inception.load_inception(args.weights, device)
     dataset, source = open_images(args)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     if count < 2:
@@ -104,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=count, desc="inception features", unit="img", disable=not args.progress) as bar:
         for start in range(0, count, args.batch_size):
             stop = min(start + args.batch_size, count)
-            for key, value in metrics.inception_features(extractor, image_batch(dataset, start, stop),
+            for key, value in inception.inception_features(extractor, image_batch(dataset, start, stop),
                                                          args.batch_size).items():
                 parts.setdefault(key, []).append(value)
             bar.update(stop - start)
     features = {key: np.concatenate(values) for key, values in parts.items() if key != "logits"}
     keep = None if args.features < 0 else args.features
-    stats = metrics.ReferenceStatistics.from_features(features, extractor.weights_sha256, keep, source)
+    stats = inception.ReferenceStatistics.from_features(features, extractor.weights_sha256, keep, source)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from config import check, parse_keys
 from runtime import run_main
-from vae import save_tiny_vae
+from smoke_data import save_tiny_vae
 
 
 @dataclass

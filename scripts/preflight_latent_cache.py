@@ -6,7 +6,7 @@
 Checks file sizes, shapes and dtypes against manifest.json, labels in [0, num_classes), the VAE
 binding (if vae / scaling_factor given), and unless quick=true the O(size) scans: sha256 of every
 file and finite latents. Prints a summary: count, shapes, size, VAE, classes, latent mean/std.
-The training-time open (datasets.LatentCacheDataset) runs the same checks (the O(size) ones with
+The training-time open (latent_cache.LatentCacheDataset) runs the same checks (the O(size) ones with
 dataset.verify=true) and reports problems in the same words.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from config import check, parse_keys
-from datasets import LatentCacheError, check_latent_cache
+from latent_cache import LatentCacheError, check_latent_cache
 from runtime import run_main
 
 

@@ -4,7 +4,7 @@
 
 The dataset (and so the held-out split the classifier-FD is taken against, and the train split behind
 the real-vs-real floor) is the run's own, read from RUN_DIR/config.yaml, exactly as `inference.py
-classifier=...` does; the scores are the same `metrics.EvalClassifier.score` on the same 8-bit images
+classifier=...` does; the scores are the same `classifier.EvalClassifier.score` on the same 8-bit images
 (uint8 -> [-1, 1]). One JSON line per (samples dir, classifier). Used by the 28x28 recipe study
 (experiments/fashion_mnist.md) to score one sample set with a tuning classifier and a separate judge.
 """

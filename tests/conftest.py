@@ -91,12 +91,12 @@ def inception_weights(tmp_path_factory):
     offline from its own FeatureExtractorInceptionV3 with a fixed random initialisation (the real
     weights cannot be downloaded here). Convolutions are He-initialised so activations keep an O(1)
     scale through the 90-odd layers (PyTorch's default init shrinks them to ~1e-8). Load it with
-    metrics.load_inception(path): the real loading code."""
+    inception.load_inception(path): the real loading code."""
     from unittest import mock
 
     import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
-    import metrics
+    import inception
 
     class FreshlyInitialised(fidelity_inception.FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the initialisation
@@ -105,10 +105,10 @@ def inception_weights(tmp_path_factory):
     with torch.random.fork_rng(devices=[]), \
             mock.patch.object(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}):
         torch.manual_seed(0)
-        network = FreshlyInitialised(metrics.INCEPTION_EXTRACTOR, list(metrics.INCEPTION_FEATURES))
+        network = FreshlyInitialised(inception.INCEPTION_EXTRACTOR, list(inception.INCEPTION_FEATURES))
         for module in network.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / metrics.inception_weights_filename()
+    path = tmp_path_factory.mktemp("inception") / inception.inception_weights_filename()
     torch.save(network.state_dict(), path)
     return path

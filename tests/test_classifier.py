@@ -1,4 +1,4 @@
-"""The reward / metrics classifier (scripts/train_classifier.py) and the metrics built on it (metrics.py)."""
+"""The reward / metrics classifier (classifier.py, trained by scripts/train_classifier.py) and the metrics built on it."""
 
 import re
 
@@ -6,13 +6,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import metrics
+from classifier import (
+    CLASSIFIERS,
+    Classifier,
+    ClassifierError,
+    class_accuracy,
+    classifier_features,
+    classifier_logits,
+    classifier_outputs,
+    image_sample_metrics,
+    load_classifier,
+    reference_statistics,
+    train_classifier,
+)
 from config import ConfigError
 from conftest import load_script
 from datasets import load_digits
+from models import count_parameters
 
 classifier_script = load_script("train_classifier")
-main, train_classifier = classifier_script.main, classifier_script.train_classifier
+main = classifier_script.main
 
 WIDTH = 16  # features 4 * WIDTH; small enough to train on digits in a few seconds on one core
 
@@ -39,66 +52,66 @@ def test_digits_classifier_reaches_90_percent_held_out(trained):
 
 def test_saved_file_loads_to_the_same_model(trained, test_split):
     path, accuracy, _ = trained
-    classifier = metrics.load_classifier(path, "cpu", expected_dataset="digits", expected_shape=(1, 16, 16))
+    classifier = load_classifier(path, "cpu", expected_dataset="digits", expected_shape=(1, 16, 16))
     assert not classifier.training and classifier.dataset_name == "digits" and classifier.image_shape == (1, 16, 16)
     saved = load_file(str(path))
     for key, value in classifier.state_dict().items():
         assert torch.equal(value, saved[key]), key
-    logits = metrics.classifier_logits(classifier, test_split.x)
-    assert metrics.class_accuracy(logits, test_split.y) == accuracy
+    logits = classifier_logits(classifier, test_split.x)
+    assert class_accuracy(logits, test_split.y) == accuracy
     assert float(classifier.metadata["test_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
-    again = metrics.load_classifier(path)
-    assert torch.equal(metrics.classifier_logits(again, test_split.x), logits)
+    again = load_classifier(path)
+    assert torch.equal(classifier_logits(again, test_split.x), logits)
 
 
 def test_features_and_logits_have_the_documented_shapes(trained, test_split):
-    classifier = metrics.load_classifier(trained[0])
+    classifier = load_classifier(trained[0])
     x, _ = test_split.batch(torch.arange(len(test_split)))  # float [-1, 1]
-    features, logits = metrics.classifier_outputs(classifier, x, batch_size=100)  # several batches
+    features, logits = classifier_outputs(classifier, x, batch_size=100)  # several batches
     assert features.shape == (len(test_split), 4 * WIDTH) and logits.shape == (len(test_split), 10)
     with torch.no_grad():
         torch.testing.assert_close(logits, classifier(x))  # one pass gives the forward's logits
     # uint8 storage and model-space floats give the same outputs
-    torch.testing.assert_close(metrics.classifier_features(classifier, test_split.x), features)
+    torch.testing.assert_close(classifier_features(classifier, test_split.x), features)
 
 
 def test_image_sample_metrics_on_real_images(trained, test_split):
-    classifier = metrics.load_classifier(trained[0])
-    reference = metrics.reference_statistics(classifier, test_split)
+    classifier = load_classifier(trained[0])
+    reference = reference_statistics(classifier, test_split)
     x, y = test_split.batch(torch.arange(len(test_split)))
-    real = metrics.image_sample_metrics(x, y, classifier, reference)
+    real = image_sample_metrics(x, y, classifier, reference)
     assert set(real) == {"classifier_accuracy", "classifier_fd", "jpeg_bpp", "png_bpp", "jpeg_payload_bpp",
                          "png_payload_bpp"}
     assert real["classifier_accuracy"] == trained[1]
     assert real["classifier_fd"] == pytest.approx(0.0, abs=1e-6)  # the reference set itself
     assert 0 < real["jpeg_payload_bpp"] < real["jpeg_bpp"] and 0 < real["png_payload_bpp"] < real["png_bpp"]
     noise = torch.rand(len(x), 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    fake = metrics.image_sample_metrics(noise, None, classifier, reference)  # unconditional: no accuracy
+    fake = image_sample_metrics(noise, None, classifier, reference)  # unconditional: no accuracy
     assert "classifier_accuracy" not in fake
     assert fake["classifier_fd"] > 10 * max(real["classifier_fd"], 1e-3) and fake["png_bpp"] > real["png_bpp"]
     # Scored as the saved 8-bit image: pixels beyond [-1, 1] count as clipped, not as the raw floats.
     overshoot = x * 3
-    assert metrics.image_sample_metrics(overshoot, y, classifier, reference) == \
-        metrics.image_sample_metrics(overshoot.clamp(-1, 1), y, classifier, reference)
+    assert image_sample_metrics(overshoot, y, classifier, reference) == \
+        image_sample_metrics(overshoot.clamp(-1, 1), y, classifier, reference)
 
 
 def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_path):
     path = trained[0]
-    with pytest.raises(metrics.ClassifierError, match=r"trained on dataset 'digits', not 'mnist'.*dataset=mnist"):
-        metrics.load_classifier(path, expected_dataset="mnist")
-    with pytest.raises(metrics.ClassifierError, match=r"shape \[1, 16, 16\], not \[1, 28, 28\]"):
-        metrics.load_classifier(path, expected_dataset="digits", expected_shape=(1, 28, 28))
+    with pytest.raises(ClassifierError, match=r"trained on dataset 'digits', not 'mnist'.*dataset=mnist"):
+        load_classifier(path, expected_dataset="mnist")
+    with pytest.raises(ClassifierError, match=r"shape \[1, 16, 16\], not \[1, 28, 28\]"):
+        load_classifier(path, expected_dataset="digits", expected_shape=(1, 28, 28))
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(ConfigError, match=rf"{re.escape(str(missing))} does not exist.*python scripts/train_classifier.py dataset=digits"):
-        metrics.load_classifier(missing, expected_dataset="digits")
+        load_classifier(missing, expected_dataset="digits")
     other = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(other))
-    with pytest.raises(metrics.ClassifierError, match="not a classifier written by scripts/train_classifier.py"):
-        metrics.load_classifier(other)
+    with pytest.raises(ClassifierError, match="not a classifier written by scripts/train_classifier.py"):
+        load_classifier(other)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not safetensors")
-    with pytest.raises(metrics.ClassifierError, match="not a readable safetensors file"):
-        metrics.load_classifier(garbage)
+    with pytest.raises(ClassifierError, match="not a readable safetensors file"):
+        load_classifier(garbage)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -136,10 +149,23 @@ def test_fashion_is_an_alias_of_fashion_mnist():
 def test_trainer_rejects_a_missing_classifier_before_training(tmp_path):
     import pytest
 
+    from classifier import ClassifierError
     from conftest import run_train
-    from metrics import ClassifierError
 
     with pytest.raises(ClassifierError, match="scripts/train_classifier.py"):
         run_train(tmp_path / "run", "experiment=digits_cfg", "training.max_steps=2",
                   f"training.classifier={tmp_path / 'missing.safetensors'}")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- the network --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_ch,size", [(1, 16), (1, 28), (1, 32), (3, 16), (3, 28), (3, 32)])
+def test_classifier_logits_and_features(in_ch, size):
+    model = CLASSIFIERS["cnn"](in_ch=in_ch, num_classes=7, width=16).eval()
+    x = torch.randn(5, in_ch, size, size)
+    logits, feats = model(x), model.features(x)
+    assert logits.shape == (5, 7) and feats.shape == (5, model.feature_dim) == (5, 64)
+    assert (feats >= 0).all()  # post-ReLU
+    assert 100_000 < count_parameters(Classifier(in_ch=in_ch)) < 1_000_000

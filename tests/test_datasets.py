@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset_registry
 import datasets
 import runtime
 
@@ -108,7 +109,7 @@ def test_mnist_reads_idx_files_through_torchvision(tmp_path):
     for split in ("train", "test"):
         data = datasets.load_mnist(root=str(tmp_path), split=split, download=False)
         check_mnist_like(data, *written[split], "mnist", tuple("0123456789"))
-    built = datasets.build_dataset("mnist", "cpu", root=str(tmp_path), download=False)
+    built = dataset_registry.build_dataset("mnist", "cpu", root=str(tmp_path), download=False)
     assert torch.equal(built.x[:, 0], torch.from_numpy(written["train"][0])) and not built.hflip
 
 
@@ -289,7 +290,7 @@ def test_uint8_model_space_round_trip():
 
 
 def test_dataset_info_matches_the_loaders():
-    assert set(datasets.DATASET_INFO) == set(datasets.DATASETS)
+    assert set(datasets.DATASET_INFO) == set(dataset_registry.DATASETS)
     digits = datasets.load_digits(split="test")
     assert datasets.DATASET_INFO["digits"] == {"shape": digits.sample_shape, "num_classes": digits.num_classes}
     moons = datasets.load_moons(num_samples=10)
@@ -349,7 +350,7 @@ def test_center_crop_matches_adm_and_folder_listing(tmp_path):
 @pytest.mark.parametrize("cache_bytes", [2**30, 0], ids=["in_memory_cache", "decode_every_batch"])
 def test_image_folder_dataset_batches(tmp_path, cache_bytes):
     write_pngs(tmp_path / "train", {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90)]})
-    data = datasets.build_dataset("imagefolder", "cpu", root=str(tmp_path), split="train", image_size=16, hflip=True,
+    data = dataset_registry.build_dataset("imagefolder", "cpu", root=str(tmp_path), split="train", image_size=16, hflip=True,
                                   cache_bytes=cache_bytes, workers=2)
     assert len(data) == 5 and data.sample_shape == (3, 16, 16) and data.num_classes == 2
     assert data.class_names == ("cat", "dog") and data.name == "imagefolder" and (data.cache is None) == (cache_bytes == 0)

@@ -6,8 +6,8 @@ A command is a line in a fenced code block that starts (after `VAR=value` enviro
 - the entry points (`train.py`, `train_grpo.py`, `inference.py`, `eval_imagenet.py`) take Hydra
   key=value overrides: their config is composed, typed and validated exactly as their `main` does
   before it touches a checkpoint or a device;
-- the key=value scripts in KEY_VALUE_SCRIPTS go through their own argument parser and, where the rest
-  is a train.py override list, `config.load_config`;
+- the key=value scripts run `main(args)` until `config.parse_keys` has parsed and typed their keys (a
+  benchmark's pass-through train.py overrides are composed and validated with `config.load_config`);
 - argparse scripts run `main([... "--help"])` (exit 0), and every `--flag` the doc writes must be an
   option of the parser, or of the sub-command's parser, that the script builds.
 A command for which none of these applies fails, so a new kind of command needs a strategy here.
@@ -32,6 +32,8 @@ PLACEHOLDERS = {
     "experiment=NAME": "experiment=moons_cfg",  # benchmarks.md: any preset
     " [any train.py override]": "",  # benchmarks.md: free text standing for more overrides
     "batch=B": "batch=64",  # benchmarks.md: a batch size
+    # imagenet256_storage.md: "the keys of the command above", then shell arithmetic for one rank
+    "build ... rank=$((m*8+g)) world=$((M*8)) device=cuda:$g": "build images=IMAGES out=OUT rank=9 world=16 device=cuda:1",
 }
 # Documented commands that cannot be dry-run here, each with its reason.
 SKIPPED = {
@@ -105,21 +107,23 @@ ENTRY_POINTS = {
 }
 
 
-def dry_benchmark_train(module, args):
-    config.load_config(module.parse(args)[1])
+class Parsed(Exception):
+    """Raised by the stand-in for config.parse_keys once a script's arguments have parsed."""
 
 
-def dry_benchmark_sampling(module, args):
-    options, overrides = module.parse(args)
-    if not options["checkpoint"]:
-        config.load_config(overrides)
+def dry_key_value(module, args):
+    """Run the script's main until its key=value arguments are parsed and typed by config.parse_keys;
+    the overrides a benchmark passes through to train.py are composed and validated too."""
+    real = config.parse_keys
 
+    def parse_then_stop(*a, **kw):
+        result = real(*a, **kw)
+        if kw.get("passthrough"):
+            config.load_config(result[1])
+        raise Parsed
 
-KEY_VALUE_SCRIPTS = {
-    "benchmark_train": dry_benchmark_train,
-    "benchmark_sampling": dry_benchmark_sampling,
-    "train_classifier": lambda module, args: module.parse_args(args),
-}
+    with mock.patch.object(module, "parse_keys", parse_then_stop), pytest.raises(Parsed):
+        module.main(args)
 
 
 class ParserBuilt(Exception):
@@ -169,11 +173,11 @@ def test_documented_command_parses(where, command, capsys):
         return
     assert Path(script).parent == Path("scripts") and (ROOT / script).is_file(), f"{where}: no such script {script}"
     module = load_script(Path(script).stem)
-    if module.__name__ in KEY_VALUE_SCRIPTS:
-        KEY_VALUE_SCRIPTS[module.__name__](module, args)
+    if hasattr(module, "parse_keys"):
+        dry_key_value(module, args)
         return
     parser = built_parser(module)
-    assert parser is not None, f"{where}: {script} builds no ArgumentParser and has no KEY_VALUE_SCRIPTS entry"
+    assert parser is not None, f"{where}: {script} builds no ArgumentParser and uses no config.parse_keys"
     options, command_path = option_strings(parser, args)
     with pytest.raises(SystemExit) as exit_info:
         module.main([*command_path, "--help"])

@@ -29,9 +29,9 @@ def pixel_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def latent_run(tmp_path_factory):
     """The masked-MoE smoke DiT (expert-choice routing in eval) on the tiny smoke cache."""
-    import latent_cache
+    import smoke_data
 
-    smoke = latent_cache.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
+    smoke = smoke_data.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
     run_dir = tmp_path_factory.mktemp("latent") / "dit"
     data = [f"dataset.path={smoke['path']}", f"dataset.vae={smoke['vae']}"]
     assert run_train(run_dir, "experiment=imagenet256_latent_dit_smoke", *data, "training.max_steps=3",

@@ -2,7 +2,7 @@
 
 The real TF-2015 weights cannot be downloaded here, so the network is torch-fidelity's own
 architecture with a fixed random initialisation (conftest.inception_weights), loaded through
-metrics.load_inception. The numbers are then meaningless as quality scores but exercise the real
+inception.load_inception. The numbers are then meaningless as quality scores but exercise the real
 extraction (resize to 299, pool / logits / spatial features) and the metric code; properties that
 hold for any network are what is checked. Images are tiny (16 x 16): the extractor upsamples them.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
+import inception
 from config import ConfigError
 from conftest import load_script
 
@@ -32,7 +32,7 @@ def tiny_images(seed: int, count: int = N, channels: int = 3, size: int = 16, br
 
 @pytest.fixture(scope="module")
 def extractor(inception_weights):
-    return metrics.load_inception(inception_weights, "cpu")
+    return inception.load_inception(inception_weights, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +47,28 @@ def images_b():
 
 @pytest.fixture(scope="module")
 def features_a(extractor, images_a):
-    return metrics.inception_features(extractor, images_a, batch_size=12)
+    return inception.inception_features(extractor, images_a, batch_size=12)
 
 
 @pytest.fixture(scope="module")
 def features_b(extractor, images_b):
-    return metrics.inception_features(extractor, images_b, batch_size=12)
+    return inception.inception_features(extractor, images_b, batch_size=12)
 
 
 @pytest.fixture(scope="module")
 def reference_a(extractor, features_a):
-    return metrics.ReferenceStatistics.from_features(features_a, extractor.weights_sha256, source="set a")
+    return inception.ReferenceStatistics.from_features(features_a, extractor.weights_sha256, source="set a")
 
 
 @pytest.fixture(scope="module")
 def reference_b(extractor, features_b):
-    return metrics.ReferenceStatistics.from_features(features_b, extractor.weights_sha256, source="set b")
+    return inception.ReferenceStatistics.from_features(features_b, extractor.weights_sha256, source="set b")
 
 
 @pytest.fixture(scope="module")
 def self_metrics(extractor, images_a, reference_a):
     """inception_metrics of set a against its own statistics: the whole path, extraction included."""
-    return metrics.inception_metrics(extractor, images_a, reference_a, batch_size=12, kid_subset_size=N)
+    return inception.inception_metrics(extractor, images_a, reference_a, batch_size=12, kid_subset_size=N)
 
 
 def scipy_fid(features_1: np.ndarray, features_2: np.ndarray) -> float:
@@ -111,12 +111,12 @@ def test_inception_features_shapes_and_grayscale_is_repeated_to_rgb(extractor, f
     assert all(value.dtype == np.float64 for value in features_a.values())
     assert np.isfinite(features_a["pool"]).all() and features_a["pool"].std(0).mean() > 0  # images differ
     gray = tiny_images(3, count=2, channels=1)
-    as_gray = metrics.inception_features(extractor, gray, spatial=False)
-    as_rgb = metrics.inception_features(extractor, gray.repeat(1, 3, 1, 1), spatial=False)
+    as_gray = inception.inception_features(extractor, gray, spatial=False)
+    as_rgb = inception.inception_features(extractor, gray.repeat(1, 3, 1, 1), spatial=False)
     assert as_gray.keys() == {"pool", "logits"}
     np.testing.assert_array_equal(as_gray["pool"], as_rgb["pool"])
     with pytest.raises(ValueError, match="uint8"):
-        metrics.inception_features(extractor, gray.float())
+        inception.inception_features(extractor, gray.float())
 
 
 def test_spatial_features_are_the_first_7_channels_of_mixed_6d_branch1x1_in_nhwc_order(extractor, images_a, features_a):
@@ -140,7 +140,7 @@ def test_fid_of_a_set_against_itself_is_zero(self_metrics, features_a, reference
 
 def test_precision_and_recall_of_a_set_against_itself_are_one(self_metrics, features_a):
     assert (self_metrics["precision"], self_metrics["recall"]) == (1.0, 1.0)
-    assert metrics.precision_recall(features_a["pool"], features_a["pool"], k=3) == (1.0, 1.0)
+    assert inception.precision_recall(features_a["pool"], features_a["pool"], k=3) == (1.0, 1.0)
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # sqrtm of the singular S1 S2 (rank 23)
@@ -150,7 +150,7 @@ def test_inception_metrics_keys_and_fid_matches_a_direct_scipy_computation(extra
     ~1e-17; frechet_distance's square roots of them shift tr sqrt(S1 S2) by ~3e-6 relative here (scipy's
     sqrtm at full size is off by as much; the reduced computation agrees with a 40-digit one to 1e-13).
     The error vanishes when N > 2048, the real protocol."""
-    values = metrics.inception_metrics(extractor, images_a, reference_b, batch_size=12, kid_subset_size=N)
+    values = inception.inception_metrics(extractor, images_a, reference_b, batch_size=12, kid_subset_size=N)
     assert list(values) == ["fid", "sfid", "is_mean", "is_std", "kid_mean", "kid_std", "precision", "recall"]
     expected = scipy_fid(features_a["pool"], features_b["pool"])
     assert expected > 0
@@ -163,19 +163,19 @@ def test_inception_metrics_keys_and_fid_matches_a_direct_scipy_computation(extra
 def test_inception_score_of_identical_one_hot_logits_is_one_and_of_k_even_classes_is_k():
     identical = torch.zeros(40, 1008, dtype=torch.float64)
     identical[:, 7] = 100.0
-    mean, std = metrics.inception_score(identical, splits=10)
+    mean, std = inception.inception_score(identical, splits=10)
     assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
     even = torch.zeros(40, 1008, dtype=torch.float64)
     even[torch.arange(40), torch.arange(40) % 8] = 100.0  # one-hot, 8 classes, 5 samples each
-    assert metrics.inception_score(even, splits=1)[0] == pytest.approx(8.0, rel=1e-9)  # exp(H(p(y))) = 8
+    assert inception.inception_score(even, splits=1)[0] == pytest.approx(8.0, rel=1e-9)  # exp(H(p(y))) = 8
     with pytest.raises(ValueError, match="splits"):
-        metrics.inception_score(even[:5], splits=10)
+        inception.inception_score(even[:5], splits=10)
 
 
 def test_kid_is_torch_fidelitys_unbiased_mmd_and_separates_different_sets(features_a, features_b):
     """A set against itself: near 0 (the unbiased estimate may dip below 0); a brighter set: far larger."""
-    same = metrics.kernel_inception_distance(features_a["pool"], features_a["pool"], subsets=20, subset_size=N)
-    other = metrics.kernel_inception_distance(features_a["pool"], features_b["pool"], subsets=20, subset_size=N)
+    same = inception.kernel_inception_distance(features_a["pool"], features_a["pool"], subsets=20, subset_size=N)
+    other = inception.kernel_inception_distance(features_a["pool"], features_b["pool"], subsets=20, subset_size=N)
     assert abs(same[0]) < 0.1 * other[0]
 
 
@@ -186,22 +186,22 @@ def test_reference_statistics_round_trip_and_a_different_extractor_is_refused(tm
                                                                                images_a):
     path = tmp_path / "ref.npz"
     reference_a.save(path)
-    loaded = metrics.load_reference_statistics(path, extractor)
+    loaded = inception.load_reference_statistics(path, extractor)
     assert loaded.count == N and loaded.extractor_sha256 == extractor.weights_sha256 and loaded.source == "set a"
     for name in ("mu", "sigma", "features", "sfid_mu", "sfid_sigma"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(reference_a, name))
     assert set(np.load(path).files) == {"format", "extractor", "extractor_sha256", "count", "source", "mu", "sigma",
                                         "sfid_mu", "sfid_sigma", "features"}
 
-    other = metrics.ReferenceStatistics(reference_a.mu, reference_a.sigma, N, "0" * 64)
+    other = inception.ReferenceStatistics(reference_a.mu, reference_a.sigma, N, "0" * 64)
     other.save(path)
-    with pytest.raises(metrics.ReferenceStatisticsError, match="sha256 0000.*not comparable"):
-        metrics.load_reference_statistics(path, extractor)
-    with pytest.raises(metrics.ReferenceStatisticsError, match="not comparable"):
-        metrics.inception_metrics(extractor, images_a, other)
-    assert metrics.load_reference_statistics(path).extractor_sha256 == "0" * 64  # no extractor: nothing to check
-    with pytest.raises(metrics.ReferenceStatisticsError, match="do not exist"):
-        metrics.load_reference_statistics(tmp_path / "missing.npz", extractor)
+    with pytest.raises(inception.ReferenceStatisticsError, match="sha256 0000.*not comparable"):
+        inception.load_reference_statistics(path, extractor)
+    with pytest.raises(inception.ReferenceStatisticsError, match="not comparable"):
+        inception.inception_metrics(extractor, images_a, other)
+    assert inception.load_reference_statistics(path).extractor_sha256 == "0" * 64  # no extractor: nothing to check
+    with pytest.raises(inception.ReferenceStatisticsError, match="do not exist"):
+        inception.load_reference_statistics(tmp_path / "missing.npz", extractor)
 
 
 def test_adm_reference_batch_is_read_as_is(tmp_path, extractor, features_b):
@@ -213,20 +213,20 @@ def test_adm_reference_batch_is_read_as_is(tmp_path, extractor, features_b):
     mu_s, sigma_s = features_b["spatial"].mean(0), np.cov(features_b["spatial"], rowvar=False)
     path = tmp_path / "VIRTUAL_tiny_labeled.npz"
     np.savez(path, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-    loaded = metrics.load_reference_statistics(path, extractor, batch_size=3)
+    loaded = inception.load_reference_statistics(path, extractor, batch_size=3)
     np.testing.assert_array_equal(loaded.mu, mu)
     np.testing.assert_array_equal(loaded.sfid_sigma, sigma_s)
     assert loaded.count is None and loaded.extractor_sha256 is None  # the TF graph's statistics
-    direct = metrics.inception_features(extractor, images, spatial=False)["pool"]
+    direct = inception.inception_features(extractor, images, spatial=False)["pool"]
     np.testing.assert_allclose(loaded.features, direct, rtol=1e-5, atol=1e-6)
 
     np.savez(path, arr_0=arr_0)  # images only: everything is computed from them
-    computed = metrics.load_reference_statistics(path, extractor)
+    computed = inception.load_reference_statistics(path, extractor)
     assert computed.count == 6 and computed.extractor_sha256 == extractor.weights_sha256
     np.testing.assert_allclose(computed.mu, direct.mean(0), rtol=1e-5, atol=1e-7)
     assert computed.sfid_mu.shape == (2023,)
-    with pytest.raises(metrics.ReferenceStatisticsError, match="needs the Inception extractor"):
-        metrics.load_reference_statistics(path)
+    with pytest.raises(inception.ReferenceStatisticsError, match="needs the Inception extractor"):
+        inception.load_reference_statistics(path)
 
 
 def test_build_reference_stats_twice_gives_byte_identical_files(tmp_path, inception_weights, extractor):
@@ -242,7 +242,7 @@ def test_build_reference_stats_twice_gives_byte_identical_files(tmp_path, incept
     assert script.main([*common, f"out={tmp_path / 'one.npz'}"]) == 0
     assert script.main([*common, f"out={tmp_path / 'two.npz'}"]) == 0
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
-    stats = metrics.load_reference_statistics(tmp_path / "one.npz", extractor)
+    stats = inception.load_reference_statistics(tmp_path / "one.npz", extractor)
     assert stats.count == 8 and stats.features.shape == (8, 2048) and stats.sfid_mu.shape == (2023,)
     assert stats.source == f"images={folder} image_size=16"
 
@@ -253,7 +253,7 @@ def test_build_reference_stats_from_a_dataset_split(tmp_path, inception_weights,
     out = tmp_path / "digits.npz"
     assert script.main(["dataset=digits", "dataset.split=test", "limit=6", "features=4", f"out={out}",
                         f"weights={inception_weights}", "device=cpu", "progress=false"]) == 0
-    stats = metrics.load_reference_statistics(out, extractor)
+    stats = inception.load_reference_statistics(out, extractor)
     assert stats.count == 6 and stats.features.shape == (4, 2048)
     assert stats.source == "dataset=digits split=test limit=6"
 
@@ -267,18 +267,18 @@ def test_missing_weights_error_names_the_file_the_url_and_where_to_put_it(tmp_pa
     from runtime import run_main
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    assert metrics.inception_weights_filename() == "weights-inception-2015-12-05-6726825d.pth"
-    assert metrics.inception_weights_url() == URL_INCEPTION_V3
+    assert inception.inception_weights_filename() == "weights-inception-2015-12-05-6726825d.pth"
+    assert inception.inception_weights_url() == URL_INCEPTION_V3
     hub_path = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
-    with pytest.raises(metrics.InceptionWeightsError) as error:
-        metrics.load_inception(None)
+    with pytest.raises(inception.InceptionWeightsError) as error:
+        inception.load_inception(None)
     message = str(error.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in message and URL_INCEPTION_V3 in message
     assert str(hub_path) in message and "training.inception_weights=PATH" in message
     assert isinstance(error.value, ConfigError)
-    with pytest.raises(metrics.InceptionWeightsError, match=f"{tmp_path / 'nope.pth'} does not exist.*"
+    with pytest.raises(inception.InceptionWeightsError, match=f"{tmp_path / 'nope.pth'} does not exist.*"
                                                             f"{URL_INCEPTION_V3}"):
-        metrics.load_inception(tmp_path / "nope.pth")
+        inception.load_inception(tmp_path / "nope.pth")
     # an entry point reports it as one line and exit code 1
     script = load_script("build_reference_stats")
     with pytest.raises(SystemExit) as exit_info:
@@ -295,14 +295,14 @@ def test_weights_are_found_in_the_torch_hub_cache_and_an_unreadable_file_is_refu
     checkpoints.mkdir(parents=True)
     (checkpoints / inception_weights.name).symlink_to(inception_weights)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    assert metrics.load_inception(None).weights_path == str(checkpoints / inception_weights.name)
+    assert inception.load_inception(None).weights_path == str(checkpoints / inception_weights.name)
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(metrics.InceptionWeightsError, match="broken.pth is not torch-fidelity's Inception-v3"):
-        metrics.load_inception(broken)
+    with pytest.raises(inception.InceptionWeightsError, match="broken.pth is not torch-fidelity's Inception-v3"):
+        inception.load_inception(broken)
     torch.save({"fc.weight": torch.zeros(1008, 2048)}, broken)  # a state dict, but not this network's
-    with pytest.raises(metrics.InceptionWeightsError, match="not torch-fidelity's Inception-v3 state dict"):
-        metrics.load_inception(broken)
+    with pytest.raises(inception.InceptionWeightsError, match="not torch-fidelity's Inception-v3 state dict"):
+        inception.load_inception(broken)
 
 
 class _RunsAShellCommand:
@@ -324,8 +324,8 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_pat
     hostile = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     state = torch.load(inception_weights, weights_only=True)
     torch.save({**state, "payload": _RunsAShellCommand(f"touch {marker}")}, hostile)
-    with pytest.raises(metrics.InceptionWeightsError, match=r"never unpickled with code: .*posix\.system"):
-        metrics.load_inception(hostile)
+    with pytest.raises(inception.InceptionWeightsError, match=r"never unpickled with code: .*posix\.system"):
+        inception.load_inception(hostile)
     assert not marker.exists()
     script = load_script("build_reference_stats")
     with pytest.raises(SystemExit) as exit_info:
@@ -335,8 +335,8 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_pat
     assert err.startswith(f"error: Inception weights file {hostile}") and err.count("\n") == 1, err
     # a file that is no pickle at all says so, in one line too
     hostile.write_bytes(b"\x80\x02not a checkpoint")
-    with pytest.raises(metrics.InceptionWeightsError, match="not a tensor file"):
-        metrics.load_inception(hostile)
+    with pytest.raises(inception.InceptionWeightsError, match="not a tensor file"):
+        inception.load_inception(hostile)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,6 +1,6 @@
 """The ImageNet latent cache end to end: scripts/build_latent_cache.py (build, interrupted and
 resumed, split across ranks; convert), scripts/preflight_latent_cache.py, and the reader
-datasets.LatentCacheDataset, on a folder of PNGs written here and the tiny AutoencoderKL."""
+latent_cache.LatentCacheDataset, on a folder of PNGs written here and the tiny AutoencoderKL."""
 
 import contextlib
 import io
@@ -17,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+import dataset_registry
 import datasets
 import latent_cache
+import smoke_data
 from config import ConfigError
 from conftest import ROOT, load_script
 
@@ -41,7 +43,7 @@ def setup(tmp_path_factory):
         for k, (w, h) in enumerate(sizes):
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / name / f"{k}.png")
     (root / "images" / "dog" / "notes.txt").write_text("not an image")
-    vae.save_tiny_vae(root / "vae")
+    smoke_data.save_tiny_vae(root / "vae")
     return root, vae.SDVAE(str(root / "vae"), chunk_size=4, vae_id="org/tiny-vae")
 
 
@@ -67,7 +69,7 @@ def cache(setup):
     common = dict(image_size=32, shard_size=2, flip=True, **QUIET)
     first = latent_cache.build_shards(root / "images", out, counting, max_shards=1, **common)
     assert first == {"written": [0], "skipped": [], "num_shards": 3} and counting.encoded == 2 * 2
-    with pytest.raises(datasets.LatentCacheError, match=r"2 of 3 shards are missing .*indices 1, 2"):
+    with pytest.raises(latent_cache.LatentCacheError, match=r"2 of 3 shards are missing .*indices 1, 2"):
         latent_cache.convert_shards(out)
     (out / "shards" / ".shard_00001.npz.tmp").write_bytes(b"half a shard")  # a killed writer's leftover
     second = latent_cache.build_shards(root / "images", out, counting, **common)
@@ -122,7 +124,7 @@ def test_manifest_preflight_and_dataset(setup, cache):
     assert "count 6" in result.stdout and "org/tiny-vae" in result.stdout and "flip twin" in result.stdout
 
     # Through the registry, as train.py builds it: path/split, float32 on the device, the VAE binding exposed.
-    data = datasets.build_dataset("latent_cache", "cpu", path=str(cache.parent), split="train", vae="org/tiny-vae",
+    data = dataset_registry.build_dataset("latent_cache", "cpu", path=str(cache.parent), split="train", vae="org/tiny-vae",
                                   flip=True, verify=True)
     assert len(data) == 6 and data.sample_shape == (4, 4, 4) and data.num_classes == 2 and data.flip
     assert data.class_names == ("cat", "dog") and data.name == "latent_cache" and data.image_size == 32
@@ -147,17 +149,17 @@ def test_manifest_preflight_and_dataset(setup, cache):
     assert torch.equal(a, b) and torch.equal(torch.where(from_twin.view(-1, 1, 1, 1), twin, plain), a)
     assert 0 < from_twin.sum() < len(indices)
     assert torch.equal(data.batch(indices)[0], plain)  # no generator: nothing random
-    no_flip = datasets.load_latent_cache(path=str(cache), split="train", vae="org/tiny-vae", flip=False)
+    no_flip = latent_cache.load_latent_cache(path=str(cache), split="train", vae="org/tiny-vae", flip=False)
     generator = torch.Generator().manual_seed(0)
     state = generator.get_state()
     assert torch.equal(no_flip.batch(indices, generator)[0], plain) and torch.equal(generator.get_state(), state)
     with pytest.raises(IndexError, match=r"\[0, 6\)"):
         data.batch(torch.tensor([6]))
     # A split directory given directly must be the split asked for.
-    with pytest.raises(datasets.LatentCacheError, match="split: this directory holds split 'train', the run asked for 'test'"):
-        datasets.load_latent_cache(path=str(cache), split="test", vae="org/tiny-vae")
-    with pytest.raises(datasets.LatentCacheError, match="no manifest.json"):
-        datasets.load_latent_cache(path=str(cache.parent), split="val", vae="org/tiny-vae")
+    with pytest.raises(latent_cache.LatentCacheError, match="split: this directory holds split 'train', the run asked for 'test'"):
+        latent_cache.load_latent_cache(path=str(cache), split="test", vae="org/tiny-vae")
+    with pytest.raises(latent_cache.LatentCacheError, match="no manifest.json"):
+        latent_cache.load_latent_cache(path=str(cache.parent), split="val", vae="org/tiny-vae")
 
 
 def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
@@ -166,33 +168,33 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
     common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
     assert latent_cache.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00001.npz"]
-    with pytest.raises(datasets.LatentCacheError, match="shard_size: cache has 2, this run 3"):
+    with pytest.raises(latent_cache.LatentCacheError, match="shard_size: cache has 2, this run 3"):
         latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
     assert latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
     assert build.main(["convert", f"out={out}", "delete_shards=true"]) == 0
     assert not list((out / "shards").iterdir())
-    data = datasets.LatentCacheDataset(out)
+    data = latent_cache.LatentCacheDataset(out)
     assert data.latents.dtype == np.float32 and not data.flip and data.y.tolist() == [0, 0, 0, 1, 1, 1]
-    with pytest.raises(datasets.LatentCacheError, match="flip=true needs latents_flip.npy, but this cache has flip policy 'none'"):
-        datasets.LatentCacheDataset(out, flip=True)
+    with pytest.raises(latent_cache.LatentCacheError, match="flip=true needs latents_flip.npy, but this cache has flip policy 'none'"):
+        latent_cache.LatentCacheDataset(out, flip=True)
 
 
 def test_smoke_cache_in_one_call(tmp_path):
     import vae
 
-    made = latent_cache.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
+    made = smoke_data.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
     assert made["split"] == "train" and (tmp_path / "smoke" / "vae" / "config.json").is_file()
-    data = datasets.build_dataset("latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"],
+    data = dataset_registry.build_dataset("latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"],
                                   flip=True, verify=True)
     assert len(data) == 6 and data.sample_shape == (4, 4, 4) and data.class_names == ("class_0", "class_1", "class_2")
     x, y = data.batch(torch.arange(6), torch.Generator().manual_seed(0))
     images = vae.SDVAE(data.vae_id).decode(x)  # the trainer's route from latents to a figure
     assert images.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 1, 1, 2, 2]
-    folder = datasets.build_dataset("imagefolder", "cpu", root=str(made["images"]), image_size=32)
+    folder = dataset_registry.build_dataset("imagefolder", "cpu", root=str(made["images"]), image_size=32)
     assert len(folder) == 6 and folder.num_classes == 3
     # The CLI the *_smoke presets name; rerunning into the same directory starts over.
     assert build.main(["smoke", f"out={tmp_path / 'smoke'}", "images_per_class=3", "image_size=16"]) == 0
-    again = datasets.load_latent_cache(path=str(made["path"]), vae=made["vae"])
+    again = latent_cache.load_latent_cache(path=str(made["path"]), vae=made["vae"])
     assert len(again) == 6 and again.sample_shape == (4, 2, 2) and again.num_classes == 2
 
 
@@ -201,7 +203,7 @@ def test_synthetic_cache_uses_the_same_writer(tmp_path):
                                            chunk=4)
     assert manifest["count"] == 10 and manifest["vae_id"] == "synthetic"
     assert preflight(tmp_path / "train").returncode == 0
-    data = datasets.load_latent_cache(path=str(tmp_path), vae="synthetic")
+    data = latent_cache.load_latent_cache(path=str(tmp_path), vae="synthetic")
     assert data.sample_shape == (4, 2, 2) and data.num_classes == 7 and 0 <= int(data.y.min()) <= int(data.y.max()) < 7
 
 
@@ -212,7 +214,7 @@ def test_reader_unmaps_pages_and_picks_random_access_for_caches_larger_than_ram(
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
 
-    data = datasets.load_latent_cache(path=str(tmp_path), vae="synthetic", flip=False)
+    data = latent_cache.load_latent_cache(path=str(tmp_path), vae="synthetic", flip=False)
     assert not data.random_access and data.unmap_pages
     before = rss_file_kib()
     data.unmap_pages = False
@@ -220,8 +222,8 @@ def test_reader_unmaps_pages_and_picks_random_access_for_caches_larger_than_ram(
     assert rss_file_kib() - before >= 900
     data.release_pages()
     assert rss_file_kib() - before < 200
-    monkeypatch.setattr(datasets, "_available_memory_bytes", lambda: 1024)
-    assert datasets.load_latent_cache(path=str(tmp_path), vae="synthetic", flip=False).random_access
+    monkeypatch.setattr(latent_cache, "_available_memory_bytes", lambda: 1024)
+    assert latent_cache.load_latent_cache(path=str(tmp_path), vae="synthetic", flip=False).random_access
 
 
 def _resign(path, name):
@@ -283,13 +285,13 @@ def test_damaged_cache_fails_preflight_and_open(cache, tmp_path, kind, message, 
     problems = [line for line in result.stderr.splitlines() if line.startswith("problem:")]
     assert len(problems) == 1, result.stderr
     assert re.search(message, problems[0]), problems[0]
-    with pytest.raises(datasets.LatentCacheError, match=message):
-        datasets.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae", verify=True)
+    with pytest.raises(latent_cache.LatentCacheError, match=message):
+        latent_cache.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae", verify=True)
     if plain_open_fails:
-        with pytest.raises(datasets.LatentCacheError, match=message):
-            datasets.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae")
+        with pytest.raises(latent_cache.LatentCacheError, match=message):
+            latent_cache.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae")
     else:
-        datasets.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae")  # the O(size) scans: verify=true or preflight
+        latent_cache.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae")  # the O(size) scans: verify=true or preflight
 
 
 def test_wrong_vae_binding_and_missing_manifest(cache, tmp_path):
@@ -297,8 +299,8 @@ def test_wrong_vae_binding_and_missing_manifest(cache, tmp_path):
     assert result.returncode == 1
     assert "vae_id: cache was encoded with 'org/tiny-vae', the run expects 'stabilityai/sd-vae-ft-mse'" in result.stderr
     assert "vae_scaling_factor: cache has 0.18215" in result.stderr and "has 0.13025" in result.stderr
-    with pytest.raises(datasets.LatentCacheError, match="vae_id: cache was encoded with 'org/tiny-vae'"):
-        datasets.load_latent_cache(path=str(cache.parent), vae="sd_vae_ft_ema")
+    with pytest.raises(latent_cache.LatentCacheError, match="vae_id: cache was encoded with 'org/tiny-vae'"):
+        latent_cache.load_latent_cache(path=str(cache.parent), vae="sd_vae_ft_ema")
     shutil.copytree(cache, tmp_path / "c")
     (tmp_path / "c" / "manifest.json").unlink()
     result = preflight(tmp_path / "c")

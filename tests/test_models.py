@@ -203,15 +203,3 @@ def test_group_count_divides_and_keeps_groups_wide():
         assert channels % groups == 0 and 1 <= groups <= 32
     assert models.group_count(32) == 8 and models.group_count(256) == 32
 
-
-# --- classifier --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("in_ch,size", [(1, 16), (1, 28), (1, 32), (3, 16), (3, 28), (3, 32)])
-def test_classifier_logits_and_features(in_ch, size):
-    model = models.CLASSIFIERS["cnn"](in_ch=in_ch, num_classes=7, width=16).eval()
-    x = torch.randn(5, in_ch, size, size)
-    logits, feats = model(x), model.features(x)
-    assert logits.shape == (5, 7) and feats.shape == (5, model.feature_dim) == (5, 64)
-    assert (feats >= 0).all()  # post-ReLU
-    assert 100_000 < models.count_parameters(models.Classifier(in_ch=in_ch)) < 1_000_000

@@ -4,11 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import metrics
+from classifier import Classifier, load_classifier, train_classifier
 from config import ConfigError
-from conftest import load_script
 from metrics import jpeg_bits_per_pixel, png_bits_per_pixel
-from models import Classifier
 from rl.reward import (
     REWARDS,
     ClassifierLogProbReward,
@@ -21,8 +19,6 @@ from rl.reward import (
 
 ALLOWED = "classifier_logprob, fixed_class_logprob, jpeg, png, weighted_sum"
 
-train_classifier = load_script("train_classifier").train_classifier
-
 
 def images(batch: int = 6, channels: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
     """Noise in [-1, 1], [B, C, H, W]."""
@@ -31,7 +27,7 @@ def images(batch: int = 6, channels: int = 1, size: int = 16, seed: int = 0) -> 
 
 @pytest.fixture(scope="module")
 def classifier():
-    """An untrained tiny models.Classifier (10 classes, 1 channel)."""
+    """An untrained tiny classifier.Classifier (10 classes, 1 channel)."""
     torch.manual_seed(0)
     return Classifier(in_ch=1, num_classes=10, width=4).eval()
 
@@ -148,7 +144,7 @@ def test_build_reward_from_specs(classifier_file):
     assert isinstance(jpeg, JpegCompressibilityReward) and jpeg.quality == 60
     assert isinstance(build_reward(OmegaConf.create({"name": "png"})), PngCompressibilityReward)
 
-    loaded = metrics.load_classifier(classifier_file)
+    loaded = load_classifier(classifier_file)
     logp = expected_log_probs(loaded, x)
     aligned = build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "dataset": "digits"}, "cpu")
     torch.testing.assert_close(aligned(x, labels), logp[torch.arange(4), labels])

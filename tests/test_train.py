@@ -291,7 +291,7 @@ def test_digits_stage_end_to_end(tmp_path):
     digits. Guided samples must be classified as their requested digit at least 60 % of the time:
     chance is 10 %, and the classifier scores 99 % on held-out real digits, so 60 % can only come
     from class-conditional samples that look like digits (measured: see experiments/digits.md)."""
-    train_classifier = load_script("train_classifier").train_classifier
+    from classifier import train_classifier
 
     classifier = tmp_path / "digits.safetensors"
     assert train_classifier("digits", classifier, epochs=4, width=16, batch_size=64, device="cpu", log=lambda *a: None) > 0.95

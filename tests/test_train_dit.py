@@ -112,9 +112,9 @@ def test_init_errors_name_the_key(tmp_path):
 def smoke(tmp_path_factory):
     """make_smoke_cache: 2 classes x 4 random PNGs, a tiny AutoencoderKL, the built + converted cache."""
 
-    import latent_cache
+    import smoke_data
 
-    return latent_cache.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
+    return smoke_data.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
 
 
 def test_latent_smoke_presets_train_hand_off_and_decode(tmp_path, smoke):

@@ -33,9 +33,7 @@ def seed_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def classifier_file(tmp_path_factory):
     """A 1-epoch digits classifier: the presets point at runs/classifiers/, which a fresh clone lacks."""
-    from conftest import load_script
-
-    train_classifier = load_script("train_classifier").train_classifier
+    from classifier import train_classifier
 
     path = tmp_path_factory.mktemp("classifier") / "digits.safetensors"
     train_classifier("digits", path, epochs=1, batch_size=256, width=4, device="cpu", log=lambda line: None)
@@ -186,11 +184,11 @@ def seed_and_classifier_28(tmp_path_factory):
     """A 22k-parameter digits_cfg U-Net and two small classifiers on the digits resized to 28x28 (the size
     of the held-out data the collapse was reported on; JPEG's fixed cost is 3.49 of ~5.7 bpp there): one
     scores the samples, the other (another seed and width) anchors the shipped preset's reward."""
-    from conftest import load_script, run_train
+    from classifier import train_classifier
+    from conftest import run_train
 
     root = tmp_path_factory.mktemp("digits28")
     classifier, anchor = root / "classifier.safetensors", root / "anchor.safetensors"
-    train_classifier = load_script("train_classifier").train_classifier
     train_classifier("digits", classifier, epochs=4, width=8, device="cpu", image_size=28, log=lambda line: None)
     train_classifier("digits", anchor, epochs=4, width=12, seed=1, device="cpu", image_size=28, log=lambda line: None)
     seed = root / "seed"

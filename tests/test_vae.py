@@ -12,9 +12,9 @@ from conftest import ROOT
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     """The tiny AutoencoderKL the smoke presets use, saved with save_pretrained."""
-    import vae
+    from smoke_data import save_tiny_vae
 
-    return vae.save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
+    return save_tiny_vae(tmp_path_factory.mktemp("tiny_vae"))
 
 
 def test_local_directory_encode_decode_and_scaling(tiny_vae_dir):
@@ -43,8 +43,9 @@ def test_local_directory_encode_decode_and_scaling(tiny_vae_dir):
 
 def test_shift_factor_read_from_config(tmp_path):
     import vae
+    from smoke_data import save_tiny_vae
 
-    vae.save_tiny_vae(tmp_path, shift_factor=0.25)
+    save_tiny_vae(tmp_path, shift_factor=0.25)
     codec = vae.SDVAE(str(tmp_path), dtype="float32")
     assert codec.shift_factor == 0.25
     images = torch.zeros(1, 3, 32, 32)
@@ -74,6 +75,7 @@ def test_presets_and_offline_errors(tmp_path):
 
 def test_local_copy_can_claim_a_hub_id_and_ids_compare(tiny_vae_dir, tmp_path, monkeypatch):
     import vae
+    from smoke_data import tiny_autoencoder
 
     codec = vae.SDVAE(str(tiny_vae_dir), vae_id="sd_vae_ft_mse")
     assert codec.vae_id == "stabilityai/sd-vae-ft-mse"  # what a cache built with it records
@@ -84,7 +86,7 @@ def test_local_copy_can_claim_a_hub_id_and_ids_compare(tiny_vae_dir, tmp_path, m
     assert not vae.same_vae(str(tiny_vae_dir), str(tmp_path))
     # The helper is seeded: same weights every call, and the caller's RNG is left alone.
     state = torch.random.get_rng_state()
-    a, b = vae.tiny_autoencoder(), vae.tiny_autoencoder()
+    a, b = tiny_autoencoder(), tiny_autoencoder()
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert a.config.latent_channels == 4 and 2 ** (len(a.config.block_out_channels) - 1) == 8

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from classifier import classifier_logits, load_classifier
 from config import check, parse_keys
 from datasets import load_fashion_mnist, uint8_to_model_space
-from metrics import classifier_logits, constant_image_bits_per_pixel, jpeg_bits_per_pixel, load_classifier
+from metrics import constant_image_bits_per_pixel, jpeg_bits_per_pixel
 from runtime import run_main
 
 SCALES, SQUEEZES, CONTRASTS, BLURS, THRESHOLDS = (1, 0.85, 0.7), (1, 0.75, 0.55), (1, 0.6, 0.4, 0.3), (0, 1), (0, 0.15)

@@ -1,0 +1,31 @@
+"""Every data source by its config name (`dataset.name`): DATASETS maps it to its loader, `build_dataset`
+calls it. The loaders live with their data: datasets.py (moons, digits, MNIST, Fashion-MNIST, CIFAR-10,
+image folders) and latent_cache.py (the ImageNet latent cache, which itself reads image folders through
+datasets.py, so the registry sits above both); datasets.DATASET_INFO has each name's shape and class count.
+"""
+
+from datasets import (
+    ImageFolderDataset,
+    InMemoryDataset,
+    load_cifar10,
+    load_digits,
+    load_fashion_mnist,
+    load_imagefolder,
+    load_mnist,
+    load_moons,
+)
+from latent_cache import LatentCacheDataset, load_latent_cache
+
+DATASETS = {
+    "moons": load_moons,
+    "digits": load_digits,
+    "mnist": load_mnist,
+    "fashion_mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+    "latent_cache": load_latent_cache,
+}
+
+
+def build_dataset(name: str, device, **kwargs) -> InMemoryDataset | ImageFolderDataset | LatentCacheDataset:
+    return DATASETS[name](device=device, **kwargs)
