@@ -144,6 +144,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
 
     `inference` and `eval` live in their own directories (configs/inference/, configs/eval/), so that
     their scalar keys (`solver=heun`) are not mistaken for the training config groups of the same name.
+    An `experiment=` preset must be one of this entry point's (`check_preset`).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -158,6 +159,7 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     ConfigStore.instance().store(name="grpo_schema", node=GRPORunConfig)
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
     ConfigStore.instance().store(name="pairs_schema", node=PairsConfig)
+    check_preset(overrides, config_name)
     GlobalHydra.instance().clear()
     config_dir = CONFIG_DIR / config_name if config_name in FLAT_CONFIGS else CONFIG_DIR
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -829,3 +831,71 @@ def parse_keys(argv: list[str], schema, doc: str | None = None, *, spellings: di
         raise ConfigError(f"cannot parse arguments {' '.join(mine)}: {e}; write them as key=value") from None
     cfg = OmegaConf.to_object(apply_schema(cfg, schema))
     return (cfg, rest) if passthrough else cfg
+
+# --- presets (configs/experiment/) ---------------------------------------------------------------
+
+
+# The entry point each kind of preset is for, by primary config.
+PRESET_KINDS = {"config": "train", "config_grpo": "grpo"}
+PRESET_SCRIPTS = {"train": "train.py", "grpo": "train_grpo.py"}
+
+
+def preset_kind(name: str) -> str:
+    """'grpo' for a train_grpo.py preset, 'train' for a train.py one, told apart by structure: a GRPO
+    preset sets or overrides a section that only GRPORunConfig has (grpo, reward, seed_checkpoint), or
+    extends a preset that does."""
+    path = CONFIG_DIR / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return "train"
+    node = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    grpo_only = {f.name for f in dataclasses.fields(GRPORunConfig)} - {f.name for f in dataclasses.fields(Config)}
+    keys, parents = set(node) - {"defaults"}, []
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, str) and entry != "_self_":  # another preset of the group, which this one extends
+            parents.append(entry.removeprefix("/experiment/"))
+        elif isinstance(entry, dict):  # `override /reward: jpeg` sets the reward section
+            keys |= {key.removeprefix("override").strip().lstrip("/").partition("@")[0] for key in entry}
+    if keys & grpo_only:
+        return "grpo"
+    return "grpo" if any(preset_kind(parent) == "grpo" for parent in parents if "/" not in parent) else "train"
+
+
+def presets(kind: str = "train") -> list[str]:
+    """The selectable presets for train.py (kind 'train') or train_grpo.py ('grpo'). A file whose name
+    starts with '_' is a base that presets extend (its shared settings), never a preset itself."""
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")
+                  if not p.stem.startswith("_") and preset_kind(p.stem) == kind)
+
+
+def check_preset(overrides: list[str], config_name: str) -> None:
+    """`experiment=NAME` must name a preset of this entry point: one line naming the right entry point
+    for the other kind's preset, or the allowed presets for an unknown name or a base."""
+    if config_name not in PRESET_KINDS:
+        return
+    name = _experiment_choice(overrides)
+    if name is None:
+        return
+    kind = PRESET_KINDS[config_name]
+    if name in presets(kind):
+        return
+    if not name.startswith("_") and (CONFIG_DIR / "experiment" / f"{name}.yaml").is_file():
+        if preset_kind(name) == "grpo":
+            raise ConfigError(f"experiment={name} is a Flow-GRPO preset (it has a grpo/reward section), for train_grpo.py: "
+                              f"python train_grpo.py experiment={name} seed_checkpoint=RUN_DIR")
+        raise ConfigError(f"experiment={name} is a training preset, for train.py (python train.py experiment={name}); "
+                          f"train_grpo.py takes a GRPO preset: {', '.join(presets('grpo'))}")
+    check_choice("experiment", name, presets(kind))
+
+
+def _experiment_choice(overrides: list[str]) -> str | None:
+    """The preset an `experiment=NAME` override picks (the last one); None when there is none, or when
+    the overrides do not parse (Hydra's own message then says why)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return None
+    values = [o.value() for o in parsed if o.key_or_group == "experiment" and o.package is None and not o.is_delete()]
+    return values[-1] if values and isinstance(values[-1], str) else None

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from config import CONFIG_DIR, ConfigError, compose, load_config
+from config import ConfigError, compose, load_config, presets
 
-PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml") if "grpo" not in p.stem)
+PRESETS = presets("train")
 
 
 def test_presets_exist():

@@ -8,15 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from config import ConfigError, load_grpo_config
-from conftest import ROOT
+from config import ConfigError, load_grpo_config, presets
 from rl.trainer import GRPOTrainer
 
 # A tiny class-conditional U-Net on 16x16 digits: a seed trains in seconds.
 TINY_MODEL = ["model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16"]
 FAST = ["device=cpu", "training.progress=false", "training.tensorboard=false", "training.num_eval_samples=20",
         "solver.num_steps=4", "grpo.rollout_steps=4", "grpo.batch_size=2", "grpo.group_size=4", "grpo.num_inner=2"]
-GRPO_PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if "grpo" in p.stem)
+GRPO_PRESETS = presets("grpo")
 
 
 @pytest.fixture(scope="module")
