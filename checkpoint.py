@@ -295,6 +295,35 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     module.load_state_dict(weights, strict=True)
 
 
+def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Module | None, optimizer, device):
+    """A fresh run's start from `init` (training.init: checkpoint, model / ema in {model, ema, none},
+    optimizer, step), each part on or off -> (the checkpoint's step when init.step else None, its EMA
+    update count, a line saying what was loaded). The architecture must match (load_weights names any
+    difference); dataset, flow and masking may change, which is the point (masked pretrain -> unmasked)."""
+    wanted = {init.model, init.ema} - {"none"}
+    loaded = load_checkpoint(init.checkpoint, map_location=device, load_model="model" in wanted,
+                             load_ema="ema" in wanted, load_state=init.optimizer or init.step)
+    weights = {"model": loaded.model, "ema": loaded.ema}
+    for part, target in (("model", model), ("ema", ema_model)):
+        source = getattr(init, part)
+        if source == "none" or target is None:
+            continue
+        if weights[source] is None:
+            raise CheckpointError(f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
+                                  f"{source}.safetensors; use training.init.{part}=model or none")
+        load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})")
+    if ema_model is not None and init.ema == "none" and init.model != "none":
+        ema_model.load_state_dict(model.state_dict())  # the EMA starts where the model starts
+    if init.optimizer:
+        optimizer.load_state_dict(loaded.state["optimizer"])
+    parts = [f"{part} <- {getattr(init, part)}" for part in ("model", "ema")] + \
+            [part for part in ("optimizer", "step") if getattr(init, part)]
+    message = f"initialised from {loaded.path} (step {loaded.step}): {', '.join(parts)}"
+    if not init.step:
+        return None, None, message
+    return loaded.step, int(loaded.state["ema_num_updates"]), message
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step_* checkpoints."""
     for _, path in list_checkpoints(run_dir)[:-keep_last]:

@@ -273,6 +273,42 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
     return grad_norm, nonfinite
 
 
+class NonfiniteGuard:
+    """Optimizer steps skipped for a non-finite gradient norm (optimizer_step skips them on the device),
+    counted on the device without a host sync, warned about, and fatal after `limit` in a row. Skipped
+    steps leave the weights, EMA and optimizer untouched, so a late abort loses nothing.
+
+    limit: training.max_nonfinite_steps; unit: what a step is called in messages; hint: the setting to lower."""
+
+    def __init__(self, limit: int, device, unit: str = "step", hint: str = "training.lr"):
+        self.limit, self.unit, self.hint = limit, unit, hint
+        self.in_a_row = torch.zeros((), dtype=torch.long, device=device)
+        self.total = torch.zeros((), dtype=torch.long, device=device)
+        self._reported = (0, 0)  # (total skipped, step) at the last warning
+
+    def update(self, nonfinite: torch.Tensor) -> None:
+        """nonfinite: the bool scalar optimizer_step returned."""
+        self.in_a_row = torch.where(nonfinite, self.in_a_row + 1, 0)
+        self.total += nonfinite
+
+    def check(self, step: int, run_dir: Path, log, summarise: bool = True) -> None:
+        """Read the counters (a host sync): warn about skipped steps (at the first one, then whenever
+        `summarise` and there are new ones), and raise RunError after `limit` in a row."""
+        total, in_a_row = int(self.total), int(self.in_a_row)
+        reported_total, reported_step = self._reported
+        if total > reported_total and (summarise or reported_total == 0):
+            log(f"WARNING: {total - reported_total} optimizer step(s) between {self.unit}s {reported_step} and {step} "
+                f"had a non-finite gradient norm and were skipped (weights, EMA and optimizer unchanged); {in_a_row} "
+                f"in a row now, training.max_nonfinite_steps = {self.limit}")
+            self._reported = (total, step)
+        if in_a_row >= self.limit:
+            saved = ckpt.list_checkpoints(run_dir)
+            last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
+            raise RunError(f"{in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = {self.limit}) "
+                           f"ending at {self.unit} {step}; aborting: the loss or gradients diverged (try a lower "
+                           f"{self.hint}, or check the data for NaN/inf). {last}")
+
+
 class EMA:
     """Exponential moving average of a model's weights, kept as a full model for sampling."""
 

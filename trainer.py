@@ -37,6 +37,7 @@ from runtime import (
     EXIT_OK,
     EXIT_PREEMPTED,
     MetricLogger,
+    NonfiniteGuard,
     RunError,
     Runtime,
     amp_dtype,
@@ -58,6 +59,16 @@ FINAL_OUTPUTS = ["samples.png", "samples.npz"]
 def micro_batch_seed(seed: int, step: int, micro_index: int) -> int:
     """Seed of every random draw of one micro-batch; a function of position only (exact resume)."""
     return derive_seed(seed, step, micro_index)
+
+
+def moe_load_metrics(model) -> dict[str, float]:
+    """Expert-choice load of the last forward, averaged over MoE blocks: the fraction of tokens no
+    expert picked (they skip the MLP), picked once, and picked by two or more."""
+    load = getattr(model, "moe_load", lambda: {})()
+    if not load:
+        return {}
+    mean = torch.stack(list(load.values())).mean(0).tolist()
+    return {"moe/tokens_unpicked": mean[0], "moe/tokens_picked_once": mean[1], "moe/tokens_picked_2plus": mean[2]}
 
 
 class StepMeter:
@@ -165,9 +176,7 @@ class Trainer:
             self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids, find_unused_parameters=unused)
         self.generator = torch.Generator(device=device)
         self.step = 0
-        self.nonfinite_in_a_row = torch.zeros((), dtype=torch.long, device=device)
-        self.nonfinite_total = torch.zeros((), dtype=torch.long, device=device)  # for the warnings
-        self._nonfinite_reported = (0, 0)  # (total skipped, step) at the last warning
+        self.nonfinite = NonfiniteGuard(tr.max_nonfinite_steps, device)
         self._permutation = (None, None)  # (epoch, permutation) cache
 
     # -- state --
@@ -176,7 +185,7 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "ema_num_updates": self.ema.num_updates if self.ema else 0,
-            "nonfinite_in_a_row": int(self.nonfinite_in_a_row),
+            "nonfinite_in_a_row": int(self.nonfinite.in_a_row),
             # The data position and every RNG stream are functions of the step (module docstring),
             # so these are recorded for inspection, not needed to resume.
             "epoch": self.step // self.steps_per_epoch,
@@ -217,39 +226,21 @@ class Trainer:
             ckpt.load_weights(self.ema.model, loaded.ema, f"checkpoint {loaded.path} (ema)")
             self.ema.num_updates = int(loaded.state["ema_num_updates"])
         self.optimizer.load_state_dict(loaded.state["optimizer"])
-        self.nonfinite_in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
+        self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
 
     def initialize(self) -> None:
-        """A fresh run's start from training.init.checkpoint: each part (model, EMA, optimizer, step) on
-        or off. The architecture must match (load_weights names any difference); dataset, flow and
-        masking may change, which is the point (masked pretrain -> unmasked fine-tune)."""
+        """A fresh run's start from training.init.checkpoint (checkpoint.init_from_checkpoint)."""
         init = self.cfg.training.init
         if init.checkpoint is None:
             return
-        wanted = {init.model, init.ema} - {"none"}
-        loaded = ckpt.load_checkpoint(init.checkpoint, map_location=self.runtime.device, load_model="model" in wanted,
-                                      load_ema="ema" in wanted, load_state=init.optimizer or init.step)
-        weights = {"model": loaded.model, "ema": loaded.ema}
-        for part, target in (("model", self.model), ("ema", self.ema.model if self.ema else None)):
-            source = getattr(init, part)
-            if source == "none" or target is None:
-                continue
-            if weights[source] is None:
-                raise ckpt.CheckpointError(f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
-                                           f"{source}.safetensors; use training.init.{part}=model or none")
-            ckpt.load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})")
-        if self.ema and init.ema == "none" and init.model != "none":
-            self.ema.model.load_state_dict(self.model.state_dict())  # the EMA starts where the model starts
-        if init.optimizer:
-            self.optimizer.load_state_dict(loaded.state["optimizer"])
-        if init.step:
-            self.step = loaded.step
+        step, ema_updates, message = ckpt.init_from_checkpoint(
+            init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device)
+        if step is not None:
+            self.step = step
             if self.ema:
-                self.ema.num_updates = int(loaded.state["ema_num_updates"])
-        parts = [f"{part} <- {getattr(init, part)}" for part in ("model", "ema")] + \
-                [part for part in ("optimizer", "step") if getattr(init, part)]
-        self.log.print(f"initialised from {loaded.path} (step {loaded.step}): {', '.join(parts)}")
+                self.ema.num_updates = ema_updates
+        self.log.print(message)
 
     # -- one optimizer step --
 
@@ -316,8 +307,7 @@ class Trainer:
         grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, tr.grad_clip)
         if self.ema:
             self.ema.update(self.model, skip=nonfinite)
-        self.nonfinite_in_a_row = torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0)
-        self.nonfinite_total += nonfinite
+        self.nonfinite.update(nonfinite)
         self.step += 1
         return loss_sum / tr.grad_accum, grad_norm, torch.cat(per_sample_all), torch.cat(t_all)
 
@@ -335,22 +325,25 @@ class Trainer:
                 return EXIT_OK
             self.print_plan()
             meter = StepMeter(self.runtime.device)
+            check_every = max(1, min(tr.log_every, tr.max_nonfinite_steps // 2))
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
             while self.step < self.target_steps:
                 loss, grad_norm, per_sample, t = self.train_step()
                 meter.add(loss, grad_norm, per_sample, t)
                 bar.update(1)
                 at_log = self.step % tr.log_every == 0 or self.step == self.target_steps
-                if at_log or self.step % self.nonfinite_check_every() == 0:
-                    self._check_nonfinite(summarise=at_log)
+                # the device counters are read every check_every steps: an abort comes after between
+                # max_nonfinite_steps and 1.5x that many skipped steps in a row
+                if at_log or self.step % check_every == 0:
+                    self.nonfinite.check(self.step, self.run_dir, self.log.print, summarise=at_log)
                 if at_log:
                     values = {**meter.values(tr.batch_size), "train/lr": self.optimizer.param_groups[0]["lr"],
-                              "train/epoch": self.step / self.steps_per_epoch, **self.moe_load_metrics()}
+                              "train/epoch": self.step / self.steps_per_epoch, **moe_load_metrics(self.model)}
                     self.log.scalars(self.step, values)
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
                 stopping = run.stop_requested(self.step)
                 if stopping or self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
-                    self._check_nonfinite()
+                    self.nonfinite.check(self.step, self.run_dir, self.log.print)
                     self.save()
                 if stopping:
                     return EXIT_PREEMPTED
@@ -374,43 +367,6 @@ class Trainer:
             f"{len(self.train_data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, steps {self.step} "
             f"-> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
         )
-
-    def nonfinite_check_every(self) -> int:
-        """Steps between reads of the device counters (a host sync): a run stops after between
-        max_nonfinite_steps and 1.5x that many consecutive skipped steps."""
-        tr = self.cfg.training
-        return max(1, min(tr.log_every, tr.max_nonfinite_steps // 2))
-
-    def _check_nonfinite(self, summarise: bool = True) -> None:
-        """Warn about skipped steps (at the first one, then once per log interval that has any) and
-        abort after max_nonfinite_steps in a row. Skipped steps leave the weights, EMA and optimizer
-        untouched, so a late abort loses nothing."""
-        total, in_a_row = int(self.nonfinite_total), int(self.nonfinite_in_a_row)
-        reported_total, reported_step = self._nonfinite_reported
-        if total > reported_total and (summarise or reported_total == 0):
-            self.log.print(f"WARNING: {total - reported_total} optimizer step(s) between steps {reported_step} and "
-                           f"{self.step} had a non-finite gradient norm and were skipped (weights, EMA and optimizer "
-                           f"unchanged); {in_a_row} in a row now, training.max_nonfinite_steps = "
-                           f"{self.cfg.training.max_nonfinite_steps}")
-            self._nonfinite_reported = (total, self.step)
-        limit = self.cfg.training.max_nonfinite_steps
-        if in_a_row >= limit:
-            saved = ckpt.list_checkpoints(self.run_dir)
-            last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
-            raise RunError(
-                f"{in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = {limit}) ending at step "
-                f"{self.step}; aborting: the loss or gradients diverged (try a lower training.lr, or check the data "
-                f"for NaN/inf). {last}"
-            )
-
-    def moe_load_metrics(self) -> dict[str, float]:
-        """Expert-choice load of the last forward, averaged over MoE blocks: the fraction of tokens no
-        expert picked (they skip the MLP), picked once, and picked by two or more."""
-        load = getattr(self.model, "moe_load", lambda: {})()
-        if not load:
-            return {}
-        mean = torch.stack(list(load.values())).mean(0).tolist()
-        return {"moe/tokens_unpicked": mean[0], "moe/tokens_picked_once": mean[1], "moe/tokens_picked_2plus": mean[2]}
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> None:

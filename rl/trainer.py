@@ -41,6 +41,7 @@ from runtime import (
     EXIT_OK,
     EXIT_PREEMPTED,
     MetricLogger,
+    NonfiniteGuard,
     RunError,
     amp_dtype,
     derive_seed,
@@ -84,7 +85,7 @@ class GRPOTrainer:
         self.amp_dtype = amp_dtype(cfg.training.amp, device)
         self.target_steps = g.epochs if cfg.training.max_steps is None else min(g.epochs, cfg.training.max_steps)
         self.step = 0
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonfiniteGuard(cfg.training.max_nonfinite_steps, device, "iteration", "grpo.lr")
         self._seed_samples = None
 
     def _run_config(self, seed_config: DictConfig, solver: DictConfig) -> DictConfig:
@@ -106,7 +107,7 @@ class GRPOTrainer:
     def save(self) -> None:
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, model=self.model.state_dict(), ema=None,
-            state={"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": self.nonfinite_in_a_row},
+            state={"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": int(self.nonfinite.in_a_row)},
             config=self.run_config, keep_last=self.cfg.training.keep_last,
             meta={"sample_shape": list(self.sample_shape), "num_classes": self.num_classes},
         )
@@ -120,7 +121,7 @@ class GRPOTrainer:
         run.accept_resume(loaded.config, self.run_config, loaded.path, loaded.step, "iteration")  # same seed, recipe, reward
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         self.optimizer.load_state_dict(loaded.state["optimizer"])
-        self.nonfinite_in_a_row = int(loaded.state["nonfinite_in_a_row"])
+        self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
 
     # -- one iteration --
@@ -221,20 +222,12 @@ class GRPOTrainer:
                         means_of[key] = extremes[key](means_of[key], value) if key in means_of else value
                     else:
                         means_of[key] = means_of.get(key, 0.0) + value / terms
-            grad_norm, _ = optimizer_step(self.model, self.optimizer, g.grad_clip)
+            grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, g.grad_clip)
+            self.nonfinite.update(nonfinite)
             grad_norms.append(grad_norm)
         grad_norms = torch.stack(grad_norms)
         finite = torch.isfinite(grad_norms)
-        self.nonfinite_in_a_row = 0 if bool(finite.all()) else self.nonfinite_in_a_row + int((~finite).sum())
-        if self.nonfinite_in_a_row >= self.cfg.training.max_nonfinite_steps:
-            saved = ckpt.list_checkpoints(self.run_dir)
-            last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
-            raise RunError(f"{self.nonfinite_in_a_row} consecutive non-finite GRPO updates (training.max_nonfinite_steps "
-                           f"= {self.cfg.training.max_nonfinite_steps}) at iteration {self.step}; aborting (try a lower "
-                           f"grpo.lr). {last}")
-        if not bool(finite.all()):
-            self.log.print(f"WARNING: iteration {self.step}: {int((~finite).sum())} of {len(finite)} updates had a "
-                           f"non-finite gradient norm and were skipped")
+        self.nonfinite.check(self.step, self.run_dir, self.log.print)
         values = {f"grpo/{key}": float(value) for key, value in means_of.items()}
         values.update({
             "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),

@@ -28,7 +28,7 @@ from typing import Any
 
 from build import build_meta_dit
 from config import ConfigError, check, parse_keys
-from models_dit import complexity, forward_macs
+from dit_compute import complexity, forward_macs
 from runtime import run_main
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from build import build_meta_dit
 from config import ConfigError, check, parse_keys
-from models_dit import complexity
+from dit_compute import complexity
 from runtime import run_main
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import dit_compute
 import models
 import models_dit as md
 from build import build_meta_dit
@@ -63,7 +64,7 @@ def test_analytic_flops_match_flop_counter_on_cpu(name):
     torch.manual_seed(0)
     model = md.ClassCondDiT(num_classes=10, **SMALL[name])
     for ratio in sorted({0.0, model.mask_ratio}):
-        stage = md.complexity(model, ratio)
+        stage = dit_compute.complexity(model, ratio)
         batch = 4
         assert counted_flops(model, batch, ratio) == pytest.approx(batch * stage["forward_flops"], rel=0.05)
         # training = 3 x forward: forward + activation and weight gradients (measured within 1 % here)
@@ -74,7 +75,7 @@ def test_analytic_flops_match_flop_counter_on_cpu(name):
 def test_h1024_full_size_on_the_meta_device_and_the_write_up_figures():
     with torch.device("meta"):
         model = md.DIT_MODELS[H1024]()
-    masked, unmasked = (md.complexity(model, r) for r in (0.75, 0.0))
+    masked, unmasked = (dit_compute.complexity(model, r) for r in (0.75, 0.0))
     # FlopCounterMode on the meta device runs the real 695M forward without memory or compute.
     for stage in (masked, unmasked):
         counted = counted_flops(model, 2, stage["mask_ratio"], device="meta")
@@ -88,7 +89,7 @@ def test_h1024_full_size_on_the_meta_device_and_the_write_up_figures():
     assert unmasked["train_flops"] == pytest.approx(284.86e9, rel=1e-3)
     assert masked["total_params"] == 695_120_720 and masked["active_params"] == 314_011_152
     # 80 % masking (51 kept tokens) does not give the write-up's masked figure.
-    assert md.complexity(model, 0.8)["forward_macs"] < 12.5e9
+    assert dit_compute.complexity(model, 0.8)["forward_macs"] < 12.5e9
 
 
 # DiT paper (Peebles & Xie 2023), Table 1 "Gflops" (fvcore counts, i.e. MACs) per 256x256 image.
@@ -97,7 +98,7 @@ PAPER_GMACS = {"dit_s2": 6.06, "dit_b2": 23.01, "dit_l2": 80.71, "dit_xl2": 118.
 
 @pytest.mark.parametrize("name", PAPER_GMACS)
 def test_dit_compute_matches_the_paper(name):
-    stage = md.complexity(build_meta_dit(name))
+    stage = dit_compute.complexity(build_meta_dit(name))
     assert stage["forward_macs"] / 1e9 == pytest.approx(PAPER_GMACS[name], rel=0.01)
 
 
@@ -106,7 +107,7 @@ def test_cost_reproduces_the_write_up_h1024_run():
         model = md.DIT_MODELS[H1024]()
     stages = [cost_script.check_stage("masked", {"mask_ratio": 0.75, "epochs": 240, "gpu_hours": 41.8397}),
               cost_script.check_stage("unmasked", {"mask_ratio": 0, "epochs": 40, "gpu_hours": 21.9317})]
-    rows = [cost_script.stage_cost(s, md.complexity(model, s["mask_ratio"])["train_flops"])
+    rows = [cost_script.stage_cost(s, dit_compute.complexity(model, s["mask_ratio"])["train_flops"])
             for s in stages]
     total = cost_script.total_row(rows, cost_script.H100_BF16_DENSE_TFLOPS)
     assert total["eflops"] == pytest.approx(41.3, rel=0.005)  # "≈ 41.3 EFLOPs"
@@ -159,4 +160,4 @@ def test_clis_print_tables_and_json(capsys):
     with pytest.raises(ConfigError, match="'--json' is not key=value"):
         complexity_script.main(["model=dit_s2", "--json"])
     with pytest.raises(ValueError, match="cannot be trained masked"):
-        md.complexity(build_meta_dit("dit_s2"), 0.5)
+        dit_compute.complexity(build_meta_dit("dit_s2"), 0.5)

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dit_compute
 import flow
 import models
 import models_dit as md
@@ -303,7 +304,7 @@ PAPER = {"dit_s2": 33.0e6, "dit_b2": 130.5e6, "dit_l2": 458.1e6, "dit_xl2": 675.
 
 @pytest.mark.parametrize("name", PAPER)
 def test_dit_parameter_counts_match_the_paper(name):
-    counts = md.dit_parameter_counts(name)
+    counts = dit_compute.dit_parameter_counts(name)
     assert counts["active"] == counts["total"]
     assert abs(counts["total"] / PAPER[name] - 1) < 0.01, counts
 
@@ -313,10 +314,10 @@ H1024 = "nanoflow_h1024_d20_e16_c2_moew05"
 
 def test_h1024_counts_match_the_write_up():
     # Write-up: 695.1M total / 314.0M token-average active. Built on the meta device (no allocation).
-    counts = md.dit_parameter_counts(H1024)
+    counts = dit_compute.dit_parameter_counts(H1024)
     assert counts["total"] == 695_120_720 and counts["active"] == 314_011_152
     assert abs(counts["total"] / 695.1e6 - 1) < 0.001 and abs(counts["active"] / 314.0e6 - 1) < 0.001
-    assert md.dit_parameter_counts("nanoflow_h1024_d20") == counts
+    assert dit_compute.dit_parameter_counts("nanoflow_h1024_d20") == counts
 
 
 def test_h1024_architecture():
@@ -342,7 +343,7 @@ def test_h1024_architecture():
     dict(moe_weight=1.0),  # full-width experts: +62.6 % / +17.3 %
 ])
 def test_other_readings_of_the_name_miss_the_write_up(change):
-    counts = md.dit_parameter_counts(H1024, **change)
+    counts = dit_compute.dit_parameter_counts(H1024, **change)
     assert max(abs(counts["total"] / 695.1e6 - 1), abs(counts["active"] / 314.0e6 - 1)) > 0.01, change
 
 
@@ -350,8 +351,8 @@ def test_active_count_is_total_minus_unused_experts():
     model = tiny(depth=4, mixer_depth=1, num_experts=4, capacity_factor=2.0)
     moe = model.blocks[1].mlp
     total = sum(p.numel() for p in model.parameters())
-    assert md.active_parameters(model) == total - 2 * moe.expert_parameters()
-    meta = md.dit_parameter_counts("class_cond_dit", num_classes=5, **{**TINY, "depth": 4, "mixer_depth": 1,
+    assert dit_compute.active_parameters(model) == total - 2 * moe.expert_parameters()
+    meta = dit_compute.dit_parameter_counts("class_cond_dit", num_classes=5, **{**TINY, "depth": 4, "mixer_depth": 1,
                                                                         "num_experts": 4})
     assert meta == {"total": total, "active": total - 2 * moe.expert_parameters()}
 
