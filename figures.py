@@ -75,7 +75,8 @@ def comparison_figure(seed: Tensor, current: Tensor, labels: Tensor | None, data
     same noise. seed, current [N, C, H, W]; labels [N] or None."""
     n = COMPARISON_PER_CLASS
     if labels is None:
-        return samples_figure(torch.cat([seed[:n], current[:n]]), torch.zeros(2 * n, dtype=torch.long), dataset_name,
+        both = torch.cat([seed[:n], current[:n]])  # fewer than n samples: as many labels as images
+        return samples_figure(both, torch.zeros(len(both), dtype=torch.long), dataset_name,
                               ["seed | current"], max_per_row=2 * n)
     rows, row_labels = [], []
     for k in labels.unique().tolist():

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from config import ConfigError, compose, load_config, presets
@@ -91,19 +89,6 @@ def test_overrides_apply():
 def test_inference_config_composes():
     cfg = compose(["checkpoint=runs/x/checkpoints/latest", "guidance_scale=3"], config_name="inference")
     assert cfg.checkpoint.endswith("latest") and cfg.guidance_scale == 3
-
-
-def test_run_dir_default_is_experiment_and_timestamp():
-    import torch
-
-    from run_dir import resolve_run_dir
-    from runtime import Runtime
-
-    cfg = load_config([])
-    run_dir = resolve_run_dir(cfg, Runtime(device=torch.device("cpu")))
-    assert run_dir.parent == Path("runs") and run_dir.name.startswith("moons_cfg_")
-    with pytest.raises(ConfigError, match="training.run_dir"):
-        resolve_run_dir(load_config(["training.resume=auto"]), Runtime(device=torch.device("cpu")))
 
 
 def test_polynomial_below_one_refuses_data_and_noise_prediction():

@@ -11,7 +11,6 @@ import torch
 
 import dataset_registry
 import datasets
-import runtime
 
 
 def test_moons_shape_labels_and_determinism():
@@ -38,21 +37,6 @@ def test_moons_model_space_is_roughly_standardised_and_invertible():
     assert ((data.x.std(0) - 1).abs() < 0.05).all()
     raw, _ = datasets.make_moons(8000, 0.05, torch.Generator().manual_seed(0))
     torch.testing.assert_close(datasets.moons_to_data_space(datasets.moons_to_model_space(raw)), raw)
-
-
-def test_epoch_permutation_depends_only_on_seed_and_epoch():
-    p = runtime.epoch_permutation(100, seed=0, epoch=3, device="cpu")
-    assert sorted(p.tolist()) == list(range(100))
-    assert torch.equal(p, runtime.epoch_permutation(100, seed=0, epoch=3, device="cpu"))
-    assert not torch.equal(p, runtime.epoch_permutation(100, seed=0, epoch=4, device="cpu"))
-    assert not torch.equal(p, runtime.epoch_permutation(100, seed=1, epoch=3, device="cpu"))
-
-
-def test_derive_seed_is_stable_and_spreads():
-    assert runtime.derive_seed(1, 2, 3) == runtime.derive_seed(1, 2, 3)
-    seeds = {runtime.derive_seed(0, step, j) for step in range(200) for j in range(4)}
-    assert len(seeds) == 800 and all(0 <= s < 2**63 for s in seeds)
-    assert runtime.derive_seed(1, 2) != runtime.derive_seed(2, 1)
 
 
 def test_batch_by_index():

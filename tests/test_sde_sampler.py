@@ -22,7 +22,7 @@ STD = 0.5
 
 
 class GaussianVelocity(nn.Module):
-    """Exact CondOT velocity for data N(MEAN, STD^2 I) (as tests/test_inference.py's GaussianFlow):
+    """Exact CondOT velocity for data N(MEAN, STD^2 I) (as tests/test_sampling.py's GaussianFlow):
     x_t ~ N(t m, (t^2 s^2 + (1 - t)^2) I) and u(x, t) = m + (t s^2 - (1 - t)) / (t^2 s^2 + (1 - t)^2) (x - t m).
     Ignores y. `gain` (1 = exact) is a parameter to differentiate."""
 

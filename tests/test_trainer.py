@@ -1,0 +1,137 @@
+"""trainer.py's parts, in-process on a tiny moons set: the step meter, the data order and the seeded
+micro-batch draws that make resume exact, label dropout, the step arithmetic and one optimizer step."""
+
+import pytest
+import torch
+
+import datasets
+import runtime
+import trainer
+from config import ConfigError, load_config
+from trainer import StepMeter, Trainer
+
+CPU = runtime.Runtime(device=torch.device("cpu"))
+
+
+def make_trainer(tmp_path, *overrides, num_samples=40):
+    cfg = load_config(["experiment=moons_cfg", "training.batch_size=8", "training.grad_accum=2", "training.epochs=3",
+                       "training.tensorboard=false", "training.progress=false", *overrides])
+    return Trainer(cfg, CPU, tmp_path / "run", dataset=datasets.load_moons(num_samples=num_samples))
+
+
+# --- the step meter ------------------------------------------------------------------------------
+
+
+def test_step_meter_means_ignore_non_finite_steps_and_reset():
+    meter = StepMeter("cpu")
+    meter.add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor([1.0, 3.0]), torch.tensor([0.05, 0.95]))
+    meter.add(torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor([float("nan")] * 2),
+              torch.tensor([0.05, 0.55]))
+    meter.add(torch.tensor(3.0), torch.tensor(4.0), torch.tensor([5.0, 7.0]), torch.tensor([0.0, 0.999]))
+    values = meter.values(batch_size=2)
+    assert values["train/loss"] == 2.0 and values["train/grad_norm"] == 3.0 and values["train/skipped_steps"] == 1.0
+    assert values["loss_by_t/0.0-0.1"] == 3.0  # (1 + 5) / 2: the skipped step's sample in this bin is left out
+    assert values["loss_by_t/0.9-1.0"] == 5.0  # (3 + 7) / 2
+    assert values["loss_by_t/0.5-0.6"] == 0.0  # only a skipped sample: empty, not NaN
+    assert len([k for k in values if k.startswith("loss_by_t/")]) == trainer.T_BINS
+    assert values["train/images_per_s"] > 0
+    after = meter.values(batch_size=2)  # reset
+    assert after["train/loss"] == 0.0 and after["train/skipped_steps"] == 0.0 and after["train/images_per_s"] == 0.0
+    assert all(after[f"loss_by_t/{i / 10:.1f}-{(i + 1) / 10:.1f}"] == 0.0 for i in range(10))
+
+
+def test_t_equal_to_one_lands_in_the_last_bin():
+    meter = StepMeter("cpu")
+    meter.add(torch.tensor(1.0), torch.tensor(1.0), torch.tensor([4.0]), torch.tensor([1.0]))
+    assert meter.values(1)["loss_by_t/0.9-1.0"] == 4.0
+
+
+# --- the data order and the draws -------------------------------------------------------------------
+
+
+def test_micro_batch_seed_is_derive_seed_of_the_position():
+    assert trainer.micro_batch_seed(3, 10, 1) == runtime.derive_seed(3, 10, 1)
+    assert len({trainer.micro_batch_seed(0, s, j) for s in range(50) for j in range(4)}) == 200
+
+
+def test_constructing_a_trainer_writes_nothing_and_sets_the_step_arithmetic(tmp_path):
+    tr = make_trainer(tmp_path, "training.max_steps=7")
+    assert not (tmp_path / "run").exists()
+    assert (tr.steps_per_epoch, tr.micro_batches, tr.micro_batch_size) == (5, 2, 4)  # 40 // 8; 8 / (1 * 2)
+    assert (tr.total_steps, tr.target_steps) == (15, 7)
+    assert make_trainer(tmp_path, "training.max_steps=100").target_steps == 15  # capped by the schedule
+
+
+def test_global_batch_indices_cover_each_epoch_without_repeats(tmp_path):
+    tr = make_trainer(tmp_path, num_samples=43)  # 5 batches of 8; 3 samples left over per epoch
+    for epoch in range(2):
+        seen = torch.cat([tr.global_batch_indices(epoch * 5 + k) for k in range(5)])
+        assert len(seen) == 40 and len(set(seen.tolist())) == 40 and int(seen.max()) < 43
+        assert torch.equal(seen, runtime.epoch_permutation(43, tr.cfg.seed, epoch, "cpu")[:40])
+    assert not torch.equal(tr.global_batch_indices(0), tr.global_batch_indices(5))  # a new order per epoch
+
+
+def test_micro_batch_draws_are_a_function_of_seed_step_and_index_only(tmp_path):
+    a, b = make_trainer(tmp_path), make_trainer(tmp_path)
+    torch.manual_seed(123)  # the global RNG plays no part
+    b.micro_batch(9, 0), b.micro_batch(2, 1)  # nor does what was drawn before
+    for step, j in [(2, 1), (7, 0), (7, 1)]:
+        for x, y in zip(a.micro_batch(step, j), b.micro_batch(step, j)):
+            assert torch.equal(x, y)
+    t_7_0, t_7_1, t_8_0 = (a.micro_batch(s, j)[2] for s, j in [(7, 0), (7, 1), (8, 0)])
+    assert not torch.equal(t_7_0, t_7_1) and not torch.equal(t_7_0, t_8_0)
+    other_seed = make_trainer(tmp_path, "seed=1")
+    assert not torch.equal(other_seed.micro_batch(7, 0)[3], a.micro_batch(7, 0)[3])
+
+
+def test_the_micro_batches_split_the_global_batch(tmp_path):
+    tr = make_trainer(tmp_path, "training.p_uncond=0.0")
+    indices = tr.global_batch_indices(6)
+    x0, y0, t0, eps0 = tr.micro_batch(6, 0)
+    x1, y1, _, _ = tr.micro_batch(6, 1)
+    assert torch.equal(torch.cat([x0, x1]), tr.dataset.x[indices])
+    assert torch.equal(torch.cat([y0, y1]), tr.dataset.y[indices])  # no dropout at p_uncond = 0
+    assert t0.shape == (4,) and ((t0 >= 0) & (t0 <= 1)).all() and eps0.shape == x0.shape
+
+
+def test_label_dropout_to_the_null_label(tmp_path):
+    tr = make_trainer(tmp_path, "training.p_uncond=0.5")
+    dropped = []
+    for step in range(5):
+        for j in range(2):
+            indices = tr.global_batch_indices(step).view(2, 4)[j]
+            y = tr.micro_batch(step, j)[1]
+            null = y == tr.model.num_classes
+            assert torch.equal(y[~null], tr.dataset.y[indices][~null])  # each label kept or dropped to the null
+            dropped += null.tolist()
+    assert 0 < sum(dropped) < len(dropped)
+    unconditional = make_trainer(tmp_path, "experiment=moons")
+    assert unconditional.micro_batch(0, 0)[1] is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.batch_size=9"], "must be divisible by world_size \\* grad_accum = 2"),
+    (["training.batch_size=64"], "exceeds the dataset size 40"),
+    (["model.num_classes=1"], "model.num_classes = 1 but dataset 'moons' has 2 classes"),
+])
+def test_bad_settings_are_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_trainer(tmp_path, *overrides)
+
+
+# --- one step and the state ---------------------------------------------------------------------------
+
+
+def test_train_step_updates_the_model_the_ema_and_the_step(tmp_path):
+    tr = make_trainer(tmp_path, "training.warmup_steps=2")
+    tr.resume()  # outside fit: a fresh start reads nothing and writes nothing
+    assert tr.step == 0 and not (tmp_path / "run").exists()
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    loss, grad_norm, per_sample, t = tr.train_step()
+    assert tr.step == 1 and tr.ema.num_updates == 1
+    assert per_sample.shape == (8,) and t.shape == (8,) and torch.isfinite(loss) and float(grad_norm) > 0
+    torch.testing.assert_close(loss, per_sample.view(2, 4).mean(1).mean())  # mean of the micro-batch means
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(tr.cfg.training.lr / 2)  # warmup step 0 of 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    state = tr.state_dict()
+    assert (state["epoch"], state["batch_in_epoch"], state["world_size"], state["ema_num_updates"]) == (0, 1, 1, 1)
