@@ -57,11 +57,15 @@ def build_coupling(coupling_cfg, dataset, conditional: bool, device):
     coupling = couplings.PairCoupling(coupling_cfg.pairs, device)
     manifest, where = coupling.manifest, f"training.coupling.pairs = {str(coupling_cfg.pairs)!r}"
     if tuple(manifest["sample_shape"]) != tuple(dataset.sample_shape) or manifest["dataset"] != dataset.name:
-        raise ConfigError(f"{where} holds {manifest['dataset']!r} samples of shape {manifest['sample_shape']}, but "
-                          f"this run's dataset is {dataset.name!r} of shape {list(dataset.sample_shape)}")
+        raise ConfigError(
+            f"{where} holds {manifest['dataset']!r} samples of shape {manifest['sample_shape']}, but "
+            f"this run's dataset is {dataset.name!r} of shape {list(dataset.sample_shape)}"
+        )
     if conditional and bool((coupling.data.y < 0).any()):
-        raise ConfigError(f"{where} comes from an unconditional teacher (labels -1), but this run's model is "
-                          f"class-conditional; use an unconditional model or a class-conditional teacher")
+        raise ConfigError(
+            f"{where} comes from an unconditional teacher (labels -1), but this run's model is "
+            f"class-conditional; use an unconditional model or a class-conditional teacher"
+        )
     return coupling
 
 
@@ -102,8 +106,9 @@ def build_meta_dit(spec: str, overrides: dict | None = None):
         model_cfg = {"name": spec}
     model_cfg.update(overrides or {})
     if model_cfg["name"] not in models_dit.DIT_MODELS:
-        raise ValueError(f"unknown DiT {model_cfg['name']!r}; choose a config YAML or one of: "
-                         f"{', '.join(models_dit.DIT_MODELS)}")
+        raise ValueError(
+            f"unknown DiT {model_cfg['name']!r}; choose a config YAML or one of: {', '.join(models_dit.DIT_MODELS)}"
+        )
     check_spec("model", model_cfg, models_dit.DIT_MODELS)
     with torch.device("meta"):
         return build_model(model_cfg)
@@ -142,8 +147,9 @@ def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: di
     path, _, _ = build_flow(loaded.config.flow)
     sampler = FlowSampler(model, path, loaded.config.flow.prediction, num_classes=getattr(model, "num_classes", None))
     solver = resolve_solver(loaded.config.solver, solver_overrides or {}, "solver")
-    return LoadedRun(sampler=sampler, model=model, solver=solver, checkpoint=loaded,
-                     sample_shape=tuple(loaded.meta["sample_shape"]))
+    return LoadedRun(
+        sampler=sampler, model=model, solver=solver, checkpoint=loaded, sample_shape=tuple(loaded.meta["sample_shape"])
+    )
 
 
 # --- evaluation classifier ------------------------------------------------------------------------
@@ -160,10 +166,13 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
     if train_split is None:
         train_split = build_dataset(dataset_cfg, device, split="train")
     if len(train_split.sample_shape) != 3:
-        raise ConfigError(f"training.classifier = {str(path)!r}: dataset {name!r} holds no images; a classifier "
-                          f"scores image datasets only")
-    classifier = load_classifier(Path(path), device, expected_dataset=name,
-                                 expected_shape=tuple(train_split.sample_shape))
+        raise ConfigError(
+            f"training.classifier = {str(path)!r}: dataset {name!r} holds no images; a classifier "
+            f"scores image datasets only"
+        )
+    classifier = load_classifier(
+        Path(path), device, expected_dataset=name, expected_shape=tuple(train_split.sample_shape)
+    )
     reference = reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
     floor = real_fd_floor(classifier, train_split, reference, num_samples, seed)
     return EvalClassifier(classifier, reference, floor)
@@ -179,9 +188,19 @@ def load_inception_reference(weights, reference, device):
     return extractor, statistics
 
 
-def build_evaluator(dataset_cfg, device, *, sample_shape=None, classifier: str | None = None,
-                    fid_reference: str | None = None, inception_weights: str | None = None, num_samples: int = 0,
-                    seed: int = 0, dataset=None, decode_latents: bool = True):
+def build_evaluator(
+    dataset_cfg,
+    device,
+    *,
+    sample_shape=None,
+    classifier: str | None = None,
+    fid_reference: str | None = None,
+    inception_weights: str | None = None,
+    num_samples: int = 0,
+    seed: int = 0,
+    dataset=None,
+    decode_latents: bool = True,
+):
     """A run's evaluation settings -> evaluation.Evaluator: the VAE decoder of a latent dataset, the
     metrics classifier and the Inception reference, each loaded now so a wrong path fails at start-up.
     dataset: the training split when the caller has it (the 2-D metrics and the classifier's real-vs-real
@@ -199,5 +218,13 @@ def build_evaluator(dataset_cfg, device, *, sample_shape=None, classifier: str |
     if classifier:
         scorer = load_eval_classifier(classifier, dataset_cfg, device, num_samples, seed, train_split=dataset)
     inception = load_inception_reference(inception_weights, fid_reference, device) if fid_reference else None
-    return Evaluator(sample_shape, device, decode=decode, classifier=scorer, inception=inception, dataset=dataset,
-                     dataset_name=name, class_names=getattr(dataset, "class_names", None))
+    return Evaluator(
+        sample_shape,
+        device,
+        decode=decode,
+        classifier=scorer,
+        inception=inception,
+        dataset=dataset,
+        dataset_name=name,
+        class_names=getattr(dataset, "class_names", None),
+    )

@@ -141,10 +141,14 @@ def save_checkpoint(
     except (OSError, RuntimeError, SafetensorError) as error:  # ENOSPC, EROFS, EACCES; torch.save's "unexpected pos"
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [path for _, path in list_checkpoints(run_dir)]
-        intact = f"the last complete checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        intact = (
+            f"the last complete checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        )
         cause = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-        raise CheckpointError(f"could not write checkpoint {final} ({type(error).__name__}: {cause}; disk full or "
-                              f"not writable?); {intact}") from error
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({type(error).__name__}: {cause}; disk full or "
+            f"not writable?); {intact}"
+        ) from error
     point_latest(root, final.name)
     if keep_last:
         prune_checkpoints(run_dir, keep_last)
@@ -275,8 +279,15 @@ def load_checkpoint(
         ema = load_file(str(path / "ema.safetensors"), device=device)
     state = torch.load(path / "state.pt", map_location=map_location, weights_only=True) if load_state else None
     config = OmegaConf.create((path / "config.yaml").read_text())
-    return Checkpoint(path=path, step=int(manifest["step"]), config=config, model=model, ema=ema, state=state,
-                      meta=manifest.get("meta", {}))
+    return Checkpoint(
+        path=path,
+        step=int(manifest["step"]),
+        config=config,
+        model=model,
+        ema=ema,
+        state=state,
+        meta=manifest.get("meta", {}),
+    )
 
 
 def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
@@ -284,8 +295,11 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sour
     own = module.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
-    mismatched = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in weights and weights[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and weights[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit this model (was it trained with another model config?)"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
@@ -301,23 +315,31 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
     update count, a line saying what was loaded). The architecture must match (load_weights names any
     difference); dataset, flow and masking may change, which is the point (masked pretrain -> unmasked)."""
     wanted = {init.model, init.ema} - {"none"}
-    loaded = load_checkpoint(init.checkpoint, map_location=device, load_model="model" in wanted,
-                             load_ema="ema" in wanted, load_state=init.optimizer or init.step)
+    loaded = load_checkpoint(
+        init.checkpoint,
+        map_location=device,
+        load_model="model" in wanted,
+        load_ema="ema" in wanted,
+        load_state=init.optimizer or init.step,
+    )
     weights = {"model": loaded.model, "ema": loaded.ema}
     for part, target in (("model", model), ("ema", ema_model)):
         source = getattr(init, part)
         if source == "none" or target is None:
             continue
         if weights[source] is None:
-            raise CheckpointError(f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
-                                  f"{source}.safetensors; use training.init.{part}=model or none")
+            raise CheckpointError(
+                f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
+                f"{source}.safetensors; use training.init.{part}=model or none"
+            )
         load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})")
     if ema_model is not None and init.ema == "none" and init.model != "none":
         ema_model.load_state_dict(model.state_dict())  # the EMA starts where the model starts
     if init.optimizer:
         optimizer.load_state_dict(loaded.state["optimizer"])
-    parts = [f"{part} <- {getattr(init, part)}" for part in ("model", "ema")] + \
-            [part for part in ("optimizer", "step") if getattr(init, part)]
+    parts = [f"{part} <- {getattr(init, part)}" for part in ("model", "ema")] + [
+        part for part in ("optimizer", "step") if getattr(init, part)
+    ]
     message = f"initialised from {loaded.path} (step {loaded.step}): {', '.join(parts)}"
     if not init.step:
         return None, None, message

@@ -44,8 +44,12 @@ class Classifier(nn.Module):
         def stage(cin: int, cout: int) -> nn.Sequential:
             # conv bias is redundant before BatchNorm
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),  # floors odd sizes: 28 -> 14 -> 7 -> 3
             )
 
@@ -83,8 +87,9 @@ def _how_to_train(dataset: str | None) -> str:
     return f"train one with: python scripts/train_classifier.py dataset={dataset or 'NAME'} out=PATH"
 
 
-def load_classifier(path, device="cpu", expected_dataset: str | None = None,
-                    expected_shape: tuple[int, ...] | None = None) -> torch.nn.Module:
+def load_classifier(
+    path, device="cpu", expected_dataset: str | None = None, expected_shape: tuple[int, ...] | None = None
+) -> torch.nn.Module:
     """A classifier file written by `scripts/train_classifier.py` -> the model in eval mode on `device`.
 
     Everything needed to rebuild it (architecture, constructor kwargs, dataset name, image shape
@@ -107,15 +112,21 @@ def load_classifier(path, device="cpu", expected_dataset: str | None = None,
     except (SafetensorError, OSError) as e:
         raise ClassifierError(f"classifier file {path} is not a readable safetensors file ({e})") from None
     if meta.get("format") != CLASSIFIER_FORMAT:
-        raise ClassifierError(f"{path} is not a classifier written by scripts/train_classifier.py (metadata format "
-                              f"{meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {_how_to_train(expected_dataset)}")
+        raise ClassifierError(
+            f"{path} is not a classifier written by scripts/train_classifier.py (metadata format "
+            f"{meta.get('format')!r}, expected {CLASSIFIER_FORMAT!r}); {_how_to_train(expected_dataset)}"
+        )
     dataset, shape = meta["dataset"], tuple(json.loads(meta["image_shape"]))
     if expected_dataset is not None and dataset != expected_dataset:
-        raise ClassifierError(f"classifier {path} was trained on dataset '{dataset}', not '{expected_dataset}'; "
-                              f"{_how_to_train(expected_dataset)}")
+        raise ClassifierError(
+            f"classifier {path} was trained on dataset '{dataset}', not '{expected_dataset}'; "
+            f"{_how_to_train(expected_dataset)}"
+        )
     if expected_shape is not None and shape != tuple(expected_shape):
-        raise ClassifierError(f"classifier {path} was trained on images of shape {list(shape)}, not "
-                              f"{list(expected_shape)}; {_how_to_train(expected_dataset or dataset)}")
+        raise ClassifierError(
+            f"classifier {path} was trained on images of shape {list(shape)}, not "
+            f"{list(expected_shape)}; {_how_to_train(expected_dataset or dataset)}"
+        )
     classifier = CLASSIFIERS[meta["architecture"]](**json.loads(meta["kwargs"]))
     load_weights(classifier, weights, f"classifier {path}")
     classifier.dataset_name, classifier.image_shape, classifier.metadata = dataset, shape, meta
@@ -138,8 +149,9 @@ def classifier_class_names(classifier: torch.nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def classifier_outputs(classifier: torch.nn.Module, images: torch.Tensor,
-                       batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def classifier_outputs(
+    classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """images [N, C, H, W] (float in [-1, 1], or uint8 0..255) -> (features [N, F], logits [N, K]),
     float32 on the classifier's device; eval mode during the call (the previous mode is restored).
 
@@ -152,7 +164,7 @@ def classifier_outputs(classifier: torch.nn.Module, images: torch.Tensor,
     classifier.eval()
     features, logits = [], []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
+        x = images[start : start + batch_size].to(device)
         x = uint8_to_model_space(x) if x.dtype == torch.uint8 else x.float()
         f = classifier.features(x)
         features.append(f.float())
@@ -181,8 +193,12 @@ def reference_statistics(classifier: torch.nn.Module, dataset) -> tuple[torch.Te
     return feature_statistics(classifier_features(classifier, dataset.x))
 
 
-def image_sample_metrics(samples: torch.Tensor, labels: torch.Tensor | None, classifier: torch.nn.Module,
-                         reference_stats: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+def image_sample_metrics(
+    samples: torch.Tensor,
+    labels: torch.Tensor | None,
+    classifier: torch.nn.Module,
+    reference_stats: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, float]:
     """samples [N, C, H, W] in [-1, 1] and the labels [N] they were drawn for (None: unconditional,
     no accuracy) -> classifier_accuracy, classifier_fd (to `reference_statistics` of real data),
     jpeg_bpp, png_bpp, jpeg_payload_bpp, png_payload_bpp.
@@ -211,7 +227,6 @@ def real_fd_floor(classifier, dataset, reference_stats, count: int, seed: int = 
     return frechet_distance(*feature_statistics(classifier_features(classifier, real)), *reference_stats)
 
 
-
 @dataclass
 class EvalClassifier:
     """A metrics classifier with the statistics its scores need (built by `build.load_eval_classifier`)."""
@@ -230,10 +245,22 @@ class EvalClassifier:
 # --- training (scripts/train_classifier.py) -------------------------------------------------------------
 
 
-def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3,
-                     weight_decay: float = 0.05, width: int = 32, dropout: float = 0.3, device: str = "auto",
-                     seed: int = 0, root: str = "./data", download: bool = True, image_size: int | None = None,
-                     log=print) -> float:
+def train_classifier(
+    dataset: str,
+    out: str | Path,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    width: int = 32,
+    dropout: float = 0.3,
+    device: str = "auto",
+    seed: int = 0,
+    root: str = "./data",
+    download: bool = True,
+    image_size: int | None = None,
+    log=print,
+) -> float:
     """Train `CLASSIFIERS["cnn"]` on `dataset`'s train split, save it to `out`; -> test accuracy.
 
     Deterministic given seed on CPU; the caller's CPU RNG state is left as it was.
@@ -244,9 +271,15 @@ def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size
     train_set = DATASETS[dataset](device=device, root=root, split="train", download=download, hflip=False, **sized)
     test_set = DATASETS[dataset](device=device, root=root, split="test", download=download, hflip=False, **sized)
     if train_set.x.dim() != 4:
-        raise ConfigError(f"dataset = {dataset!r} holds no images [N, C, H, W]; choose one of: {', '.join(IMAGE_DATASETS)}")
-    kwargs = {"in_ch": train_set.sample_shape[0], "num_classes": train_set.num_classes, "width": width,
-              "dropout": dropout}
+        raise ConfigError(
+            f"dataset = {dataset!r} holds no images [N, C, H, W]; choose one of: {', '.join(IMAGE_DATASETS)}"
+        )
+    kwargs = {
+        "in_ch": train_set.sample_shape[0],
+        "num_classes": train_set.num_classes,
+        "width": width,
+        "dropout": dropout,
+    }
 
     batch_size = min(batch_size, len(train_set))
     steps_per_epoch = len(train_set) // batch_size  # drop the ragged last batch: BatchNorm needs > 1 sample
@@ -256,8 +289,10 @@ def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size
         model = CLASSIFIERS["cnn"](**kwargs).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         order = torch.Generator().manual_seed(seed)
-        log(f"classifier: {dataset} train {len(train_set)} / test {len(test_set)} images {list(train_set.sample_shape)}, "
-            f"{count_parameters(model) / 1e6:.2f}M parameters, {total_steps} steps on {device}")
+        log(
+            f"classifier: {dataset} train {len(train_set)} / test {len(test_set)} images {list(train_set.sample_shape)}, "
+            f"{count_parameters(model) / 1e6:.2f}M parameters, {total_steps} steps on {device}"
+        )
         step = 0
         for epoch in range(epochs):
             model.train()
@@ -265,7 +300,7 @@ def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             for i in range(steps_per_epoch):
-                x, y = train_set.batch(permutation[i * batch_size:(i + 1) * batch_size])  # no generator: no flips
+                x, y = train_set.batch(permutation[i * batch_size : (i + 1) * batch_size])  # no generator: no flips
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(step, lr, max(1, total_steps // 20), total_steps, "cosine", 0.0)
                 logits = model(x)
@@ -278,8 +313,10 @@ def train_classifier(dataset: str, out: str | Path, epochs: int = 10, batch_size
                 loss_sum += loss.detach()
                 correct += (logits.argmax(1) == y).sum()
             seen = steps_per_epoch * batch_size
-            log(f"epoch {epoch + 1}/{epochs}: train loss {loss_sum.item() / steps_per_epoch:.4f}, "
-                f"train accuracy {correct.item() / seen:.4f}")
+            log(
+                f"epoch {epoch + 1}/{epochs}: train loss {loss_sum.item() / steps_per_epoch:.4f}, "
+                f"train accuracy {correct.item() / seen:.4f}"
+            )
 
     accuracy = class_accuracy(classifier_logits(model, test_set.x), test_set.y)
     metadata = {

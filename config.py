@@ -104,8 +104,10 @@ def _free_form_key_error(key: str, overrides: list[str], config_name: str, hydra
         return None
     # A real argument that the preset does not set: Hydra adds new keys only with a '+'.
     value = next((o.partition("=")[2] for o in overrides if o.lstrip("+~").partition("=")[0] == key), "VALUE")
-    return (f"config key '{key}' is an argument of {section} '{spec['name']}' that this preset does not set; "
-            f"add it with a '+': +{key}={value}")
+    return (
+        f"config key '{key}' is an argument of {section} '{spec['name']}' that this preset does not set; "
+        f"add it with a '+': +{key}={value}"
+    )
 
 
 def load_config(overrides: list[str]) -> DictConfig:
@@ -181,8 +183,13 @@ def validate(cfg: DictConfig) -> DictConfig:
         # alpha = t^n has d_alpha = n t^(n-1) = inf at t = 0 for n < 1: a data or noise prediction converts to
         # an infinite velocity where every sampler starts (a velocity-predicting model outputs it finite).
         n = fl.scheduler.get("n", flow.PolynomialScheduler.n)
-        check(n >= 1, "flow.scheduler.n", n, f"must be >= 1 with flow.prediction = {fl.prediction} (for n < 1 the "
-              f"path's velocity is infinite at t = 0, where sampling starts; use flow.prediction=velocity)")
+        check(
+            n >= 1,
+            "flow.scheduler.n",
+            n,
+            f"must be >= 1 with flow.prediction = {fl.prediction} (for n < 1 the "
+            f"path's velocity is infinite at t = 0, where sampling starts; use flow.prediction=velocity)",
+        )
 
     validate_run(tr)
     check(tr.lr > 0, "training.lr", tr.lr, "must be > 0")
@@ -195,18 +202,35 @@ def validate(cfg: DictConfig) -> DictConfig:
     check(tr.grad_clip >= 0, "training.grad_clip", tr.grad_clip, "must be >= 0 (0 disables)")
     check(tr.warmup_steps >= 0, "training.warmup_steps", tr.warmup_steps, "must be >= 0")
     check(0 <= tr.min_lr_ratio <= 1, "training.min_lr_ratio", tr.min_lr_ratio, "must be in [0, 1]")
-    check(len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas), "training.betas", list(tr.betas), "must be two values in [0, 1)")
+    check(
+        len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas),
+        "training.betas",
+        list(tr.betas),
+        "must be two values in [0, 1)",
+    )
     check_choice("training.init.model", tr.init.model, INIT_SOURCES)
     check_choice("training.init.ema", tr.init.ema, INIT_SOURCES)
-    check(tr.init.checkpoint is not None or (tr.init.model, tr.init.ema, tr.init.optimizer, tr.init.step)
-          == ("ema", "ema", False, False), "training.init.checkpoint", None,
-          "required when any other training.init key is set (the run to start from)")
+    check(
+        tr.init.checkpoint is not None
+        or (tr.init.model, tr.init.ema, tr.init.optimizer, tr.init.step) == ("ema", "ema", False, False),
+        "training.init.checkpoint",
+        None,
+        "required when any other training.init key is set (the run to start from)",
+    )
     check_choice("training.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
     check_choice("training.coupling.name", tr.coupling.name, couplings.COUPLINGS)
-    check(tr.coupling.name != "pairs" or bool(tr.coupling.pairs), "training.coupling.pairs", tr.coupling.pairs,
-          "is required with training.coupling.name=pairs: the pair directory of scripts/generate_pairs.py")
-    check(tr.coupling.name == "pairs" or tr.coupling.pairs is None, "training.coupling.pairs", tr.coupling.pairs,
-          f"is only read with training.coupling.name=pairs (here {tr.coupling.name!r}); drop it or use pairs")
+    check(
+        tr.coupling.name != "pairs" or bool(tr.coupling.pairs),
+        "training.coupling.pairs",
+        tr.coupling.pairs,
+        "is required with training.coupling.name=pairs: the pair directory of scripts/generate_pairs.py",
+    )
+    check(
+        tr.coupling.name == "pairs" or tr.coupling.pairs is None,
+        "training.coupling.pairs",
+        tr.coupling.pairs,
+        f"is only read with training.coupling.name=pairs (here {tr.coupling.name!r}); drop it or use pairs",
+    )
     check(tr.threads is None or tr.threads >= 1, "training.threads", tr.threads, "must be >= 1 or null")
     check(tr.fid_samples >= 2, "training.fid_samples", tr.fid_samples, "must be >= 2")
     validate_solver(so, "solver")
@@ -230,12 +254,20 @@ def validate_solver(so, key: str) -> None:
     check(so.num_steps >= 1, f"{key}.num_steps", so.num_steps, "must be >= 1")
     check_choice(f"{key}.grid", so.grid, ode_solvers.GRIDS)
     check(math.isfinite(so.shift) and so.shift > 0, f"{key}.shift", so.shift, "must be finite and > 0")
-    check(math.isfinite(so.guidance_scale) and so.guidance_scale >= 0, f"{key}.guidance_scale", so.guidance_scale,
-          "must be finite and >= 0")
+    check(
+        math.isfinite(so.guidance_scale) and so.guidance_scale >= 0,
+        f"{key}.guidance_scale",
+        so.guidance_scale,
+        "must be finite and >= 0",
+    )
     check(so.rtol > 0 and so.atol > 0, f"{key}.rtol/atol", (so.rtol, so.atol), "must be > 0")
     interval = list(so.guidance_interval)
-    check(len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1, f"{key}.guidance_interval", interval,
-          "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+    check(
+        len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1,
+        f"{key}.guidance_interval",
+        interval,
+        "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1",
+    )
 
 
 def _freeze(cfg: DictConfig) -> DictConfig:
@@ -278,15 +310,20 @@ def _flow_registry(name: str):
 
 
 # Config sections written as {name: <registry key>, **constructor kwargs}, and their registries.
-FREE_FORM_SPECS = {"model": model_registry, "dataset": _dataset_registry,
-                   "flow.scheduler": _flow_registry("SCHEDULERS"), "flow.time_sampler": _flow_registry("TIME_SAMPLERS"),
-                   "flow.weighting": _flow_registry("LOSS_WEIGHTINGS")}
+FREE_FORM_SPECS = {
+    "model": model_registry,
+    "dataset": _dataset_registry,
+    "flow.scheduler": _flow_registry("SCHEDULERS"),
+    "flow.time_sampler": _flow_registry("TIME_SAMPLERS"),
+    "flow.weighting": _flow_registry("LOSS_WEIGHTINGS"),
+}
 
 
 def resolve_solver(base, overrides: dict, key: str = "solver") -> DictConfig:
     """A run's solver settings (SolverConfig) with the non-null overrides merged in, validated."""
-    solver = OmegaConf.merge(OmegaConf.structured(SolverConfig), base,
-                             {k: v for k, v in dict(overrides).items() if v is not None})
+    solver = OmegaConf.merge(
+        OmegaConf.structured(SolverConfig), base, {k: v for k, v in dict(overrides).items() if v is not None}
+    )
     validate_solver(solver, key)
     return solver
 
@@ -301,7 +338,12 @@ def validate_pairs(cfg) -> None:
 
 
 def validate_eval(cfg) -> None:
-    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint, "is required: checkpoint=RUN_DIR (or .../latest or a step_* dir)")
+    check(
+        bool(cfg.checkpoint),
+        "checkpoint",
+        cfg.checkpoint,
+        "is required: checkpoint=RUN_DIR (or .../latest or a step_* dir)",
+    )
     check(bool(cfg.out), "out", cfg.out, "is required: the evaluation directory, e.g. out=runs/eval/h1024_cfg3")
     check(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
     check(cfg.chunk_size >= 1, "chunk_size", cfg.chunk_size, "must be >= 1")
@@ -311,8 +353,12 @@ def validate_eval(cfg) -> None:
 
 def validate_inference(cfg) -> None:
     """Range checks of inference.py's own keys (solver keys are checked after merging with the run's)."""
-    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint,
-          "is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)")
+    check(
+        bool(cfg.checkpoint),
+        "checkpoint",
+        cfg.checkpoint,
+        "is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)",
+    )
     check(cfg.n_per_class >= 1, "n_per_class", cfg.n_per_class, "must be >= 1")
     check(cfg.num_samples is None or cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
     check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
@@ -338,37 +384,64 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
     """argv overrides -> validated, read-only train_grpo.py config (configs/config_grpo.yaml)."""
     cfg = apply_schema(compose(overrides, config_name="config_grpo"), GRPORunConfig)
     g, tr = cfg.grpo, cfg.training
-    check(bool(cfg.seed_checkpoint), "seed_checkpoint", cfg.seed_checkpoint,
-          "is required: the flow model to post-train, e.g. seed_checkpoint=runs/digits_cfg (a run dir, a step_* dir "
-          "or RUN/checkpoints/latest)")
+    check(
+        bool(cfg.seed_checkpoint),
+        "seed_checkpoint",
+        cfg.seed_checkpoint,
+        "is required: the flow model to post-train, e.g. seed_checkpoint=runs/digits_cfg (a run dir, a step_* dir "
+        "or RUN/checkpoints/latest)",
+    )
     check_choice("device", cfg.device, DEVICES)
     for key in ("epochs", "batch_size", "num_inner", "rollout_steps"):
         check(g[key] >= 1, f"grpo.{key}", g[key], "must be >= 1")
-    check(g.group_size >= 2, "grpo.group_size", g.group_size,
-          "must be >= 2 (a group of one has no spread, so every advantage would be 0)")
+    check(
+        g.group_size >= 2,
+        "grpo.group_size",
+        g.group_size,
+        "must be >= 2 (a group of one has no spread, so every advantage would be 0)",
+    )
     check_choice("grpo.timestep_selection", g.timestep_selection, ("first", "last", "random"))
     if g.timestep_selection in ("first", "last"):
         most = max(1, g.rollout_steps - 1)
-        check(g.train_timesteps is None or 1 <= g.train_timesteps <= most, "grpo.train_timesteps", g.train_timesteps,
-              f"must be null or in [1, grpo.rollout_steps - 1 = {most}] with grpo.timestep_selection = "
-              f"{g.timestep_selection} (the final step is never trained; timestep_selection=random may include it)")
+        check(
+            g.train_timesteps is None or 1 <= g.train_timesteps <= most,
+            "grpo.train_timesteps",
+            g.train_timesteps,
+            f"must be null or in [1, grpo.rollout_steps - 1 = {most}] with grpo.timestep_selection = "
+            f"{g.timestep_selection} (the final step is never trained; timestep_selection=random may include it)",
+        )
     else:
-        check(g.train_timesteps is None or 1 <= g.train_timesteps <= g.rollout_steps, "grpo.train_timesteps",
-              g.train_timesteps, f"must be null or in [1, grpo.rollout_steps = {g.rollout_steps}]")
+        check(
+            g.train_timesteps is None or 1 <= g.train_timesteps <= g.rollout_steps,
+            "grpo.train_timesteps",
+            g.train_timesteps,
+            f"must be null or in [1, grpo.rollout_steps = {g.rollout_steps}]",
+        )
     check(g.noise_level > 0, "grpo.noise_level", g.noise_level, "must be > 0 (the SDE needs noise for a log-prob)")
     check(g.guidance_scale >= 0, "grpo.guidance_scale", g.guidance_scale, "must be >= 0")
     interval = list(g.guidance_interval)
-    check(len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1, "grpo.guidance_interval", interval,
-          "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1")
+    check(
+        len(interval) == 2 and 0 <= interval[0] <= interval[1] <= 1,
+        "grpo.guidance_interval",
+        interval,
+        "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1",
+    )
     check(g.clip_eps > 0, "grpo.clip_eps", g.clip_eps, "must be > 0")
     check(g.kl_beta >= 0, "grpo.kl_beta", g.kl_beta, "must be >= 0")
     check(g.advantage_scale > 0, "grpo.advantage_scale", g.advantage_scale, "must be > 0")
-    check(g.advantage_clip is None or g.advantage_clip > 0, "grpo.advantage_clip", g.advantage_clip, "must be null or > 0")
+    check(
+        g.advantage_clip is None or g.advantage_clip > 0, "grpo.advantage_clip", g.advantage_clip, "must be null or > 0"
+    )
     check(g.advantage_eps > 0, "grpo.advantage_eps", g.advantage_eps, "must be > 0")
     check_choice("grpo.log_prob_reduce", g.log_prob_reduce, ("mean", "sum"))
     check(g.lr > 0, "grpo.lr", g.lr, "must be > 0")
     check(g.warmup_steps >= 0, "grpo.warmup_steps", g.warmup_steps, "must be >= 0")
-    check(len(g.betas) == 2 and all(0 <= b < 1 for b in g.betas), "grpo.betas", list(g.betas), "must be two values in [0, 1)")
+    check(
+        len(g.betas) == 2 and all(0 <= b < 1 for b in g.betas),
+        "grpo.betas",
+        list(g.betas),
+        "must be two values in [0, 1)",
+    )
     check(g.weight_decay >= 0, "grpo.weight_decay", g.weight_decay, "must be >= 0")
     check(g.grad_clip >= 0, "grpo.grad_clip", g.grad_clip, "must be >= 0 (0 disables)")
     validate_run(tr)
@@ -415,8 +488,15 @@ def exit_on_help(argv: list[str], doc: str | None, *sections: tuple[str, object]
     raise SystemExit(0)
 
 
-def parse_keys(argv: list[str], schema, doc: str | None = None, *, spellings: dict[str, str] | None = None,
-               named: tuple[str, ...] = (), passthrough: bool = False):
+def parse_keys(
+    argv: list[str],
+    schema,
+    doc: str | None = None,
+    *,
+    spellings: dict[str, str] | None = None,
+    named: tuple[str, ...] = (),
+    passthrough: bool = False,
+):
     """A script's `key=value` arguments -> an instance of the dataclass `schema`, the way the entry points
     read theirs: values parsed as in Hydra overrides (`null`, `true`, `[0.5,4]`), merged into the typed
     schema, so an unknown key or a wrong type is one ConfigError naming the key and what is allowed.
@@ -445,6 +525,7 @@ def parse_keys(argv: list[str], schema, doc: str | None = None, *, spellings: di
         raise ConfigError(f"cannot parse arguments {' '.join(mine)}: {e}; write them as key=value") from None
     cfg = OmegaConf.to_object(apply_schema(cfg, schema))
     return (cfg, rest) if passthrough else cfg
+
 
 # --- presets (configs/experiment/) ---------------------------------------------------------------
 
@@ -477,8 +558,11 @@ def preset_kind(name: str) -> str:
 def presets(kind: str = "train") -> list[str]:
     """The selectable presets for train.py (kind 'train') or train_grpo.py ('grpo'). A file whose name
     starts with '_' is a base that presets extend (its shared settings), never a preset itself."""
-    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")
-                  if not p.stem.startswith("_") and preset_kind(p.stem) == kind)
+    return sorted(
+        p.stem
+        for p in (CONFIG_DIR / "experiment").glob("*.yaml")
+        if not p.stem.startswith("_") and preset_kind(p.stem) == kind
+    )
 
 
 def check_preset(overrides: list[str], config_name: str) -> None:
@@ -494,10 +578,14 @@ def check_preset(overrides: list[str], config_name: str) -> None:
         return
     if not name.startswith("_") and (CONFIG_DIR / "experiment" / f"{name}.yaml").is_file():
         if preset_kind(name) == "grpo":
-            raise ConfigError(f"experiment={name} is a Flow-GRPO preset (it has a grpo/reward section), for train_grpo.py: "
-                              f"python train_grpo.py experiment={name} seed_checkpoint=RUN_DIR")
-        raise ConfigError(f"experiment={name} is a training preset, for train.py (python train.py experiment={name}); "
-                          f"train_grpo.py takes a GRPO preset: {', '.join(presets('grpo'))}")
+            raise ConfigError(
+                f"experiment={name} is a Flow-GRPO preset (it has a grpo/reward section), for train_grpo.py: "
+                f"python train_grpo.py experiment={name} seed_checkpoint=RUN_DIR"
+            )
+        raise ConfigError(
+            f"experiment={name} is a training preset, for train.py (python train.py experiment={name}); "
+            f"train_grpo.py takes a GRPO preset: {', '.join(presets('grpo'))}"
+        )
     check_choice("experiment", name, presets(kind))
 
 

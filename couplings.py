@@ -100,8 +100,12 @@ class PairCoupling(Coupling):
 
     def __init__(self, directory, device):
         self.noise, samples, labels, self.manifest = load_pairs(directory, device)
-        self.data = InMemoryDataset(x=samples, y=labels, num_classes=max(int(self.manifest["num_classes"] or 0), 1),
-                                    name=self.manifest["dataset"])
+        self.data = InMemoryDataset(
+            x=samples,
+            y=labels,
+            num_classes=max(int(self.manifest["num_classes"] or 0), 1),
+            name=self.manifest["dataset"],
+        )
 
     def training_data(self, dataset):
         return self.data
@@ -138,8 +142,11 @@ def write_chunk(directory, chunk: int, noise: torch.Tensor, samples: torch.Tenso
     """One chunk: noise and samples [n, ...] float32, labels [n] int64 (-1: unconditional), atomically."""
     path = chunk_path(directory, chunk)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"noise": noise.float().contiguous().cpu(), "sample": samples.float().contiguous().cpu(),
-               "label": labels.long().contiguous().cpu()}
+    tensors = {
+        "noise": noise.float().contiguous().cpu(),
+        "sample": samples.float().contiguous().cpu(),
+        "label": labels.long().contiguous().cpu(),
+    }
     _atomic(path, lambda tmp: save_file(tensors, str(tmp)))
     return path
 
@@ -154,8 +161,13 @@ def write_manifest(directory, settings: dict, num_chunks: int) -> dict:
     chunks = []
     for c in range(num_chunks):
         path = chunk_path(directory, c)
-        chunks.append({"file": str(path.relative_to(directory)), "rows": int(load_file(str(path))["label"].shape[0]),
-                       "sha256": sha256_file(path)})
+        chunks.append(
+            {
+                "file": str(path.relative_to(directory)),
+                "rows": int(load_file(str(path))["label"].shape[0]),
+                "sha256": sha256_file(path),
+            }
+        )
     manifest = {"format": PAIRS_FORMAT, **settings, "chunks": chunks}
     write_json(directory / "manifest.json", manifest)
     return manifest
@@ -167,10 +179,16 @@ def load_pairs(directory, device="cpu", verify: bool = True):
     directory = Path(directory)
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
-        partial = " (its chunks exist: generation did not finish; re-run the same scripts/generate_pairs.py " \
-                  "command to complete it)" if (directory / "chunks").is_dir() else ""
-        raise PairFileError(f"pair directory {str(directory)!r} has no manifest.json{partial}; make one with "
-                            f"python scripts/generate_pairs.py checkpoint=TEACHER_RUN out={directory} num_pairs=N")
+        partial = (
+            " (its chunks exist: generation did not finish; re-run the same scripts/generate_pairs.py "
+            "command to complete it)"
+            if (directory / "chunks").is_dir()
+            else ""
+        )
+        raise PairFileError(
+            f"pair directory {str(directory)!r} has no manifest.json{partial}; make one with "
+            f"python scripts/generate_pairs.py checkpoint=TEACHER_RUN out={directory} num_pairs=N"
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != PAIRS_FORMAT:
         raise PairFileError(f"{manifest_path}: format {manifest.get('format')!r}, expected {PAIRS_FORMAT!r}")
@@ -178,13 +196,17 @@ def load_pairs(directory, device="cpu", verify: bool = True):
     for entry in manifest["chunks"]:
         path = directory / entry["file"]
         if not path.is_file() or (verify and sha256_file(path) != entry["sha256"]):
-            raise PairFileError(f"pair chunk {path} is missing or fails its sha256 check against {manifest_path}; "
-                                f"delete it and re-run the generation command to rewrite it")
+            raise PairFileError(
+                f"pair chunk {path} is missing or fails its sha256 check against {manifest_path}; "
+                f"delete it and re-run the generation command to rewrite it"
+            )
         tensors = load_file(str(path))
         for key in parts:
             parts[key].append(tensors[key])
     noise, samples, labels = (torch.cat(parts[k]).to(device) for k in ("noise", "sample", "label"))
     if list(samples.shape) != [manifest["num_pairs"], *manifest["sample_shape"]]:
-        raise PairFileError(f"{directory}: the chunks hold samples of shape {list(samples.shape)}, the manifest says "
-                            f"{[manifest['num_pairs'], *manifest['sample_shape']]}")
+        raise PairFileError(
+            f"{directory}: the chunks hold samples of shape {list(samples.shape)}, the manifest says "
+            f"{[manifest['num_pairs'], *manifest['sample_shape']]}"
+        )
     return noise, samples, labels, manifest

@@ -113,10 +113,12 @@ def make_moons(num_samples: int, noise: float, generator: torch.Generator) -> tu
     lower = num_samples - upper
     a_upper = torch.linspace(0, math.pi, upper, dtype=torch.float64)
     a_lower = torch.linspace(0, math.pi, lower, dtype=torch.float64)
-    points = torch.cat([
-        torch.stack([torch.cos(a_upper), torch.sin(a_upper)], dim=1),
-        torch.stack([1 - torch.cos(a_lower), 0.5 - torch.sin(a_lower)], dim=1),
-    ])
+    points = torch.cat(
+        [
+            torch.stack([torch.cos(a_upper), torch.sin(a_upper)], dim=1),
+            torch.stack([1 - torch.cos(a_lower), 0.5 - torch.sin(a_lower)], dim=1),
+        ]
+    )
     points += noise * torch.randn(points.shape, generator=generator, dtype=torch.float64)
     labels = torch.cat([torch.zeros(upper, dtype=torch.long), torch.ones(lower, dtype=torch.long)])
     return points.float(), labels
@@ -146,8 +148,18 @@ SPLITS = ("train", "test")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 CIFAR10_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
 DIGIT_NAMES = tuple(str(k) for k in range(10))
-FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot")
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DOWNLOAD_TIMEOUT_S = 60  # per socket operation; torchvision's urlopen has none, so a silent firewall would hang
 
@@ -190,7 +202,7 @@ def _unreadable_files(cls, folder: str, files: tuple[str, ...]) -> list[str]:
             raw = f.read()
         if "idx" in name and len(raw) >= 4:
             ndim = raw[3]
-            dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim]) if len(raw) >= 4 + 4 * ndim else ()
+            dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim]) if len(raw) >= 4 + 4 * ndim else ()
             expected = 4 + 4 * ndim + math.prod(dims) if dims else None
             if expected != len(raw):
                 bad.append(f"{name} ({len(raw)} bytes, its header says {expected}: truncated?)")
@@ -207,19 +219,32 @@ def _unreadable_files(cls, folder: str, files: tuple[str, ...]) -> list[str]:
     module = importlib.import_module(cls.__module__)
     check_integrity = getattr(module, "check_integrity", None)
     for name, md5 in getattr(cls, "train_list", []) + getattr(cls, "test_list", []):
-        if check_integrity and os.path.isfile(os.path.join(folder, name)) and not check_integrity(os.path.join(folder, name), md5):
+        if (
+            check_integrity
+            and os.path.isfile(os.path.join(folder, name))
+            and not check_integrity(os.path.join(folder, name), md5)
+        ):
             bad.append(f"{name} (md5 differs from the release's: corrupted or partial)")
     return bad
 
 
-def _not_found(name: str, split: str, folder: str, files: tuple[str, ...], expected: str, get_it: str,
-               cause: BaseException | None = None, unreadable: list[str] | None = None) -> DatasetNotFoundError:
+def _not_found(
+    name: str,
+    split: str,
+    folder: str,
+    files: tuple[str, ...],
+    expected: str,
+    get_it: str,
+    cause: BaseException | None = None,
+    unreadable: list[str] | None = None,
+) -> DatasetNotFoundError:
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     lines = [
         f"dataset '{name}' (split '{split}') not found or unreadable in {folder}",
         f"  expected files: {expected}",
-        f"  missing: {', '.join(missing)}" if missing else "  all files are present but could not be read "
-        "(corrupted or partial download? torchvision checks them)",
+        f"  missing: {', '.join(missing)}"
+        if missing
+        else "  all files are present but could not be read (corrupted or partial download? torchvision checks them)",
         *([f"  unreadable: {', '.join(unreadable)}"] if unreadable else []),
         f"  to get it: {get_it}",
         "  download=True needs network access; offline it ends in this same error once torchvision's "
@@ -230,8 +255,16 @@ def _not_found(name: str, split: str, folder: str, files: tuple[str, ...], expec
     return DatasetNotFoundError("\n".join(lines))
 
 
-def _torchvision_dataset(name: str, class_name: str, subfolder: str, files: tuple[str, ...], expected: str,
-                         root: str, split: str, download: bool):
+def _torchvision_dataset(
+    name: str,
+    class_name: str,
+    subfolder: str,
+    files: tuple[str, ...],
+    expected: str,
+    root: str,
+    split: str,
+    download: bool,
+):
     """torchvision.datasets.<class_name>(root, train=split == 'train'), with every way of the data being
     absent (missing files with download=False, failed download, failed checksum) as one DatasetNotFoundError."""
     import torchvision  # imported here: ~1 s, and the moons stage never needs it
@@ -242,9 +275,11 @@ def _torchvision_dataset(name: str, class_name: str, subfolder: str, files: tupl
     root = os.path.abspath(os.path.expanduser(str(root)))
     folder = os.path.join(root, subfolder)
     url = getattr(cls, "url", None) or cls.mirrors[0]
-    get_it = (f"on a machine with network run `python -c \"import torchvision; torchvision.datasets.{class_name}"
-              f"('data', download=True)\"` (fetches from {url}), then copy data/{subfolder}/ to {folder}/; "
-              f"or set dataset.root to a folder that holds {subfolder}/")
+    get_it = (
+        f'on a machine with network run `python -c "import torchvision; torchvision.datasets.{class_name}'
+        f"('data', download=True)\"` (fetches from {url}), then copy data/{subfolder}/ to {folder}/; "
+        f"or set dataset.root to a folder that holds {subfolder}/"
+    )
     _gunzip_missing(folder, files)
     if not download and not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         raise _not_found(name, split, folder, files, expected, get_it)
@@ -253,8 +288,9 @@ def _torchvision_dataset(name: str, class_name: str, subfolder: str, files: tupl
             return cls(root, train=split == "train", download=download)
     # torchvision: RuntimeError; urllib: URLError (an OSError); a truncated pickle: EOFError / UnpicklingError
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
-        raise _not_found(name, split, folder, files, expected, get_it, cause=error,
-                         unreadable=_unreadable_files(cls, folder, files)) from error
+        raise _not_found(
+            name, split, folder, files, expected, get_it, cause=error, unreadable=_unreadable_files(cls, folder, files)
+        ) from error
 
 
 def _image_dataset(images, labels, name: str, class_names: tuple[str, ...], device, hflip: bool) -> InMemoryDataset:
@@ -264,39 +300,50 @@ def _image_dataset(images, labels, name: str, class_names: tuple[str, ...], devi
     assert x.dtype == torch.uint8 and x.dim() == 4 and y.shape == (x.shape[0],), (x.dtype, x.shape, y.shape)
     if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(class_names)):
         raise ValueError(f"dataset '{name}': labels outside [0, {len(class_names)})")
-    return InMemoryDataset(x=x.to(device), y=y.to(device), num_classes=len(class_names), name=name, hflip=hflip,
-                           class_names=tuple(class_names))
+    return InMemoryDataset(
+        x=x.to(device),
+        y=y.to(device),
+        num_classes=len(class_names),
+        name=name,
+        hflip=hflip,
+        class_names=tuple(class_names),
+    )
 
 
 def _mnist_family(name: str, class_name: str, class_names, device, root, split, download, hflip):
     expected = f"{class_name}/raw/{', '.join(IDX_FILES)} (all four, whatever the split; each may be .gz instead)"
-    ds = _torchvision_dataset(name, class_name, os.path.join(class_name, "raw"), IDX_FILES, expected,
-                              root, split, download)
+    ds = _torchvision_dataset(
+        name, class_name, os.path.join(class_name, "raw"), IDX_FILES, expected, root, split, download
+    )
     # ds.data is already the decoded uint8 tensor [N, 28, 28]; ds.targets a long tensor [N].
     return _image_dataset(ds.data.unsqueeze(1), ds.targets, name, class_names, device, hflip)
 
 
-def load_mnist(device="cpu", root: str = "./data", split: str = "train", download: bool = True,
-               hflip: bool = False) -> InMemoryDataset:
+def load_mnist(
+    device="cpu", root: str = "./data", split: str = "train", download: bool = True, hflip: bool = False
+) -> InMemoryDataset:
     """MNIST digits, 1x28x28, 10 classes; split 'train' (60k) or 'test' (10k). Files: ROOT/MNIST/raw/."""
     return _mnist_family("mnist", "MNIST", DIGIT_NAMES, device, root, split, download, hflip)
 
 
-def load_fashion_mnist(device="cpu", root: str = "./data", split: str = "train", download: bool = True,
-                       hflip: bool = False) -> InMemoryDataset:
+def load_fashion_mnist(
+    device="cpu", root: str = "./data", split: str = "train", download: bool = True, hflip: bool = False
+) -> InMemoryDataset:
     """Fashion-MNIST, 1x28x28, 10 classes; 'train' (60k) or 'test' (10k). Files: ROOT/FashionMNIST/raw/."""
     return _mnist_family("fashion_mnist", "FashionMNIST", FASHION_NAMES, device, root, split, download, hflip)
 
 
-def load_cifar10(device="cpu", root: str = "./data", split: str = "train", download: bool = True,
-                 hflip: bool | None = None) -> InMemoryDataset:
+def load_cifar10(
+    device="cpu", root: str = "./data", split: str = "train", download: bool = True, hflip: bool | None = None
+) -> InMemoryDataset:
     """CIFAR-10, 3x32x32 RGB, 10 classes; 'train' (50k) or 'test' (10k). Files: ROOT/cifar-10-batches-py/.
 
     hflip=None means on for 'train' (the standard CIFAR augmentation), off for 'test'.
     """
     expected = "cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta (cifar-10-python.tar.gz, unpacked)"
-    ds = _torchvision_dataset("cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_FILES, expected,
-                              root, split, download)
+    ds = _torchvision_dataset(
+        "cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_FILES, expected, root, split, download
+    )
     # ds.data is numpy uint8 [N, 32, 32, 3] (torchvision already reshaped the row-major RGB planes to HWC).
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
     names = tuple(getattr(ds, "classes", None) or CIFAR10_NAMES)  # batches.meta's label_names
@@ -306,8 +353,14 @@ def load_cifar10(device="cpu", root: str = "./data", split: str = "train", downl
 # --- scikit-learn digits -----------------------------------------------------------------------
 
 
-def load_digits(device="cpu", root: str = "./data", split: str = "train", download: bool = True,
-                hflip: bool = False, image_size: int = 16) -> InMemoryDataset:
+def load_digits(
+    device="cpu",
+    root: str = "./data",
+    split: str = "train",
+    download: bool = True,
+    hflip: bool = False,
+    image_size: int = 16,
+) -> InMemoryDataset:
     """scikit-learn's bundled 1,797 real 8x8 digits (no download), as 1 x image_size^2 uint8, 10 classes.
 
     8x8 values 0..16 are scaled to 0..255 and resized bilinearly (no antialias; this only upsamples).
@@ -353,7 +406,7 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
 def load_image(path, image_size: int) -> np.ndarray:
@@ -385,14 +438,18 @@ def list_image_folder(root, allow_empty: bool = False) -> tuple[list[str], np.nd
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetNotFoundError(f"image folder {str(root)!r} does not exist (expected root/<class>/<image>, "
-                                   f"e.g. ImageNet's train/ with one folder per synset, or a flat folder of images)")
+        raise DatasetNotFoundError(
+            f"image folder {str(root)!r} does not exist (expected root/<class>/<image>, "
+            f"e.g. ImageNet's train/ with one folder per synset, or a flat folder of images)"
+        )
     class_names = tuple(sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")))
     if not class_names:  # a flat folder: one class
         files = [f for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not files and not allow_empty:
-            raise DatasetNotFoundError(f"image folder {str(root)!r} holds no images and no class sub-folders "
-                                       f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+            raise DatasetNotFoundError(
+                f"image folder {str(root)!r} holds no images and no class sub-folders "
+                f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
         return files, np.zeros(len(files), dtype=np.int64), (root.name,)
     paths, labels, empty = [], [], []
     for label, name in enumerate(class_names):
@@ -403,9 +460,11 @@ def list_image_folder(root, allow_empty: bool = False) -> tuple[list[str], np.nd
         labels += [label] * len(files)
     if empty and not allow_empty:
         shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
-        raise DatasetNotFoundError(f"image folder {str(root)!r}: {len(empty)} of {len(class_names)} class folders hold "
-                                   f"no images ({shown}); extensions {', '.join(IMAGE_EXTENSIONS)}. Set allow_empty=true "
-                                   "to keep them as classes without samples")
+        raise DatasetNotFoundError(
+            f"image folder {str(root)!r}: {len(empty)} of {len(class_names)} class folders hold "
+            f"no images ({shown}); extensions {', '.join(IMAGE_EXTENSIONS)}. Set allow_empty=true "
+            "to keep them as classes without samples"
+        )
     return paths, np.asarray(labels, dtype=np.int64), class_names
 
 
@@ -422,8 +481,17 @@ class ImageFolderDataset:
     `InMemoryDataset`.
     """
 
-    def __init__(self, root, image_size: int = 256, hflip: bool = False, allow_empty: bool = False, device="cpu",
-                 cache_bytes: int = IMAGE_FOLDER_CACHE_BYTES, workers: int | None = None, name: str = "imagefolder"):
+    def __init__(
+        self,
+        root,
+        image_size: int = 256,
+        hflip: bool = False,
+        allow_empty: bool = False,
+        device="cpu",
+        cache_bytes: int = IMAGE_FOLDER_CACHE_BYTES,
+        workers: int | None = None,
+        name: str = "imagefolder",
+    ):
         if image_size < 1:
             raise ValueError(f"imagefolder: image_size={image_size} must be >= 1")
         self.root, self.image_size, self.hflip, self.name = Path(root).expanduser(), image_size, hflip, name
@@ -474,9 +542,16 @@ class ImageFolderDataset:
         return uint8_to_model_space(x), self.y[indices.to(self.y.device)]
 
 
-def load_imagefolder(device="cpu", root: str = "./data/images", image_size: int = 256, hflip: bool = False,
-                     allow_empty: bool = False, split: str | None = None,
-                     cache_bytes: int = IMAGE_FOLDER_CACHE_BYTES, workers: int | None = None) -> ImageFolderDataset:
+def load_imagefolder(
+    device="cpu",
+    root: str = "./data/images",
+    image_size: int = 256,
+    hflip: bool = False,
+    allow_empty: bool = False,
+    split: str | None = None,
+    cache_bytes: int = IMAGE_FOLDER_CACHE_BYTES,
+    workers: int | None = None,
+) -> ImageFolderDataset:
     """Images under root (or root/split when split is given): root/<class>/**/<image> or a flat folder;
     ADM centre crop to image_size; see `ImageFolderDataset` for memory use."""
     folder = Path(root) / split if split else Path(root)

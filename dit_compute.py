@@ -64,7 +64,10 @@ def forward_macs(model: DiT, mask_ratio: float = 0.0) -> dict[str, float]:
     kept = num_kept(num_tokens, mask_ratio) if mask_ratio > 0 else num_tokens
     embed = model.x_embedder
     parts = {
-        "patch_embed": num_tokens * embed.in_channels * embed.kernel_size[0] * embed.kernel_size[1]
+        "patch_embed": num_tokens
+        * embed.in_channels
+        * embed.kernel_size[0]
+        * embed.kernel_size[1]
         * embed.out_channels,
         "time_embed": linear_macs(model.t_embedder.mlp[0]) + linear_macs(model.t_embedder.mlp[2]),
     }

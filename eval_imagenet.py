@@ -45,8 +45,9 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: id
 
 def sample_inputs(indices: range, seed: int, shape: tuple[int, ...], num_classes: int | None):
     """Sample indices -> (noise [n, *shape] float32, labels [n] or None), each row from (seed, i) alone."""
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, i)))
-                         for i in indices])
+    noise = torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, i))) for i in indices]
+    )
     labels = None if num_classes is None else torch.tensor([i % num_classes for i in indices])
     return noise, labels
 
@@ -65,12 +66,19 @@ class Evaluation:
         self.run = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
         self.sampler, self.solver = self.run.sampler, self.run.solver
         if self.sampler.num_classes is None:
-            raise RunError(f"checkpoint {self.run.checkpoint.path} is unconditional; eval_imagenet.py samples "
-                           f"class-balanced labels and needs a class-conditional model")
+            raise RunError(
+                f"checkpoint {self.run.checkpoint.path} is unconditional; eval_imagenet.py samples "
+                f"class-balanced labels and needs a class-conditional model"
+            )
         # the decoder and the Inception reference, loaded before any sampling: a wrong path fails now
         reference = cfg.reference if cfg.metrics else None
-        self.evaluator = build_evaluator(self.run.config.dataset, device, sample_shape=self.run.sample_shape,
-                                         fid_reference=reference, inception_weights=cfg.inception_weights)
+        self.evaluator = build_evaluator(
+            self.run.config.dataset,
+            device,
+            sample_shape=self.run.sample_shape,
+            fid_reference=reference,
+            inception_weights=cfg.inception_weights,
+        )
         self.decode = self.evaluator.decode
         self.batch_size = cfg.batch_size or (250 if device.type == "cuda" else 50)
         self.num_chunks = math.ceil(cfg.num_samples / cfg.chunk_size)
@@ -82,13 +90,19 @@ class Evaluation:
     def settings(self) -> dict:
         manifest = self.run.checkpoint.path / "manifest.json"
         return {
-            "checkpoint": str(self.run.checkpoint.path), "checkpoint_step": self.run.checkpoint.step,
-            "checkpoint_manifest_sha256": ckpt.sha256_file(manifest), "use_ema": self.cfg.use_ema,
-            "solver": to_plain(self.solver), "seed": self.cfg.seed, "num_samples": self.cfg.num_samples,
-            "chunk_size": self.cfg.chunk_size, "batch_size": self.batch_size,
+            "checkpoint": str(self.run.checkpoint.path),
+            "checkpoint_step": self.run.checkpoint.step,
+            "checkpoint_manifest_sha256": ckpt.sha256_file(manifest),
+            "use_ema": self.cfg.use_ema,
+            "solver": to_plain(self.solver),
+            "seed": self.cfg.seed,
+            "num_samples": self.cfg.num_samples,
+            "chunk_size": self.cfg.chunk_size,
+            "batch_size": self.batch_size,
             "labels": f"class-balanced: sample i has label i mod {self.sampler.num_classes}",
             "noise": "sample i: torch.randn from a CPU generator seeded by derive_seed(seed, i)",
-            "sample_shape": list(self.run.sample_shape), "decoded_with": latent_vae_id(self.run.config.dataset),
+            "sample_shape": list(self.run.sample_shape),
+            "decoded_with": latent_vae_id(self.run.config.dataset),
         }
 
     def claim_directory(self) -> dict:
@@ -101,8 +115,10 @@ class Evaluation:
                 saved = json.loads(path.read_text())
                 if saved.get("settings_sha256") != digest:
                     differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
-                    raise RunError(f"out = {str(self.out)!r} holds samples made with other settings (differing: "
-                                   f"{', '.join(differ)}); use another out directory or the original settings")
+                    raise RunError(
+                        f"out = {str(self.out)!r} holds samples made with other settings (differing: "
+                        f"{', '.join(differ)}); use another out directory or the original settings"
+                    )
             else:
                 (self.out / "shards").mkdir(parents=True, exist_ok=True)
                 ckpt.atomic_write_text(path, json.dumps({"settings": settings, "settings_sha256": digest}, indent=2))
@@ -126,9 +142,11 @@ class Evaluation:
             device = self.runtime.device
             x = self.sampler.sample(noise.to(device), y.to(device), **sample_kwargs(so)).x
             if not bool(torch.isfinite(x).all()):
-                raise NonFiniteSamplesError(f"samples {b}..{indices[-1]} are NaN/inf with solver {so.method} "
-                                            f"x{so.num_steps}, guidance_scale={so.guidance_scale}; nothing was written "
-                                            f"for chunk {chunk}")
+                raise NonFiniteSamplesError(
+                    f"samples {b}..{indices[-1]} are NaN/inf with solver {so.method} "
+                    f"x{so.num_steps}, guidance_scale={so.guidance_scale}; nothing was written "
+                    f"for chunk {chunk}"
+                )
             if self.decode is not None:
                 x = self.decode(x)
             images.append(to_uint8_rgb(x))
@@ -142,11 +160,18 @@ class Evaluation:
         mine = [c for c in range(self.runtime.rank, self.num_chunks, self.runtime.world_size)]
         todo = [c for c in mine if not self.chunk_path(c).is_file()]
         size = self.cfg.chunk_size
-        done = sum(min(size, self.cfg.num_samples - c * size) for c in range(self.num_chunks)
-                   if self.chunk_path(c).is_file())
+        done = sum(
+            min(size, self.cfg.num_samples - c * size) for c in range(self.num_chunks) if self.chunk_path(c).is_file()
+        )
         # Rank 0's bar counts every rank's work by assuming the others keep its pace (images/s, ETA).
-        bar = tqdm(total=self.cfg.num_samples, initial=done, unit="img", dynamic_ncols=True,
-                   disable=None if self.runtime.is_main else True, desc=f"sampling x{self.runtime.world_size}")
+        bar = tqdm(
+            total=self.cfg.num_samples,
+            initial=done,
+            unit="img",
+            dynamic_ncols=True,
+            disable=None if self.runtime.is_main else True,
+            desc=f"sampling x{self.runtime.world_size}",
+        )
         for chunk in todo:
             self.sample_chunk(chunk)
             bar.update(min(size, self.cfg.num_samples - chunk * size) * self.runtime.world_size)
@@ -162,14 +187,23 @@ class Evaluation:
         height, width, channels = first["images"].shape[1:]
         n = self.cfg.num_samples
         path = self.out / "samples.npz"
-        with ckpt.atomic_write(path) as tmp, \
-                zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, dtype, shape, key in (("arr_0.npy", np.uint8, (n, height, width, channels), "images"),
-                                            ("arr_1.npy", np.int64, (n,), "labels")):
+        with (
+            ckpt.atomic_write(path) as tmp,
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+        ):
+            for name, dtype, shape, key in (
+                ("arr_0.npy", np.uint8, (n, height, width, channels), "images"),
+                ("arr_1.npy", np.int64, (n,), "labels"),
+            ):
                 with archive.open(zipfile.ZipInfo(name, date_time=ZIP_DATE), "w", force_zip64=True) as member:
                     np.lib.format.write_array_header_2_0(
-                        member, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                                 "shape": shape})
+                        member,
+                        {
+                            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                            "fortran_order": False,
+                            "shape": shape,
+                        },
+                    )
                     for chunk in range(self.num_chunks):
                         with np.load(self.chunk_path(chunk)) as shard:
                             member.write(np.ascontiguousarray(shard[key], dtype=dtype).tobytes())
@@ -192,22 +226,30 @@ class Evaluation:
 
         extractor, reference = self.evaluator.inception_reference
         # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once.
-        with tqdm(total=self.cfg.num_samples, desc="inception features", unit="img", dynamic_ncols=True,
-                  disable=None) as bar:
+        with tqdm(
+            total=self.cfg.num_samples, desc="inception features", unit="img", dynamic_ncols=True, disable=None
+        ) as bar:
             values = self.evaluator.inception(batch for batch in self.iter_images(progress=bar.update))
-        protocol = {**settings, "reference": str(self.cfg.reference), "reference_count": reference.count,
-                    "extractor": f"torch-fidelity {inception.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
-                    "extractor_sha256": extractor.weights_sha256, "world_size": self.runtime.world_size,
-                    "nfe_per_sample_rank0": self.forwards_per_sample(), "sampling_seconds": seconds}
+        protocol = {
+            **settings,
+            "reference": str(self.cfg.reference),
+            "reference_count": reference.count,
+            "extractor": f"torch-fidelity {inception.INCEPTION_EXTRACTOR} (the TF-2015 Inception graph)",
+            "extractor_sha256": extractor.weights_sha256,
+            "world_size": self.runtime.world_size,
+            "nfe_per_sample_rank0": self.forwards_per_sample(),
+            "sampling_seconds": seconds,
+        }
         result = {"metrics": values, "protocol": protocol}
         ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2, default=str))
         return values
 
     def forwards_per_sample(self) -> float | None:
         """Model forwards per batch on this rank (a guided step is one forward of 2B rows)."""
-        batches = sum(math.ceil(min(self.cfg.chunk_size, self.cfg.num_samples - c * self.cfg.chunk_size)
-                                / self.batch_size) for c in range(self.runtime.rank, self.num_chunks,
-                                                                  self.runtime.world_size))
+        batches = sum(
+            math.ceil(min(self.cfg.chunk_size, self.cfg.num_samples - c * self.cfg.chunk_size) / self.batch_size)
+            for c in range(self.runtime.rank, self.num_chunks, self.runtime.world_size)
+        )
         return self.forwards.calls / batches if batches and self.forwards.calls else None
 
     def run_all(self) -> int:
@@ -219,7 +261,9 @@ class Evaluation:
             return 0
         missing = [c for c in range(self.num_chunks) if not self.chunk_path(c).is_file()]
         if missing:
-            raise RunError(f"{len(missing)} chunks missing in {self.out / 'shards'} after sampling (first {missing[0]})")
+            raise RunError(
+                f"{len(missing)} chunks missing in {self.out / 'shards'} after sampling (first {missing[0]})"
+            )
         path = self.write_samples_npz()
         print(f"{self.cfg.num_samples} samples -> {path} ({seconds:.1f} s sampling this run)")
         if self.cfg.metrics and self.cfg.reference:

@@ -35,19 +35,38 @@ class Evaluator:
     classifier: a classifier.EvalClassifier (None: compressed size only); inception: (extractor, reference
     statistics) or None; dataset: the real data, for the 2-D metrics; dataset_name / class_names: figures."""
 
-    def __init__(self, sample_shape, device, *, decode=None, classifier=None, inception=None, dataset=None,
-                 dataset_name: str = "", class_names=None):
+    def __init__(
+        self,
+        sample_shape,
+        device,
+        *,
+        decode=None,
+        classifier=None,
+        inception=None,
+        dataset=None,
+        dataset_name: str = "",
+        class_names=None,
+    ):
         self.sample_shape, self.device = tuple(sample_shape), device
         self.decode, self.classifier, self.inception_reference = decode, classifier, inception
         self.dataset, self.dataset_name, self.class_names = dataset, dataset_name, class_names
 
     @torch.no_grad()
-    def sample(self, sampler: FlowSampler, solver, num_samples: int, seed: int, batch_size: int | None = None,
-               progress=None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def sample(
+        self, sampler: FlowSampler, solver, num_samples: int, seed: int, batch_size: int | None = None, progress=None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """num_samples ODE samples with the solver settings -> (images or points, labels, latents or None).
         Raises sampling.NonFiniteSamplesError naming the first bad sample."""
-        samples, labels = generate(sampler, solver, self.sample_shape, num_samples, seed=seed, device=self.device,
-                                   batch_size=batch_size, progress=progress)
+        samples, labels = generate(
+            sampler,
+            solver,
+            self.sample_shape,
+            num_samples,
+            seed=seed,
+            device=self.device,
+            batch_size=batch_size,
+            progress=progress,
+        )
         if self.decode is None:
             return samples, labels, None
         return torch.cat([self.decode(part) for part in samples.split(64)]).cpu(), labels, samples
@@ -64,28 +83,30 @@ class Evaluator:
 
     def straightness(self, sampler: FlowSampler, solver, num_samples: int, seed: int) -> float:
         """How straight the sampled paths are (0: one Euler step is exact), on one batch of the same noise."""
-        return measure_straightness(sampler, solver, self.sample_shape, min(STRAIGHTNESS_SAMPLES, num_samples),
-                                    seed=seed, device=self.device)
+        return measure_straightness(
+            sampler, solver, self.sample_shape, min(STRAIGHTNESS_SAMPLES, num_samples), seed=seed, device=self.device
+        )
 
     def inception(self, images: Tensor | Iterable[Tensor], progress: bool = False) -> dict[str, float]:
         """FID / IS (and KID, precision/recall when the reference keeps features) of decoded images:
         [N, C, H, W] in [-1, 1], or an iterable of uint8 [n, 3, H, W] batches (streamed from disk)."""
         extractor, reference = self.inception_reference
         if isinstance(images, Tensor):
-            return inception.inception_metrics(extractor, model_space_to_uint8(images), reference,
-                                             is_splits=min(10, len(images)), progress=progress)
+            return inception.inception_metrics(
+                extractor, model_space_to_uint8(images), reference, is_splits=min(10, len(images)), progress=progress
+            )
         parts = [inception.inception_features(extractor, batch) for batch in images]
         features = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         count = len(next(iter(features.values())))
-        return inception.inception_metrics_from_features(features, reference, is_splits=min(10, count),
-                                                       device=self.device)
+        return inception.inception_metrics_from_features(
+            features, reference, is_splits=min(10, count), device=self.device
+        )
 
     def figure(self, samples: Tensor, labels: Tensor | None):
         """A grid with one row per class named by the dataset's class names (a scatter plot for 2-D data)."""
         return samples_figure(samples, labels, self.dataset_name, self.class_names)
 
-    def save(self, out_dir, samples: Tensor, labels: Tensor | None, latents: Tensor | None = None,
-             figure=None) -> None:
+    def save(self, out_dir, samples: Tensor, labels: Tensor | None, latents: Tensor | None = None, figure=None) -> None:
         """out_dir/samples.png and out_dir/samples.npz (with `latents` for a latent model), each atomic."""
         own = figure is None
         figure = self.figure(samples, labels) if own else figure

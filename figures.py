@@ -76,8 +76,9 @@ def comparison_figure(seed: Tensor, current: Tensor, labels: Tensor | None, data
     n = COMPARISON_PER_CLASS
     if labels is None:
         both = torch.cat([seed[:n], current[:n]])  # fewer than n samples: as many labels as images
-        return samples_figure(both, torch.zeros(len(both), dtype=torch.long), dataset_name,
-                              ["seed | current"], max_per_row=2 * n)
+        return samples_figure(
+            both, torch.zeros(len(both), dtype=torch.long), dataset_name, ["seed | current"], max_per_row=2 * n
+        )
     rows, row_labels = [], []
     for k in labels.unique().tolist():
         chosen = labels == k
@@ -102,9 +103,7 @@ def save_samples(samples: Tensor, labels: Tensor | None, out_dir, figure, latent
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    label_array = (
-        labels.numpy().astype(np.int64) if labels is not None else np.full(len(samples), -1, np.int64)
-    )
+    label_array = labels.numpy().astype(np.int64) if labels is not None else np.full(len(samples), -1, np.int64)
     if samples.dim() == 2:
         arrays = {"points": samples.numpy().astype(np.float32), "labels": label_array}
     else:

@@ -87,10 +87,12 @@ def file_sha256(path) -> str:
 
 
 def _weights_help() -> str:
-    return (f"download {inception_weights_url()} (torch-fidelity's TF-2015 Inception-v3, file "
-            f"{inception_weights_filename()}) and pass training.inception_weights=PATH (inference.py, eval_imagenet.py: "
-            f"inception_weights=PATH; scripts: weights=PATH), or put it at "
-            f"{default_inception_weights_path()} (the torch hub cache, where torch-fidelity looks)")
+    return (
+        f"download {inception_weights_url()} (torch-fidelity's TF-2015 Inception-v3, file "
+        f"{inception_weights_filename()}) and pass training.inception_weights=PATH (inference.py, eval_imagenet.py: "
+        f"inception_weights=PATH; scripts: weights=PATH), or put it at "
+        f"{default_inception_weights_path()} (the torch hub cache, where torch-fidelity looks)"
+    )
 
 
 def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Module:
@@ -115,13 +117,18 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
 
     path = Path(weights_path).expanduser() if weights_path else default_inception_weights_path()
     if not path.is_file():
-        where = f"Inception weights file {path}" if weights_path else \
-            f"Inception weights file {inception_weights_filename()} (looked in the torch hub cache, {path})"
+        where = (
+            f"Inception weights file {path}"
+            if weights_path
+            else f"Inception weights file {inception_weights_filename()} (looked in the torch hub cache, {path})"
+        )
         raise InceptionWeightsError(f"{where} does not exist; {_weights_help()}")
 
     def refuse(reason: str) -> InceptionWeightsError:
-        return InceptionWeightsError(f"Inception weights file {path} is not torch-fidelity's Inception-v3 "
-                                     f"state dict ({reason}); {_weights_help()}")
+        return InceptionWeightsError(
+            f"Inception weights file {path} is not torch-fidelity's Inception-v3 "
+            f"state dict ({reason}); {_weights_help()}"
+        )
 
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -130,10 +137,12 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         code = next((line for line in lines if "GLOBAL" in line), None)
         if code is not None:
-            raise refuse(f"its pickle asks for Python code, and weight files are never unpickled with code: "
-                         f"{code}") from None
-        detail = next((line for line in reversed(lines) if not line.startswith(("Check the", "Weights only"))),
-                      type(e).__name__)
+            raise refuse(
+                f"its pickle asks for Python code, and weight files are never unpickled with code: {code}"
+            ) from None
+        detail = next(
+            (line for line in reversed(lines) if not line.startswith(("Check the", "Weights only"))), type(e).__name__
+        )
         raise refuse(f"not a tensor file: {detail}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise refuse(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
@@ -143,8 +152,9 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
     torch.save(state_dict, verified)
     verified.seek(0)
     try:
-        extractor = FeatureExtractorInceptionV3(INCEPTION_EXTRACTOR, list(INCEPTION_FEATURES),
-                                                feature_extractor_weights_path=verified)
+        extractor = FeatureExtractorInceptionV3(
+            INCEPTION_EXTRACTOR, list(INCEPTION_FEATURES), feature_extractor_weights_path=verified
+        )
     except (RuntimeError, ValueError) as e:
         raise refuse(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     extractor.weights_path, extractor.weights_sha256 = str(path), file_sha256(path)
@@ -156,26 +166,31 @@ def _image_batches(images, batch_size: int):
     -> torch uint8 [B, 3, H, W] batches on the CPU (grayscale repeated to 3 channels)."""
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"Inception features need uint8 images [N, H, W, C] with C in (1, 3) as a numpy "
-                             f"array, got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"Inception features need uint8 images [N, H, W, C] with C in (1, 3) as a numpy "
+                f"array, got {images.dtype} {images.shape}"
+            )
         to_nchw = lambda batch: torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
     elif isinstance(images, torch.Tensor):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"Inception features need uint8 images [N, C, H, W] with C in (1, 3) (the saved "
-                             f"8-bit images), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"Inception features need uint8 images [N, C, H, W] with C in (1, 3) (the saved "
+                f"8-bit images), got {images.dtype} {tuple(images.shape)}"
+            )
         to_nchw = lambda batch: batch.detach()
     else:
         raise TypeError(f"expected a uint8 torch tensor [N, C, H, W] or numpy array [N, H, W, C], got {type(images)}")
     if len(images) == 0:
         raise ValueError("Inception features of an empty image set")
     for start in range(0, len(images), batch_size):
-        batch = to_nchw(images[start:start + batch_size])
+        batch = to_nchw(images[start : start + batch_size])
         yield batch.repeat(1, 3, 1, 1) if batch.shape[1] == 1 else batch
 
 
 @torch.no_grad()
-def inception_features(extractor: torch.nn.Module, images_uint8, batch_size: int = 100,
-                       spatial: bool = True, progress: bool = False) -> dict[str, np.ndarray]:
+def inception_features(
+    extractor: torch.nn.Module, images_uint8, batch_size: int = 100, spatial: bool = True, progress: bool = False
+) -> dict[str, np.ndarray]:
     """8-bit images -> {"pool": [N, 2048], "logits": [N, 1008], "spatial": [N, 2023]} float64 on the CPU.
 
     images_uint8: torch uint8 [N, C, H, W] (or numpy uint8 [N, H, W, C]), C = 1 (repeated to RGB) or 3,
@@ -224,8 +239,9 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
-def kernel_inception_distance(features, reference_features, subsets: int = 100,
-                              subset_size: int = 1000) -> tuple[float, float]:
+def kernel_inception_distance(
+    features, reference_features, subsets: int = 100, subset_size: int = 1000
+) -> tuple[float, float]:
     """KID of features [N, F] to reference features [M, F] -> (mean, std) over `subsets` random subsets
     (torch-fidelity's kid_features_to_metric: unbiased MMD^2, kernel (x.y / F + 1)^3, its fixed seed).
     The subset size is capped at min(N, M): smaller subsets keep KID unbiased but noisier."""
@@ -234,14 +250,17 @@ def kernel_inception_distance(features, reference_features, subsets: int = 100,
     a, b = (torch.as_tensor(np.asarray(f, dtype=np.float64)) for f in (features, reference_features))
     size = min(subset_size, len(a), len(b))
     if size < 2 or a.dim() != 2 or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"kernel_inception_distance needs two feature sets [N >= 2, F] of equal F, got shapes "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"kernel_inception_distance needs two feature sets [N >= 2, F] of equal F, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
     out = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
-def precision_recall(features, reference_features, k: int = 3, batch_size: int = 5000,
-                     device="cpu") -> tuple[float, float]:
+def precision_recall(
+    features, reference_features, k: int = 3, batch_size: int = 5000, device="cpu"
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of generated features [N, F] against real
     reference features [M, F] -> (precision, recall), torch-fidelity's prc_features_to_metric.
 
@@ -254,10 +273,11 @@ def precision_recall(features, reference_features, k: int = 3, batch_size: int =
 
     a, b = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (features, reference_features))
     if a.dim() != 2 or a.shape[1:] != b.shape[1:] or min(len(a), len(b)) <= k:
-        raise ValueError(f"precision_recall needs two feature sets [N > k = {k}, F] of equal F, got shapes "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-    out = prc_features_to_metric(a, b, prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=True,
-                                 verbose=False)
+        raise ValueError(
+            f"precision_recall needs two feature sets [N > k = {k}, F] of equal F, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    out = prc_features_to_metric(a, b, prc_neighborhood=k, prc_batch_size=batch_size, save_cpu_ram=True, verbose=False)
     return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
@@ -301,8 +321,13 @@ class ReferenceStatistics:
     source: str = ""
 
     @classmethod
-    def from_features(cls, features: dict[str, np.ndarray], extractor_sha256: str | None,
-                      keep_features: int | None = None, source: str = "") -> "ReferenceStatistics":
+    def from_features(
+        cls,
+        features: dict[str, np.ndarray],
+        extractor_sha256: str | None,
+        keep_features: int | None = None,
+        source: str = "",
+    ) -> "ReferenceStatistics":
         """`inception_features` output -> statistics. keep_features: how many pool-feature rows to keep
         for KID / precision-recall (None: all; 0: none; fewer than N: a fixed-seed subset, in order)."""
         pool = np.asarray(features["pool"], dtype=np.float64)
@@ -321,11 +346,15 @@ class ReferenceStatistics:
         """An .npz (deterministic: the same statistics give the same bytes) with format, extractor,
         extractor_sha256 ('' for none), count (-1 for unknown), source, mu, sigma, then sfid_mu /
         sfid_sigma and features (float32: the extractor's own precision, so nothing is lost) if present."""
-        arrays = {"format": np.array(INCEPTION_REFERENCE_FORMAT), "extractor": np.array(INCEPTION_EXTRACTOR),
-                  "extractor_sha256": np.array(self.extractor_sha256 or ""),
-                  "count": np.array(-1 if self.count is None else self.count, dtype=np.int64),
-                  "source": np.array(self.source),
-                  "mu": np.asarray(self.mu, dtype=np.float64), "sigma": np.asarray(self.sigma, dtype=np.float64)}
+        arrays = {
+            "format": np.array(INCEPTION_REFERENCE_FORMAT),
+            "extractor": np.array(INCEPTION_EXTRACTOR),
+            "extractor_sha256": np.array(self.extractor_sha256 or ""),
+            "count": np.array(-1 if self.count is None else self.count, dtype=np.int64),
+            "source": np.array(self.source),
+            "mu": np.asarray(self.mu, dtype=np.float64),
+            "sigma": np.asarray(self.sigma, dtype=np.float64),
+        }
         if self.sfid_mu is not None:
             arrays["sfid_mu"] = np.asarray(self.sfid_mu, dtype=np.float64)
             arrays["sfid_sigma"] = np.asarray(self.sfid_sigma, dtype=np.float64)
@@ -341,17 +370,21 @@ class ReferenceStatistics:
                 f"{source} were computed with Inception weights of sha256 {self.extractor_sha256}, but the loaded "
                 f"weights ({getattr(extractor, 'weights_path', '?')}) have sha256 {have}; features of different "
                 f"weights are not comparable. Load the weights the statistics were built with, or rebuild them "
-                f"with these weights (scripts/build_reference_stats.py)")
+                f"with these weights (scripts/build_reference_stats.py)"
+            )
 
 
 def _check_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, dim: int, name: str) -> None:
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
-        raise ReferenceStatisticsError(f"reference statistics {path}: {name} mean/covariance have shapes "
-                                       f"{mu.shape} / {sigma.shape}, expected ({dim},) / ({dim}, {dim})")
+        raise ReferenceStatisticsError(
+            f"reference statistics {path}: {name} mean/covariance have shapes "
+            f"{mu.shape} / {sigma.shape}, expected ({dim},) / ({dim}, {dim})"
+        )
 
 
-def load_reference_statistics(path, extractor: torch.nn.Module | None = None, batch_size: int = 100,
-                              progress: bool = False) -> ReferenceStatistics:
+def load_reference_statistics(
+    path, extractor: torch.nn.Module | None = None, batch_size: int = 100, progress: bool = False
+) -> ReferenceStatistics:
     """Reference statistics from an .npz: one written by `ReferenceStatistics.save`
     (scripts/build_reference_stats.py), or an ADM reference batch as published
     (e.g. VIRTUAL_imagenet256_labeled.npz: arr_0 uint8 [N, H, W, 3], optionally mu / sigma and
@@ -364,8 +397,10 @@ def load_reference_statistics(path, extractor: torch.nn.Module | None = None, ba
     """
     path = Path(path)
     if not path.is_file():
-        raise ReferenceStatisticsError(f"reference statistics {path} do not exist; build them with "
-                                       f"python scripts/build_reference_stats.py dataset=NAME dataset.split=train out={path}")
+        raise ReferenceStatisticsError(
+            f"reference statistics {path} do not exist; build them with "
+            f"python scripts/build_reference_stats.py dataset=NAME dataset.split=train out={path}"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -374,37 +409,46 @@ def load_reference_statistics(path, extractor: torch.nn.Module | None = None, ba
         keys = set(archive.files)
         if "format" in keys:
             if str(archive["format"]) != INCEPTION_REFERENCE_FORMAT:
-                raise ReferenceStatisticsError(f"reference statistics {path} have format {str(archive['format'])!r}, "
-                                               f"expected {INCEPTION_REFERENCE_FORMAT!r}")
+                raise ReferenceStatisticsError(
+                    f"reference statistics {path} have format {str(archive['format'])!r}, "
+                    f"expected {INCEPTION_REFERENCE_FORMAT!r}"
+                )
             count = int(archive["count"])
             stats = ReferenceStatistics(
-                mu=archive["mu"], sigma=archive["sigma"], count=None if count < 0 else count,
+                mu=archive["mu"],
+                sigma=archive["sigma"],
+                count=None if count < 0 else count,
                 extractor_sha256=str(archive["extractor_sha256"]) or None,
                 features=archive["features"].astype(np.float64) if "features" in keys else None,
                 sfid_mu=archive["sfid_mu"] if "sfid_mu" in keys else None,
                 sfid_sigma=archive["sfid_sigma"] if "sfid_sigma" in keys else None,
-                source=str(archive["source"]))
+                source=str(archive["source"]),
+            )
             if extractor is not None:
                 stats.check_extractor(extractor, f"reference statistics {path}")
         elif "arr_0" in keys:
             if extractor is None:
-                raise ReferenceStatisticsError(f"{path} is an ADM reference batch (arr_0 images): computing its "
-                                               f"features needs the Inception extractor (inception.load_inception)")
+                raise ReferenceStatisticsError(
+                    f"{path} is an ADM reference batch (arr_0 images): computing its "
+                    f"features needs the Inception extractor (inception.load_inception)"
+                )
             images = archive["arr_0"]
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-                raise ReferenceStatisticsError(f"{path}: arr_0 should be uint8 images [N, H, W, 3], got "
-                                               f"{images.dtype} {images.shape}")
+                raise ReferenceStatisticsError(
+                    f"{path}: arr_0 should be uint8 images [N, H, W, 3], got {images.dtype} {images.shape}"
+                )
             has_fid, has_sfid = {"mu", "sigma"} <= keys, {"mu_s", "sigma_s"} <= keys
             features = inception_features(extractor, images, batch_size, spatial=not has_sfid, progress=progress)
             stats = ReferenceStatistics.from_features(features, extractor.weights_sha256, source=f"adm:{path.name}")
             if has_fid:  # the TF graph's statistics, over however many images the file's authors used
-                stats.mu, stats.sigma, stats.count, stats.extractor_sha256 = \
-                    archive["mu"], archive["sigma"], None, None
+                stats.mu, stats.sigma, stats.count, stats.extractor_sha256 = archive["mu"], archive["sigma"], None, None
             if has_sfid:
                 stats.sfid_mu, stats.sfid_sigma = archive["mu_s"], archive["sigma_s"]
         else:
-            raise ReferenceStatisticsError(f"{path} holds neither reference statistics (format, mu, sigma, ...) nor "
-                                           f"an ADM reference batch (arr_0); keys: {', '.join(sorted(keys))}")
+            raise ReferenceStatisticsError(
+                f"{path} holds neither reference statistics (format, mu, sigma, ...) nor "
+                f"an ADM reference batch (arr_0); keys: {', '.join(sorted(keys))}"
+            )
     stats.mu, stats.sigma = np.asarray(stats.mu, dtype=np.float64), np.asarray(stats.sigma, dtype=np.float64)
     _check_statistics(path, stats.mu, stats.sigma, 2048, "pool-feature")
     if stats.sfid_mu is not None:
@@ -413,9 +457,15 @@ def load_reference_statistics(path, extractor: torch.nn.Module | None = None, ba
     return stats
 
 
-def inception_metrics_from_features(features: dict[str, np.ndarray], reference: ReferenceStatistics,
-                                    is_splits: int = 10, kid_subsets: int = 100, kid_subset_size: int = 1000,
-                                    k: int = 3, device="cpu") -> dict[str, float]:
+def inception_metrics_from_features(
+    features: dict[str, np.ndarray],
+    reference: ReferenceStatistics,
+    is_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    k: int = 3,
+    device="cpu",
+) -> dict[str, float]:
     """`inception_features` of samples + reference statistics -> the metrics (see `inception_metrics`)."""
     mu, sigma = feature_statistics(torch.from_numpy(np.asarray(features["pool"], dtype=np.float64)))
     out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
@@ -424,15 +474,24 @@ def inception_metrics_from_features(features: dict[str, np.ndarray], reference: 
         out["sfid"] = frechet_distance(*spatial_stats, reference.sfid_mu, reference.sfid_sigma)
     out["is_mean"], out["is_std"] = inception_score(features["logits"], is_splits)
     if reference.features is not None:
-        out["kid_mean"], out["kid_std"] = kernel_inception_distance(features["pool"], reference.features,
-                                                                    kid_subsets, kid_subset_size)
+        out["kid_mean"], out["kid_std"] = kernel_inception_distance(
+            features["pool"], reference.features, kid_subsets, kid_subset_size
+        )
         out["precision"], out["recall"] = precision_recall(features["pool"], reference.features, k, device=device)
     return out
 
 
-def inception_metrics(extractor: torch.nn.Module, samples_uint8, reference: ReferenceStatistics,
-                      batch_size: int = 100, is_splits: int = 10, kid_subsets: int = 100,
-                      kid_subset_size: int = 1000, k: int = 3, progress: bool = False) -> dict[str, float]:
+def inception_metrics(
+    extractor: torch.nn.Module,
+    samples_uint8,
+    reference: ReferenceStatistics,
+    batch_size: int = 100,
+    is_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    k: int = 3,
+    progress: bool = False,
+) -> dict[str, float]:
     """8-bit samples (see `inception_features`) against reference statistics -> {fid, sfid, is_mean,
     is_std, kid_mean, kid_std, precision, recall}.
 
@@ -441,7 +500,8 @@ def inception_metrics(extractor: torch.nn.Module, samples_uint8, reference: Refe
     other Inception weights than the extractor's are refused (ReferenceStatisticsError).
     """
     reference.check_extractor(extractor)
-    features = inception_features(extractor, samples_uint8, batch_size, spatial=reference.sfid_mu is not None,
-                                  progress=progress)
+    features = inception_features(
+        extractor, samples_uint8, batch_size, spatial=reference.sfid_mu is not None, progress=progress
+    )
     device = next(extractor.parameters()).device
     return inception_metrics_from_features(features, reference, is_splits, kid_subsets, kid_subset_size, k, device)

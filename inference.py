@@ -25,21 +25,36 @@ def held_out_bits_per_dim(run, cfg, device) -> dict:
     from sampling import image_bits_per_dim
 
     if len(run.sample_shape) != 3 or latent_vae_id(run.config.dataset) is not None:
-        raise ConfigError("likelihood=true scores pixel image models (bits per 8-bit dimension); this checkpoint "
-                          f"models {run.config.dataset.name!r} samples of shape {list(run.sample_shape)}")
+        raise ConfigError(
+            "likelihood=true scores pixel image models (bits per 8-bit dimension); this checkpoint "
+            f"models {run.config.dataset.name!r} samples of shape {list(run.sample_shape)}"
+        )
     held_out = build_dataset(run.config.dataset, device, split="test")
     count = min(cfg.likelihood_images, len(held_out))
     labels = held_out.y[:count] if run.sampler.num_classes is not None else None
-    result = image_bits_per_dim(run.sampler, held_out.x[:count], labels, torch.Generator(device).manual_seed(cfg.seed),
-                                num_steps=cfg.likelihood_steps, hutchinson_samples=cfg.likelihood_probes)
-    return {"bits_per_dim": result["mean"], "bits_per_dim_sem": result["sem"], "bits_per_dim_images": count,
-            "bits_per_dim_estimator": result["estimator"], "bits_per_dim_nfe": result["nfe"]}
+    result = image_bits_per_dim(
+        run.sampler,
+        held_out.x[:count],
+        labels,
+        torch.Generator(device).manual_seed(cfg.seed),
+        num_steps=cfg.likelihood_steps,
+        hutchinson_samples=cfg.likelihood_probes,
+    )
+    return {
+        "bits_per_dim": result["mean"],
+        "bits_per_dim_sem": result["sem"],
+        "bits_per_dim_images": count,
+        "bits_per_dim_estimator": result["estimator"],
+        "bits_per_dim_nfe": result["nfe"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="inference"), InferenceConfig)
     if not cfg.checkpoint:
-        raise ConfigError("checkpoint is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)")
+        raise ConfigError(
+            "checkpoint is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)"
+        )
     validate_inference(cfg)
     device = select_device(cfg.device)
     run = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
@@ -47,20 +62,31 @@ def main(argv: list[str] | None = None) -> int:
     if sampler.num_classes is None:
         num = 64 if cfg.num_samples is None else cfg.num_samples
     elif cfg.num_samples is not None:
-        raise ConfigError(f"num_samples = {cfg.num_samples}: {run.checkpoint.path} is class-conditional "
-                          f"({sampler.num_classes} classes), so the count is n_per_class per class; use n_per_class")
+        raise ConfigError(
+            f"num_samples = {cfg.num_samples}: {run.checkpoint.path} is class-conditional "
+            f"({sampler.num_classes} classes), so the count is n_per_class per class; use n_per_class"
+        )
     else:
         num = cfg.n_per_class * sampler.num_classes
     from tqdm import tqdm
 
-    evaluator = build_evaluator(run.config.dataset, device, sample_shape=run.sample_shape, classifier=cfg.classifier,
-                                fid_reference=cfg.fid_reference, inception_weights=cfg.inception_weights,
-                                num_samples=num, seed=cfg.seed)
+    evaluator = build_evaluator(
+        run.config.dataset,
+        device,
+        sample_shape=run.sample_shape,
+        classifier=cfg.classifier,
+        fid_reference=cfg.fid_reference,
+        inception_weights=cfg.inception_weights,
+        num_samples=num,
+        seed=cfg.seed,
+    )
     # disable=None: a bar on a terminal, none in a log file or a captured pipe (the error contract's one line)
-    with tqdm(total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True,
-              disable=None) as bar:
-        samples, labels, latents = evaluator.sample(sampler, solver, num, cfg.seed, batch_size=cfg.batch_size,
-                                                    progress=bar.update)
+    with tqdm(
+        total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True, disable=None
+    ) as bar:
+        samples, labels, latents = evaluator.sample(
+            sampler, solver, num, cfg.seed, batch_size=cfg.batch_size, progress=bar.update
+        )
     evaluator.save(cfg.out, samples, labels, latents)
     scores = {}
     if cfg.classifier:
@@ -75,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     if scores:
         atomic_write_text(Path(cfg.out) / "metrics.json", json.dumps(scores, indent=2))
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items()))
-    print(f"{len(samples)} samples from {run.checkpoint.path} (step {run.checkpoint.step}, solver {solver.method} "
-          f"x{solver.num_steps}, guidance {solver.guidance_scale}) -> {Path(cfg.out) / 'samples.png'}, "
-          f"{Path(cfg.out) / 'samples.npz'}")
+    print(
+        f"{len(samples)} samples from {run.checkpoint.path} (step {run.checkpoint.step}, solver {solver.method} "
+        f"x{solver.num_steps}, guidance {solver.guidance_scale}) -> {Path(cfg.out) / 'samples.png'}, "
+        f"{Path(cfg.out) / 'samples.npz'}"
+    )
     return 0
 
 

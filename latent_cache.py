@@ -35,12 +35,40 @@ LATENT_CACHE_KIND = "nanoflow-latent-cache"
 FORMAT_VERSION = 1
 CROP = "adm_center_crop"  # guided-diffusion's center_crop_arr
 # Keys of build.json that every run and rank building into one directory must agree on.
-BUILD_KEYS = ("format_version", "num_images", "file_list_sha256", "class_names", "image_size", "crop", "flip",
-              "dtype", "shard_size", "vae_id", "vae_scaling_factor", "vae_shift_factor", "latent_sampling",
-              "latent_shape", "split")
+BUILD_KEYS = (
+    "format_version",
+    "num_images",
+    "file_list_sha256",
+    "class_names",
+    "image_size",
+    "crop",
+    "flip",
+    "dtype",
+    "shard_size",
+    "vae_id",
+    "vae_scaling_factor",
+    "vae_shift_factor",
+    "latent_sampling",
+    "latent_shape",
+    "split",
+)
 # build.json keys copied into manifest.json (count and num_classes are added there).
-MANIFEST_KEYS = ("format_version", "split", "class_names", "latent_shape", "dtype", "vae_id", "vae_scaling_factor",
-                 "vae_shift_factor", "latent_sampling", "image_size", "crop", "flip", "file_list_sha256", "images_dir")
+MANIFEST_KEYS = (
+    "format_version",
+    "split",
+    "class_names",
+    "latent_shape",
+    "dtype",
+    "vae_id",
+    "vae_scaling_factor",
+    "vae_shift_factor",
+    "latent_sampling",
+    "image_size",
+    "crop",
+    "flip",
+    "file_list_sha256",
+    "images_dir",
+)
 
 
 # --- reading a converted cache ---------------------------------------------------------------------
@@ -65,9 +93,11 @@ def read_latent_manifest(directory) -> dict:
     path = directory / "manifest.json"
     if not path.is_file():
         hint = " (shards exist: run `convert`)" if (directory / "shards").is_dir() else ""
-        raise LatentCacheError(f"latent cache {str(directory)!r} has no manifest.json{hint}; build one with "
-                               f"`python scripts/build_latent_cache.py build ...`, then `convert` "
-                               f"(docs/imagenet256_storage.md)")
+        raise LatentCacheError(
+            f"latent cache {str(directory)!r} has no manifest.json{hint}; build one with "
+            f"`python scripts/build_latent_cache.py build ...`, then `convert` "
+            f"(docs/imagenet256_storage.md)"
+        )
     try:
         manifest = json.loads(path.read_text())
         if manifest.get("kind") != LATENT_CACHE_KIND:
@@ -75,13 +105,15 @@ def read_latent_manifest(directory) -> dict:
         for key in ("count", "files", "latent_shape", "class_names", "vae_id", "vae_scaling_factor"):
             manifest[key]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise LatentCacheError(f"latent cache {str(directory)!r}: manifest.json is unreadable "
-                               f"({type(e).__name__}: {e})") from None
+        raise LatentCacheError(
+            f"latent cache {str(directory)!r}: manifest.json is unreadable ({type(e).__name__}: {e})"
+        ) from None
     return manifest
 
 
-def check_vae_binding(manifest: dict, vae: str | None = None, scaling_factor: float | None = None,
-                      shift_factor: float | None = None) -> list[str]:
+def check_vae_binding(
+    manifest: dict, vae: str | None = None, scaling_factor: float | None = None, shift_factor: float | None = None
+) -> list[str]:
     """Problems (one line each) if the cache was not encoded with the expected VAE / factors.
     Presets and hub ids compare equal ("sd_vae_ft_ema" == "stabilityai/sd-vae-ft-ema"), local
     directories by resolved path (`vae.same_vae`)."""
@@ -89,8 +121,10 @@ def check_vae_binding(manifest: dict, vae: str | None = None, scaling_factor: fl
 
     problems = []
     if vae is not None and not same_vae(str(manifest["vae_id"]), vae):
-        problems.append(f"vae_id: cache was encoded with {manifest['vae_id']!r}, the run expects "
-                        f"{resolve_vae_id(vae)!r} (rebuild the cache with that VAE, or set the run's VAE to the cache's)")
+        problems.append(
+            f"vae_id: cache was encoded with {manifest['vae_id']!r}, the run expects "
+            f"{resolve_vae_id(vae)!r} (rebuild the cache with that VAE, or set the run's VAE to the cache's)"
+        )
     for key, expected in (("vae_scaling_factor", scaling_factor), ("vae_shift_factor", shift_factor)):
         if expected is not None and not math.isclose(float(manifest.get(key) or 0.0), expected, rel_tol=1e-6):
             problems.append(f"{key}: cache has {manifest.get(key)!r}, the run's VAE has {expected!r}")
@@ -123,11 +157,15 @@ def _open_latent_arrays(directory: Path, manifest: dict) -> tuple[dict, list[str
             continue
         expected_shape = [count] if name == "labels.npy" else [count, *latent_shape]
         if list(array.shape) != expected_shape or list(meta["shape"]) != expected_shape:
-            problems.append(f"{name}: shape {list(array.shape)} (manifest.json: {meta['shape']}), "
-                            f"expected {expected_shape} from count and latent_shape")
+            problems.append(
+                f"{name}: shape {list(array.shape)} (manifest.json: {meta['shape']}), "
+                f"expected {expected_shape} from count and latent_shape"
+            )
         allowed = ("int64",) if name == "labels.npy" else LATENT_DTYPES
         if str(array.dtype) != meta["dtype"] or str(array.dtype) not in allowed:
-            problems.append(f"{name}: dtype {array.dtype} (manifest.json: {meta['dtype']}), allowed: {', '.join(allowed)}")
+            problems.append(
+                f"{name}: dtype {array.dtype} (manifest.json: {meta['dtype']}), allowed: {', '.join(allowed)}"
+            )
         arrays[name] = array
     return arrays, problems
 
@@ -139,8 +177,10 @@ def _label_problems(labels: np.ndarray, num_classes: int) -> list[str]:
     if low >= 0 and high < num_classes:
         return []
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    return [f"labels.npy: {len(bad)} labels outside [0, {num_classes}) (num_classes from manifest.json), "
-            f"first at index {bad[0]} = {int(labels[bad[0]])}; min {low}, max {high}"]
+    return [
+        f"labels.npy: {len(bad)} labels outside [0, {num_classes}) (num_classes from manifest.json), "
+        f"first at index {bad[0]} = {int(labels[bad[0]])}; min {low}, max {high}"
+    ]
 
 
 # Exponent bits of each stored float dtype: all ones means inf or NaN (a bit test is 3x faster
@@ -169,8 +209,9 @@ def _scan_file(path: Path, offset: int, row_bytes: int, dtype: str | None, block
     return digest.hexdigest(), np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
 
 
-def check_latent_cache(directory, vae: str | None = None, scaling_factor: float | None = None,
-                       full: bool = True) -> tuple[dict, list[str]]:
+def check_latent_cache(
+    directory, vae: str | None = None, scaling_factor: float | None = None, full: bool = True
+) -> tuple[dict, list[str]]:
     """(manifest, problems) for a cache split directory; no problems means usable.
 
     Always (O(1) in the cache size, plus 8 bytes per label): files present with the manifest's size,
@@ -201,11 +242,14 @@ def check_latent_cache(directory, vae: str | None = None, scaling_factor: float 
     for name in names:
         digest, bad = results[name]
         if digest != manifest["files"][name]["sha256"]:
-            problems.append(f"{name}: sha256 differs from manifest.json (bytes changed since convert; "
-                            "rebuild, or restore the file from a good copy)")
+            problems.append(
+                f"{name}: sha256 differs from manifest.json (bytes changed since convert; "
+                "rebuild, or restore the file from a good copy)"
+            )
         elif len(bad):
-            problems.append(f"{name}: {len(bad)} samples contain NaN or inf (first at index {bad[0]}); "
-                            "allowed: finite values only")
+            problems.append(
+                f"{name}: {len(bad)} samples contain NaN or inf (first at index {bad[0]}); allowed: finite values only"
+            )
     return manifest, problems
 
 
@@ -237,14 +281,24 @@ class LatentCacheDataset:
     MemAvailable is read with MADV_RANDOM (`random_access`); see docs/imagenet256_storage.md.
     """
 
-    def __init__(self, directory, vae: str | None = None, scaling_factor: float | None = None, flip: bool = False,
-                 device="cpu", verify: bool = False, split: str | None = None):
+    def __init__(
+        self,
+        directory,
+        vae: str | None = None,
+        scaling_factor: float | None = None,
+        flip: bool = False,
+        device="cpu",
+        verify: bool = False,
+        split: str | None = None,
+    ):
         self.root = Path(directory)
         manifest, problems = check_latent_cache(self.root, vae, scaling_factor, full=verify)
         has_twin = manifest.get("flip") == "twin"
         if flip and not has_twin:
-            problems.append(f"flip=true needs latents_flip.npy, but this cache has flip policy {manifest.get('flip')!r} "
-                            "(rebuild with flip=true, or set the dataset's flip to false)")
+            problems.append(
+                f"flip=true needs latents_flip.npy, but this cache has flip policy {manifest.get('flip')!r} "
+                "(rebuild with flip=true, or set the dataset's flip to false)"
+            )
         if split is not None and split not in (self.root.name, manifest.get("split")):
             problems.append(f"split: this directory holds split {manifest.get('split')!r}, the run asked for {split!r}")
         if problems:
@@ -301,7 +355,9 @@ class LatentCacheDataset:
         """Refuse a loaded `vae.SDVAE` that is not the one this cache was encoded with."""
         problems = check_vae_binding(self.manifest, codec.vae_id, codec.scaling_factor, codec.shift_factor)
         if problems:
-            raise LatentCacheError(f"latent cache {str(self.root)!r} does not match the VAE:\n  " + "\n  ".join(problems))
+            raise LatentCacheError(
+                f"latent cache {str(self.root)!r} does not match the VAE:\n  " + "\n  ".join(problems)
+            )
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None):
         """indices [B] long (any device) -> (x [B, C, h, w] float32, y [B] long) on the dataset's device.
@@ -329,9 +385,15 @@ class LatentCacheDataset:
         return x, self.y[indices.to(self.y.device)]
 
 
-def load_latent_cache(device="cpu", path: str = "./cache/imagenet256", split: str = "train",
-                      vae: str | None = "sd_vae_ft_ema", flip: bool = True, verify: bool = False,
-                      root: str | None = None) -> LatentCacheDataset:
+def load_latent_cache(
+    device="cpu",
+    path: str = "./cache/imagenet256",
+    split: str = "train",
+    vae: str | None = "sd_vae_ft_ema",
+    flip: bool = True,
+    verify: bool = False,
+    root: str | None = None,
+) -> LatentCacheDataset:
     """A latent cache split: `path/split` (or `path` itself when it is the split directory).
 
     vae: preset, hub id or local directory the run decodes with; the cache must have been encoded
@@ -341,7 +403,9 @@ def load_latent_cache(device="cpu", path: str = "./cache/imagenet256", split: st
     """
     if root is not None:
         path = root
-    return LatentCacheDataset(latent_cache_dir(path, split), vae=vae, flip=flip, device=device, verify=verify, split=split)
+    return LatentCacheDataset(
+        latent_cache_dir(path, split), vae=vae, flip=flip, device=device, verify=verify, split=split
+    )
 
 
 # --- writing: image folder -> shards -> converted cache ------------------------------------------
@@ -360,9 +424,22 @@ def shard_path(out_dir, index: int) -> Path:
     return Path(out_dir) / "shards" / f"shard_{index:05d}.npz"
 
 
-def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: int = 1024, flip: bool = False,
-                 dtype: str = "float16", rank: int = 0, world: int = 1, max_shards: int | None = None,
-                 workers: int = 0, split: str | None = None, log=print, progress: bool = False) -> dict:
+def build_shards(
+    images_dir,
+    out_dir,
+    vae,
+    image_size: int = 256,
+    shard_size: int = 1024,
+    flip: bool = False,
+    dtype: str = "float16",
+    rank: int = 0,
+    world: int = 1,
+    max_shards: int | None = None,
+    workers: int = 0,
+    split: str | None = None,
+    log=print,
+    progress: bool = False,
+) -> dict:
     """Encode this rank's missing shards; returns {"written": [i...], "skipped": [i...], "num_shards": n}.
     progress: a tqdm bar of this rank's images (images/s, ETA).
 
@@ -384,25 +461,39 @@ def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: in
     paths, labels, class_names = list_image_folder(images_dir)
     listing = "\n".join(f"{label}\t{p}" for p, label in zip(paths, labels.tolist()))
     settings = {
-        "format_version": FORMAT_VERSION, "num_images": len(paths),
-        "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest(), "class_names": list(class_names),
-        "image_size": image_size, "crop": CROP, "flip": "twin" if flip else "none", "dtype": dtype,
-        "shard_size": shard_size, "vae_id": vae.vae_id, "vae_scaling_factor": vae.scaling_factor,
-        "vae_shift_factor": vae.shift_factor, "latent_sampling": "mean",
-        "latent_shape": list(vae.latent_shape(image_size)), "split": split or out_dir.resolve().name,
+        "format_version": FORMAT_VERSION,
+        "num_images": len(paths),
+        "file_list_sha256": hashlib.sha256(listing.encode()).hexdigest(),
+        "class_names": list(class_names),
+        "image_size": image_size,
+        "crop": CROP,
+        "flip": "twin" if flip else "none",
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "vae_id": vae.vae_id,
+        "vae_scaling_factor": vae.scaling_factor,
+        "vae_shift_factor": vae.shift_factor,
+        "latent_sampling": "mean",
+        "latent_shape": list(vae.latent_shape(image_size)),
+        "split": split or out_dir.resolve().name,
         "images_dir": str(Path(images_dir).resolve()),
     }
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
     build_json = out_dir / "build.json"
     if build_json.is_file():
         previous = json.loads(build_json.read_text())
-        differ = [f"{k}: cache has {previous.get(k)!r}, this run {settings[k]!r}"
-                  for k in BUILD_KEYS if previous.get(k) != settings[k] and k not in ("file_list_sha256", "class_names")]
+        differ = [
+            f"{k}: cache has {previous.get(k)!r}, this run {settings[k]!r}"
+            for k in BUILD_KEYS
+            if previous.get(k) != settings[k] and k not in ("file_list_sha256", "class_names")
+        ]
         if previous.get("file_list_sha256") != settings["file_list_sha256"]:
             differ.append("the image folder's file list differs from the one the cache was started with")
         if differ:
-            raise LatentCacheError(f"build: {out_dir} was started with other settings; use a new out= or the "
-                                   "same settings:\n  " + "\n  ".join(differ))
+            raise LatentCacheError(
+                f"build: {out_dir} was started with other settings; use a new out= or the "
+                "same settings:\n  " + "\n  ".join(differ)
+            )
     else:
         _atomic_write_json(build_json, settings)
 
@@ -411,8 +502,14 @@ def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: in
     pool = ThreadPoolExecutor(workers) if workers > 0 else None  # PIL decode/resize release the GIL
     mine = range(rank, num_shards, world)
     done = sum(min(shard_size, len(paths) - i * shard_size) for i in mine if shard_path(out_dir, i).is_file())
-    bar = tqdm(total=sum(min(shard_size, len(paths) - i * shard_size) for i in mine), initial=done, unit="img",
-               desc=f"encode rank {rank}/{world}", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(
+        total=sum(min(shard_size, len(paths) - i * shard_size) for i in mine),
+        initial=done,
+        unit="img",
+        desc=f"encode rank {rank}/{world}",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     try:
         for index in mine:
             final = shard_path(out_dir, index)
@@ -426,8 +523,11 @@ def build_shards(images_dir, out_dir, vae, image_size: int = 256, shard_size: in
             load = lambda p: load_image(p, image_size)
             pixels = np.stack(list(pool.map(load, files) if pool else map(load, files)))  # [n, S, S, 3] uint8
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1  # [-1, 1] NCHW
-            arrays = {"latents": vae.encode(x).cpu().numpy().astype(dtype),
-                      "labels": labels[start:stop], "start": np.int64(start)}
+            arrays = {
+                "latents": vae.encode(x).cpu().numpy().astype(dtype),
+                "labels": labels[start:stop],
+                "start": np.int64(start),
+            }
             if flip:
                 arrays["latents_flip"] = vae.encode(x.flip(-1)).cpu().numpy().astype(dtype)
             tmp = final.with_name(f".{final.name}.tmp")  # one owner per shard, so a fixed name is safe
@@ -469,11 +569,23 @@ def write_cache(out_dir, settings: dict, count: int, fill, chunk: int) -> dict:
         arrays[n].flush()
         del arrays[n]  # closes the map before the rename
         os.replace(tmp[n], out_dir / f"{n}.npy")
-    files = {f"{n}.npy": {"sha256": sha256_file(out_dir / f"{n}.npy"), "bytes": (out_dir / f"{n}.npy").stat().st_size,
-                          "shape": list(shapes[n]), "dtype": dtypes[n]} for n in names}
-    manifest = {"kind": LATENT_CACHE_KIND, "count": count, "num_classes": len(settings["class_names"]),
-                **{k: settings.get(k) for k in MANIFEST_KEYS}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "files": files}
+    files = {
+        f"{n}.npy": {
+            "sha256": sha256_file(out_dir / f"{n}.npy"),
+            "bytes": (out_dir / f"{n}.npy").stat().st_size,
+            "shape": list(shapes[n]),
+            "dtype": dtypes[n],
+        }
+        for n in names
+    }
+    manifest = {
+        "kind": LATENT_CACHE_KIND,
+        "count": count,
+        "num_classes": len(settings["class_names"]),
+        **{k: settings.get(k) for k in MANIFEST_KEYS},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    }
     _atomic_write_json(manifest_path, manifest)
     return manifest
 
@@ -491,15 +603,19 @@ def convert_shards(out_dir, delete_shards: bool = False) -> dict:
     missing = [i for i in range(num_shards) if not shard_path(out_dir, i).is_file()]
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-        raise LatentCacheError(f"convert: {len(missing)} of {num_shards} shards are missing in {out_dir / 'shards'} "
-                               f"(indices {shown}); run `build` again (every rank) to finish them")
+        raise LatentCacheError(
+            f"convert: {len(missing)} of {num_shards} shards are missing in {out_dir / 'shards'} "
+            f"(indices {shown}); run `build` again (every rank) to finish them"
+        )
 
     def fill(arrays, start, stop):
         path = shard_path(out_dir, start // shard_size)
         with np.load(path, allow_pickle=False) as shard:
             if int(shard["start"]) != start or shard["labels"].shape != (stop - start,):
-                raise LatentCacheError(f"convert: {path} holds images from {int(shard['start'])} "
-                                       f"x {shard['labels'].shape[0]}, expected {start}..{stop - 1}; delete it and rebuild")
+                raise LatentCacheError(
+                    f"convert: {path} holds images from {int(shard['start'])} "
+                    f"x {shard['labels'].shape[0]}, expected {start}..{stop - 1}; delete it and rebuild"
+                )
             for name, array in arrays.items():
                 array[start:stop] = shard[name]
 
@@ -510,16 +626,36 @@ def convert_shards(out_dir, delete_shards: bool = False) -> dict:
     return manifest
 
 
-def write_synthetic_cache(out_dir, count: int, num_classes: int = 1000, latent_shape=(4, 32, 32),
-                          dtype: str = "float16", flip: bool = False, vae_id: str = "synthetic",
-                          scaling_factor: float = 0.18215, seed: int = 0, chunk: int = 16384) -> dict:
+def write_synthetic_cache(
+    out_dir,
+    count: int,
+    num_classes: int = 1000,
+    latent_shape=(4, 32, 32),
+    dtype: str = "float16",
+    flip: bool = False,
+    vae_id: str = "synthetic",
+    scaling_factor: float = 0.18215,
+    seed: int = 0,
+    chunk: int = 16384,
+) -> dict:
     """A cache of N(0, 1) latents and uniform labels with a valid manifest, written by `write_cache`
     (the same code as `convert`): for storage/throughput benchmarks without a VAE or images."""
-    settings = {"format_version": FORMAT_VERSION, "split": Path(out_dir).resolve().name,
-                "class_names": [f"class_{k}" for k in range(num_classes)], "latent_shape": list(latent_shape),
-                "dtype": dtype, "vae_id": vae_id, "vae_scaling_factor": scaling_factor, "vae_shift_factor": 0.0,
-                "latent_sampling": "synthetic", "image_size": 8 * latent_shape[-1], "crop": "none",
-                "flip": "twin" if flip else "none", "file_list_sha256": None, "images_dir": None}
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "split": Path(out_dir).resolve().name,
+        "class_names": [f"class_{k}" for k in range(num_classes)],
+        "latent_shape": list(latent_shape),
+        "dtype": dtype,
+        "vae_id": vae_id,
+        "vae_scaling_factor": scaling_factor,
+        "vae_shift_factor": 0.0,
+        "latent_sampling": "synthetic",
+        "image_size": 8 * latent_shape[-1],
+        "crop": "none",
+        "flip": "twin" if flip else "none",
+        "file_list_sha256": None,
+        "images_dir": None,
+    }
     rng = np.random.default_rng(seed)
 
     def fill(arrays, start, stop):

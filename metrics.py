@@ -105,8 +105,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(v).detach().cpu().double() for v in (mu1, sigma1, mu2, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"frechet_distance: shapes do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
-                         f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}")
+        raise ValueError(
+            f"frechet_distance: shapes do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
+            f"sigma {tuple(sigma1.shape)} / {tuple(sigma2.shape)}"
+        )
     root1 = _psd_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()

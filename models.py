@@ -218,8 +218,10 @@ class UNet(nn.Module):
         factors = [2**level for level in range(len(widths))]  # downsampling factor of each level
         bad = set(attention_resolutions) - set(factors)
         if bad:
-            raise ValueError(f"attention_resolutions {sorted(bad)} are not level downsampling factors "
-                             f"{factors}; use bottleneck_attention for the middle block")
+            raise ValueError(
+                f"attention_resolutions {sorted(bad)} are not level downsampling factors "
+                f"{factors}; use bottleneck_attention for the middle block"
+            )
         self.in_ch = in_ch
         self.depth = len(widths)
         self.emb_dim = emb_dim or 2 * base_ch
@@ -267,8 +269,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         stride = 2**self.depth
         if x.shape[-2] % stride or x.shape[-1] % stride:
-            raise ValueError(f"U-Net with {self.depth} levels needs H and W divisible by {stride}, "
-                             f"got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"U-Net with {self.depth} levels needs H and W divisible by {stride}, got {tuple(x.shape[-2:])}"
+            )
         # SiLU once here rather than in every block's projection (ADM applies it per block; same function).
         emb = F.silu(self.condition(t, y))  # [B, emb_dim]
         h = self.conv_in(x)  # [B, widths[0], H, W]

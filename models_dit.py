@@ -44,8 +44,11 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, device=None) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"sin-cos 2-D positions need the width divisible by 4, got {dim}")
     omega = 1.0 / 10_000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device, dtype=torch.float32),
-                                torch.arange(grid_w, device=device, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, device=device, dtype=torch.float32),
+        torch.arange(grid_w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
     parts = []
     for pos in (rows.flatten(), cols.flatten()):
         angle = pos[:, None] * omega[None]  # [N, dim / 4]
@@ -63,8 +66,11 @@ def rope_2d_angles(head_dim: int, grid_h: int, grid_w: int, theta: float = 10_00
         raise ValueError(f"2-D RoPE needs head_dim divisible by 4, got {head_dim}")
     quarter = head_dim // 4
     freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_h, device=device, dtype=torch.float32),
-                                torch.arange(grid_w, device=device, dtype=torch.float32), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, device=device, dtype=torch.float32),
+        torch.arange(grid_w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
     return torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1)
 
 
@@ -83,8 +89,9 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 def grid_size(size: int, patch: int, stride: int) -> int:
     """Tokens along one side; every pixel must be covered, so (size - patch) must be a multiple of stride."""
     if size < patch or (size - patch) % stride:
-        raise ValueError(f"side {size} is not tiled by patches of {patch} at stride {stride}: "
-                         f"need (size - patch) % stride == 0")
+        raise ValueError(
+            f"side {size} is not tiled by patches of {patch} at stride {stride}: need (size - patch) % stride == 0"
+        )
     return (size - patch) // stride + 1
 
 
@@ -196,8 +203,7 @@ class ExpertChoiceMoE(nn.Module):
     the tokens. A token no expert picks gets 0 from this layer; the residual connection carries it.
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, capacity_factor: float = 2.0,
-                 swiglu: bool = False):
+    def __init__(self, dim: int, hidden: int, num_experts: int, capacity_factor: float = 2.0, swiglu: bool = False):
         super().__init__()
         self.num_experts, self.capacity_factor, self.swiglu = num_experts, capacity_factor, swiglu
         hidden = swiglu_hidden(hidden) if swiglu else hidden
@@ -245,11 +251,17 @@ class ExpertChoiceMoE(nn.Module):
         y = (gates[..., None].to(y.dtype) * y).flatten(0, 1)  # [E * B * k, D]
         out = torch.zeros_like(x).index_add_(0, flat.flatten(), y.to(x.dtype))
         with torch.no_grad():  # experts per token; index_add (not bincount) keeps shapes static for compile
-            picks = torch.zeros(B * N, device=x.device).index_add_(
-                0, flat.flatten(), torch.ones(flat.numel(), device=x.device)).view(B, N)
+            picks = (
+                torch.zeros(B * N, device=x.device)
+                .index_add_(0, flat.flatten(), torch.ones(flat.numel(), device=x.device))
+                .view(B, N)
+            )
             # Per-sample fractions, then the batch mean (every sample has the same N).
-            self.load.copy_(torch.stack([(picks == 0).float().mean(1), (picks == 1).float().mean(1),
-                                         (picks >= 2).float().mean(1)], dim=-1).mean(0))
+            self.load.copy_(
+                torch.stack(
+                    [(picks == 0).float().mean(1), (picks == 1).float().mean(1), (picks >= 2).float().mean(1)], dim=-1
+                ).mean(0)
+            )
         return out.view(shape)
 
 
@@ -261,9 +273,19 @@ class DiTBlock(nn.Module):
     the untrained network is a clean skip path whatever its depth (DiT sec. 3.2; Goyal et al. 2017).
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, norm: str = "layernorm",
-                 qk_norm: bool = False, swiglu: bool = False, num_experts: int = 0,
-                 capacity_factor: float = 2.0, moe_weight: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        mlp_hidden: int,
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        swiglu: bool = False,
+        num_experts: int = 0,
+        capacity_factor: float = 2.0,
+        moe_weight: float = 1.0,
+    ):
         super().__init__()
         self.norm1 = make_norm(norm, dim)
         self.attn = Attention(dim, num_heads, head_dim, qk_norm)
@@ -359,8 +381,7 @@ class DiT(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
         if not 0.0 <= mask_ratio < 1.0 or not 0 <= mixer_depth <= depth:
-            raise ValueError(f"need 0 <= mask_ratio < 1 and 0 <= mixer_depth <= depth, got "
-                             f"{mask_ratio}, {mixer_depth}")
+            raise ValueError(f"need 0 <= mask_ratio < 1 and 0 <= mixer_depth <= depth, got {mask_ratio}, {mixer_depth}")
         self.head_dim = hidden_size // num_heads
         embed_size = mixer_hidden_size or hidden_size
         if embed_size % self.head_dim:
@@ -375,8 +396,11 @@ class DiT(nn.Module):
         self.t_embedder = TimeEmbedding(embed_size, time_freq_dim)
         # Position tables for the construction size are non-persistent buffers (recomputed, never
         # checkpointed); other sizes are computed on the fly.
-        table = (sincos_2d(embed_size, self.grid, self.grid) if pos_embed == "sincos"
-                 else rope_2d_angles(self.head_dim, self.grid, self.grid))
+        table = (
+            sincos_2d(embed_size, self.grid, self.grid)
+            if pos_embed == "sincos"
+            else rope_2d_angles(self.head_dim, self.grid, self.grid)
+        )
         self.register_buffer("pos_table", table, persistent=False)
 
         # Per-block widths. The mixer is a plain transformer at its own width. In the backbone, layerwise
@@ -386,19 +410,30 @@ class DiT(nn.Module):
         # counts and MLP widths are rounded *up* (the latter to width_multiple), as the NanoFlow reference
         # rounds its attention and MLP widths up to multiples of 64.
         back = depth - mixer_depth
-        heads = [embed_size // self.head_dim] * mixer_depth + [
-            round_up(num_heads * s) for s in ramp(attn_scale, back)]
+        heads = [embed_size // self.head_dim] * mixer_depth + [round_up(num_heads * s) for s in ramp(attn_scale, back)]
         hiddens = [round_up(embed_size * mixer_mlp_ratio, width_multiple)] * mixer_depth + [
-            round_up(hidden_size * r, width_multiple) for r in ramp(mlp_ratio, back)]
+            round_up(hidden_size * r, width_multiple) for r in ramp(mlp_ratio, back)
+        ]
         widths = [embed_size] * mixer_depth + [hidden_size] * back
         # Expert-choice MoE replaces the MLP of every moe_every-th block, counted from the first block with
         # the mixer included (the NanoFlow H1024 reference alternates dense / MoE through its mixer and
         # backbone). The last block stays dense unless moe_last: it maps straight to the output.
-        self.moe_blocks = [i for i in range(depth) if num_experts and (i + 1) % moe_every == 0
-                           and (moe_last or i < depth - 1)]
+        self.moe_blocks = [
+            i for i in range(depth) if num_experts and (i + 1) % moe_every == 0 and (moe_last or i < depth - 1)
+        ]
         self.blocks = nn.ModuleList(
-            DiTBlock(widths[i], heads[i], self.head_dim, hiddens[i], norm, qk_norm, swiglu,
-                     num_experts if i in self.moe_blocks else 0, capacity_factor, moe_weight)
+            DiTBlock(
+                widths[i],
+                heads[i],
+                self.head_dim,
+                hiddens[i],
+                norm,
+                qk_norm,
+                swiglu,
+                num_experts if i in self.moe_blocks else 0,
+                capacity_factor,
+                moe_weight,
+            )
             for i in range(depth)
         )
         # Mixer -> backbone width: a linear on the kept tokens (after masking, so 1 - mask_ratio of the
@@ -422,8 +457,10 @@ class DiT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         # adaLN-Zero and the zero output layer (see DiTBlock, FinalLayer), undone by the loop above.
-        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                      self.final_layer.linear]:
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
             zero_init(layer)
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like the Linear it is, on flattened patches
@@ -448,8 +485,9 @@ class DiT(nn.Module):
             return sincos_2d(self.embed_size, grid_h, grid_w, device)
         return rope_2d_angles(self.head_dim, grid_h, grid_w, device=device)
 
-    def sample_keep(self, batch: int, num_tokens: int, mask_ratio: float,
-                    generator: torch.Generator | None, device) -> torch.Tensor:
+    def sample_keep(
+        self, batch: int, num_tokens: int, mask_ratio: float, generator: torch.Generator | None, device
+    ) -> torch.Tensor:
         """Indices [B, n_keep] (sorted) of a uniformly random token subset per sample.
 
         Drawn on the generator's device and then moved, so a (seed, rank, step) generator replays exactly.
@@ -471,9 +509,17 @@ class DiT(nn.Module):
 
     # -- forward --
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, *,
-                generator: torch.Generator | None = None, mask_ratio: float | None = None,
-                keep_ids: torch.Tensor | None = None, return_mask: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        mask_ratio: float | None = None,
+        keep_ids: torch.Tensor | None = None,
+        return_mask: bool = False,
+    ):
         """x [B, C, H, W], t [B], y [B] | None -> out [B, C, H, W] (and keep [B, N] | None if return_mask).
 
         Masking happens only in training mode with mask_ratio (default self.mask_ratio) > 0, or wherever
@@ -510,7 +556,7 @@ class DiT(nn.Module):
             keep = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, ids, True)
 
         tokens, c = self.token_proj(tokens), self.cond_proj(c)  # [B, n_keep, D], [B, D]
-        for block in self.blocks[self.mixer_depth:]:
+        for block in self.blocks[self.mixer_depth :]:
             tokens = block(tokens, c, rope)
 
         if ids is not None:  # put kept tokens back among mask tokens: [B, N, D]
@@ -571,23 +617,52 @@ DIT_SIZES = {
 # does, 14.46 G MACs/image at 64 kept tokens and 47.48 G unmasked: the write-up's figures. Other
 # readings miss (total / active): a dense last block -8.5 % / 0.0 %, a 1024-wide mixer +6.0 / +5.1 %,
 # MLP ratio 2 -> 4 +19.6 / +10.0 %, full-width experts +62.6 / +17.3 % (tests/test_models_dit.py).
-_M2 = dict(mixer_depth=2, mixer_hidden_size=768, hidden_size=1024, num_heads=16, pos_embed="rope",
-           mask_ratio=0.75)
+_M2 = dict(mixer_depth=2, mixer_hidden_size=768, hidden_size=1024, num_heads=16, pos_embed="rope", mask_ratio=0.75)
 NANOFLOW_SIZES = {
     "nanoflow_b2": dict(depth=12, hidden_size=768, num_heads=12, pos_embed="rope"),  # dense B/2, RoPE
-    "nanoflow_b2_masked": dict(depth=14, mixer_depth=2, hidden_size=768, num_heads=12, pos_embed="rope",
-                               mask_ratio=0.75),
+    "nanoflow_b2_masked": dict(
+        depth=14, mixer_depth=2, hidden_size=768, num_heads=12, pos_embed="rope", mask_ratio=0.75
+    ),
     "nanoflow_m2": dict(depth=14, **_M2),  # 12 dense backbone blocks, MLP 4096
     # The first MoE + layerwise step: 12 backbone blocks, 8 full-width experts (moew 1).
-    "nanoflow_m2_moe_layerwise": dict(depth=14, **_M2, num_experts=8, capacity_factor=2.0, moe_last=True,
-                                      mlp_ratio=(0.5, 4.0), attn_scale=(0.5, 1.0), width_multiple=64),
+    "nanoflow_m2_moe_layerwise": dict(
+        depth=14,
+        **_M2,
+        num_experts=8,
+        capacity_factor=2.0,
+        moe_last=True,
+        mlp_ratio=(0.5, 4.0),
+        attn_scale=(0.5, 1.0),
+        width_multiple=64,
+    ),
     "nanoflow_h1024_d20_e16_c2_moew05": dict(
-        depth=22, **_M2, num_experts=16, capacity_factor=2.0, moe_every=2, moe_last=True, moe_weight=0.5,
-        mlp_ratio=(0.5, 4.0), attn_scale=(0.5, 1.0), width_multiple=64, time_freq_dim=768),
+        depth=22,
+        **_M2,
+        num_experts=16,
+        capacity_factor=2.0,
+        moe_every=2,
+        moe_last=True,
+        moe_weight=0.5,
+        mlp_ratio=(0.5, 4.0),
+        attn_scale=(0.5, 1.0),
+        width_multiple=64,
+        time_freq_dim=768,
+    ),
     # JiT-style pixel DiT for 256 px RGB (celeba256_jit): 16 px patches at stride 12 (overlap),
     # 2-D RoPE, QK-norm, SwiGLU, RMSNorm; width 768 / 12 blocks (~JiT-B/16).
-    "jit_b16": dict(input_size=256, in_channels=3, patch_size=16, patch_stride=12, depth=12, hidden_size=768,
-                    num_heads=12, pos_embed="rope", norm="rmsnorm", qk_norm=True, swiglu=True),
+    "jit_b16": dict(
+        input_size=256,
+        in_channels=3,
+        patch_size=16,
+        patch_stride=12,
+        depth=12,
+        hidden_size=768,
+        num_heads=12,
+        pos_embed="rope",
+        norm="rmsnorm",
+        qk_norm=True,
+        swiglu=True,
+    ),
 }
 NANOFLOW_SIZES["nanoflow_h1024_d20"] = NANOFLOW_SIZES["nanoflow_h1024_d20_e16_c2_moew05"]
 
@@ -596,5 +671,9 @@ NANOFLOW_SIZES["nanoflow_h1024_d20"] = NANOFLOW_SIZES["nanoflow_h1024_d20_e16_c2
 # argument can still be set from a config (`model.name=dit_b2 model.num_classes=10`) and
 # config.check_spec sees the real signature. jit_b16 is unconditional (celeba256_jit).
 DIT_MODELS = {"dit": DiT, "class_cond_dit": ClassCondDiT}
-DIT_MODELS.update({name: partial(DiT if name == "jit_b16" else ClassCondDiT, **size)
-                   for name, size in {**DIT_SIZES, **NANOFLOW_SIZES}.items()})
+DIT_MODELS.update(
+    {
+        name: partial(DiT if name == "jit_b16" else ClassCondDiT, **size)
+        for name, size in {**DIT_SIZES, **NANOFLOW_SIZES}.items()
+    }
+)

@@ -65,20 +65,25 @@ class RunDirLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             file = open(self.path, "a+")
         except OSError as e:
-            raise RunError(f"run dir {self.path.parent} is not writable ({e.strerror}); choose another "
-                           f"training.run_dir") from e
+            raise RunError(
+                f"run dir {self.path.parent} is not writable ({e.strerror}); choose another training.run_dir"
+            ) from e
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.seek(0)
             owner = file.read().strip() or "unknown"
             file.close()
-            raise RunError(f"run dir {self.path.parent} is in use by another process ({owner}); wait for it to "
-                           f"finish, stop it, or choose another training.run_dir") from None
+            raise RunError(
+                f"run dir {self.path.parent} is in use by another process ({owner}); wait for it to "
+                f"finish, stop it, or choose another training.run_dir"
+            ) from None
         file.seek(0)
         file.truncate()
-        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                   f"{' '.join(sys.argv)[:200]}")
+        file.write(
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)[:200]}"
+        )
         file.flush()
         self.file = file
         return self
@@ -90,8 +95,17 @@ class RunDirLock:
             self.file = None
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.yaml", "resumes.jsonl", "samples.png", "samples.npz",
-             "eval.json", "finished.json")  # what a run writes; start_over moves them aside
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tb",
+    "config.yaml",
+    "resumes.jsonl",
+    "samples.png",
+    "samples.npz",
+    "eval.json",
+    "finished.json",
+)  # what a run writes; start_over moves them aside
 
 
 def archive_attempt(run_dir: Path) -> Path:
@@ -114,9 +128,13 @@ def write_finished(run_dir: Path, step: int, outputs: list[str]) -> None:
     """Mark the run finished: the final checkpoint (step, manifest sha256) and the outputs that exist."""
     name = ckpt.step_dir_name(step)
     manifest = run_dir / "checkpoints" / name / "manifest.json"
-    marker = {"step": step, "checkpoint": name,
-              "manifest_sha256": ckpt.sha256_file(manifest) if manifest.is_file() else None,
-              "outputs": outputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    marker = {
+        "step": step,
+        "checkpoint": name,
+        "manifest_sha256": ckpt.sha256_file(manifest) if manifest.is_file() else None,
+        "outputs": outputs,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     ckpt.atomic_write_text(run_dir / FINISHED, json.dumps(marker, indent=2))
 
 
@@ -132,8 +150,10 @@ def is_finished(run_dir: Path, step: int) -> bool:
 # --- the stop signal ------------------------------------------------------------------------------
 
 
-PREEMPTED_IN_FINAL_PHASE = (f"SIGTERM during the final evaluation: its outputs are not written; exiting with code "
-                            f"{EXIT_PREEMPTED} (requeue the same command to finish)")
+PREEMPTED_IN_FINAL_PHASE = (
+    f"SIGTERM during the final evaluation: its outputs are not written; exiting with code "
+    f"{EXIT_PREEMPTED} (requeue the same command to finish)"
+)
 
 
 class StopSignal:
@@ -184,8 +204,9 @@ class StopSignal:
 # --- resume ---------------------------------------------------------------------------------------
 
 
-def find_resume_checkpoint(run_dir: Path, resume: str | None, runtime: Runtime, log,
-                           start_over: bool = False) -> str | None:
+def find_resume_checkpoint(
+    run_dir: Path, resume: str | None, runtime: Runtime, log, start_over: bool = False
+) -> str | None:
     """What to resume from, decided on rank 0 and shared: None for a fresh start. A run dir that has
     held checkpoints never starts over silently: without resume it is an error, and with resume=auto
     a run whose checkpoints all fail verification (the owner moves them aside as step_*.corrupt) is an
@@ -202,13 +223,16 @@ def find_resume_checkpoint(run_dir: Path, resume: str | None, runtime: Runtime, 
     if held and runtime.is_main:
         valid = ckpt.list_checkpoints(run_dir)
         if valid and resume is None:
-            raise ConfigError(f"training.run_dir = {str(run_dir)!r} already holds checkpoints; pass "
-                              f"training.resume=auto to continue it, or choose another training.run_dir")
+            raise ConfigError(
+                f"training.run_dir = {str(run_dir)!r} already holds checkpoints; pass "
+                f"training.resume=auto to continue it, or choose another training.run_dir"
+            )
         if not start_over:
             raise ckpt.CheckpointError(
                 f"no checkpoint under {run_dir / 'checkpoints'} verifies (damaged ones are kept as step_*.corrupt); "
                 f"not starting over it. Restore a good copy, or pass training.start_over=true to move this attempt "
-                f"to {run_dir}/attempt_N/ and train from step 0")
+                f"to {run_dir}/attempt_N/ and train from step 0"
+            )
         log(f"training.start_over=true: moved the earlier attempt to {archive_attempt(run_dir)}; starting fresh")
     elif resume == "auto":
         log(f"training.resume=auto: no checkpoint in {run_dir}, starting fresh")
@@ -228,25 +252,49 @@ def check_compatible(saved, current, source: Path) -> None:
 # Keys a resume may change: how long to run, how often to log / save / evaluate, where the data and
 # the evaluation classifier are, the device, and the evaluation sampler. Everything else (seed, lr,
 # batch size, epochs, dataset, GRPO recipe, ...) defines the run's trajectory and must stay as it was.
-RESUME_MAY_CHANGE = ("training.resume", "training.run_dir", "training.max_steps", "training.log_every",
-                     "training.checkpoint_every", "training.keep_last", "training.eval_every",
-                     "training.num_eval_samples", "training.classifier", "training.max_nonfinite_steps",
-                     "training.tensorboard", "training.progress", "training.compile", "training.start_over",
-                     "training.init", "training.threads", "training.fid_reference", "training.fid_samples",
-                     "training.inception_weights", "device", "dataset.root", "dataset.download", "solver",
-                     "seed_checkpoint",
-                     # GRPO's lr is constant after warm-up, so its iteration count sets only how long the
-                     # run goes (like max_steps); train.py's epochs set the LR schedule and stay fixed.
-                     "grpo.epochs")
+RESUME_MAY_CHANGE = (
+    "training.resume",
+    "training.run_dir",
+    "training.max_steps",
+    "training.log_every",
+    "training.checkpoint_every",
+    "training.keep_last",
+    "training.eval_every",
+    "training.num_eval_samples",
+    "training.classifier",
+    "training.max_nonfinite_steps",
+    "training.tensorboard",
+    "training.progress",
+    "training.compile",
+    "training.start_over",
+    "training.init",
+    "training.threads",
+    "training.fid_reference",
+    "training.fid_samples",
+    "training.inception_weights",
+    "device",
+    "dataset.root",
+    "dataset.download",
+    "solver",
+    "seed_checkpoint",
+    # GRPO's lr is constant after warm-up, so its iteration count sets only how long the
+    # run goes (like max_steps); train.py's epochs set the LR schedule and stay fixed.
+    "grpo.epochs",
+)
 
 
 # Keys added after checkpoints were already being written, with the value that reproduces what those
 # older runs did: a checkpoint without the key is compared as if it held this value, so resuming an old
 # independent-coupling run is no change, while resuming an old GRPO run under Flow-GRPO's new defaults
 # is refused (pass the old value to continue it as it was).
-ADDED_KEYS = {"training.coupling.name": "independent", "training.coupling.pairs": None,
-              "training.coupling.within_class": True, "grpo.detach_uncond": False, "grpo.timestep_selection": "random",
-              "grpo.guidance_interval": [0.0, 1.0]}
+ADDED_KEYS = {
+    "training.coupling.name": "independent",
+    "training.coupling.pairs": None,
+    "training.coupling.within_class": True,
+    "grpo.detach_uncond": False,
+    "grpo.timestep_selection": "random",
+    "grpo.guidance_interval": [0.0, 1.0],
+}
 
 
 def flatten(node, prefix: str = "") -> dict:
@@ -267,22 +315,25 @@ def resume_changes(saved, current, source: Path) -> dict[str, list]:
     for key, value in ADDED_KEYS.items():
         if key in new and key not in old:
             old[key] = value
-    changes = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
-               if old.get(key) != new.get(key)}
+    changes = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
     refused = [key for key in changes if not any(key == k or key.startswith(f"{k}.") for k in RESUME_MAY_CHANGE)]
     if refused:
         shown = ", ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
-        raise ConfigError(f"resuming {source} would change {shown}; these keys fix the run being continued. Resume "
-                          f"with the original values, or start a new training.run_dir. Keys a resume may change: "
-                          f"{', '.join(RESUME_MAY_CHANGE)}")
+        raise ConfigError(
+            f"resuming {source} would change {shown}; these keys fix the run being continued. Resume "
+            f"with the original values, or start a new training.run_dir. Keys a resume may change: "
+            f"{', '.join(RESUME_MAY_CHANGE)}"
+        )
     return changes
 
 
 def record_resume(run_dir: Path, step: int, changes: dict) -> None:
     """Append one line per resume to RUN_DIR/resumes.jsonl: when, from which step, what changed."""
     with open(run_dir / "resumes.jsonl", "a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "changes": changes},
-                           default=str) + "\n")
+        f.write(
+            json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step, "changes": changes}, default=str)
+            + "\n"
+        )
 
 
 # --- the lifecycle --------------------------------------------------------------------------------

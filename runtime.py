@@ -82,15 +82,19 @@ def configure_allocator() -> bool:
     """Apply the malloc settings above to this process (glibc only; elsewhere a no-op) -> applied.
     Idempotent; settings given in GLIBC_TUNABLES win."""
     global _allocator_configured
-    if _allocator_configured or not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get(
-            "GLIBC_TUNABLES", ""):
+    if (
+        _allocator_configured
+        or not sys.platform.startswith("linux")
+        or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+    ):
         return _allocator_configured
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        _allocator_configured = bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and \
-            bool(libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+        _allocator_configured = bool(libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
+        )
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         _allocator_configured = False
     return _allocator_configured
@@ -137,8 +141,15 @@ def run_main(main, argv: list[str] | None = None) -> None:
     configure_allocator()
     try:
         sys.exit(main(argv))
-    except (ConfigError, ckpt.CheckpointError, DatasetNotFoundError, VAENotFoundError, RunError,
-            NonFiniteSamplesError, OSError) as error:
+    except (
+        ConfigError,
+        ckpt.CheckpointError,
+        DatasetNotFoundError,
+        VAENotFoundError,
+        RunError,
+        NonFiniteSamplesError,
+        OSError,
+    ) as error:
         if os.environ.get("NANOFLOW_DEBUG"):
             raise
         print(f"error: {describe_error(error)}", file=sys.stderr)
@@ -179,8 +190,10 @@ class MetricLogger:
 
                 self.writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         except OSError as e:
-            raise RunError(f"cannot write the run's logs in {self.run_dir} ({e.strerror or e}); check the "
-                           f"directory's permissions and free space, or choose another training.run_dir") from e
+            raise RunError(
+                f"cannot write the run's logs in {self.run_dir} ({e.strerror or e}); check the "
+                f"directory's permissions and free space, or choose another training.run_dir"
+            ) from e
 
     def print(self, *args) -> None:
         if self.enabled:
@@ -202,8 +215,9 @@ class MetricLogger:
             self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
             self.jsonl.flush()
         except OSError as e:
-            raise RunError(f"cannot append to {self.path} ({e.strerror or e}); the checkpoints written so far "
-                           f"are intact") from e
+            raise RunError(
+                f"cannot append to {self.path} ({e.strerror or e}); the checkpoints written so far are intact"
+            ) from e
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
@@ -242,7 +256,9 @@ def epoch_permutation(num_items: int, seed: int, epoch: int, device) -> torch.Te
 # --- optimisation pieces --------------------------------------------------------------------------
 
 
-def learning_rate(step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
+def learning_rate(
+    step: int, base_lr: float, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float
+) -> float:
     """Linear warmup to base_lr, then cosine to min_ratio * base_lr at total_steps (or constant)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -257,7 +273,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def optimizer_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip the global grad norm (grad_clip 0 = no clipping), step, zero the grads -> (grad_norm,
     nonfinite), both 0-dim on the device.
 
@@ -297,16 +315,20 @@ class NonfiniteGuard:
         total, in_a_row = int(self.total), int(self.in_a_row)
         reported_total, reported_step = self._reported
         if total > reported_total and (summarise or reported_total == 0):
-            log(f"WARNING: {total - reported_total} optimizer step(s) between {self.unit}s {reported_step} and {step} "
+            log(
+                f"WARNING: {total - reported_total} optimizer step(s) between {self.unit}s {reported_step} and {step} "
                 f"had a non-finite gradient norm and were skipped (weights, EMA and optimizer unchanged); {in_a_row} "
-                f"in a row now, training.max_nonfinite_steps = {self.limit}")
+                f"in a row now, training.max_nonfinite_steps = {self.limit}"
+            )
             self._reported = (total, step)
         if in_a_row >= self.limit:
             saved = ckpt.list_checkpoints(run_dir)
             last = f"the last checkpoint, {saved[-1][1]}, is untouched" if saved else "no checkpoint was written yet"
-            raise RunError(f"{in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = {self.limit}) "
-                           f"ending at {self.unit} {step}; aborting: the loss or gradients diverged (try a lower "
-                           f"{self.hint}, or check the data for NaN/inf). {last}")
+            raise RunError(
+                f"{in_a_row} consecutive non-finite steps (training.max_nonfinite_steps = {self.limit}) "
+                f"ending at {self.unit} {step}; aborting: the loss or gradients diverged (try a lower "
+                f"{self.hint}, or check the data for NaN/inf). {last}"
+            )
 
 
 class EMA:

@@ -119,9 +119,7 @@ class FlowSampler:
             )
         t_lo, t_hi = guidance_interval
         if not 0.0 <= t_lo <= t_hi <= 1.0:
-            raise ValueError(
-                f"guidance_interval must be (t_lo, t_hi), 0 <= t_lo <= t_hi <= 1; got {guidance_interval}"
-            )
+            raise ValueError(f"guidance_interval must be (t_lo, t_hi), 0 <= t_lo <= t_hi <= 1; got {guidance_interval}")
         if t_lo == 0.0 and t_hi == 1.0:
             guided = torch.arange(batch, device=x.device)  # every t in [0, 1]: no mask, no host sync
         else:
@@ -280,9 +278,7 @@ class FlowSampler:
         if not exact:
             if hutchinson_samples < 1:
                 raise ValueError(f"hutchinson_samples must be >= 1, got {hutchinson_samples}")
-            bits = torch.randint(
-                0, 2, (hutchinson_samples, batch, dim), generator=generator, device=x1.device
-            )
+            bits = torch.randint(0, 2, (hutchinson_samples, batch, dim), generator=generator, device=x1.device)
             probes = (2 * bits - 1).to(dtype)
 
         def velocity_and_divergence(state: Tensor, t: Tensor) -> Tensor:
@@ -305,10 +301,17 @@ class FlowSampler:
 def sample_kwargs(solver_cfg) -> dict:
     """A run's solver settings (method, num_steps, grid, shift, guidance_*, ep_cfg, rtol, atol) as
     `FlowSampler.sample` keyword arguments."""
-    return dict(solver=solver_cfg.method, num_steps=solver_cfg.num_steps, grid=solver_cfg.grid,
-                shift=solver_cfg.shift, guidance_scale=solver_cfg.guidance_scale,
-                guidance_interval=tuple(solver_cfg.guidance_interval), ep_cfg=solver_cfg.ep_cfg,
-                rtol=solver_cfg.rtol, atol=solver_cfg.atol)
+    return dict(
+        solver=solver_cfg.method,
+        num_steps=solver_cfg.num_steps,
+        grid=solver_cfg.grid,
+        shift=solver_cfg.shift,
+        guidance_scale=solver_cfg.guidance_scale,
+        guidance_interval=tuple(solver_cfg.guidance_interval),
+        ep_cfg=solver_cfg.ep_cfg,
+        rtol=solver_cfg.rtol,
+        atol=solver_cfg.atol,
+    )
 
 
 @torch.no_grad()
@@ -343,8 +346,16 @@ def generate(
         x = sampler.sample(noise[start : start + batch_size].to(device), y, **settings).x
         finite = torch.isfinite(x.flatten(1)).all(1)
         if not bool(finite.all()):  # one host sync per batch
-            raise _non_finite(sampler, noise, labels, start + int((~finite).nonzero()[0]), int((~finite).sum()),
-                              len(x), settings, device)
+            raise _non_finite(
+                sampler,
+                noise,
+                labels,
+                start + int((~finite).nonzero()[0]),
+                int((~finite).sum()),
+                len(x),
+                settings,
+                device,
+            )
         chunks.append(x.float().cpu())
         if progress is not None:
             progress(len(x))
@@ -378,8 +389,9 @@ def straightness(trajectory: list[Tensor], times: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def measure_straightness(sampler: FlowSampler, solver_cfg, sample_shape: tuple[int, ...], num_samples: int,
-                         seed: int = 0, device="cpu") -> float:
+def measure_straightness(
+    sampler: FlowSampler, solver_cfg, sample_shape: tuple[int, ...], num_samples: int, seed: int = 0, device="cpu"
+) -> float:
     """Mean `straightness` of num_samples ODE paths (one batch: the trajectory is kept) from generate's
     first inputs for `seed`, with solver_cfg's settings (guidance included: the field that is sampled)."""
     noise, labels = _noise_and_labels(sampler, sample_shape, num_samples, seed)
@@ -397,9 +409,11 @@ def _non_finite(sampler, noise, labels, index, bad, batch, settings, device) -> 
     where = f"first non-finite after solver step {step} of {len(trajectory) - 1}" if step else "non-finite"
     shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("rtol", "atol"))
     label = f" (label {int(labels[index])})" if labels is not None else ""
-    return NonFiniteSamplesError(f"{bad} of {batch} samples in a batch are NaN/inf: sample {index}{label} is {where}, "
-                                 f"with {shown}; nothing was written (lower guidance_scale, another solver or more "
-                                 f"steps; or the checkpoint's weights are not finite)")
+    return NonFiniteSamplesError(
+        f"{bad} of {batch} samples in a batch are NaN/inf: sample {index}{label} is {where}, "
+        f"with {shown}; nothing was written (lower guidance_scale, another solver or more "
+        f"steps; or the checkpoint's weights are not finite)"
+    )
 
 
 # Bits/dim that uniform dequantisation's change of variables adds: v = y + u in [0, 256)^D maps to the model's
@@ -450,13 +464,10 @@ def image_bits_per_dim(
     "num_images".
     """
     if dequantization != "uniform":
-        raise ValueError(
-            f"dequantization must be 'uniform' (variational is not implemented), got {dequantization!r}"
-        )
+        raise ValueError(f"dequantization must be 'uniform' (variational is not implemented), got {dequantization!r}")
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
         raise ValueError(
-            "images_uint8 must be a uint8 tensor [B, C, H, W]; "
-            f"got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+            f"images_uint8 must be a uint8 tensor [B, C, H, W]; got {images_uint8.dtype} {tuple(images_uint8.shape)}"
         )
     batch, dim = images_uint8.shape[0], images_uint8[0].numel()
     if batch == 0:

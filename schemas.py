@@ -140,7 +140,9 @@ def apply_schema(cfg: DictConfig, schema=Config) -> DictConfig:
         key = e.full_key or ""
         parent = key.rpartition(".")[0]
         allowed = _allowed_keys(schema, parent)
-        raise ConfigError(f"unknown config key '{key}'; allowed keys under '{parent or '<root>'}': {', '.join(allowed)}") from None
+        raise ConfigError(
+            f"unknown config key '{key}'; allowed keys under '{parent or '<root>'}': {', '.join(allowed)}"
+        ) from None
     except ValidationError as e:
         raise ConfigError(f"config key '{e.full_key}' has a value of the wrong type: {e.msg.splitlines()[0]}") from None
     except OmegaConfBaseException as e:
@@ -184,8 +186,12 @@ def constructor_parameters(target) -> dict[str, inspect.Parameter]:
         for base in reversed(target.__mro__[1:]):
             if "__init__" in vars(base) and base is not object:
                 params = {**inspect.signature(base.__init__).parameters, **params}
-    params = {name: p for name, p in params.items() if name not in ("self", "device")
-              and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    params = {
+        name: p
+        for name, p in params.items()
+        if name not in ("self", "device")
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
     return {name: p.replace(default=fixed[name]) if name in fixed else p for name, p in params.items()}
 
 
@@ -198,7 +204,9 @@ def check_spec(key: str, spec, registry: dict, skip: tuple[str, ...] = ()) -> No
     allowed = [p for p in params if p not in skip]
     for arg in spec:
         if arg != "name" and arg not in allowed:
-            raise ConfigError(f"{key}.{arg} is not an argument of {key} '{spec['name']}'; allowed: {', '.join(allowed)}")
+            raise ConfigError(
+                f"{key}.{arg} is not an argument of {key} '{spec['name']}'; allowed: {', '.join(allowed)}"
+            )
     hints = _type_hints(registry[spec["name"]])
     for arg, value in spec.items():
         if arg != "name" and value is not None:
@@ -209,7 +217,7 @@ def _type_hints(target) -> dict:
     """Annotations of a registry entry's arguments (a class's whole __init__ chain, a function's own)."""
     target = target.func if isinstance(target, functools.partial) else target
     hints = {}
-    for owner in (reversed(target.__mro__) if inspect.isclass(target) else [target]):
+    for owner in reversed(target.__mro__) if inspect.isclass(target) else [target]:
         init = vars(owner).get("__init__") if inspect.isclass(owner) else owner
         if init is not None and owner is not object:
             try:
@@ -403,8 +411,13 @@ class GRPORunConfig:
 
 
 # The typed schema of each primary config (configs/<name>.yaml), for error messages.
-SCHEMAS = {"config": Config, "inference": InferenceConfig, "config_grpo": GRPORunConfig, "eval": EvalConfig,
-           "pairs": PairsConfig}
+SCHEMAS = {
+    "config": Config,
+    "inference": InferenceConfig,
+    "config_grpo": GRPORunConfig,
+    "eval": EvalConfig,
+    "pairs": PairsConfig,
+}
 FLAT_CONFIGS = ("inference", "eval", "pairs")  # primary configs with flat keys, each in configs/<name>/
 
 

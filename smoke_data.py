@@ -17,8 +17,9 @@ from latent_cache import build_shards, convert_shards
 from vae import SDVAE
 
 
-def tiny_autoencoder(scaling_factor: float = 0.18215, shift_factor: float | None = None, latent_channels: int = 4,
-                     seed: int = 0):
+def tiny_autoencoder(
+    scaling_factor: float = 0.18215, shift_factor: float | None = None, latent_channels: int = 4, seed: int = 0
+):
     """A random-init diffusers AutoencoderKL with SD-VAE's structure (4 levels: 8x downsampling,
     `latent_channels` latent channels) but 8-16 channels per level: 67k parameters, milliseconds
     per image at 32-64 px. Not a useful codec; it exercises the real loading and encode/decode code."""
@@ -27,14 +28,22 @@ def tiny_autoencoder(scaling_factor: float = 0.18215, shift_factor: float | None
     kwargs = {} if shift_factor is None else {"shift_factor": shift_factor}
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
-        return AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
-                             latent_channels=latent_channels, norm_num_groups=8, sample_size=32,
-                             scaling_factor=scaling_factor, **kwargs)
+        return AutoencoderKL(
+            block_out_channels=(8, 8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            sample_size=32,
+            scaling_factor=scaling_factor,
+            **kwargs,
+        )
 
 
-def save_tiny_vae(out_dir, scaling_factor: float = 0.18215, shift_factor: float | None = None,
-                  latent_channels: int = 4, seed: int = 0) -> Path:
+def save_tiny_vae(
+    out_dir, scaling_factor: float = 0.18215, shift_factor: float | None = None, latent_channels: int = 4, seed: int = 0
+) -> Path:
     """`tiny_autoencoder(...)` written with save_pretrained to out_dir (config.json + safetensors);
     load it like any VAE: SDVAE(str(out_dir)). Returns out_dir."""
     out_dir = Path(out_dir)
@@ -42,8 +51,9 @@ def save_tiny_vae(out_dir, scaling_factor: float = 0.18215, shift_factor: float 
     return out_dir
 
 
-def write_random_image_folder(root, num_classes: int = 2, images_per_class: int = 4, image_size: int = 64,
-                              seed: int = 0) -> Path:
+def write_random_image_folder(
+    root, num_classes: int = 2, images_per_class: int = 4, image_size: int = 64, seed: int = 0
+) -> Path:
     """root/class_<k>/<i>.png: random RGB PNGs of assorted sizes around image_size (some smaller,
     some non-square, so the ADM crop both up- and down-scales). Returns root."""
     from PIL import Image
@@ -57,8 +67,15 @@ def write_random_image_folder(root, num_classes: int = 2, images_per_class: int 
     return root
 
 
-def make_smoke_cache(out_dir, num_classes: int = 2, images_per_class: int = 4, image_size: int = 64,
-                     flip: bool = True, vae_dir=None, seed: int = 0) -> dict:
+def make_smoke_cache(
+    out_dir,
+    num_classes: int = 2,
+    images_per_class: int = 4,
+    image_size: int = 64,
+    flip: bool = True,
+    vae_dir=None,
+    seed: int = 0,
+) -> dict:
     """A complete tiny cache in one call, for tests and `*_smoke` presets (about a second on CPU):
 
         out_dir/images/class_<k>/<i>.png   random PNGs (`write_random_image_folder`)
@@ -78,7 +95,14 @@ def make_smoke_cache(out_dir, num_classes: int = 2, images_per_class: int = 4, i
     vae_dir = Path(vae_dir) if vae_dir is not None else save_tiny_vae(out_dir / "vae")
     codec = SDVAE(str(vae_dir), chunk_size=64)
     split_dir = out_dir / "cache" / "train"
-    build_shards(images, split_dir, codec, image_size=image_size, shard_size=max(1, images_per_class), flip=flip,
-                 log=lambda *_: None)
+    build_shards(
+        images,
+        split_dir,
+        codec,
+        image_size=image_size,
+        shard_size=max(1, images_per_class),
+        flip=flip,
+        log=lambda *_: None,
+    )
     convert_shards(split_dir, delete_shards=True)
     return {"path": out_dir / "cache", "split": "train", "vae": str(vae_dir), "images": images}

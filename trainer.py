@@ -132,13 +132,17 @@ class Trainer:
             threads = tr.threads or (1 if count_parameters(self.model) < SMALL_MODEL_PARAMETERS else None)
             if threads:
                 torch.set_num_threads(threads)
-        self.channels_last = len(self.dataset.sample_shape) == 3 and (tr.channels_last if tr.channels_last is not None else True)
+        self.channels_last = len(self.dataset.sample_shape) == 3 and (
+            tr.channels_last if tr.channels_last is not None else True
+        )
         if self.channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
             self.model.to(memory_format=torch.channels_last)
         self.conditional = hasattr(self.model, "num_classes")
         if self.conditional and self.model.num_classes < self.dataset.num_classes:
-            raise ConfigError(f"model.num_classes = {self.model.num_classes} but dataset {self.dataset.name!r} has "
-                              f"{self.dataset.num_classes} classes; set model.num_classes >= {self.dataset.num_classes}")
+            raise ConfigError(
+                f"model.num_classes = {self.model.num_classes} but dataset {self.dataset.name!r} has "
+                f"{self.dataset.num_classes} classes; set model.num_classes >= {self.dataset.num_classes}"
+            )
         self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
         # The rows the epoch permutation runs over: the dataset, or a reflow pair file (its samples and
@@ -173,7 +177,9 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             # A DiT built for masking but trained unmasked (the fine-tune stage) never uses its mask token.
             unused = getattr(self.model, "mask_token", None) is not None and not self.masked
-            self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids, find_unused_parameters=unused)
+            self.forward_model = DistributedDataParallel(
+                self.forward_model, device_ids=ids, find_unused_parameters=unused
+            )
         self.generator = torch.Generator(device=device)
         self.step = 0
         self.nonfinite = NonfiniteGuard(tr.max_nonfinite_steps, device)
@@ -235,7 +241,8 @@ class Trainer:
         if init.checkpoint is None:
             return
         step, ema_updates, message = ckpt.init_from_checkpoint(
-            init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device)
+            init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device
+        )
         if step is not None:
             self.step = step
             if self.ema:
@@ -247,7 +254,10 @@ class Trainer:
     def global_batch_indices(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
         if self._permutation[0] != epoch:
-            self._permutation = (epoch, epoch_permutation(len(self.train_data), self.cfg.seed, epoch, self.runtime.device))
+            self._permutation = (
+                epoch,
+                epoch_permutation(len(self.train_data), self.cfg.seed, epoch, self.runtime.device),
+            )
         size = self.cfg.training.batch_size
         return self._permutation[1][position * size : (position + 1) * size]
 
@@ -274,8 +284,10 @@ class Trainer:
         """Returns (loss, grad_norm, per-sample losses, t) for logging, all on device."""
         tr = self.cfg.training
         step = self.step
-        set_learning_rate(self.optimizer, learning_rate(step, tr.lr, tr.warmup_steps, self.total_steps,
-                                                        tr.lr_schedule, tr.min_lr_ratio))
+        set_learning_rate(
+            self.optimizer,
+            learning_rate(step, tr.lr, tr.warmup_steps, self.total_steps, tr.lr_schedule, tr.min_lr_ratio),
+        )
         per_sample_all, t_all, loss_sum = [], [], 0.0
         for accum_index in range(tr.grad_accum):
             micro_index = accum_index * self.runtime.world_size + self.runtime.rank
@@ -290,14 +302,22 @@ class Trainer:
                         # Deferred masking: the kept tokens come from this micro-batch's generator (exact
                         # resume), drawn outside the model so a compiled forward has no generator in it;
                         # the loss counts only pixels of kept tokens.
-                        keep_ids = self.model.sample_keep(x1.shape[0], self.model.grid ** 2, self.model.mask_ratio,
-                                                          self.generator, x1.device)
+                        keep_ids = self.model.sample_keep(
+                            x1.shape[0], self.model.grid**2, self.model.mask_ratio, self.generator, x1.device
+                        )
                         output, keep = self.forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
                         mask = self.model.loss_mask(keep, tuple(x1.shape[-2:]))
                     else:
                         output, mask = self.forward_model(x_t, t, y), None
                 loss, per_sample = flow.flow_matching_loss(
-                    self.path, output, x1, eps, x_t, t, prediction=self.cfg.flow.prediction, weighting=self.weighting,
+                    self.path,
+                    output,
+                    x1,
+                    eps,
+                    x_t,
+                    t,
+                    prediction=self.cfg.flow.prediction,
+                    weighting=self.weighting,
                     mask=mask,
                 )
                 (loss / tr.grad_accum).backward()
@@ -337,8 +357,12 @@ class Trainer:
                 if at_log or self.step % check_every == 0:
                     self.nonfinite.check(self.step, self.run_dir, self.log.print, summarise=at_log)
                 if at_log:
-                    values = {**meter.values(tr.batch_size), "train/lr": self.optimizer.param_groups[0]["lr"],
-                              "train/epoch": self.step / self.steps_per_epoch, **moe_load_metrics(self.model)}
+                    values = {
+                        **meter.values(tr.batch_size),
+                        "train/lr": self.optimizer.param_groups[0]["lr"],
+                        "train/epoch": self.step / self.steps_per_epoch,
+                        **moe_load_metrics(self.model),
+                    }
                     self.log.scalars(self.step, values)
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
                 stopping = run.stop_requested(self.step)
@@ -358,9 +382,11 @@ class Trainer:
     def print_plan(self) -> None:
         tr = self.cfg.training
         if tr.max_steps is not None and tr.max_steps > self.total_steps:
-            self.log.print(f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
-                           f"(training.epochs = {tr.epochs} x {self.steps_per_epoch} steps per epoch); training stops at "
-                           f"{self.total_steps}. Raise training.epochs to train longer.")
+            self.log.print(
+                f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
+                f"(training.epochs = {tr.epochs} x {self.steps_per_epoch} steps per epoch); training stops at "
+                f"{self.total_steps}. Raise training.epochs to train longer."
+            )
         self.log.print(
             f"{self.cfg.experiment}: {type(self.model).__name__} with {count_parameters(self.model):,} parameters on "
             f"{self.runtime.device} x{self.runtime.world_size} ({torch.get_num_threads()} threads); "
@@ -379,7 +405,9 @@ class Trainer:
         tr, evaluator = self.cfg.training, self.evaluator
         model = self.ema.model if self.ema else self.model
         model.eval()
-        sampler = FlowSampler(model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None))
+        sampler = FlowSampler(
+            model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None)
+        )
         started = time.perf_counter()
         try:
             samples, labels, latents = evaluator.sample(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed)
@@ -389,8 +417,11 @@ class Trainer:
             self.log.print(f"WARNING: evaluation at step {self.step} skipped: {error}")
             self.model.train()
             return
-        scores = {"sampling_s": time.perf_counter() - started, **evaluator.score(samples, labels),
-                  "straightness": evaluator.straightness(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed)}
+        scores = {
+            "sampling_s": time.perf_counter() - started,
+            **evaluator.score(samples, labels),
+            "straightness": evaluator.straightness(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed),
+        }
         if evaluator.inception_reference is not None:
             # FID-5k and the like are named for their count: biased upwards against FID-50k
             fid_samples = evaluator.sample(sampler, self.cfg.solver, tr.fid_samples, self.cfg.seed + 1)[0]
@@ -398,14 +429,18 @@ class Trainer:
             scores.update({f"{key}_{tag}": value for key, value in evaluator.inception(fid_samples).items()})
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if final and bad:
-            raise RunError(f"final evaluation at step {self.step}: {', '.join(f'{k} = {scores[k]}' for k in bad)} "
-                           f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)")
+            raise RunError(
+                f"final evaluation at step {self.step}: {', '.join(f'{k} = {scores[k]}' for k in bad)} "
+                f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)"
+            )
         self.log.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
         figure = evaluator.figure(samples, labels)
         self.log.figure(self.step, "samples", figure)
         if final:
             evaluator.save(self.run_dir, samples, labels, latents, figure=figure)
-            self.log.print(f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            self.log.print(
+                f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())
+            )
         close_figure(figure)
         self.model.train()
 
@@ -416,6 +451,12 @@ class Trainer:
         self.evaluator = None
         if self.runtime.is_main:
             self.evaluator = build_evaluator(
-                self.cfg.dataset, self.runtime.device, classifier=tr.classifier, fid_reference=tr.fid_reference,
-                inception_weights=tr.inception_weights, num_samples=tr.num_eval_samples, seed=self.cfg.seed,
-                dataset=self.dataset)
+                self.cfg.dataset,
+                self.runtime.device,
+                classifier=tr.classifier,
+                fid_reference=tr.fid_reference,
+                inception_weights=tr.inception_weights,
+                num_samples=tr.num_eval_samples,
+                seed=self.cfg.seed,
+                dataset=self.dataset,
+            )

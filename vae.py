@@ -39,38 +39,57 @@ def same_vae(a: str, b: str) -> bool:
     a, b = resolve_vae_id(a), resolve_vae_id(b)
     if a == b:
         return True
-    as_path = [Path(n).expanduser().resolve() if Path(n).expanduser().is_dir() or _looks_like_path(n) else None
-               for n in (a, b)]
+    as_path = [
+        Path(n).expanduser().resolve() if Path(n).expanduser().is_dir() or _looks_like_path(n) else None for n in (a, b)
+    ]
     return None not in as_path and as_path[0] == as_path[1]
 
 
-def load_autoencoder(name: str, subfolder: str | None = None, local_files_only: bool = False,
-                     revision: str | None = None, dtype: torch.dtype = torch.float32):
+def load_autoencoder(
+    name: str,
+    subfolder: str | None = None,
+    local_files_only: bool = False,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+):
     """diffusers `AutoencoderKL.from_pretrained` on a preset, hub id or local directory, eval mode,
     gradients off. Any failure to find it becomes one `VAENotFoundError` saying what to do offline."""
     vae_id = resolve_vae_id(name)
     local = Path(vae_id).expanduser()
     if not local.is_dir() and _looks_like_path(vae_id):
-        raise VAENotFoundError(f"vae: local directory {str(local)!r} does not exist (expected the output of "
-                               f"`AutoencoderKL.save_pretrained` or `hf download <hub id> --local-dir DIR`)")
+        raise VAENotFoundError(
+            f"vae: local directory {str(local)!r} does not exist (expected the output of "
+            f"`AutoencoderKL.save_pretrained` or `hf download <hub id> --local-dir DIR`)"
+        )
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
-        raise ImportError("vae.py needs diffusers: `uv sync` (it is a project dependency) or `pip install diffusers`") from e
+        raise ImportError(
+            "vae.py needs diffusers: `uv sync` (it is a project dependency) or `pip install diffusers`"
+        ) from e
     source = str(local) if local.is_dir() else vae_id
     try:
         # low_cpu_mem_usage=False: the accelerate path is optional and only warns when absent.
-        model = AutoencoderKL.from_pretrained(source, subfolder=subfolder, local_files_only=local_files_only,
-                                              revision=revision, low_cpu_mem_usage=False, torch_dtype=dtype)
+        model = AutoencoderKL.from_pretrained(
+            source,
+            subfolder=subfolder,
+            local_files_only=local_files_only,
+            revision=revision,
+            low_cpu_mem_usage=False,
+            torch_dtype=dtype,
+        )
     except (OSError, ValueError) as e:  # diffusers reports missing files/repos as OSError
         where = f"subfolder {subfolder!r} of " if subfolder else ""
         if local.is_dir():
-            raise VAENotFoundError(f"vae: could not load an AutoencoderKL from {where}local directory {source!r}: {e}") from e
+            raise VAENotFoundError(
+                f"vae: could not load an AutoencoderKL from {where}local directory {source!r}: {e}"
+            ) from e
         raise VAENotFoundError(
             f"vae: could not load {where}hub id {vae_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}).\n"
             f"  Offline? On a machine with internet run `hf download {vae_id} --local-dir DIR` (or "
             f"`AutoencoderKL.from_pretrained({vae_id!r}).save_pretrained(DIR)`), copy DIR here and pass its path "
-            f"instead of the id; a populated HF_HOME cache also works with HF_HUB_OFFLINE=1.") from e
+            f"instead of the id; a populated HF_HOME cache also works with HF_HUB_OFFLINE=1."
+        ) from e
     model.requires_grad_(False)
     return model.eval()
 
@@ -85,9 +104,17 @@ class SDVAE:
     SD-VAE decoder needs ~2 GB per 16 images in fp16). Outputs are float32 on `device`.
     """
 
-    def __init__(self, name: str = "sd_vae_ft_ema", device="cpu", dtype: torch.dtype | str = torch.float32,
-                 chunk_size: int = 32, vae_id: str | None = None, subfolder: str | None = None,
-                 local_files_only: bool = False, revision: str | None = None):
+    def __init__(
+        self,
+        name: str = "sd_vae_ft_ema",
+        device="cpu",
+        dtype: torch.dtype | str = torch.float32,
+        chunk_size: int = 32,
+        vae_id: str | None = None,
+        subfolder: str | None = None,
+        local_files_only: bool = False,
+        revision: str | None = None,
+    ):
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"vae: dtype={dtype!r} is not one of {sorted(DTYPES)}")
@@ -96,7 +123,9 @@ class SDVAE:
             raise ValueError(f"vae: chunk_size={chunk_size} must be >= 1")
         # A local directory is recorded by absolute path, so a cache built from `./vae` matches a run in another cwd.
         local = Path(resolve_vae_id(name)).expanduser()
-        self.vae_id = resolve_vae_id(vae_id) if vae_id else str(local.resolve()) if local.is_dir() else resolve_vae_id(name)
+        self.vae_id = (
+            resolve_vae_id(vae_id) if vae_id else str(local.resolve()) if local.is_dir() else resolve_vae_id(name)
+        )
         self.device, self.dtype, self.chunk_size = torch.device(device), dtype, chunk_size
         self.model = load_autoencoder(name, subfolder, local_files_only, revision, dtype).to(self.device)
         config = self.model.config
@@ -128,7 +157,9 @@ class SDVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """scaled latents [B, C, h, w] -> images [B, 3, 8h, 8w] float32 clamped to [-1, 1]."""
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
-            raise ValueError(f"vae.decode: latents must be [B, {self.latent_channels}, h, w], got {tuple(latents.shape)}")
+            raise ValueError(
+                f"vae.decode: latents must be [B, {self.latent_channels}, h, w], got {tuple(latents.shape)}"
+            )
         out = []
         for chunk in latents.split(self.chunk_size):
             raw = chunk.to(self.device, torch.float32) / self.scaling_factor + self.shift_factor

@@ -42,8 +42,13 @@ def run(command: list[str], timings: dict, name: str, done: bool) -> float:
     print("$", " ".join(command), flush=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run([sys.executable, *command], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU seconds (user + sys) of the one-thread process: on a shared machine the wall time measures the
     # neighbours, the CPU time the work itself. Both are kept.
@@ -55,15 +60,36 @@ def run(command: list[str], timings: dict, name: str, done: bool) -> float:
 
 def train(out: Path, name: str, experiment: str, timings: dict, *overrides: str) -> float:
     run_dir = out / name
-    return run(["train.py", f"experiment={experiment}", f"training.run_dir={run_dir}", "training.progress=false",
-                "training.tensorboard=false", *overrides], timings, name, (run_dir / "finished.json").is_file())
+    return run(
+        [
+            "train.py",
+            f"experiment={experiment}",
+            f"training.run_dir={run_dir}",
+            "training.progress=false",
+            "training.tensorboard=false",
+            *overrides,
+        ],
+        timings,
+        name,
+        (run_dir / "finished.json").is_file(),
+    )
 
 
 def pairs(out: Path, name: str, teacher: str, num_pairs: int, timings: dict, *overrides: str) -> float:
     pair_dir = out / "pairs" / name
-    return run(["scripts/generate_pairs.py", f"checkpoint={out / teacher}", f"out={pair_dir}",
-                f"num_pairs={num_pairs}", "device=cpu", *overrides], timings, f"pairs_{name}",
-               (pair_dir / "manifest.json").is_file())
+    return run(
+        [
+            "scripts/generate_pairs.py",
+            f"checkpoint={out / teacher}",
+            f"out={pair_dir}",
+            f"num_pairs={num_pairs}",
+            "device=cpu",
+            *overrides,
+        ],
+        timings,
+        f"pairs_{name}",
+        (pair_dir / "manifest.json").is_file(),
+    )
 
 
 def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: str | None) -> dict[int, dict]:
@@ -146,19 +172,43 @@ def main(argv: list[str] | None = None) -> int:
     timings["_path"] = str(timings_path)  # run() saves after every stage, so an interrupted table resumes
     cost = {}
     cost["independent"] = train(out, "independent", teacher, timings, *epochs, *extra)
-    cost["minibatch_ot"] = train(out, "minibatch_ot", ot, timings, "training.coupling.name=minibatch_ot",
-                                 *epochs, *extra)
+    cost["minibatch_ot"] = train(
+        out, "minibatch_ot", ot, timings, "training.coupling.name=minibatch_ot", *epochs, *extra
+    )
     p1 = pairs(out, "rf1", "independent", args.pairs, timings)
-    r1 = train(out, "reflow_1", reflow, timings, f"training.coupling.pairs={out / 'pairs/rf1'}",
-               f"training.init.checkpoint={out / 'independent'}", *reflow_epochs, *extra)
+    r1 = train(
+        out,
+        "reflow_1",
+        reflow,
+        timings,
+        f"training.coupling.pairs={out / 'pairs/rf1'}",
+        f"training.init.checkpoint={out / 'independent'}",
+        *reflow_epochs,
+        *extra,
+    )
     cost["reflow_1"] = cost["independent"] + p1 + r1
     p2 = pairs(out, "rf2", "reflow_1", args.pairs, timings)
-    r2 = train(out, "reflow_2", reflow, timings, f"training.coupling.pairs={out / 'pairs/rf2'}",
-               f"training.init.checkpoint={out / 'reflow_1'}", *reflow_epochs, *extra)
+    r2 = train(
+        out,
+        "reflow_2",
+        reflow,
+        timings,
+        f"training.coupling.pairs={out / 'pairs/rf2'}",
+        f"training.init.checkpoint={out / 'reflow_1'}",
+        *reflow_epochs,
+        *extra,
+    )
     cost["reflow_2"] = cost["reflow_1"] + p2 + r2
     if distill:
-        d1 = train(out, "reflow_1_distill", distill, timings, f"training.coupling.pairs={out / 'pairs/rf2'}",
-                   f"training.init.checkpoint={out / 'reflow_1'}", *reflow_epochs)
+        d1 = train(
+            out,
+            "reflow_1_distill",
+            distill,
+            timings,
+            f"training.coupling.pairs={out / 'pairs/rf2'}",
+            f"training.init.checkpoint={out / 'reflow_1'}",
+            *reflow_epochs,
+        )
         cost["reflow_1_distill"] = cost["reflow_1"] + p2 + d1
 
     # Guidance: the teacher and OT models sample with their run's guidance; reflow students learnt the
@@ -167,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for name in cost:
         guidance = guided.get(name, 1.0) if args.stage == "digits" else None
-        table[name] = {"seconds": cost[name], "nfe": {str(k): v for k, v in
-                                                       evaluate(args.stage, out / name, guidance, args.classifier).items()}}
+        table[name] = {
+            "seconds": cost[name],
+            "nfe": {str(k): v for k, v in evaluate(args.stage, out / name, guidance, args.classifier).items()},
+        }
     timings.pop("_path")
-    (ROOT / f"experiments/few_step_{args.stage}.json").write_text(json.dumps({"timings": timings, "table": table},
-                                                                             indent=2))
+    (ROOT / f"experiments/few_step_{args.stage}.json").write_text(
+        json.dumps({"timings": timings, "table": table}, indent=2)
+    )
     key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
     plot(args.stage, table, key, ROOT / f"experiments/figures/few_step_{args.stage}.png")
     keys = [key] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
@@ -180,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in table.items():
         cells = " | ".join(f"{row['nfe'][str(n)][k]:.4f}" for k in keys for n in NFES)
         print(f"| {name} | {row['seconds']:.0f} | {cells} |")
-    print("\nstraightness (Euler x32): " + ", ".join(f"{n} {r['nfe']['32']['straightness']:.4f}" for n, r in table.items()))
+    print(
+        "\nstraightness (Euler x32): "
+        + ", ".join(f"{n} {r['nfe']['32']['straightness']:.4f}" for n, r in table.items())
+    )
     return 0
 
 

@@ -36,8 +36,9 @@ def group_stats(rewards: Tensor, group_ids: Tensor) -> GroupStats:
     e.g. the class label), via index_add over the unique ids. Population std (divide by the group size
     G, not G - 1) as Flow-GRPO's per-prompt stat tracker (np.std). Statistics in float32 or wider."""
     if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)}, "
-                         f"{tuple(group_ids.shape)}")
+        raise ValueError(
+            f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)}, {tuple(group_ids.shape)}"
+        )
     rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     ids, group = torch.unique(group_ids, return_inverse=True)  # group[b] in [0, num_groups)
     num_groups = ids.numel()

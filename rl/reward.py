@@ -82,8 +82,10 @@ class _ClassifierReward(Reward):
     def log_probs(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, C, H, W] -> log p(k | x) [B, K] float32."""
         if self.image_shape is not None and tuple(images.shape[1:]) != tuple(self.image_shape):
-            raise ValueError(f"reward '{self.name}': the classifier was trained on images {list(self.image_shape)}, "
-                             f"got {list(images.shape[1:])}")
+            raise ValueError(
+                f"reward '{self.name}': the classifier was trained on images {list(self.image_shape)}, "
+                f"got {list(images.shape[1:])}"
+            )
         device = next(self.classifier.parameters()).device
         # full precision even inside the rollout's bf16 autocast: GRPO standardises rewards within a
         # group, and bf16 logits (~3 significant digits) would quantise near-equal rewards
@@ -107,8 +109,9 @@ class ClassifierLogProbReward(_ClassifierReward):
 
     def __init__(self, classifier: torch.nn.Module, batch_size: int = 512, ceiling: float | None = None):
         super().__init__(classifier, batch_size)
-        if ceiling is not None and (isinstance(ceiling, bool) or not isinstance(ceiling, (int, float))
-                                    or not 0 < ceiling < 1):
+        if ceiling is not None and (
+            isinstance(ceiling, bool) or not isinstance(ceiling, (int, float)) or not 0 < ceiling < 1
+        ):
             raise ValueError(f"ceiling = {ceiling!r}: must be null or a probability in (0, 1)")
         self.ceiling = None if ceiling is None else float(ceiling)
         if self.ceiling is not None:
@@ -121,8 +124,10 @@ class ClassifierLogProbReward(_ClassifierReward):
         # one host sync per rollout batch; an out-of-range label would otherwise be an index error
         # on CPU and a device assert on CUDA
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
-            raise ValueError(f"reward '{self.name}': labels must lie in [0, {num_classes}) for this classifier, "
-                             f"got min {int(labels.min())} max {int(labels.max())}")
+            raise ValueError(
+                f"reward '{self.name}': labels must lie in [0, {num_classes}) for this classifier, "
+                f"got min {int(labels.min())} max {int(labels.max())}"
+            )
         log_prob = log_probs.gather(1, labels[:, None])[:, 0]
         return log_prob if self.ceiling is None else log_prob.clamp(max=math.log(self.ceiling))
 
@@ -140,11 +145,17 @@ class FixedClassLogProbReward(_ClassifierReward):
         if isinstance(target_class, str):
             names = classifier_class_names(classifier)
             if target_class not in names:
-                raise ValueError(f"target_class = {target_class!r} is not a class name of this classifier; "
-                                 f"choose an index or one of: {', '.join(names) or '(the classifier has no names)'}")
+                raise ValueError(
+                    f"target_class = {target_class!r} is not a class name of this classifier; "
+                    f"choose an index or one of: {', '.join(names) or '(the classifier has no names)'}"
+                )
             target_class = names.index(target_class)
-        if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0 or (
-                self.num_classes is not None and target_class >= self.num_classes):
+        if (
+            isinstance(target_class, bool)
+            or not isinstance(target_class, int)
+            or target_class < 0
+            or (self.num_classes is not None and target_class >= self.num_classes)
+        ):
             raise ValueError(f"target_class = {target_class!r}: must be an int in [0, {self.num_classes})")
         self.target_class = target_class
         self.name = f"class{target_class}_logprob"
@@ -259,11 +270,15 @@ def build_reward(spec, device="cpu", key: str = "reward") -> Reward:
     required, optional = SPEC_KEYS[name]
     for arg in spec:
         if arg != "name" and arg not in required + optional:
-            raise ConfigError(f"{key}.{arg} = {spec[arg]!r} is not an argument of reward '{name}'; "
-                              f"allowed: {', '.join(required + optional) or '(none)'}")
+            raise ConfigError(
+                f"{key}.{arg} = {spec[arg]!r} is not an argument of reward '{name}'; "
+                f"allowed: {', '.join(required + optional) or '(none)'}"
+            )
     for arg in required:
         if arg not in spec:
-            raise ConfigError(f"{key}.{arg} is required by reward '{name}' (arguments: {', '.join(required + optional)})")
+            raise ConfigError(
+                f"{key}.{arg} is required by reward '{name}' (arguments: {', '.join(required + optional)})"
+            )
     args = {arg: value for arg, value in spec.items() if arg != "name"}
 
     if name == "weighted_sum":
@@ -288,7 +303,9 @@ def build_reward(spec, device="cpu", key: str = "reward") -> Reward:
     if "classifier" in args:
         path = args.pop("classifier")
         if not isinstance(path, (str, PathLike)) or not str(path):
-            raise ConfigError(f"{key}.classifier = {path!r}: must be the path of a file written by scripts/train_classifier.py")
+            raise ConfigError(
+                f"{key}.classifier = {path!r}: must be the path of a file written by scripts/train_classifier.py"
+            )
         # ClassifierError (a ConfigError) names the file and how to train one
         args["classifier"] = load_classifier(Path(path), device, expected_dataset=args.pop("dataset", None))
     try:

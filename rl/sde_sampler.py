@@ -184,8 +184,9 @@ def transition_log_prob(
     conditional branch only; False also trains the shared null-label model, with weight 1 - s (s = the
     guidance scale: -2 at s = 3). Returns (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
     _check_noise_level(noise_level)
-    mean, std = sampler.sde_step(states, times, next_times, labels, noise_level, guidance_scale, guidance_interval,
-                                 detach_uncond=detach_uncond)
+    mean, std = sampler.sde_step(
+        states, times, next_times, labels, noise_level, guidance_scale, guidance_interval, detach_uncond=detach_uncond
+    )
     # next_states are actions sampled earlier: constants here, the gradient flows through the mean only.
     return gaussian_log_prob(next_states.detach(), mean, std, log_prob_reduce), mean, std
 
@@ -194,7 +195,9 @@ TIMESTEP_SELECTIONS = ("first", "last", "random")
 
 
 def select_timesteps(
-    num_steps: int, num_train_steps: int | None, generator: torch.Generator | None = None,
+    num_steps: int,
+    num_train_steps: int | None,
+    generator: torch.Generator | None = None,
     selection: str = "first",
 ) -> Tensor:
     """The transition indices in [0, num_steps) one update trains on, sorted -> [K] long.
@@ -213,8 +216,10 @@ def select_timesteps(
         most = max(1, num_steps - 1)
         count = most if num_train_steps is None else num_train_steps
         if not 1 <= count <= most:
-            raise ValueError(f"num_train_steps must lie in [1, num_steps - 1 = {num_steps - 1}] for selection "
-                             f"{selection!r}, got {num_train_steps}")
+            raise ValueError(
+                f"num_train_steps must lie in [1, num_steps - 1 = {num_steps - 1}] for selection "
+                f"{selection!r}, got {num_train_steps}"
+            )
         return torch.arange(count, device=device) + (most - count if selection == "last" else 0)
     if num_train_steps is None or num_train_steps == num_steps:
         return torch.arange(num_steps, device=device)

@@ -53,6 +53,7 @@ from sampling import FlowSampler
 
 FINAL_OUTPUTS = ["samples.png", "samples.npz", "eval.json"]
 
+
 class GRPOTrainer:
     def __init__(self, cfg: DictConfig, runtime, run_dir: Path):
         self.cfg, self.runtime, self.run_dir = cfg, runtime, run_dir
@@ -63,16 +64,20 @@ class GRPOTrainer:
 
         # The seed's EMA (or raw) weights on the device, in eval mode throughout: rollouts and recomputed
         # log-probs must be the same function. The evaluation solver: the seed's, with solver.* overrides.
-        seed = load_run(cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema,
-                        solver_overrides=solver_overrides(cfg.solver))
+        seed = load_run(
+            cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema, solver_overrides=solver_overrides(cfg.solver)
+        )
         if len(seed.sample_shape) != 3:
-            raise ConfigError(f"seed_checkpoint = {cfg.seed_checkpoint!r} was trained on {seed.config.dataset.name!r} "
-                              f"samples of shape {list(seed.sample_shape)}; Flow-GRPO's rewards score images, so the "
-                              f"seed must be an image model [C, H, W] (e.g. a digits_cfg run)")
+            raise ConfigError(
+                f"seed_checkpoint = {cfg.seed_checkpoint!r} was trained on {seed.config.dataset.name!r} "
+                f"samples of shape {list(seed.sample_shape)}; Flow-GRPO's rewards score images, so the "
+                f"seed must be an image model [C, H, W] (e.g. a digits_cfg run)"
+            )
         self.policy, self.model = seed.sampler, seed.model
         self.reference = copy.deepcopy(self.model).requires_grad_(False)  # the frozen seed policy
-        self.reference_policy = FlowSampler(self.reference, self.policy.path, self.policy.prediction,
-                                            self.policy.num_classes)
+        self.reference_policy = FlowSampler(
+            self.reference, self.policy.path, self.policy.prediction, self.policy.num_classes
+        )
         self.num_classes = self.policy.num_classes
         self.sample_shape = seed.sample_shape
         self.seed_path, self.seed_step = seed.checkpoint.path, seed.checkpoint.step
@@ -80,8 +85,9 @@ class GRPOTrainer:
         self.reward = build_reward(cfg.reward, device)
 
         g = cfg.grpo
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=g.lr, betas=tuple(g.betas),
-                                           weight_decay=g.weight_decay, fused=True)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=g.lr, betas=tuple(g.betas), weight_decay=g.weight_decay, fused=True
+        )
         self.amp_dtype = amp_dtype(cfg.training.amp, device)
         self.target_steps = g.epochs if cfg.training.max_steps is None else min(g.epochs, cfg.training.max_steps)
         self.step = 0
@@ -106,9 +112,13 @@ class GRPOTrainer:
 
     def save(self) -> None:
         path = ckpt.save_checkpoint(
-            self.run_dir, self.step, model=self.model.state_dict(), ema=None,
+            self.run_dir,
+            self.step,
+            model=self.model.state_dict(),
+            ema=None,
             state={"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": int(self.nonfinite.in_a_row)},
-            config=self.run_config, keep_last=self.cfg.training.keep_last,
+            config=self.run_config,
+            keep_last=self.cfg.training.keep_last,
             meta={"sample_shape": list(self.sample_shape), "num_classes": self.num_classes},
         )
         self.log.print(f"saved {path}")
@@ -118,7 +128,9 @@ class GRPOTrainer:
         if source is None:
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, load_ema=False)
-        run.accept_resume(loaded.config, self.run_config, loaded.path, loaded.step, "iteration")  # same seed, recipe, reward
+        run.accept_resume(
+            loaded.config, self.run_config, loaded.path, loaded.step, "iteration"
+        )  # same seed, recipe, reward
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
@@ -150,19 +162,28 @@ class GRPOTrainer:
         rollout, rewards = self.rollout()
         # Groups are prompts; an unconditional model has one group per iteration.
         group_ids = rollout.labels if rollout.labels is not None else torch.zeros_like(rewards, dtype=torch.long)
-        advantages, group = group_advantages(rewards, group_ids, eps=g.advantage_eps, global_std=g.global_std,
-                                             clip=g.advantage_clip, scale=g.advantage_scale, return_stats=True)
+        advantages, group = group_advantages(
+            rewards,
+            group_ids,
+            eps=g.advantage_eps,
+            global_std=g.global_std,
+            clip=g.advantage_clip,
+            scale=g.advantage_scale,
+            return_stats=True,
+        )
         rollout_seconds = time.perf_counter() - started
         values = self.update(rollout, advantages)
         self.step += 1
-        values.update({
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std(correction=0).item(),
-            "reward/zero_std_fraction": float(group.zero_std_fraction),
-            "grpo/lr": self.optimizer.param_groups[0]["lr"],
-            "time/rollout_s": rollout_seconds,
-            "time/iteration_s": time.perf_counter() - started,
-        })
+        values.update(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/std": rewards.std(correction=0).item(),
+                "reward/zero_std_fraction": float(group.zero_std_fraction),
+                "grpo/lr": self.optimizer.param_groups[0]["lr"],
+                "time/rollout_s": rollout_seconds,
+                "time/iteration_s": time.perf_counter() - started,
+            }
+        )
         return values
 
     def rollout(self):
@@ -171,12 +192,21 @@ class GRPOTrainer:
         g = self.cfg.grpo
         generator = self.generator(0)
         labels = self.draw_prompts(generator)
-        noise = torch.randn((g.batch_size * g.group_size, *self.sample_shape), generator=generator,
-                            device=self.runtime.device)
+        noise = torch.randn(
+            (g.batch_size * g.group_size, *self.sample_shape), generator=generator, device=self.runtime.device
+        )
         with self.autocast():
-            rollout = sde_rollout(self.policy, noise, labels, g.rollout_steps, g.noise_level, g.guidance_scale,
-                                  generator=generator, log_prob_reduce=g.log_prob_reduce,
-                                  guidance_interval=tuple(g.guidance_interval))
+            rollout = sde_rollout(
+                self.policy,
+                noise,
+                labels,
+                g.rollout_steps,
+                g.noise_level,
+                g.guidance_scale,
+                generator=generator,
+                log_prob_reduce=g.log_prob_reduce,
+                guidance_interval=tuple(g.guidance_interval),
+            )
         return rollout, self.reward(rollout.samples, labels)
 
     def update(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
@@ -189,8 +219,14 @@ class GRPOTrainer:
             if k not in reference_means:
                 with torch.no_grad(), self.autocast():
                     reference_means[k] = self.reference_policy.sde_step(
-                        rollout.states[k], rollout.times[k], rollout.next_times[k], labels, g.noise_level,
-                        g.guidance_scale, tuple(g.guidance_interval))[0]
+                        rollout.states[k],
+                        rollout.times[k],
+                        rollout.next_times[k],
+                        labels,
+                        g.noise_level,
+                        g.guidance_scale,
+                        tuple(g.guidance_interval),
+                    )[0]
             return reference_means[k]
 
         means_of = {}  # running means over all (inner, k) terms; ratio_min / ratio_max as min / max
@@ -198,19 +234,30 @@ class GRPOTrainer:
         first_ratio_deviation = torch.zeros((), device=advantages.device)
         grad_norms = []
         for inner in range(g.num_inner):
-            set_learning_rate(self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps,
-                                                            1, "constant", 1.0))
-            steps = select_timesteps(rollout.num_steps, g.train_timesteps, self.generator(1, inner),
-                                     g.timestep_selection).tolist()
+            set_learning_rate(
+                self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps, 1, "constant", 1.0)
+            )
+            steps = select_timesteps(
+                rollout.num_steps, g.train_timesteps, self.generator(1, inner), g.timestep_selection
+            ).tolist()
             terms = len(steps) * g.num_inner
             # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
             # the first update's ratio is exactly 1; gradients accumulate over the timesteps.
             for k in steps:
                 with self.autocast():
                     log_probs, means, stds = transition_log_prob(
-                        self.policy, rollout.states[k], rollout.times[k], rollout.next_times[k],
-                        rollout.next_states[k], labels, g.noise_level, g.guidance_scale, g.log_prob_reduce,
-                        g.detach_uncond, tuple(g.guidance_interval))
+                        self.policy,
+                        rollout.states[k],
+                        rollout.times[k],
+                        rollout.next_times[k],
+                        rollout.next_states[k],
+                        labels,
+                        g.noise_level,
+                        g.guidance_scale,
+                        g.log_prob_reduce,
+                        g.detach_uncond,
+                        tuple(g.guidance_interval),
+                    )
                 kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
                 loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
                 (loss / len(steps)).backward()
@@ -229,12 +276,14 @@ class GRPOTrainer:
         finite = torch.isfinite(grad_norms)
         self.nonfinite.check(self.step, self.run_dir, self.log.print)
         values = {f"grpo/{key}": float(value) for key, value in means_of.items()}
-        values.update({
-            "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
-            "grpo/skipped_updates": float((~finite).sum()),
-            # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
-            "grpo/first_update_ratio_deviation": float(first_ratio_deviation),
-        })
+        values.update(
+            {
+                "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
+                "grpo/skipped_updates": float((~finite).sum()),
+                # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
+                "grpo/first_update_ratio_deviation": float(first_ratio_deviation),
+            }
+        )
         return values
 
     # -- the loop --
@@ -247,17 +296,23 @@ class GRPOTrainer:
             self.log = run.log
             self.resume(run)
             # the seed's data and the metrics classifier, loaded before the first iteration (a wrong path fails now)
-            self.evaluator = build_evaluator(self.run_config.dataset, self.runtime.device,
-                                             sample_shape=self.sample_shape, classifier=tr.classifier,
-                                             num_samples=tr.num_eval_samples, seed=self.cfg.seed,
-                                             decode_latents=False)
+            self.evaluator = build_evaluator(
+                self.run_config.dataset,
+                self.runtime.device,
+                sample_shape=self.sample_shape,
+                classifier=tr.classifier,
+                num_samples=tr.num_eval_samples,
+                seed=self.cfg.seed,
+                decode_latents=False,
+            )
             if not run.start(self.run_config, self.step, self.target_steps, "iteration"):
                 return EXIT_OK
             self.log.print(
                 f"{self.cfg.experiment}: GRPO on {type(self.model).__name__} ({count_parameters(self.model):,} "
                 f"parameters) from {self.seed_path} (step {self.seed_step}) on {self.runtime.device}; reward "
                 f"{self.reward.name}; {g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, "
-                f"num_inner={g.num_inner}; iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}")
+                f"num_inner={g.num_inner}; iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}"
+            )
             if self.step == 0:
                 self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
@@ -290,9 +345,15 @@ class GRPOTrainer:
         ode, labels, _ = self.evaluator.sample(self.policy, self.run_config.solver, tr.num_eval_samples, self.cfg.seed)
         noise = torch.randn((len(ode), *self.sample_shape), generator=torch.Generator().manual_seed(self.cfg.seed))
         device_labels = labels.to(self.runtime.device) if labels is not None else None
-        sde = self.policy.sample_sde(noise.to(self.runtime.device), device_labels, g.rollout_steps, g.noise_level,
-                                     torch.Generator(self.runtime.device).manual_seed(self.cfg.seed), g.guidance_scale,
-                                     tuple(g.guidance_interval))
+        sde = self.policy.sample_sde(
+            noise.to(self.runtime.device),
+            device_labels,
+            g.rollout_steps,
+            g.noise_level,
+            torch.Generator(self.runtime.device).manual_seed(self.cfg.seed),
+            g.guidance_scale,
+            tuple(g.guidance_interval),
+        )
         values = {"eval/sampling_s": time.perf_counter() - started}
         for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
             on_device = samples.to(self.runtime.device)
@@ -309,13 +370,16 @@ class GRPOTrainer:
             if self.step == 0:
                 self._seed_samples = ode
             else:
-                self._seed_samples = self.evaluator.sample(self.reference_policy, self.run_config.solver,
-                                                           tr.num_eval_samples, self.cfg.seed)[0]
+                self._seed_samples = self.evaluator.sample(
+                    self.reference_policy, self.run_config.solver, tr.num_eval_samples, self.cfg.seed
+                )[0]
         comparison = comparison_figure(self._seed_samples, ode, labels, self.run_config.dataset.name)
         self.log.figure(self.step, "samples/seed_vs_current", comparison)
         close_figure(comparison)
         if final:
             self.evaluator.save(self.run_dir, ode, labels)
             ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps({"iteration": self.step, **values}, indent=2))
-        self.log.print(f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items()))
+        self.log.print(
+            f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items())
+        )
         return values

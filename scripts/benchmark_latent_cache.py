@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     split = Path(args.path) / "train"
     manifest_path = split / "manifest.json"
-    if not (manifest_path.is_file() and json.loads(manifest_path.read_text())["count"] == args.count
-            and (json.loads(manifest_path.read_text())["flip"] == "twin") == args.flip):
+    if not (
+        manifest_path.is_file()
+        and json.loads(manifest_path.read_text())["count"] == args.count
+        and (json.loads(manifest_path.read_text())["flip"] == "twin") == args.flip
+    ):
         started = time.perf_counter()
         write_synthetic_cache(split, args.count, flip=args.flip)
         print(f"wrote {split} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
@@ -103,20 +106,27 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(args.steps):
         position = step * args.batch % (len(data) - args.batch + 1)
         generator.manual_seed(derive_seed(0, step, 0))
-        x, y = data.batch(permutation[position: position + args.batch], generator)
+        x, y = data.batch(permutation[position : position + args.batch], generator)
         peak = max(peak, memory_mib()["VmRSS"])
     seconds = time.perf_counter() - started
     after = memory_mib()
     result = {
-        "cache_gib": round(sum(p.stat().st_size for p in files) / 2**30, 3), "count": args.count, "flip": args.flip,
-        "cold": args.cold, "unmap_pages": not args.keep_mapped,
+        "cache_gib": round(sum(p.stat().st_size for p in files) / 2**30, 3),
+        "count": args.count,
+        "flip": args.flip,
+        "cold": args.cold,
+        "unmap_pages": not args.keep_mapped,
         "madvise": ("random" if data.random_access else "normal") + (" (auto)" if args.advice == "auto" else ""),
-        "batch": args.batch, "steps": args.steps, "batches_per_s": round(args.steps / seconds, 1),
-        "images_per_s": round(args.steps * args.batch / seconds), "read_mib": round(args.steps * args.batch * 8 / 1024, 1),
+        "batch": args.batch,
+        "steps": args.steps,
+        "batches_per_s": round(args.steps / seconds, 1),
+        "images_per_s": round(args.steps * args.batch / seconds),
+        "read_mib": round(args.steps * args.batch * 8 / 1024, 1),
         "mib_before_open": {k: round(v, 1) for k, v in before_open.items()},
         "mib_after_open": {k: round(v, 1) for k, v in after_open.items()},
         "mib_after_reading": {k: round(v, 1) for k, v in after.items()},
-        "peak_vmrss_mib": round(peak, 1), "vmrss_growth_mib": round(after["VmRSS"] - after_open["VmRSS"], 1),
+        "peak_vmrss_mib": round(peak, 1),
+        "vmrss_growth_mib": round(after["VmRSS"] - after_open["VmRSS"], 1),
     }
     print(json.dumps(result))
     if args.delete:

@@ -51,8 +51,11 @@ def parse(argv: list[str]) -> tuple[BenchSamplingConfig, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     options, overrides = parse(sys.argv[1:] if argv is None else argv)
     device = select_device(options.device)
-    solver_overrides = {"method": options.solver, "num_steps": options.num_steps,
-                        "guidance_scale": options.guidance_scale}
+    solver_overrides = {
+        "method": options.solver,
+        "num_steps": options.num_steps,
+        "guidance_scale": options.guidance_scale,
+    }
     if options.checkpoint:
         run = load_run(options.checkpoint, device, solver_overrides=solver_overrides)
         sampler, solver, shape, name = run.sampler, run.solver, run.sample_shape, run.config.experiment
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     forward = sampler.model.forward
     sampler.model.forward = lambda x, *a, **k: (calls.append(x.shape[0]), forward(x, *a, **k))[1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    generate(sampler, solver, shape, min(options.batch, options.num_samples), device=device,
-             batch_size=options.batch)  # warm-up: allocator pools, kernels, lazy init
+    generate(
+        sampler, solver, shape, min(options.batch, options.num_samples), device=device, batch_size=options.batch
+    )  # warm-up: allocator pools, kernels, lazy init
     sync()
     calls.clear()
     if device.type == "cuda":
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / options.repeats
     result = {
         "experiment": name,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads",
         "parameters": sum(p.numel() for p in sampler.model.parameters()),
         "solver": f"{solver.method} x{solver.num_steps}, guidance {solver.guidance_scale}",
         "num_samples": options.num_samples,
@@ -96,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         "nfe_per_s": len(calls) / options.repeats / seconds,
         "rows_per_s": sum(calls) / options.repeats / seconds,
         "minor_page_faults": faults,
-        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20
+        if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print(json.dumps(result, indent=2))

@@ -55,9 +55,16 @@ def parse(argv: list[str]) -> tuple[BenchTrainConfig, list[str]]:
     options, overrides = parse_keys(argv, BenchTrainConfig, __doc__, passthrough=True)
     check(options.steps >= 1, "steps", options.steps, "must be >= 1")
     check(options.warmup >= 0, "warmup", options.warmup, "must be >= 0")
-    mapping = {"batch": "training.batch_size", "device": "device", "compile": "training.compile",
-               "amp": "training.amp", "channels_last": "training.channels_last"}
-    overrides += [f"{mapping[k]}={str(getattr(options, k)).lower()}" for k in mapping if getattr(options, k) is not None]
+    mapping = {
+        "batch": "training.batch_size",
+        "device": "device",
+        "compile": "training.compile",
+        "amp": "training.amp",
+        "channels_last": "training.channels_last",
+    }
+    overrides += [
+        f"{mapping[k]}={str(getattr(options, k)).lower()}" for k in mapping if getattr(options, k) is not None
+    ]
     return options, overrides
 
 
@@ -76,8 +83,9 @@ def synthetic_like(dataset_cfg, device, model_cfg=None):
     count = 4096
     x = torch.randint(0, 256, (count, *shape), generator=generator, dtype=torch.uint8)
     y = torch.randint(0, num_classes, (count,), generator=generator)
-    return datasets.InMemoryDataset(x=x.to(device), y=y.to(device), num_classes=num_classes, name=name,
-                                    hflip=dataset_cfg.get("hflip", False))
+    return datasets.InMemoryDataset(
+        x=x.to(device), y=y.to(device), num_classes=num_classes, name=name, hflip=dataset_cfg.get("hflip", False)
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -119,10 +127,23 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         # A stage that starts from another run (training.init, the unmasked fine-tune) is timed from its
         # random initialisation: the weights do not change the speed.
-        no_init = ["training.init.checkpoint=null", "training.init.model=ema", "training.init.ema=ema",
-                   "training.init.optimizer=false", "training.init.step=false"]
-        cfg = load_config([*overrides, *no_init, f"training.run_dir={run_dir}", "training.tensorboard=false",
-                           "training.progress=false", f"training.max_steps={10**9}"])
+        no_init = [
+            "training.init.checkpoint=null",
+            "training.init.model=ema",
+            "training.init.ema=ema",
+            "training.init.optimizer=false",
+            "training.init.step=false",
+        ]
+        cfg = load_config(
+            [
+                *overrides,
+                *no_init,
+                f"training.run_dir={run_dir}",
+                "training.tensorboard=false",
+                "training.progress=false",
+                f"training.max_steps={10**9}",
+            ]
+        )
         runtime = setup_runtime(cfg.device)
         dataset = None
         if options.synthetic and cfg.dataset.name != "moons":
@@ -147,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
             profile_steps(trainer, Path(options.profile), sync)
         result = {
             "experiment": cfg.experiment,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+            "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu x{torch.get_num_threads()} threads",
             "batch": cfg.training.batch_size,
             "parameters": sum(p.numel() for p in trainer.model.parameters()),
             "images_per_s": cfg.training.batch_size / seconds,

@@ -110,7 +110,9 @@ def parse(argv: list[str]) -> tuple[str, object]:
         for key in ("image_size", "shard_size", "chunk_size"):
             check(getattr(args, key) >= 1, key, getattr(args, key), "must be >= 1")
     if command == "synthetic":
-        check(args.count is not None and args.count >= 1, "count", args.count, "is required: latents in the cache, >= 1")
+        check(
+            args.count is not None and args.count >= 1, "count", args.count, "is required: latents in the cache, >= 1"
+        )
         check_choice("dtype", args.dtype, LATENT_DTYPES)
     return command, args
 
@@ -123,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"converted {manifest['count']} latents {manifest['latent_shape']} {manifest['dtype']} -> {args.out}")
             return 0
         if command == "smoke":
-            made = make_smoke_cache(args.out, args.num_classes, args.images_per_class, args.image_size,
-                                    flip=args.flip)
-            print(f"smoke cache: dataset.path={made['path']} dataset.split={made['split']} dataset.vae={made['vae']} "
-                  f"(images: {made['images']})")
+            made = make_smoke_cache(args.out, args.num_classes, args.images_per_class, args.image_size, flip=args.flip)
+            print(
+                f"smoke cache: dataset.path={made['path']} dataset.split={made['split']} dataset.vae={made['vae']} "
+                f"(images: {made['images']})"
+            )
             return 0
         if command == "synthetic":
             manifest = write_synthetic_cache(args.out, args.count, args.num_classes, dtype=args.dtype, flip=args.flip)
@@ -140,19 +143,40 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device
         if device == "auto":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        codec = SDVAE(args.vae, device=device, dtype=args.vae_dtype, chunk_size=args.chunk_size, vae_id=args.vae_id,
-                      subfolder=args.vae_subfolder, local_files_only=args.local_files_only)
-        result = build_shards(args.images, args.out, codec, image_size=args.image_size, shard_size=args.shard_size,
-                              flip=args.flip, dtype=args.dtype, rank=args.rank, world=args.world,
-                              max_shards=args.max_shards, workers=args.workers, split=args.split,
-                              log=lambda *_: None, progress=True)
+        codec = SDVAE(
+            args.vae,
+            device=device,
+            dtype=args.vae_dtype,
+            chunk_size=args.chunk_size,
+            vae_id=args.vae_id,
+            subfolder=args.vae_subfolder,
+            local_files_only=args.local_files_only,
+        )
+        result = build_shards(
+            args.images,
+            args.out,
+            codec,
+            image_size=args.image_size,
+            shard_size=args.shard_size,
+            flip=args.flip,
+            dtype=args.dtype,
+            rank=args.rank,
+            world=args.world,
+            max_shards=args.max_shards,
+            workers=args.workers,
+            split=args.split,
+            log=lambda *_: None,
+            progress=True,
+        )
     except (FileNotFoundError, ValueError) as e:  # LatentCacheError / VAENotFoundError are FileNotFoundErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
     mine = range(args.rank, result["num_shards"], args.world)
     left = [i for i in mine if not shard_path(args.out, i).is_file()]
-    print(f"rank {args.rank}/{args.world}: wrote {len(result['written'])} shards, skipped {len(result['skipped'])} "
-          f"finished, {len(left)} left of {len(mine)}")
+    print(
+        f"rank {args.rank}/{args.world}: wrote {len(result['written'])} shards, skipped {len(result['skipped'])} "
+        f"finished, {len(left)} left of {len(mine)}"
+    )
     return 0
 
 

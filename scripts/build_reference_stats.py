@@ -52,8 +52,12 @@ class ReferenceStatsConfig:
 def parse_args(argv: list[str]) -> ReferenceStatsConfig:
     args = parse_keys(argv, ReferenceStatsConfig, __doc__, named=("dataset",))
     check(bool(args.out), "out", args.out, "is required: the .npz to write, e.g. out=stats/cifar10_train.npz")
-    check(bool(args.images) != bool(args.dataset), "images", args.images,
-          "give either dataset=NAME [dataset.KEY=VALUE ...] or images=DIR, not both")
+    check(
+        bool(args.images) != bool(args.dataset),
+        "images",
+        args.images,
+        "give either dataset=NAME [dataset.KEY=VALUE ...] or images=DIR, not both",
+    )
     check_choice("device", args.device, DEVICES)
     for key in ("batch_size", "image_size"):
         check(getattr(args, key) >= 1, key, getattr(args, key), "must be >= 1")
@@ -64,8 +68,9 @@ def parse_args(argv: list[str]) -> ReferenceStatsConfig:
 def open_images(args) -> tuple[object, str]:
     """-> (a dataset whose uint8 images `image_batch` can read, a description for the file's `source`)."""
     if args.images:
-        return load_imagefolder("cpu", root=args.images, image_size=args.image_size), \
-            f"images={args.images} image_size={args.image_size}"
+        return load_imagefolder(
+            "cpu", root=args.images, image_size=args.image_size
+        ), f"images={args.images} image_size={args.image_size}"
     spec = dict(args.dataset)
     if "name" not in spec:
         raise ConfigError(f"dataset = {spec}: needs a name, dataset=NAME (or use images=DIR)")
@@ -77,10 +82,12 @@ def open_images(args) -> tuple[object, str]:
     except TypeError as e:  # a key the loader does not take
         raise ConfigError(f"dataset={name!r}: {e}") from None
     x = getattr(dataset, "x", None)
-    if not isinstance(dataset, ImageFolderDataset) and not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8
-                                                           and x.dim() == 4):
-        raise ConfigError(f"dataset={name!r} holds no 8-bit images (Inception statistics score images, not "
-                          f"2-D points or latents)")
+    if not isinstance(dataset, ImageFolderDataset) and not (
+        isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4
+    ):
+        raise ConfigError(
+            f"dataset={name!r} holds no 8-bit images (Inception statistics score images, not 2-D points or latents)"
+        )
     return dataset, " ".join(f"{key}={value}" for key, value in [("dataset", name), *spec.items()])
 
 
@@ -105,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=count, desc="inception features", unit="img", disable=not args.progress) as bar:
         for start in range(0, count, args.batch_size):
             stop = min(start + args.batch_size, count)
-            for key, value in inception.inception_features(extractor, image_batch(dataset, start, stop),
-                                                         args.batch_size).items():
+            for key, value in inception.inception_features(
+                extractor, image_batch(dataset, start, stop), args.batch_size
+            ).items():
                 parts.setdefault(key, []).append(value)
             bar.update(stop - start)
     features = {key: np.concatenate(values) for key, values in parts.items() if key != "logits"}
@@ -116,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     stats.save(out)
     kept = 0 if stats.features is None else len(stats.features)
-    print(f"wrote {out}: {count} images ({source}); FID and sFID statistics, {kept} pool features; "
-          f"Inception weights sha256 {extractor.weights_sha256}")
+    print(
+        f"wrote {out}: {count} images ({source}); FID and sFID statistics, {kept} pool features; "
+        f"Inception weights sha256 {extractor.weights_sha256}"
+    )
     return 0
 
 

@@ -33,15 +33,20 @@ from runtime import run_main
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [f"**{title}**", "",
-             "| mask ratio | backbone tokens | total params | active params | fwd GMACs/img | fwd GFLOPs/img "
-             "| train GFLOPs/img |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"**{title}**",
+        "",
+        "| mask ratio | backbone tokens | total params | active params | fwd GMACs/img | fwd GFLOPs/img "
+        "| train GFLOPs/img |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mask_ratio']:g} | {r['backbone_tokens']} / {r['tokens']} | "
-                     f"{r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
-                     f"{r['forward_macs'] / 1e9:.2f} | {r['forward_flops'] / 1e9:.2f} | "
-                     f"{r['train_flops'] / 1e9:.2f} |")
+        lines.append(
+            f"| {r['mask_ratio']:g} | {r['backbone_tokens']} / {r['tokens']} | "
+            f"{r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
+            f"{r['forward_macs'] / 1e9:.2f} | {r['forward_flops'] / 1e9:.2f} | "
+            f"{r['train_flops'] / 1e9:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -56,16 +61,24 @@ class ComplexityConfig:
 def model_spec(key: str, spec: dict | None) -> tuple[str, dict, str]:
     """model=NAME [model.KEY=VALUE ...] -> (name or YAML, constructor overrides, a title)."""
     spec = dict(spec or {})
-    check("name" in spec, key, spec or None, "is required: model=NAME (models_dit.DIT_MODELS) or model=CONFIG.yaml, "
-          "plus model.KEY=VALUE overrides")
+    check(
+        "name" in spec,
+        key,
+        spec or None,
+        "is required: model=NAME (models_dit.DIT_MODELS) or model=CONFIG.yaml, plus model.KEY=VALUE overrides",
+    )
     name = str(spec.pop("name"))
     return name, spec, " ".join([name, *(f"{k}={v}" for k, v in spec.items())])
 
 
 def mask_ratios(value) -> list[float] | None:
     ratios = value if isinstance(value, list) or value is None else [value]
-    check(ratios is None or (ratios and all(isinstance(r, (int, float)) and 0 <= r < 1 for r in ratios)), "mask_ratio",
-          value, "must be a ratio in [0, 1) or a list of them, e.g. [0.75,0]")
+    check(
+        ratios is None or (ratios and all(isinstance(r, (int, float)) and 0 <= r < 1 for r in ratios)),
+        "mask_ratio",
+        value,
+        "must be a ratio in [0, 1) or a list of them, e.g. [0.75,0]",
+    )
     return None if ratios is None else [float(r) for r in ratios]
 
 

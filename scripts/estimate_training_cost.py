@@ -72,8 +72,12 @@ def check_stage(name: str, keys: dict) -> dict:
     unknown = sorted(set(stage) - {"name"} - STAGE_KEYS)
     check(not unknown, f"stages.{name}", keys, f"{', '.join(unknown)} is not one of: {', '.join(sorted(STAGE_KEYS))}")
     check(("epochs" in stage) != ("images" in stage), f"stages.{name}", keys, "give exactly one of epochs or images")
-    check(sum(key in stage for key in ("gpu_hours", "images_per_s", "benchmark")) <= 1, f"stages.{name}", keys,
-          "give at most one of gpu_hours, images_per_s or benchmark")
+    check(
+        sum(key in stage for key in ("gpu_hours", "images_per_s", "benchmark")) <= 1,
+        f"stages.{name}",
+        keys,
+        "give at most one of gpu_hours, images_per_s or benchmark",
+    )
     if "benchmark" in stage:  # a measured speed: scripts/benchmark_train.py ... out=FILE.json (one GPU)
         measured = json.loads(Path(str(stage.pop("benchmark"))).read_text())
         stage["images_per_s_per_gpu"] = float(measured["images_per_s"])
@@ -81,9 +85,16 @@ def check_stage(name: str, keys: dict) -> dict:
     return stage
 
 
-def stage_cost(stage: dict, train_flops_per_image: float, *, images_per_epoch: int = IMAGENET_TRAIN_IMAGES,
-               gpus: int = 1, mfu: float = 0.4, peak_tflops: float = H100_BF16_DENSE_TFLOPS,
-               usd_per_gpu_hour: float = 3.30) -> dict:
+def stage_cost(
+    stage: dict,
+    train_flops_per_image: float,
+    *,
+    images_per_epoch: int = IMAGENET_TRAIN_IMAGES,
+    gpus: int = 1,
+    mfu: float = 0.4,
+    peak_tflops: float = H100_BF16_DENSE_TFLOPS,
+    usd_per_gpu_hour: float = 3.30,
+) -> dict:
     """Cost of one stage given its training FLOPs per image; the speed is measured or assumed (mfu)."""
     images = stage["images"] if "images" in stage else stage["epochs"] * images_per_epoch
     flops = images * train_flops_per_image
@@ -116,24 +127,37 @@ def total_row(rows: list[dict], peak_tflops: float) -> dict:
     eflops = sum(r["eflops"] for r in rows)
     wall_hours = sum(r["wall_hours"] for r in rows)
     tflops = eflops * 1e18 / (gpu_hours * 3600) / 1e12
-    return {"name": "total", "mask_ratio": None, "images": sum(r["images"] for r in rows),
-            "train_gflops_per_image": None, "eflops": eflops,
-            "images_per_s": sum(r["images"] for r in rows) / (wall_hours * 3600),
-            "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops, "gpu_hours": gpu_hours,
-            "wall_hours": wall_hours, "usd": sum(r["usd"] for r in rows)}
+    return {
+        "name": "total",
+        "mask_ratio": None,
+        "images": sum(r["images"] for r in rows),
+        "train_gflops_per_image": None,
+        "eflops": eflops,
+        "images_per_s": sum(r["images"] for r in rows) / (wall_hours * 3600),
+        "tflops_per_gpu": tflops,
+        "mfu": tflops / peak_tflops,
+        "gpu_hours": gpu_hours,
+        "wall_hours": wall_hours,
+        "usd": sum(r["usd"] for r in rows),
+    }
 
 
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [f"**{title}**", "",
-             "| stage | mask | images | train GFLOPs/img | EFLOPs | images/s | TFLOP/s per GPU | MFU "
-             "| GPU-hours | wall hours | USD |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"**{title}**",
+        "",
+        "| stage | mask | images | train GFLOPs/img | EFLOPs | images/s | TFLOP/s per GPU | MFU "
+        "| GPU-hours | wall hours | USD |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mask = "" if r["mask_ratio"] is None else f"{r['mask_ratio']:g}"
         per_image = "" if r["train_gflops_per_image"] is None else f"{r['train_gflops_per_image']:.2f}"
-        lines.append(f"| {r['name']} | {mask} | {r['images']:,} | {per_image} | {r['eflops']:.2f} | "
-                     f"{r['images_per_s']:,.0f} | {r['tflops_per_gpu']:.0f} | {100 * r['mfu']:.1f} % | "
-                     f"{r['gpu_hours']:.2f} | {r['wall_hours']:.2f} | {r['usd']:,.2f} |")
+        lines.append(
+            f"| {r['name']} | {mask} | {r['images']:,} | {per_image} | {r['eflops']:.2f} | "
+            f"{r['images_per_s']:,.0f} | {r['tflops_per_gpu']:.0f} | {100 * r['mfu']:.1f} % | "
+            f"{r['gpu_hours']:.2f} | {r['wall_hours']:.2f} | {r['usd']:,.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -161,15 +185,28 @@ def main(argv: list[str] | None = None) -> int:
             per_image = complexity(model, stage.get("mask_ratio", 0.0))["train_flops"]
         else:
             raise ConfigError(f"stages.{stage['name']} needs train_gflops when no model is given")
-        rows.append(stage_cost(stage, per_image, images_per_epoch=args.images_per_epoch, gpus=args.gpus,
-                               mfu=args.mfu, peak_tflops=args.peak_tflops,
-                               usd_per_gpu_hour=args.usd_per_gpu_hour))
+        rows.append(
+            stage_cost(
+                stage,
+                per_image,
+                images_per_epoch=args.images_per_epoch,
+                gpus=args.gpus,
+                mfu=args.mfu,
+                peak_tflops=args.peak_tflops,
+                usd_per_gpu_hour=args.usd_per_gpu_hour,
+            )
+        )
     rows.append(total_row(rows, args.peak_tflops))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(markdown(rows, f"{title} (${args.usd_per_gpu_hour:.2f}/GPU-hour, peak {args.peak_tflops:g} "
-                             f"TFLOP/s per GPU, {args.gpus} GPU{'s' if args.gpus > 1 else ''})"))
+        print(
+            markdown(
+                rows,
+                f"{title} (${args.usd_per_gpu_hour:.2f}/GPU-hour, peak {args.peak_tflops:g} "
+                f"TFLOP/s per GPU, {args.gpus} GPU{'s' if args.gpus > 1 else ''})",
+            )
+        )
     return 0
 
 

@@ -63,12 +63,21 @@ class PairGeneration:
     def settings(self) -> dict:
         run, cfg = self.run, self.cfg
         return {
-            "teacher": {"checkpoint": str(run.checkpoint.path), "step": run.checkpoint.step, "use_ema": cfg.use_ema,
-                        "manifest_sha256": ckpt.sha256_file(run.checkpoint.path / "manifest.json"),
-                        "experiment": run.config.get("experiment")},
-            "solver": to_plain(run.solver), "guidance_scale": run.solver.guidance_scale,
-            "seed": cfg.seed, "num_pairs": cfg.num_pairs, "chunk_size": cfg.chunk_size, "batch_size": self.batch_size,
-            "dataset": run.config.dataset.name, "sample_shape": list(run.sample_shape),
+            "teacher": {
+                "checkpoint": str(run.checkpoint.path),
+                "step": run.checkpoint.step,
+                "use_ema": cfg.use_ema,
+                "manifest_sha256": ckpt.sha256_file(run.checkpoint.path / "manifest.json"),
+                "experiment": run.config.get("experiment"),
+            },
+            "solver": to_plain(run.solver),
+            "guidance_scale": run.solver.guidance_scale,
+            "seed": cfg.seed,
+            "num_pairs": cfg.num_pairs,
+            "chunk_size": cfg.chunk_size,
+            "batch_size": self.batch_size,
+            "dataset": run.config.dataset.name,
+            "sample_shape": list(run.sample_shape),
             "num_classes": run.sampler.num_classes,
             "labels": "pair i: i mod num_classes (-1 for an unconditional teacher)",
             "noise": "chunk c: torch.randn([rows, *sample_shape]) from a CPU generator seeded by derive_seed(seed, c, 0xF10)",
@@ -83,8 +92,10 @@ class PairGeneration:
                 saved = json.loads(path.read_text())
                 if couplings.settings_sha256(saved) != couplings.settings_sha256(settings):
                     differ = sorted(k for k in settings if saved.get(k) != settings[k])
-                    raise RunError(f"out = {str(self.out)!r} holds pairs made with other settings (differing: "
-                                   f"{', '.join(differ)}); use another out directory or the original settings")
+                    raise RunError(
+                        f"out = {str(self.out)!r} holds pairs made with other settings (differing: "
+                        f"{', '.join(differ)}); use another out directory or the original settings"
+                    )
             else:
                 self.out.mkdir(parents=True, exist_ok=True)
                 couplings.write_json(path, settings)
@@ -103,9 +114,11 @@ class PairGeneration:
             y = labels[b : b + self.batch_size].to(device) if run.sampler.num_classes else None
             x1 = run.sampler.sample(x0, y, **sample_kwargs(run.solver)).x
             if not bool(torch.isfinite(x1).all()):
-                raise NonFiniteSamplesError(f"pairs {rows[b]}.. of chunk {chunk} are NaN/inf with solver "
-                                            f"{run.solver.method} x{run.solver.num_steps}, guidance_scale="
-                                            f"{run.solver.guidance_scale}; nothing was written for that chunk")
+                raise NonFiniteSamplesError(
+                    f"pairs {rows[b]}.. of chunk {chunk} are NaN/inf with solver "
+                    f"{run.solver.method} x{run.solver.num_steps}, guidance_scale="
+                    f"{run.solver.guidance_scale}; nothing was written for that chunk"
+                )
             samples.append(x1.float().cpu())
         couplings.write_chunk(self.out, chunk, noise, torch.cat(samples), labels)
 
@@ -120,8 +133,14 @@ class PairGeneration:
         mine = range(self.runtime.rank, self.num_chunks, self.runtime.world_size)
         todo = [c for c in mine if not couplings.chunk_path(self.out, c).is_file()]
         started = time.perf_counter()
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="chunk", dynamic_ncols=True,
-                   disable=None if self.runtime.is_main else True, desc=f"pairs x{self.runtime.world_size}")
+        bar = tqdm(
+            total=len(mine),
+            initial=len(mine) - len(todo),
+            unit="chunk",
+            dynamic_ncols=True,
+            disable=None if self.runtime.is_main else True,
+            desc=f"pairs x{self.runtime.world_size}",
+        )
         for chunk in todo:
             self.solve_chunk(chunk)
             bar.update(1)
@@ -131,11 +150,15 @@ class PairGeneration:
         if self.runtime.is_main:
             missing = [c for c in range(self.num_chunks) if not couplings.chunk_path(self.out, c).is_file()]
             if missing:
-                raise RunError(f"{len(missing)} chunks missing in {self.out / 'chunks'} after sampling (first {missing[0]})")
+                raise RunError(
+                    f"{len(missing)} chunks missing in {self.out / 'chunks'} after sampling (first {missing[0]})"
+                )
             couplings.write_manifest(self.out, settings, self.num_chunks)
-            print(f"{self.cfg.num_pairs} pairs from {self.run.checkpoint.path} (step {self.run.checkpoint.step}, "
-                  f"{self.run.solver.method} x{self.run.solver.num_steps}, guidance {self.run.solver.guidance_scale}) "
-                  f"-> {self.out} ({time.perf_counter() - started:.1f} s this run)")
+            print(
+                f"{self.cfg.num_pairs} pairs from {self.run.checkpoint.path} (step {self.run.checkpoint.step}, "
+                f"{self.run.solver.method} x{self.run.solver.num_steps}, guidance {self.run.solver.guidance_scale}) "
+                f"-> {self.out} ({time.perf_counter() - started:.1f} s this run)"
+            )
         return 0
 
 

@@ -44,9 +44,13 @@ def torchrun_args(entry: str, args: list[str]) -> list[str] | None:
         head = (os.environ.get("SKYPILOT_NODE_IPS", "").strip().splitlines() or [""])[0].strip()
         if not head:
             raise SystemExit(f"error: $SKYPILOT_NODE_IPS is empty: {nodes} nodes need the head node's address")
-        launch = [f"--nnodes={nodes}", f"--node_rank={_int_env('SKYPILOT_NODE_RANK', 0)}",
-                  "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{RENDEZVOUS_PORT}",
-                  f"--rdzv_id={os.environ.get('RUN_NAME', 'nanoflow')}"]
+        launch = [
+            f"--nnodes={nodes}",
+            f"--node_rank={_int_env('SKYPILOT_NODE_RANK', 0)}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={head}:{RENDEZVOUS_PORT}",
+            f"--rdzv_id={os.environ.get('RUN_NAME', 'nanoflow')}",
+        ]
     return [*launch, f"--nproc_per_node={nproc}", entry, *args]
 
 

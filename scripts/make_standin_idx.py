@@ -89,8 +89,10 @@ def make_digits28(n_train: int, n_test: int, seed: int):
         rank[labels == k] = torch.arange(int((labels == k).sum()))
     test = rank % 5 == 4
     gen = torch.Generator().manual_seed(seed)
-    return (jittered_digits(images[~test], labels[~test], n_train, gen),
-            jittered_digits(images[test], labels[test], n_test, gen))
+    return (
+        jittered_digits(images[~test], labels[~test], n_train, gen),
+        jittered_digits(images[test], labels[test], n_test, gen),
+    )
 
 
 def _segment_distance(px, py, ax, ay, bx, by):
@@ -128,7 +130,9 @@ def render_shape(k: int, rng: np.random.Generator, ss: int = 4) -> np.ndarray:
         pts = [(r * math.cos(t), r * math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
         mask = stroke(_polyline(qx, qy, pts, True))
     elif k == 5:  # plus
-        mask = stroke(np.minimum(np.where(np.abs(qy) <= r, np.abs(qx), 1e9), np.where(np.abs(qx) <= r, np.abs(qy), 1e9)))
+        mask = stroke(
+            np.minimum(np.where(np.abs(qy) <= r, np.abs(qx), 1e9), np.where(np.abs(qx) <= r, np.abs(qy), 1e9))
+        )
     elif k == 6:  # x-cross
         d = r / math.sqrt(2)
         mask = stroke(np.minimum(_segment_distance(qx, qy, -d, -d, d, d), _segment_distance(qx, qy, -d, d, d, -d)))

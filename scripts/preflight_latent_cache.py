@@ -39,18 +39,20 @@ def summary(root: Path, manifest: dict, seconds: float, sample: int = 4096) -> s
     picked = sample_rows(root / "latents.npy", sample)  # scaled SD-VAE latents should have std near 1
     per_class = np.bincount(labels, minlength=manifest["num_classes"])
     size = sum(meta["bytes"] for meta in manifest["files"].values())
-    return "\n".join([
-        f"latent cache {root}: OK (checked in {seconds:.1f} s)",
-        f"  split {manifest.get('split')!r}, count {manifest['count']}, latents {manifest['latent_shape']} "
-        f"{manifest['dtype']}, {size / 2**30:.3f} GiB in {', '.join(sorted(manifest['files']))}",
-        f"  vae {manifest['vae_id']!r}, scaling_factor {manifest['vae_scaling_factor']}, shift_factor "
-        f"{manifest.get('vae_shift_factor')}, sampling {manifest.get('latent_sampling')}",
-        f"  images {manifest.get('image_size')}px ({manifest.get('crop')}), flip {manifest.get('flip')}",
-        f"  {manifest['num_classes']} classes ({', '.join(manifest['class_names'][:3])}"
-        f"{', ...' if manifest['num_classes'] > 3 else ''}), per class min {per_class.min()} max {per_class.max()}",
-        f"  latent mean {picked.mean(dtype=np.float64):.4f}, std {picked.std(dtype=np.float64):.4f} "
-        f"(over {len(picked)} evenly spaced samples)",
-    ])
+    return "\n".join(
+        [
+            f"latent cache {root}: OK (checked in {seconds:.1f} s)",
+            f"  split {manifest.get('split')!r}, count {manifest['count']}, latents {manifest['latent_shape']} "
+            f"{manifest['dtype']}, {size / 2**30:.3f} GiB in {', '.join(sorted(manifest['files']))}",
+            f"  vae {manifest['vae_id']!r}, scaling_factor {manifest['vae_scaling_factor']}, shift_factor "
+            f"{manifest.get('vae_shift_factor')}, sampling {manifest.get('latent_sampling')}",
+            f"  images {manifest.get('image_size')}px ({manifest.get('crop')}), flip {manifest.get('flip')}",
+            f"  {manifest['num_classes']} classes ({', '.join(manifest['class_names'][:3])}"
+            f"{', ...' if manifest['num_classes'] > 3 else ''}), per class min {per_class.min()} max {per_class.max()}",
+            f"  latent mean {picked.mean(dtype=np.float64):.4f}, std {picked.std(dtype=np.float64):.4f} "
+            f"(over {len(picked)} evenly spaced samples)",
+        ]
+    )
 
 
 @dataclass
@@ -63,7 +65,12 @@ class PreflightConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_keys(sys.argv[1:] if argv is None else argv, PreflightConfig, __doc__)
-    check(bool(args.cache), "cache", args.cache, "is required: the cache split directory, e.g. cache=cache/imagenet256/train")
+    check(
+        bool(args.cache),
+        "cache",
+        args.cache,
+        "is required: the cache split directory, e.g. cache=cache/imagenet256/train",
+    )
     root = Path(args.cache)
     started = time.perf_counter()
     try:

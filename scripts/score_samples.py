@@ -39,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("classifiers", "samples"):
         value = getattr(args, key)
         value = [value] if isinstance(value, str) else value
-        check(bool(value) and all(isinstance(v, str) and "," not in v for v in value), key, getattr(args, key),
-              "is required: a path, or a list of paths in brackets, e.g. [A,B]")
+        check(
+            bool(value) and all(isinstance(v, str) and "," not in v for v in value),
+            key,
+            getattr(args, key),
+            "is required: a path, or a list of paths in brackets, e.g. [A,B]",
+        )
         setattr(args, key, value)
     run, out = Path(args.run), args.out
     dataset_cfg = OmegaConf.load(run / "config.yaml").dataset
@@ -48,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     loaded = {}
     for d in dirs:
         npz = np.load(d / "samples.npz")
-        loaded[d] = (uint8_to_model_space(torch.from_numpy(npz["images"]).permute(0, 3, 1, 2)),
-                     torch.from_numpy(npz["labels"]))
+        loaded[d] = (
+            uint8_to_model_space(torch.from_numpy(npz["images"]).permute(0, 3, 1, 2)),
+            torch.from_numpy(npz["labels"]),
+        )
     for path in args.classifiers:
         scorers = {}
         for d, (x, y) in loaded.items():

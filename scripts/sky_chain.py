@@ -52,8 +52,12 @@ H1024 = "imagenet256_latent_dit_m2_moe_layerwise_h1024_d20_e16_c2_moew05"
 DEFAULT_STAGES = [("masked80", f"{H1024}_masked80"), ("unmasked20", f"{H1024}_unmasked20")]
 SMOKE_STAGES = [("masked", "imagenet256_latent_dit_smoke"), ("unmasked", "imagenet256_latent_dit_smoke_unmasked")]
 # tiny step counts for the smoke chain (12 steps a stage, a checkpoint every 2, a 4-sample eval)
-SMOKE_OVERRIDES = ["training.epochs=6", "training.checkpoint_every=2", "training.tensorboard=false",
-                   "training.progress=false"]
+SMOKE_OVERRIDES = [
+    "training.epochs=6",
+    "training.checkpoint_every=2",
+    "training.tensorboard=false",
+    "training.progress=false",
+]
 SMOKE_EVAL = ["device=cpu", "num_steps=2", "chunk_size=2", "batch_size=2"]
 
 STAGE_NAME = re.compile(r"[a-z0-9_-]+")  # stage names become path parts inside the bash `run:`
@@ -61,19 +65,24 @@ WORKDIR = "."  # the repository: `sky jobs launch cloud/...yaml` is run from its
 CKPT_ROOT = "/checkpoints"  # the persistent volume (RunPod network volume) or bucket mount of every task
 DEFAULT_VOLUME = "nanoflow-data"
 SECRETS = {"HF_TOKEN": None}  # a null reference: the value comes from `--secret HF_TOKEN` at launch, never a file
-SETUP = "\n".join([
-    'command -v uv >/dev/null 2>&1 || python3 -m pip install --user uv',
-    'export PATH="$PATH:$HOME/.local/bin"',
-    'uv sync --locked',
-])
+SETUP = "\n".join(
+    [
+        "command -v uv >/dev/null 2>&1 || python3 -m pip install --user uv",
+        'export PATH="$PATH:$HOME/.local/bin"',
+        "uv sync --locked",
+    ]
+)
 PATH_LINE = 'export PATH="$PATH:$HOME/.local/bin"'  # appended: a uv already on PATH wins
 
 
 def job_recovery(max_restarts_on_errors: int = 3) -> dict:
     """resources.job_recovery of every GPU task (sky/utils/schemas.py, SkyPilot 0.14): preemptions are
     always recovered; exit 75 (SIGTERM, checkpoint saved) is recovered without counting as an error."""
-    return {"strategy": "FAILOVER", "max_restarts_on_errors": max_restarts_on_errors,
-            "recover_on_exit_codes": [EXIT_PREEMPTED]}
+    return {
+        "strategy": "FAILOVER",
+        "max_restarts_on_errors": max_restarts_on_errors,
+        "recover_on_exit_codes": [EXIT_PREEMPTED],
+    }
 
 
 # --- the stage hand-off ---------------------------------------------------------------------------------
@@ -128,32 +137,43 @@ def train_run(stage: str, previous: str | None, preflight: bool) -> str:
         init = [f'training.init.checkpoint="{_run_dir(previous)}"']
     if preflight:
         lines.append('uv run python scripts/preflight_latent_cache.py cache="$CACHE_DIR/train" quick=true || exit 1')
-    args = ['experiment="$EXPERIMENT"', f'training.run_dir="{_run_dir(stage)}"', "training.resume=auto", *init,
-            'dataset.path="$CACHE_DIR"', 'dataset.vae="$VAE"', "$EXTRA_OVERRIDES"]
+    args = [
+        'experiment="$EXPERIMENT"',
+        f'training.run_dir="{_run_dir(stage)}"',
+        "training.resume=auto",
+        *init,
+        'dataset.path="$CACHE_DIR"',
+        'dataset.vae="$VAE"',
+        "$EXTRA_OVERRIDES",
+    ]
     lines.append("exec uv run python scripts/launch_stage.py train.py " + " ".join(args))
     return "\n".join(lines)
 
 
 def eval_run(stage: str, previous: str, samples_only: bool) -> str:
     flag = " --samples-only" if samples_only else ""
-    return "\n".join([
-        PATH_LINE,
-        f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1',
-        f'if uv run python scripts/sky_chain.py eval-done "{_run_dir(stage)}"{flag}; then exit 0; fi',
-        f'exec uv run python scripts/launch_stage.py eval_imagenet.py checkpoint="{_run_dir(previous)}" '
-        f'out="{_run_dir(stage)}" '
-        'num_samples="$NUM_SAMPLES" $EVAL_OVERRIDES',
-    ])
+    return "\n".join(
+        [
+            PATH_LINE,
+            f'uv run python scripts/sky_chain.py require-finished "{_run_dir(previous)}" || exit 1',
+            f'if uv run python scripts/sky_chain.py eval-done "{_run_dir(stage)}"{flag}; then exit 0; fi',
+            f'exec uv run python scripts/launch_stage.py eval_imagenet.py checkpoint="{_run_dir(previous)}" '
+            f'out="{_run_dir(stage)}" '
+            'num_samples="$NUM_SAMPLES" $EVAL_OVERRIDES',
+        ]
+    )
 
 
 def smoke_cache_run() -> str:
     """The smoke chain's first task: the tiny cache (random PNGs + tiny VAE) unless it exists, preflight."""
-    return "\n".join([
-        PATH_LINE,
-        '[ -f "$DATA_ROOT/cache/train/manifest.json" ] || '
-        'uv run python scripts/build_latent_cache.py smoke out="$DATA_ROOT" || exit 1',
-        'exec uv run python scripts/preflight_latent_cache.py cache="$DATA_ROOT/cache/train" quick=true',
-    ])
+    return "\n".join(
+        [
+            PATH_LINE,
+            '[ -f "$DATA_ROOT/cache/train/manifest.json" ] || '
+            'uv run python scripts/build_latent_cache.py smoke out="$DATA_ROOT" || exit 1',
+            'exec uv run python scripts/preflight_latent_cache.py cache="$DATA_ROOT/cache/train" quick=true',
+        ]
+    )
 
 
 def resources(gpus: str | None, infra: str | None, use_spot: bool, max_restarts: int) -> dict:
@@ -165,18 +185,35 @@ def resources(gpus: str | None, infra: str | None, use_spot: bool, max_restarts:
     return res
 
 
-def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_name: str = "h1024-chain",
-           overrides=(), stage_overrides: dict | None = None, gpus: str = "H100:1", infra: str | None = None,
-           use_spot: bool = False, max_restarts: int = 3, volume: str | None = DEFAULT_VOLUME,
-           bucket: str | None = None, ckpt_root: str = CKPT_ROOT, cache_dir: str = f"{CKPT_ROOT}/cache/imagenet256",
-           vae: str = "sd_vae_ft_ema", smoke_cache: bool = False, evaluate: bool = True,
-           num_samples: int = 50000, reference: str | None = f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
-           eval_overrides=("solver=heun", "num_steps=32", "guidance_scale=1.5")) -> list[dict]:
+def render(
+    stages=DEFAULT_STAGES,
+    *,
+    name: str = "nanoflow-imagenet256",
+    run_name: str = "h1024-chain",
+    overrides=(),
+    stage_overrides: dict | None = None,
+    gpus: str = "H100:1",
+    infra: str | None = None,
+    use_spot: bool = False,
+    max_restarts: int = 3,
+    volume: str | None = DEFAULT_VOLUME,
+    bucket: str | None = None,
+    ckpt_root: str = CKPT_ROOT,
+    cache_dir: str = f"{CKPT_ROOT}/cache/imagenet256",
+    vae: str = "sd_vae_ft_ema",
+    smoke_cache: bool = False,
+    evaluate: bool = True,
+    num_samples: int = 50000,
+    reference: str | None = f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
+    eval_overrides=("solver=heun", "num_steps=32", "guidance_scale=1.5"),
+) -> list[dict]:
     """The chain as data: [{"name": chain}, task, task, ...], one task per stage, run in order."""
     for stage, _ in stages:
         if not STAGE_NAME.fullmatch(stage) or stage == "eval" and evaluate:
-            raise ValueError(f"stage name {stage!r}: expected lowercase letters, digits, '_' or '-' "
-                             "(and not 'eval' when the chain evaluates)")
+            raise ValueError(
+                f"stage name {stage!r}: expected lowercase letters, digits, '_' or '-' "
+                "(and not 'eval' when the chain evaluates)"
+            )
     stage_overrides = stage_overrides or {}
     common_envs = {"RUN_NAME": run_name, "CKPT_ROOT": ckpt_root}
     storage = {}
@@ -188,37 +225,54 @@ def render(stages=DEFAULT_STAGES, *, name: str = "nanoflow-imagenet256", run_nam
         storage["volumes"] = {ckpt_root: volume}
     docs: list[dict] = [{"name": name}]
     if smoke_cache:
-        docs.append({"name": "cache", "resources": {"cpus": "2+", "infra": infra} if infra else {"cpus": "2+"},
-                     "envs": {**common_envs, "DATA_ROOT": str(Path(cache_dir).parent)}, "secrets": dict(SECRETS),
-                     "workdir": WORKDIR, **copy.deepcopy(storage), "setup": SETUP,
-                     "run": smoke_cache_run()})
+        docs.append(
+            {
+                "name": "cache",
+                "resources": {"cpus": "2+", "infra": infra} if infra else {"cpus": "2+"},
+                "envs": {**common_envs, "DATA_ROOT": str(Path(cache_dir).parent)},
+                "secrets": dict(SECRETS),
+                "workdir": WORKDIR,
+                **copy.deepcopy(storage),
+                "setup": SETUP,
+                "run": smoke_cache_run(),
+            }
+        )
     previous = None
     for index, (stage, preset) in enumerate(stages):
         extra = [*overrides, *stage_overrides.get(stage, [])]
-        docs.append({
-            "name": stage,
-            "resources": resources(gpus, infra, use_spot, max_restarts),
-            "envs": {**common_envs, "EXPERIMENT": preset, "CACHE_DIR": cache_dir, "VAE": vae,
-                     "EXTRA_OVERRIDES": " ".join(extra)},
-            "secrets": dict(SECRETS),
-            "workdir": WORKDIR,
-            **copy.deepcopy(storage),
-            "setup": SETUP,
-            "run": train_run(stage, previous, preflight=index == 0),
-        })
+        docs.append(
+            {
+                "name": stage,
+                "resources": resources(gpus, infra, use_spot, max_restarts),
+                "envs": {
+                    **common_envs,
+                    "EXPERIMENT": preset,
+                    "CACHE_DIR": cache_dir,
+                    "VAE": vae,
+                    "EXTRA_OVERRIDES": " ".join(extra),
+                },
+                "secrets": dict(SECRETS),
+                "workdir": WORKDIR,
+                **copy.deepcopy(storage),
+                "setup": SETUP,
+                "run": train_run(stage, previous, preflight=index == 0),
+            }
+        )
         previous = stage
     if evaluate:
         eval_args = list(eval_overrides) + ([f"reference={reference}"] if reference else ["metrics=false"])
-        docs.append({
-            "name": "eval",
-            "resources": resources(gpus, infra, use_spot, max_restarts),
-            "envs": {**common_envs, "NUM_SAMPLES": str(num_samples), "EVAL_OVERRIDES": " ".join(eval_args)},
-            "secrets": dict(SECRETS),
-            "workdir": WORKDIR,
-            **copy.deepcopy(storage),
-            "setup": SETUP,
-            "run": eval_run("eval", previous, samples_only=reference is None),
-        })
+        docs.append(
+            {
+                "name": "eval",
+                "resources": resources(gpus, infra, use_spot, max_restarts),
+                "envs": {**common_envs, "NUM_SAMPLES": str(num_samples), "EVAL_OVERRIDES": " ".join(eval_args)},
+                "secrets": dict(SECRETS),
+                "workdir": WORKDIR,
+                **copy.deepcopy(storage),
+                "setup": SETUP,
+                "run": eval_run("eval", previous, samples_only=reference is None),
+            }
+        )
     return docs
 
 
@@ -233,8 +287,10 @@ def _str_representer(dumper, value):
 
 _BlockDumper.add_representer(str, _str_representer)
 
-HEADER = ("# Rendered by scripts/sky_chain.py (do not edit by hand; re-render). One SkyPilot pipeline: the tasks\n"
-          "# below run in order as one managed job. docs/cloud.md is the runbook.\n")
+HEADER = (
+    "# Rendered by scripts/sky_chain.py (do not edit by hand; re-render). One SkyPilot pipeline: the tasks\n"
+    "# below run in order as one managed job. docs/cloud.md is the runbook.\n"
+)
 
 
 def dump(docs: list[dict]) -> str:
@@ -265,15 +321,26 @@ def stage_costs(docs: list[dict], gpus: int, usd_per_gpu_hour: float | None = No
         envs = task.get("envs", {})
         if "EXPERIMENT" not in envs:
             continue
-        cfg = load_config([f"experiment={envs['EXPERIMENT']}", "training.init.checkpoint=none-needed-here",
-                           *shlex.split(envs.get("EXTRA_OVERRIDES", ""))])
+        cfg = load_config(
+            [
+                f"experiment={envs['EXPERIMENT']}",
+                "training.init.checkpoint=none-needed-here",
+                *shlex.split(envs.get("EXTRA_OVERRIDES", "")),
+            ]
+        )
         model = to_plain(cfg.model)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
             yaml.safe_dump(model, handle)
         stage = f"stages.{task['name']}"
-        command = [sys.executable, str(ROOT / "scripts" / "estimate_training_cost.py"), f"model={handle.name}",
-                   f"{stage}.mask_ratio={model.get('mask_ratio', 0.0)}", f"{stage}.epochs={cfg.training.epochs}",
-                   f"gpus={gpus}", "json=true"]
+        command = [
+            sys.executable,
+            str(ROOT / "scripts" / "estimate_training_cost.py"),
+            f"model={handle.name}",
+            f"{stage}.mask_ratio={model.get('mask_ratio', 0.0)}",
+            f"{stage}.epochs={cfg.training.epochs}",
+            f"gpus={gpus}",
+            "json=true",
+        ]
         if usd_per_gpu_hour is not None:
             command += [f"usd_per_gpu_hour={usd_per_gpu_hour}"]
         try:
@@ -297,13 +364,14 @@ def _uv_shim(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     shim = directory / "uv"
     shim.write_text(
-        '#!/bin/sh\n'
+        "#!/bin/sh\n"
         'case "$1" in\n'
         '  run) shift; exec "$@" ;;\n'
         '  sync) for f in pyproject.toml uv.lock; do [ -f "$f" ] || '
         '{ echo "error: uv sync: $(pwd)/$f is missing (was the code uploaded?)" >&2; exit 2; }; done; exit 0 ;;\n'
         '  *) echo "error: uv $1: not simulated" >&2; exit 2 ;;\n'
-        'esac\n')
+        "esac\n"
+    )
     shim.chmod(0o755)
     return directory
 
@@ -328,9 +396,16 @@ def stage_env(task: dict, index: int, env_overrides: dict, shim_dir: Path, gpus_
     """What SkyPilot gives a task's `setup:` and `run:`: its envs (plus overrides) and the SKYPILOT_*
     variables (GPUs per node: 0 is a CPU-only node, N > 0 starts N CPU ranks through launch_stage.py)."""
     env = {**os.environ, **{k: str(v) for k, v in task.get("envs", {}).items()}, **env_overrides}
-    env.update({"SKYPILOT_TASK_ID": f"sky-managed-simulated_{env.get('RUN_NAME', 'chain')}_1_{index}",
-                "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_NODES": "1", "SKYPILOT_NODE_IPS": "127.0.0.1",
-                "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "SKYPILOT_TASK_ID": f"sky-managed-simulated_{env.get('RUN_NAME', 'chain')}_1_{index}",
+            "SKYPILOT_NODE_RANK": "0",
+            "SKYPILOT_NUM_NODES": "1",
+            "SKYPILOT_NODE_IPS": "127.0.0.1",
+            "SKYPILOT_NUM_GPUS_PER_NODE": str(gpus_per_node),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PATH"] = os.pathsep.join([str(shim_dir), str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -340,14 +415,27 @@ def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print, wo
     """One try of a task on a fresh VM: its `setup:`, then its `run:`, each under bash in WORKDIR -> the
     exit code (negative: killed by a signal)."""
     if task.get("setup"):
-        setup = subprocess.run(["bash", "-c", task["setup"]], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+        setup = subprocess.run(
+            ["bash", "-c", task["setup"]],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for line in setup.stdout.splitlines():
             log(f"  [{task['name']}#{attempt} setup] {line}")
         if setup.returncode != 0:
             return setup.returncode
-    process = subprocess.Popen(["bash", "-c", task["run"]], cwd=workdir, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        ["bash", "-c", task["run"]],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     if fault is not None:
         fault(task, attempt, process, env)
     output, _ = process.communicate()
@@ -356,8 +444,14 @@ def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print, wo
     return process.returncode
 
 
-def simulate(docs: list[dict], env_overrides: dict | None = None, fault=None, log=print, max_tries: int = 10,
-             gpus_per_node: int = 0) -> int:
+def simulate(
+    docs: list[dict],
+    env_overrides: dict | None = None,
+    fault=None,
+    log=print,
+    max_tries: int = 10,
+    gpus_per_node: int = 0,
+) -> int:
     """Run a chain's tasks in order as the managed-jobs controller would, each in a copy of what SkyPilot
     uploads from its workdir: a task that exits 0 hands on to the next; one killed by a signal (a lost VM)
     or exiting with a recover_on_exit_codes code is started again (setup, then the same command); any other
@@ -419,9 +513,19 @@ def smoke_chain(root, run_name: str = "smoke-chain") -> tuple[list[dict], dict]:
     """The smoke chain (cache -> masked smoke DiT -> unmasked smoke -> samples-only eval) with tiny steps, and
     the env overrides that put /checkpoints under ROOT: what the tests and `simulate --smoke` run."""
     root = Path(root)
-    docs = render(SMOKE_STAGES, name="nanoflow-smoke", run_name=run_name, overrides=SMOKE_OVERRIDES,
-                  cache_dir=str(root / "data" / "cache"), vae=str(root / "data" / "vae"), smoke_cache=True,
-                  num_samples=4, reference=None, eval_overrides=SMOKE_EVAL, gpus=None)
+    docs = render(
+        SMOKE_STAGES,
+        name="nanoflow-smoke",
+        run_name=run_name,
+        overrides=SMOKE_OVERRIDES,
+        cache_dir=str(root / "data" / "cache"),
+        vae=str(root / "data" / "vae"),
+        smoke_cache=True,
+        num_samples=4,
+        reference=None,
+        eval_overrides=SMOKE_EVAL,
+        gpus=None,
+    )
     return docs, {"CKPT_ROOT": str(root / "checkpoints")}
 
 
@@ -441,15 +545,27 @@ def _stages(values) -> list[tuple[str, str]]:
 
 
 def _render_from_args(args) -> list[dict]:
-    return render(_stages(args.stage), name=args.name, run_name=args.run_name, overrides=args.override,
-                  gpus=args.gpus, infra=args.infra, use_spot=args.use_spot, max_restarts=args.max_restarts,
-                  volume=None if args.bucket else args.volume, bucket=args.bucket, evaluate=not args.no_eval,
-                  num_samples=args.num_samples, reference=args.reference or None)
+    return render(
+        _stages(args.stage),
+        name=args.name,
+        run_name=args.run_name,
+        overrides=args.override,
+        gpus=args.gpus,
+        infra=args.infra,
+        use_spot=args.use_spot,
+        max_restarts=args.max_restarts,
+        volume=None if args.bucket else args.volume,
+        bucket=args.bucket,
+        evaluate=not args.no_eval,
+        num_samples=args.num_samples,
+        reference=args.reference or None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("require-finished", help="exit 0 if RUN_DIR holds a finished run, else 1")
     check.add_argument("run_dir")
@@ -458,10 +574,14 @@ def main(argv: list[str] | None = None) -> int:
     done.add_argument("--samples-only", action="store_true", help="samples.npz suffices (metrics=false)")
     for command in ("render", "launch"):
         p = sub.add_parser(command, help=f"{command} a chain of presets")
-        p.add_argument("--stage", action="append", help="NAME=PRESET, in order (default: the H1024 masked80 -> unmasked20)")
+        p.add_argument(
+            "--stage", action="append", help="NAME=PRESET, in order (default: the H1024 masked80 -> unmasked20)"
+        )
         p.add_argument("--override", action="append", default=[], help="a Hydra override for every training stage")
         p.add_argument("--name", default="nanoflow-imagenet256", help="the pipeline (chain) name")
-        p.add_argument("--run-name", default="h1024-chain", help="stable run id: run dirs are /checkpoints/RUN_NAME/STAGE")
+        p.add_argument(
+            "--run-name", default="h1024-chain", help="stable run id: run dirs are /checkpoints/RUN_NAME/STAGE"
+        )
         p.add_argument("--gpus", default="H100:1", help="accelerators per node, e.g. H100:1, H100:8")
         p.add_argument("--infra", default=None, help="e.g. runpod, runpod/CA, aws/us-east-1, k8s")
         p.add_argument("--use-spot", action=argparse.BooleanOptionalAction, default=False)
@@ -470,11 +590,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--bucket", default=None, help="a bucket mounted at /checkpoints instead of a volume")
         p.add_argument("--no-eval", action="store_true")
         p.add_argument("--num-samples", type=int, default=50000)
-        p.add_argument("--reference", default=f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
-                       help="reference statistics on the volume ('' = samples only)")
+        p.add_argument(
+            "--reference",
+            default=f"{CKPT_ROOT}/reference/VIRTUAL_imagenet256_labeled.npz",
+            help="reference statistics on the volume ('' = samples only)",
+        )
         p.add_argument("--usd-per-gpu-hour", type=float, default=None)
-        p.add_argument("--dry-run", action="store_true",
-                       help="print the YAML and stop (launch: with each stage's cost estimate)")
+        p.add_argument(
+            "--dry-run", action="store_true", help="print the YAML and stop (launch: with each stage's cost estimate)"
+        )
         p.add_argument("--out", default=None, help="write the YAML here")
         p.add_argument("--secret", action="append", default=[], help="launch only: NAME (value from the environment)")
     sim = sub.add_parser("simulate", help="run a chain's run: commands locally")
@@ -484,8 +608,12 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--env", action="append", default=[], help="KEY=VALUE for every task")
     sim.add_argument("--preempt", action="append", default=[], help="SIGTERM this stage after its first checkpoint")
     sim.add_argument("--kill", action="append", default=[], help="SIGKILL this stage after its first checkpoint")
-    sim.add_argument("--gpus-per-node", type=int, default=0,
-                     help="SKYPILOT_NUM_GPUS_PER_NODE of the simulated node (N > 0: N CPU ranks per stage)")
+    sim.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="SKYPILOT_NUM_GPUS_PER_NODE of the simulated node (N > 0: N CPU ranks per stage)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "require-finished":
@@ -508,8 +636,9 @@ def main(argv: list[str] | None = None) -> int:
             docs, envs = smoke_chain(args.root)
         envs.update(dict(item.split("=", 1) for item in args.env))
         signals = {**{s: signal.SIGTERM for s in args.preempt}, **{s: signal.SIGKILL for s in args.kill}}
-        code = simulate(docs, envs, fault=signal_when_checkpointed(signals) if signals else None,
-                        gpus_per_node=args.gpus_per_node)
+        code = simulate(
+            docs, envs, fault=signal_when_checkpointed(signals) if signals else None, gpus_per_node=args.gpus_per_node
+        )
         print(f"chain exit {code}")
         return code
 
@@ -530,9 +659,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(text)
     for row in stage_costs(docs, gpu_count(args.gpus), args.usd_per_gpu_hour):
-        print(f"estimate {row['name']}: {row['eflops']:.2f} EFLOPs, {row['gpu_hours']:.1f} GPU-hours, "
-              f"{row['wall_hours']:.1f} h wall, ${row['usd']:.2f} (at {row['mfu']:.0%} MFU; "
-              "scripts/estimate_training_cost.py)", file=sys.stderr)
+        print(
+            f"estimate {row['name']}: {row['eflops']:.2f} EFLOPs, {row['gpu_hours']:.1f} GPU-hours, "
+            f"{row['wall_hours']:.1f} h wall, ${row['usd']:.2f} (at {row['mfu']:.0%} MFU; "
+            "scripts/estimate_training_cost.py)",
+            file=sys.stderr,
+        )
     if args.dry_run:
         return EXIT_OK
 

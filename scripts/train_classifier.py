@@ -41,8 +41,13 @@ class ClassifierTrainConfig:
 # Short names accepted for `dataset=` (experiments/fashion_mnist.md uses `dataset=fashion`).
 DATASET_ALIASES = {"fashion": "fashion_mnist"}
 # train.py's keys for the same settings: `dataset.root=DIR` works as `root=DIR`.
-TRAINING_SPELLINGS = {"dataset.name": "dataset", "dataset.root": "root", "dataset.download": "download",
-                      "dataset.image_size": "image_size", "+dataset.image_size": "image_size"}
+TRAINING_SPELLINGS = {
+    "dataset.name": "dataset",
+    "dataset.root": "root",
+    "dataset.download": "download",
+    "dataset.image_size": "image_size",
+    "+dataset.image_size": "image_size",
+}
 
 
 def parse_args(argv: list[str]) -> ClassifierTrainConfig:
@@ -58,8 +63,12 @@ def parse_args(argv: list[str]) -> ClassifierTrainConfig:
         check(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
     check(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
     check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, "must be >= 0")
-    check(cfg.image_size is None or (cfg.dataset == "digits" and cfg.image_size >= 8), "image_size", cfg.image_size,
-          "only for dataset=digits, >= 8 (the other datasets have a fixed size)")
+    check(
+        cfg.image_size is None or (cfg.dataset == "digits" and cfg.image_size >= 8),
+        "image_size",
+        cfg.image_size,
+        "only for dataset=digits, >= 8 (the other datasets have a fixed size)",
+    )
     check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "must be in [0, 1)")
     return cfg
 

@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 # Small, fast moons settings shared by the trainer tests.
-FAST = ["training.progress=false", "training.tensorboard=false", "training.num_eval_samples=200",
-        "training.log_every=10", "solver.num_steps=4"]
+FAST = [
+    "training.progress=false",
+    "training.tensorboard=false",
+    "training.num_eval_samples=200",
+    "training.log_every=10",
+    "solver.num_steps=4",
+]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,7 +47,9 @@ def train_subprocess(run_dir, *overrides, wrapper: str | None = None, **popen):
         command = [sys.executable, str(ROOT / "train.py"), *args]
     else:
         command = [sys.executable, "-c", wrapper, *args]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
 
 
 def final_state(run_dir):
@@ -51,7 +58,12 @@ def final_state(run_dir):
 
     path = checkpoint.resolve_checkpoint(run_dir)
     state = torch.load(path / "state.pt", weights_only=True)
-    return load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors")), state["optimizer"], path
+    return (
+        load_file(str(path / "model.safetensors")),
+        load_file(str(path / "ema.safetensors")),
+        state["optimizer"],
+        path,
+    )
 
 
 def assert_same_state(a, b):
@@ -102,8 +114,10 @@ def inception_weights(tmp_path_factory):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the initialisation
             return None
 
-    with torch.random.fork_rng(devices=[]), \
-            mock.patch.object(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}):
+    with (
+        torch.random.fork_rng(devices=[]),
+        mock.patch.object(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}),
+    ):
         torch.manual_seed(0)
         network = FreshlyInitialised(inception.INCEPTION_EXTRACTOR, list(inception.INCEPTION_FEATURES))
         for module in network.modules():

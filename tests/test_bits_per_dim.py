@@ -124,8 +124,10 @@ def test_log_likelihood_matches_gaussian_density_hutchinson():
     )
     truth = -model.log_prob(x1) / (dim * LN2)
     error = estimate.double() - truth
-    print(f"hutchinson x4 D={dim}: mean error {error.mean():+.4f} +- {sem(error):.4f} bits/dim "
-          f"(per-sample std {error.std():.4f})")
+    print(
+        f"hutchinson x4 D={dim}: mean error {error.mean():+.4f} +- {sem(error):.4f} bits/dim "
+        f"(per-sample std {error.std():.4f})"
+    )
     assert error.std() > 1e-3  # the probes are genuinely noisy here
     assert abs(float(error.mean())) < 3 * sem(error) + 2e-3
 
@@ -139,8 +141,11 @@ def run_bound(pixel_std, num_steps, batch=256, side=2, seed=0, **kwargs):
     std = torch.tensor(float(pixel_std))
     images = sample_images(pixel_mean, std, batch, side, seed)
     result = image_bits_per_dim(
-        pixel_gaussian(pixel_mean, std), images, generator=torch.Generator().manual_seed(seed + 1),
-        num_steps=num_steps, **kwargs,
+        pixel_gaussian(pixel_mean, std),
+        images,
+        generator=torch.Generator().manual_seed(seed + 1),
+        num_steps=num_steps,
+        **kwargs,
     )
     truth = discrete_bits_per_dim(images, pixel_mean, std)
     bound = expected_dequantised_bits_per_dim(images, pixel_mean, std)
@@ -149,10 +154,12 @@ def run_bound(pixel_std, num_steps, batch=256, side=2, seed=0, **kwargs):
 
 def report(name, result, truth, bound):
     gap = result["bits_per_dim"].double() - truth
-    print(f"{name}: estimate {result['mean']:.4f} +- {result['sem']:.4f} (sem), "
-          f"true discrete {truth.mean():.4f}, "
-          f"E_u bound {bound.mean():.4f}; estimate - truth {gap.mean():+.4f} +- {sem(gap):.4f} (paired), "
-          f"{result['estimator']}, nfe {result['nfe']}")
+    print(
+        f"{name}: estimate {result['mean']:.4f} +- {result['sem']:.4f} (sem), "
+        f"true discrete {truth.mean():.4f}, "
+        f"E_u bound {bound.mean():.4f}; estimate - truth {gap.mean():+.4f} +- {sem(gap):.4f} (paired), "
+        f"{result['estimator']}, nfe {result['nfe']}"
+    )
     return gap
 
 
@@ -199,14 +206,20 @@ def test_image_bits_per_dim_with_hutchinson_at_64_dims():
     pixel_std = 8.0 + 16.0 * torch.rand(dim, generator=gen)
     images = sample_images(pixel_mean, pixel_std, batch, side, seed=4, rotation=rotation)
     result = image_bits_per_dim(
-        pixel_gaussian(pixel_mean, pixel_std, rotation), images, generator=torch.Generator().manual_seed(5),
-        num_steps=16, hutchinson_samples=4, batch_size=32,
+        pixel_gaussian(pixel_mean, pixel_std, rotation),
+        images,
+        generator=torch.Generator().manual_seed(5),
+        num_steps=16,
+        hutchinson_samples=4,
+        batch_size=32,
     )
     bound = expected_dequantised_bits_per_dim(images, pixel_mean, pixel_std, rotation)
     error = result["bits_per_dim"].double() - bound
-    print(f"hutchinson D=64: estimate {result['mean']:.4f} +- {result['sem']:.4f} (sem), E_u bound "
-          f"{bound.mean():.4f}; estimate - bound {error.mean():+.4f} +- {sem(error):.4f} (paired), "
-          f"{result['estimator']}, nfe {result['nfe']}")
+    print(
+        f"hutchinson D=64: estimate {result['mean']:.4f} +- {result['sem']:.4f} (sem), E_u bound "
+        f"{bound.mean():.4f}; estimate - bound {error.mean():+.4f} +- {sem(error):.4f} (paired), "
+        f"{result['estimator']}, nfe {result['nfe']}"
+    )
     assert result["estimator"] == "hutchinson x4"
     assert result["nfe"] == 2 * 16 * 4  # two batches of 32, rk4
     assert abs(result["mean"] - float(bound.mean())) < 3 * result["sem"]
@@ -232,12 +245,18 @@ def test_uniform_model_density_gives_eight_bits_and_the_dequantisation_map():
     images = torch.tensor([0, 1, 128, 254, 255], dtype=torch.uint8).repeat(6, 3, 1, 1).permute(3, 0, 1, 2)
     labels = torch.arange(5)
     UniformDensity.seen.clear()
-    result = image_bits_per_dim(UniformDensity(nn.Identity(), make_path()), images, labels,
-                                generator=torch.Generator().manual_seed(7), num_steps=3, solver="euler")
+    result = image_bits_per_dim(
+        UniformDensity(nn.Identity(), make_path()),
+        images,
+        labels,
+        generator=torch.Generator().manual_seed(7),
+        num_steps=3,
+        solver="euler",
+    )
     # Uniform over 256 levels: log2(256) = 8 bits/dim, with no spread.
     torch.testing.assert_close(result["bits_per_dim"], torch.full((5,), 8.0))
     assert result["mean"] == 8.0 and result["sem"] == 0.0 and result["nfe"] == 0
-    (x, y, kwargs), = UniformDensity.seen
+    ((x, y, kwargs),) = UniformDensity.seen
     u = torch.rand(images.shape, generator=torch.Generator().manual_seed(7))  # one draw per image element
     torch.testing.assert_close(x, (images.float() + u) / 128 - 1)
     assert x.min() >= -1 and x.max() <= 1 and torch.equal(y, labels)

@@ -31,8 +31,14 @@ def test_build_model_from_the_moons_presets(moons_cfg):
 
 
 def test_build_flow_is_the_configured_path_sampler_and_weighting():
-    cfg = load_config(["experiment=moons", "flow.time_sampler.name=logit_normal", "+flow.time_sampler.mean=0.5",
-                       "flow.weighting.name=min_snr"])
+    cfg = load_config(
+        [
+            "experiment=moons",
+            "flow.time_sampler.name=logit_normal",
+            "+flow.time_sampler.mean=0.5",
+            "flow.weighting.name=min_snr",
+        ]
+    )
     path, time_sampler, weighting = build.build_flow(cfg.flow)
     assert isinstance(path.scheduler, flow.SCHEDULERS["condot"]) and path.denominator_min == cfg.flow.denominator_min
     assert type(time_sampler) is flow.TIME_SAMPLERS["logit_normal"] and time_sampler.mean == 0.5
@@ -59,7 +65,10 @@ def test_build_coupling_by_name(moons_cfg):
 
 def test_parse_overrides_and_latent_vae_id(moons_cfg):
     assert build.parse_overrides(["depth=4", "mlp_ratio=[0.5,4.0]", "name=dit"]) == {
-        "depth": 4, "mlp_ratio": [0.5, 4.0], "name": "dit"}
+        "depth": 4,
+        "mlp_ratio": [0.5, 4.0],
+        "name": "dit",
+    }
     with pytest.raises(ValueError, match="not key=value"):
         build.parse_overrides(["depth"])
     assert build.latent_vae_id(moons_cfg.dataset) is None
@@ -88,8 +97,16 @@ def test_build_evaluator_for_moons_scores_in_2d(moons_cfg):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("build") / "run"
-    assert run_train(run_dir, "training.max_steps=6", "training.batch_size=64", "training.checkpoint_every=3",
-                     "training.num_eval_samples=20") == 0
+    assert (
+        run_train(
+            run_dir,
+            "training.max_steps=6",
+            "training.batch_size=64",
+            "training.checkpoint_every=3",
+            "training.num_eval_samples=20",
+        )
+        == 0
+    )
     return run_dir
 
 

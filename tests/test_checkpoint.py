@@ -14,8 +14,16 @@ def _save(run_dir, step, seed=0, **kwargs):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 2), torch.rand(4)).sum().backward()
     opt.step()
-    path = ckpt.save_checkpoint(run_dir, step, model.state_dict(), model.state_dict(), {"optimizer": opt.state_dict()},
-                                OmegaConf.create({"model": {"name": "mlp"}}), meta={"sample_shape": [2]}, **kwargs)
+    path = ckpt.save_checkpoint(
+        run_dir,
+        step,
+        model.state_dict(),
+        model.state_dict(),
+        {"optimizer": opt.state_dict()},
+        OmegaConf.create({"model": {"name": "mlp"}}),
+        meta={"sample_shape": [2]},
+        **kwargs,
+    )
     return model, path
 
 
@@ -23,7 +31,8 @@ def test_round_trip_layout_and_weights_only(tmp_path):
     model, path = _save(tmp_path, 7)
     assert path == tmp_path / "checkpoints" / "step_0000007"
     assert sorted(p.name for p in path.iterdir()) == sorted(
-        ["model.safetensors", "ema.safetensors", "state.pt", "config.yaml", "manifest.json"])
+        ["model.safetensors", "ema.safetensors", "state.pt", "config.yaml", "manifest.json"]
+    )
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
     loaded = ckpt.load_checkpoint(path)
     assert loaded.step == 7 and loaded.meta == {"sample_shape": [2]}

@@ -80,8 +80,14 @@ def test_image_sample_metrics_on_real_images(trained, test_split):
     reference = reference_statistics(classifier, test_split)
     x, y = test_split.batch(torch.arange(len(test_split)))
     real = image_sample_metrics(x, y, classifier, reference)
-    assert set(real) == {"classifier_accuracy", "classifier_fd", "jpeg_bpp", "png_bpp", "jpeg_payload_bpp",
-                         "png_payload_bpp"}
+    assert set(real) == {
+        "classifier_accuracy",
+        "classifier_fd",
+        "jpeg_bpp",
+        "png_bpp",
+        "jpeg_payload_bpp",
+        "png_payload_bpp",
+    }
     assert real["classifier_accuracy"] == trained[1]
     assert real["classifier_fd"] == pytest.approx(0.0, abs=1e-6)  # the reference set itself
     assert 0 < real["jpeg_payload_bpp"] < real["jpeg_bpp"] and 0 < real["png_payload_bpp"] < real["png_bpp"]
@@ -91,8 +97,9 @@ def test_image_sample_metrics_on_real_images(trained, test_split):
     assert fake["classifier_fd"] > 10 * max(real["classifier_fd"], 1e-3) and fake["png_bpp"] > real["png_bpp"]
     # Scored as the saved 8-bit image: pixels beyond [-1, 1] count as clipped, not as the raw floats.
     overshoot = x * 3
-    assert image_sample_metrics(overshoot, y, classifier, reference) == \
-        image_sample_metrics(overshoot.clamp(-1, 1), y, classifier, reference)
+    assert image_sample_metrics(overshoot, y, classifier, reference) == image_sample_metrics(
+        overshoot.clamp(-1, 1), y, classifier, reference
+    )
 
 
 def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_path):
@@ -102,7 +109,10 @@ def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_pat
     with pytest.raises(ClassifierError, match=r"shape \[1, 16, 16\], not \[1, 28, 28\]"):
         load_classifier(path, expected_dataset="digits", expected_shape=(1, 28, 28))
     missing = tmp_path / "nope.safetensors"
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(missing))} does not exist.*python scripts/train_classifier.py dataset=digits"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{re.escape(str(missing))} does not exist.*python scripts/train_classifier.py dataset=digits",
+    ):
         load_classifier(missing, expected_dataset="digits")
     other = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(other))
@@ -114,15 +124,18 @@ def test_loading_for_other_data_or_a_missing_file_fails_clearly(trained, tmp_pat
         load_classifier(garbage)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["dataset=digits", "out=x.safetensors", "epoch=3"], "unknown config key 'epoch'.*epochs"),
-    (["out=x.safetensors"], "dataset = None: required"),
-    (["dataset=moons", "out=x.safetensors"], "dataset = 'moons' is not allowed; choose one of: digits"),
-    (["dataset=digits"], "out = None: required"),
-    (["dataset=digits", "out=x.safetensors", "epochs=many"], "'epochs' has a value of the wrong type"),
-    (["dataset=digits", "out=x.safetensors", "lr=0"], "lr = 0.0: must be > 0"),
-    (["digits"], "'digits' is not key=value"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["dataset=digits", "out=x.safetensors", "epoch=3"], "unknown config key 'epoch'.*epochs"),
+        (["out=x.safetensors"], "dataset = None: required"),
+        (["dataset=moons", "out=x.safetensors"], "dataset = 'moons' is not allowed; choose one of: digits"),
+        (["dataset=digits"], "out = None: required"),
+        (["dataset=digits", "out=x.safetensors", "epochs=many"], "'epochs' has a value of the wrong type"),
+        (["dataset=digits", "out=x.safetensors", "lr=0"], "lr = 0.0: must be > 0"),
+        (["digits"], "'digits' is not key=value"),
+    ],
+)
 def test_cli_rejects_bad_arguments_before_any_work(argv, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
@@ -136,8 +149,19 @@ def test_command_line_errors_exit_1_with_the_message(tmp_path):
 
     from conftest import ROOT
 
-    result = subprocess.run([sys.executable, "scripts/train_classifier.py", "dataset=digits", f"out={tmp_path / 'c.safetensors'}",
-                             "epoch=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train_classifier.py",
+            "dataset=digits",
+            f"out={tmp_path / 'c.safetensors'}",
+            "epoch=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "error: unknown config key 'epoch'" in result.stderr, result.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
@@ -153,8 +177,12 @@ def test_trainer_rejects_a_missing_classifier_before_training(tmp_path):
     from conftest import run_train
 
     with pytest.raises(ClassifierError, match="scripts/train_classifier.py"):
-        run_train(tmp_path / "run", "experiment=digits_cfg", "training.max_steps=2",
-                  f"training.classifier={tmp_path / 'missing.safetensors'}")
+        run_train(
+            tmp_path / "run",
+            "experiment=digits_cfg",
+            "training.max_steps=2",
+            f"training.classifier={tmp_path / 'missing.safetensors'}",
+        )
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -77,10 +77,19 @@ def parse(text: str):
 
 def test_the_cloud_files_exist_and_agree_with_the_runtime():
     names = {p.name for p in YAMLS}
-    assert {"train.yaml", "runpod_volume.yaml", "runpod_latent_cache.yaml", "runpod_imagenet256_chain.yaml",
-            "multinode_train.yaml"} <= names, names
-    assert (sky_chain.FINISHED, sky_chain.EXIT_OK, sky_chain.EXIT_ERROR, sky_chain.EXIT_PREEMPTED) == \
-        (FINISHED, runtime.EXIT_OK, runtime.EXIT_ERROR, runtime.EXIT_PREEMPTED)
+    assert {
+        "train.yaml",
+        "runpod_volume.yaml",
+        "runpod_latent_cache.yaml",
+        "runpod_imagenet256_chain.yaml",
+        "multinode_train.yaml",
+    } <= names, names
+    assert (sky_chain.FINISHED, sky_chain.EXIT_OK, sky_chain.EXIT_ERROR, sky_chain.EXIT_PREEMPTED) == (
+        FINISHED,
+        runtime.EXIT_OK,
+        runtime.EXIT_ERROR,
+        runtime.EXIT_PREEMPTED,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(ALL_TEXTS))
@@ -96,8 +105,9 @@ def test_every_yaml_parses_with_skypilots_loader(name):
 
 def test_the_committed_chain_is_what_sky_chain_renders():
     expected = sky_chain.dump(sky_chain.render(infra="runpod/CA"))
-    assert (CLOUD / "runpod_imagenet256_chain.yaml").read_text() == expected, \
+    assert (CLOUD / "runpod_imagenet256_chain.yaml").read_text() == expected, (
         "re-render: uv run python scripts/sky_chain.py render --infra runpod/CA --out cloud/runpod_imagenet256_chain.yaml"
+    )
     assert [d["name"] for d in tasks_of(expected)] == ["masked80", "unmasked20", "eval"]
 
 
@@ -150,14 +160,27 @@ def test_the_multinode_task_uses_the_rendezvous_variables():
     task = tasks_of(text)[0]
     assert task["num_nodes"] >= 2 and "scripts/launch_stage.py train.py" in task["run"]
     assert "RunPod" in text
-    env = {"SKYPILOT_NUM_NODES": "2", "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_RANK": "1",
-           "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "RUN_NAME": "h1024"}
+    env = {
+        "SKYPILOT_NUM_NODES": "2",
+        "SKYPILOT_NUM_GPUS_PER_NODE": "8",
+        "SKYPILOT_NODE_RANK": "1",
+        "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
+        "RUN_NAME": "h1024",
+    }
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
         args = launch_stage.torchrun_args("train.py", ["experiment=x"])
-    assert args == ["--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29500",
-                    "--rdzv_id=h1024", "--nproc_per_node=8", "train.py", "experiment=x"]
+    assert args == [
+        "--nnodes=2",
+        "--node_rank=1",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=10.0.0.1:29500",
+        "--rdzv_id=h1024",
+        "--nproc_per_node=8",
+        "train.py",
+        "experiment=x",
+    ]
 
 
 # --- the code on the VM, one process per GPU -------------------------------------------------------------
@@ -195,8 +218,7 @@ def test_the_launcher_counts_processes_and_keeps_exit_75(monkeypatch):
         monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", gpus)
         assert launch_stage.torchrun_args("train.py", []) is None
     monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "8")
-    assert launch_stage.torchrun_args("train.py", ["a=1"]) == ["--standalone", "--nproc_per_node=8", "train.py",
-                                                                  "a=1"]
+    assert launch_stage.torchrun_args("train.py", ["a=1"]) == ["--standalone", "--nproc_per_node=8", "train.py", "a=1"]
     monkeypatch.setenv("SKYPILOT_NUM_GPUS_PER_NODE", "eight")
     with pytest.raises(SystemExit, match=r"SKYPILOT_NUM_GPUS_PER_NODE='eight'"):
         launch_stage.torchrun_args("train.py", [])
@@ -209,8 +231,15 @@ def test_the_launcher_counts_processes_and_keeps_exit_75(monkeypatch):
 def test_the_upload_holds_the_code_and_not_the_ignored_folders(tmp_path):
     (ROOT / "runs").mkdir(exist_ok=True)
     copy_dir = sky_chain.upload_copy(ROOT, tmp_path / "workdir")
-    for needed in ("pyproject.toml", "uv.lock", "train.py", "eval_imagenet.py", "scripts/launch_stage.py",
-                   "scripts/sky_chain.py", "configs/config.yaml"):
+    for needed in (
+        "pyproject.toml",
+        "uv.lock",
+        "train.py",
+        "eval_imagenet.py",
+        "scripts/launch_stage.py",
+        "scripts/sky_chain.py",
+        "configs/config.yaml",
+    ):
         assert (copy_dir / needed).is_file(), needed
     assert not (copy_dir / "runs").exists() and not (copy_dir / ".venv").exists()
 
@@ -247,12 +276,18 @@ def command_args(run: str, program: str, env: dict) -> list[list[str]]:
     for line in run.replace("\\\n", " ").splitlines():
         if program in line:
             words = shlex.split(expand(line, env))
-            out.append(words[words.index(program) + 1:])
+            out.append(words[words.index(program) + 1 :])
     return out
 
 
-SUBSTITUTE = {"SKYPILOT_TASK_ID": "sky-managed-x_1_0", "SKYPILOT_NODE_RANK": "0", "SKYPILOT_NUM_NODES": "2",
-              "SKYPILOT_NUM_GPUS_PER_NODE": "8", "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2", "MASTER": "10.0.0.1"}
+SUBSTITUTE = {
+    "SKYPILOT_TASK_ID": "sky-managed-x_1_0",
+    "SKYPILOT_NODE_RANK": "0",
+    "SKYPILOT_NUM_NODES": "2",
+    "SKYPILOT_NUM_GPUS_PER_NODE": "8",
+    "SKYPILOT_NODE_IPS": "10.0.0.1\n10.0.0.2",
+    "MASTER": "10.0.0.1",
+}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_TEXTS))
@@ -267,7 +302,8 @@ def test_the_overrides_in_every_run_compose_and_validate(name):
             assert cfg.training.resume == "auto" and cfg.training.run_dir.startswith("/checkpoints/"), args
             if "unmasked" in task["name"]:
                 assert cfg.training.init.checkpoint.endswith("/masked80") or cfg.training.init.checkpoint.endswith(
-                    "/masked"), args
+                    "/masked"
+                ), args
             checked += 1
         for args in command_args(task["run"], "eval_imagenet.py", env):
             cfg = apply_schema(compose(args, config_name="eval"), EvalConfig)
@@ -287,8 +323,11 @@ def run_chain(root, fault=None):
 
 
 def snapshot(directory):
-    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".lock"}  # .lock: the owner record
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }  # .lock: the owner record
 
 
 @pytest.mark.slow  # 80 s: CI runs it (`uv run pytest -m slow` in .ci/run)
@@ -349,13 +388,15 @@ def test_a_stage_refuses_to_start_without_its_predecessors_marker(tmp_path):
 
 def test_render_dry_run_prints_a_parseable_chain_without_importing_torch():
     """Rendering is YAML only (seconds): cost estimates, which import torch, are made by `launch`."""
-    code = ("import importlib.util, sys; "
-            "spec = importlib.util.spec_from_file_location('sky_chain', 'scripts/sky_chain.py'); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "c = m.main(['render', '--dry-run', '--infra', 'runpod/CA', '--gpus', 'H100:8', '--use-spot', "
-            "'--stage', 'masked=imagenet256_latent_dit_smoke', "
-            "'--stage', 'unmasked=imagenet256_latent_dit_smoke_unmasked', '--override', 'training.epochs=3']); "
-            "assert c == 0, c; assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import importlib.util, sys; "
+        "spec = importlib.util.spec_from_file_location('sky_chain', 'scripts/sky_chain.py'); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "c = m.main(['render', '--dry-run', '--infra', 'runpod/CA', '--gpus', 'H100:8', '--use-spot', "
+        "'--stage', 'masked=imagenet256_latent_dit_smoke', "
+        "'--stage', 'unmasked=imagenet256_latent_dit_smoke_unmasked', '--override', 'training.epochs=3']); "
+        "assert c == 0, c; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     dag = dag_utils.load_chain_dag_from_yaml_str(result.stdout)
@@ -365,10 +406,25 @@ def test_render_dry_run_prints_a_parseable_chain_without_importing_torch():
 
 
 def test_launch_dry_run_prints_the_chain_and_its_costs(capsys):
-    assert sky_chain.main(["launch", "--dry-run", "--infra", "runpod/CA", "--gpus", "H100:1",
-                           "--stage", "masked=imagenet256_latent_dit_smoke",
-                           "--stage", "unmasked=imagenet256_latent_dit_smoke_unmasked",
-                           "--override", "training.epochs=3"]) == 0
+    assert (
+        sky_chain.main(
+            [
+                "launch",
+                "--dry-run",
+                "--infra",
+                "runpod/CA",
+                "--gpus",
+                "H100:1",
+                "--stage",
+                "masked=imagenet256_latent_dit_smoke",
+                "--stage",
+                "unmasked=imagenet256_latent_dit_smoke_unmasked",
+                "--override",
+                "training.epochs=3",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert [t.name for t in dag_utils.load_chain_dag_from_yaml_str(out).tasks] == ["masked", "unmasked", "eval"]
     assert re.search(r"estimate masked: .* GPU-hours, .*\$", err) and "estimate unmasked:" in err, err
@@ -384,13 +440,21 @@ def test_a_stage_name_that_is_not_a_plain_word_is_refused(name, capsys):
 
 def smoke_stage(root, gpus_per_node: int, *overrides):
     """The smoke chain's cache task and masked stage only, simulated with GPUS_PER_NODE ranks."""
-    docs = sky_chain.render(SMOKE_MASKED, name="nanoflow-smoke", run_name="ranks",
-                            overrides=[*sky_chain.SMOKE_OVERRIDES, *overrides],
-                            cache_dir=str(root / "data" / "cache"), vae=str(root / "data" / "vae"),
-                            smoke_cache=True, evaluate=False, gpus=None)
+    docs = sky_chain.render(
+        SMOKE_MASKED,
+        name="nanoflow-smoke",
+        run_name="ranks",
+        overrides=[*sky_chain.SMOKE_OVERRIDES, *overrides],
+        cache_dir=str(root / "data" / "cache"),
+        vae=str(root / "data" / "vae"),
+        smoke_cache=True,
+        evaluate=False,
+        gpus=None,
+    )
     lines = []
-    code = sky_chain.simulate(docs, {"CKPT_ROOT": str(root / "checkpoints")}, log=lines.append,
-                              gpus_per_node=gpus_per_node)
+    code = sky_chain.simulate(
+        docs, {"CKPT_ROOT": str(root / "checkpoints")}, log=lines.append, gpus_per_node=gpus_per_node
+    )
     return code, "\n".join(lines), root / "checkpoints" / "ranks" / "masked"
 
 

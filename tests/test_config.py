@@ -28,8 +28,9 @@ def test_two_stage_imagenet_recipe():
         load_config([f"experiment={name}_unmasked20"])
     unmasked = load_config([f"experiment={name}_unmasked20", "training.init.checkpoint=runs/m"])
     assert (masked.model.mask_ratio, unmasked.model.mask_ratio) == (0.75, 0.0)
-    assert {k: v for k, v in masked.model.items() if k != "mask_ratio"} == \
-        {k: v for k, v in unmasked.model.items() if k != "mask_ratio"}
+    assert {k: v for k, v in masked.model.items() if k != "mask_ratio"} == {
+        k: v for k, v in unmasked.model.items() if k != "mask_ratio"
+    }
     assert (masked.training.epochs, unmasked.training.epochs) == (80, 20)
     assert (masked.training.lr, unmasked.training.lr) == (1e-4, 1e-5)
     init = unmasked.training.init
@@ -79,8 +80,15 @@ def test_bad_config_fails_with_key_and_allowed_values(override, fragments):
 
 
 def test_overrides_apply():
-    cfg = load_config(["experiment=moons", "training.lr=0.01", "+flow.time_sampler.mean=0.5",
-                       "flow.time_sampler.name=logit_normal", "seed=3"])
+    cfg = load_config(
+        [
+            "experiment=moons",
+            "training.lr=0.01",
+            "+flow.time_sampler.mean=0.5",
+            "flow.time_sampler.name=logit_normal",
+            "seed=3",
+        ]
+    )
     assert cfg.training.lr == 0.01 and cfg.seed == 3
     assert cfg.flow.time_sampler.mean == 0.5
     assert cfg.model.name == "mlp"

@@ -67,8 +67,11 @@ def test_minibatch_ot_is_a_function_of_seed_step_and_micro_batch(tmp_path):
 
 
 def test_coupling_errors_name_the_key_value_and_allowed(tmp_path):
-    with pytest.raises(config.ConfigError, match=r"^training.coupling.name = 'sinkhorn' is not allowed; choose one "
-                                                 r"of: independent, minibatch_ot, pairs$"):
+    with pytest.raises(
+        config.ConfigError,
+        match=r"^training.coupling.name = 'sinkhorn' is not allowed; choose one "
+        r"of: independent, minibatch_ot, pairs$",
+    ):
         config.load_config(["training.coupling.name=sinkhorn"])
     with pytest.raises(config.ConfigError, match="training.coupling.pairs = None: is required"):
         config.load_config(["experiment=moons_reflow"])
@@ -102,8 +105,19 @@ def teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("reflow")
     assert run_train(root / "teacher", *SHORT) == 0
     generate = load_script("generate_pairs")
-    assert generate.main([f"checkpoint={root / 'teacher'}", f"out={root / 'pairs'}", "num_pairs=1024",
-                          "chunk_size=256", "num_steps=8", "device=cpu"]) == 0
+    assert (
+        generate.main(
+            [
+                f"checkpoint={root / 'teacher'}",
+                f"out={root / 'pairs'}",
+                "num_pairs=1024",
+                "chunk_size=256",
+                "num_steps=8",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -114,8 +128,14 @@ def _files(directory):
 @pytest.mark.slow  # needs the teacher fixture (a trained moons model and its pairs)
 def test_killed_generation_resumes_to_the_same_files(teacher, tmp_path, monkeypatch):
     generate = load_script("generate_pairs")
-    args = [f"checkpoint={teacher / 'teacher'}", f"out={tmp_path / 'pairs'}", "num_pairs=1024", "chunk_size=256",
-            "num_steps=8", "device=cpu"]
+    args = [
+        f"checkpoint={teacher / 'teacher'}",
+        f"out={tmp_path / 'pairs'}",
+        "num_pairs=1024",
+        "chunk_size=256",
+        "num_steps=8",
+        "device=cpu",
+    ]
     original, solved = generate.PairGeneration.solve_chunk, []
 
     def dies_after_two(self, chunk):
@@ -131,8 +151,9 @@ def test_killed_generation_resumes_to_the_same_files(teacher, tmp_path, monkeypa
     with pytest.raises(couplings.PairFileError, match="did not finish"):
         couplings.load_pairs(tmp_path / "pairs")
     (tmp_path / "pairs" / "chunks" / ".chunk_000002.safetensors.tmp999").write_bytes(b"partial")
-    monkeypatch.setattr(generate.PairGeneration, "solve_chunk", lambda self, chunk: (solved.append(chunk),
-                                                                                      original(self, chunk)))
+    monkeypatch.setattr(
+        generate.PairGeneration, "solve_chunk", lambda self, chunk: (solved.append(chunk), original(self, chunk))
+    )
     assert generate.main(args) == 0
     assert solved == [0, 1, 2, 3]  # the re-run solved only the missing chunks
     (tmp_path / "pairs" / "chunks" / ".chunk_000002.safetensors.tmp999").unlink()
@@ -150,8 +171,11 @@ def test_killed_generation_resumes_to_the_same_files(teacher, tmp_path, monkeypa
 
 
 def _pairs_args(teacher):
-    return ["training.coupling.name=pairs", f"training.coupling.pairs={teacher / 'pairs'}",
-            f"training.init.checkpoint={teacher / 'teacher'}"]
+    return [
+        "training.coupling.name=pairs",
+        f"training.coupling.pairs={teacher / 'pairs'}",
+        f"training.init.checkpoint={teacher / 'teacher'}",
+    ]
 
 
 @pytest.mark.slow  # two interrupted runs per coupling on the teacher fixture
@@ -162,8 +186,11 @@ def test_resume_is_bitwise_exact_with_the_coupling(coupling, teacher, tmp_path):
     assert run_train(tmp_path / "split", *SHORT[:1], *SHORT[2:], "training.max_steps=7", *extra) == 0
     assert run_train(tmp_path / "split", *SHORT, *extra, "training.resume=auto") == 0
     assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / "split"))
-    evaluation = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
-                  if "eval/straightness" in line]
+    evaluation = [
+        json.loads(line)
+        for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+        if "eval/straightness" in line
+    ]
     assert evaluation and evaluation[-1]["eval/straightness"] >= 0
 
 
@@ -171,10 +198,26 @@ def test_resume_is_bitwise_exact_with_the_coupling(coupling, teacher, tmp_path):
 @pytest.mark.parametrize("coupling", ["minibatch_ot", "pairs"])
 def test_two_ranks_match_one_process_with_the_coupling(coupling, teacher, tmp_path):
     extra = _pairs_args(teacher) if coupling == "pairs" else ["training.coupling.name=minibatch_ot"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               f"training.run_dir={tmp_path / 'ddp'}", *FAST, *SHORT, *extra]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        f"training.run_dir={tmp_path / 'ddp'}",
+        *FAST,
+        *SHORT,
+        *extra,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert run_train(tmp_path / "single", *SHORT, *extra, "training.grad_accum=2") == 0
     ddp, single = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
@@ -215,8 +258,9 @@ def test_straightness_is_zero_for_straight_paths_and_positive_for_a_rotation():
     # for a unit-speed rotation over an angle of 1 rad the exact value is r^2 - |chord|^2 = r^2 (1 - 2 (1 - cos 1))
     # per path; the 16 chord slopes are each r (2 sin(h/2) / h) long, short by h^2 / 24: 0.4 % of S here
     radius2 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3)).square().sum(1).double()
-    torch.testing.assert_close(curved, radius2 * (1 - 2 * (1 - torch.cos(torch.tensor(1.0, dtype=torch.float64)))),
-                               rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(
+        curved, radius2 * (1 - 2 * (1 - torch.cos(torch.tensor(1.0, dtype=torch.float64)))), rtol=1e-2, atol=1e-6
+    )
 
 
 def test_discrete_time_sampler_draws_the_euler_grid():
@@ -232,8 +276,20 @@ def test_inference_reports_straightness(teacher, tmp_path):
     import inference
 
     out = tmp_path / "samples"
-    assert inference.main([f"checkpoint={teacher / 'teacher'}", f"out={out}", "num_samples=32", "solver=euler",
-                           "num_steps=4", "straightness=true", "device=cpu"]) == 0
+    assert (
+        inference.main(
+            [
+                f"checkpoint={teacher / 'teacher'}",
+                f"out={out}",
+                "num_samples=32",
+                "solver=euler",
+                "num_steps=4",
+                "straightness=true",
+                "device=cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "metrics.json").read_text())["straightness"] > 0
 
 
@@ -251,11 +307,24 @@ def test_two_rectified_moons_needs_a_quarter_of_the_nfe(tmp_path):
     assert run_train(tmp_path / "independent", "experiment=moons", *quiet) == 0
     teacher = tmp_path / "independent"
     for round_ in (1, 2):
-        assert generate_pairs.main([f"checkpoint={teacher}", f"out={tmp_path / f'pairs{round_}'}", "num_pairs=20000",
-                                    "device=cpu"]) == 0
+        assert (
+            generate_pairs.main(
+                [f"checkpoint={teacher}", f"out={tmp_path / f'pairs{round_}'}", "num_pairs=20000", "device=cpu"]
+            )
+            == 0
+        )
         student = tmp_path / f"reflow_{round_}"
-        assert run_train(student, "experiment=moons_reflow", *quiet, f"training.coupling.pairs={tmp_path / f'pairs{round_}'}",
-                         f"training.init.checkpoint={teacher}", "training.epochs=25") == 0
+        assert (
+            run_train(
+                student,
+                "experiment=moons_reflow",
+                *quiet,
+                f"training.coupling.pairs={tmp_path / f'pairs{round_}'}",
+                f"training.init.checkpoint={teacher}",
+                "training.epochs=25",
+            )
+            == 0
+        )
         teacher = student
     data = build_dataset(config.load_config(["experiment=moons"]).dataset, "cpu").x
 

@@ -133,9 +133,12 @@ def write_cifar10(root, n_per_batch: int = 4, n_test: int = 6, seed: int = 0):
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         images[0, 0, 0] = (255, 0, 0)  # a red top-left pixel in each batch's first image
         labels = [int(v) for v in rng.integers(0, 10, n)]
-        entry = {b"batch_label": name.encode(), b"labels": labels,
-                 b"data": images.transpose(0, 3, 1, 2).reshape(n, 3072),  # row-major R, then G, then B plane
-                 b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+        entry = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": images.transpose(0, 3, 1, 2).reshape(n, 3072),  # row-major R, then G, then B plane
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
         with open(folder / name, "wb") as f:
             Py2Pickler(f, protocol=2).dump(entry)
         if name == "test_batch":
@@ -144,8 +147,11 @@ def write_cifar10(root, n_per_batch: int = 4, n_test: int = 6, seed: int = 0):
             out["train"][0].append(images)
             out["train"][1].extend(labels)
     out["train"] = np.concatenate(out["train"][0]), out["train"][1]
-    meta = {b"label_names": [n.encode() for n in datasets.CIFAR10_NAMES], b"num_cases_per_batch": n_per_batch,
-            b"num_vis": 3072}
+    meta = {
+        b"label_names": [n.encode() for n in datasets.CIFAR10_NAMES],
+        b"num_cases_per_batch": n_per_batch,
+        b"num_vis": 3072,
+    }
     with open(folder / "batches.meta", "wb") as f:
         Py2Pickler(f, protocol=2).dump(meta)
     return out
@@ -262,8 +268,9 @@ def test_hflip_augmentation_is_batched_seeded_and_exact():
     assert torch.equal(data.batch(index, generator)[0], plain)
     assert torch.equal(generator.get_state(), state)  # no augmentation draws nothing: other draws unchanged
     with pytest.raises(ValueError, match="hflip needs images"):
-        datasets.InMemoryDataset(x=torch.zeros(4, 2), y=torch.zeros(4, dtype=torch.long), num_classes=1,
-                                 name="moons", hflip=True)
+        datasets.InMemoryDataset(
+            x=torch.zeros(4, 2), y=torch.zeros(4, dtype=torch.long), num_classes=1, name="moons", hflip=True
+        )
 
 
 def test_uint8_model_space_round_trip():
@@ -302,7 +309,9 @@ def test_center_crop_matches_adm_and_folder_listing(tmp_path):
     for w, h in (45, 37), (80, 70), (300, 31), (64, 64), (700, 520):
         image = Image.new("RGB", (w, h), (10, 200, 30))
         arr = datasets.center_crop_arr(image, 32)
-        assert arr.shape == (32, 32, 3) and arr.dtype == np.uint8 and (np.abs(arr.astype(int) - [10, 200, 30]) <= 1).all()
+        assert (
+            arr.shape == (32, 32, 3) and arr.dtype == np.uint8 and (np.abs(arr.astype(int) - [10, 200, 30]) <= 1).all()
+        )
     # ADM keeps the centre: a left/right split image cropped from a wide canvas stays split in the middle.
     wide = np.zeros((40, 120, 3), dtype=np.uint8)
     wide[:, 60:] = 255
@@ -315,7 +324,9 @@ def test_center_crop_matches_adm_and_folder_listing(tmp_path):
     assert names == ("a", "b") and labels.tolist() == [0, 0, 0, 1]
     assert paths == ["a/0.png", "a/1.png", os.path.join("a", "nested", "0.png"), "b/0.png"]
     (tmp_path / "f" / "c_empty").mkdir()
-    with pytest.raises(datasets.DatasetNotFoundError, match=r"1 of 3 class folders hold no images \(c_empty\).*allow_empty=true"):
+    with pytest.raises(
+        datasets.DatasetNotFoundError, match=r"1 of 3 class folders hold no images \(c_empty\).*allow_empty=true"
+    ):
         datasets.list_image_folder(tmp_path / "f")
     _, labels, names = datasets.list_image_folder(tmp_path / "f", allow_empty=True)
     assert names == ("a", "b", "c_empty") and labels.tolist() == [0, 0, 0, 1]  # labels unchanged, class kept
@@ -334,12 +345,23 @@ def test_center_crop_matches_adm_and_folder_listing(tmp_path):
 @pytest.mark.parametrize("cache_bytes", [2**30, 0], ids=["in_memory_cache", "decode_every_batch"])
 def test_image_folder_dataset_batches(tmp_path, cache_bytes):
     write_pngs(tmp_path / "train", {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90)]})
-    data = dataset_registry.build_dataset("imagefolder", "cpu", root=str(tmp_path), split="train", image_size=16, hflip=True,
-                                  cache_bytes=cache_bytes, workers=2)
+    data = dataset_registry.build_dataset(
+        "imagefolder",
+        "cpu",
+        root=str(tmp_path),
+        split="train",
+        image_size=16,
+        hflip=True,
+        cache_bytes=cache_bytes,
+        workers=2,
+    )
     assert len(data) == 5 and data.sample_shape == (3, 16, 16) and data.num_classes == 2
-    assert data.class_names == ("cat", "dog") and data.name == "imagefolder" and (data.cache is None) == (cache_bytes == 0)
-    crops = torch.stack([torch.from_numpy(datasets.load_image(tmp_path / "train" / p, 16)).permute(2, 0, 1)
-                         for p in data.paths])
+    assert (
+        data.class_names == ("cat", "dog") and data.name == "imagefolder" and (data.cache is None) == (cache_bytes == 0)
+    )
+    crops = torch.stack(
+        [torch.from_numpy(datasets.load_image(tmp_path / "train" / p, 16)).permute(2, 0, 1) for p in data.paths]
+    )
     index = torch.tensor([4, 0, 0, 2, 4, 1, 3])  # repeats: each distinct image decoded once
     x, y = data.batch(index)
     assert x.dtype == torch.float32 and x.shape == (7, 3, 16, 16) and y.tolist() == [1, 0, 0, 0, 1, 0, 1]

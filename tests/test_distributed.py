@@ -11,10 +11,25 @@ ARGS = ["training.max_steps=20", "training.checkpoint_every=10", "training.batch
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               f"training.run_dir={tmp_path / 'ddp'}", *FAST, *ARGS]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        f"training.run_dir={tmp_path / 'ddp'}",
+        *FAST,
+        *ARGS,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # One process doing the same 2 micro-batches by accumulation = the same global batch and draws.
     assert run_train(tmp_path / "single", *ARGS, "training.grad_accum=2") == 0

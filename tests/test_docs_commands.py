@@ -79,7 +79,7 @@ def split_command(command: str) -> tuple[str, list[str]]:
     script = next((i for i, token in enumerate(tokens) if token.endswith(".py")), None)
     assert script is not None, f"no .py file in {command!r}: add a strategy or a SKIPPED entry with its reason"
     args, depth = [], 0
-    for token in tokens[script + 1:]:
+    for token in tokens[script + 1 :]:
         if depth == 0 and token.startswith("["):
             depth, token = 1, token[1:]
         if depth and token.endswith("]") and token.count("[") < token.count("]"):

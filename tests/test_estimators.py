@@ -36,13 +36,38 @@ IMAGENET = 1_281_167
 SMALL = {
     "dense_sincos": dict(depth=3, hidden_size=64, num_heads=4, input_size=8),
     "masked_moe_layerwise_narrow_mixer": dict(
-        depth=6, hidden_size=64, num_heads=4, input_size=8, mixer_depth=2, mixer_hidden_size=32,
-        mask_ratio=0.5, num_experts=4, moe_last=True, moe_weight=0.5, mlp_ratio=[1.0, 4.0],
-        attn_scale=[0.5, 1.0], width_multiple=16, pos_embed="rope"),
+        depth=6,
+        hidden_size=64,
+        num_heads=4,
+        input_size=8,
+        mixer_depth=2,
+        mixer_hidden_size=32,
+        mask_ratio=0.5,
+        num_experts=4,
+        moe_last=True,
+        moe_weight=0.5,
+        mlp_ratio=[1.0, 4.0],
+        attn_scale=[0.5, 1.0],
+        width_multiple=16,
+        pos_embed="rope",
+    ),
     "jit_overlap_swiglu_moe_masked": dict(
-        depth=2, hidden_size=64, num_heads=4, input_size=16, in_channels=3, patch_size=4, patch_stride=2,
-        pos_embed="rope", swiglu=True, qk_norm=True, norm="rmsnorm", num_experts=2, moe_every=1,
-        mixer_depth=1, mask_ratio=0.25),
+        depth=2,
+        hidden_size=64,
+        num_heads=4,
+        input_size=16,
+        in_channels=3,
+        patch_size=4,
+        patch_stride=2,
+        pos_embed="rope",
+        swiglu=True,
+        qk_norm=True,
+        norm="rmsnorm",
+        num_experts=2,
+        moe_every=1,
+        mixer_depth=1,
+        mask_ratio=0.25,
+    ),
 }
 
 
@@ -105,10 +130,11 @@ def test_dit_compute_matches_the_paper(name):
 def test_cost_reproduces_the_write_up_h1024_run():
     with torch.device("meta"):
         model = md.DIT_MODELS[H1024]()
-    stages = [cost_script.check_stage("masked", {"mask_ratio": 0.75, "epochs": 240, "gpu_hours": 41.8397}),
-              cost_script.check_stage("unmasked", {"mask_ratio": 0, "epochs": 40, "gpu_hours": 21.9317})]
-    rows = [cost_script.stage_cost(s, dit_compute.complexity(model, s["mask_ratio"])["train_flops"])
-            for s in stages]
+    stages = [
+        cost_script.check_stage("masked", {"mask_ratio": 0.75, "epochs": 240, "gpu_hours": 41.8397}),
+        cost_script.check_stage("unmasked", {"mask_ratio": 0, "epochs": 40, "gpu_hours": 21.9317}),
+    ]
+    rows = [cost_script.stage_cost(s, dit_compute.complexity(model, s["mask_ratio"])["train_flops"]) for s in stages]
     total = cost_script.total_row(rows, cost_script.H100_BF16_DENSE_TFLOPS)
     assert total["eflops"] == pytest.approx(41.3, rel=0.005)  # "≈ 41.3 EFLOPs"
     assert total["gpu_hours"] == pytest.approx(63.7714, abs=1e-3)
@@ -122,8 +148,9 @@ def test_cost_reproduces_the_write_up_h1024_run():
 
 
 def test_cost_reproduces_the_write_up_latent_unet_run():
-    row = cost_script.stage_cost(cost_script.check_stage("unet", {"train_gflops": 16.4, "epochs": 400, "gpu_hours": 16.5}),
-                                 16.4e9)
+    row = cost_script.stage_cost(
+        cost_script.check_stage("unet", {"train_gflops": 16.4, "epochs": 400, "gpu_hours": 16.5}), 16.4e9
+    )
     assert row["eflops"] == pytest.approx(8.4, rel=0.005) and row["usd"] == pytest.approx(54.45)
     # Our latent U-Net preset, counted by FlopCounterMode on the meta device: 16.1 G train FLOPs per
     # 4x32x32 latent, 1.8 % under the write-up's 16.4 G (nearest-neighbour upsampling, no transposed convs).
@@ -144,9 +171,20 @@ def test_clis_print_tables_and_json(capsys):
     assert complexity_script.main([f"model={H1024}", "model.moe_weight=1.0", "mask_ratio=0.75", "json=true"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["mask_ratio"] == 0.75 and row["total_params"] > 695_120_720  # the override took effect
-    assert cost_script.main(["model=nanoflow_h1024_d20", "stages.masked.mask_ratio=0.75", "stages.masked.epochs=240",
-                             "stages.masked.gpu_hours=41.8397", "stages.unmasked.mask_ratio=0",
-                             "stages.unmasked.epochs=40", "stages.unmasked.gpu_hours=21.9317"]) == 0
+    assert (
+        cost_script.main(
+            [
+                "model=nanoflow_h1024_d20",
+                "stages.masked.mask_ratio=0.75",
+                "stages.masked.epochs=240",
+                "stages.masked.gpu_hours=41.8397",
+                "stages.unmasked.mask_ratio=0",
+                "stages.unmasked.epochs=40",
+                "stages.unmasked.gpu_hours=21.9317",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| total |" in out and "| 41.27 |" in out and "| 63.77 |" in out and "210.45" in out
     with pytest.raises(ConfigError, match="stages.x = .*: give exactly one of epochs or images"):

@@ -21,8 +21,12 @@ FAST = ["num_steps=3", "device=cpu", "metrics=false"]
 @pytest.fixture(scope="module")
 def pixel_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pixel") / "digits"
-    assert run_train(run_dir, *TINY_UNET, "training.max_steps=20", "training.checkpoint_every=20",
-                     "training.num_eval_samples=20") == 0
+    assert (
+        run_train(
+            run_dir, *TINY_UNET, "training.max_steps=20", "training.checkpoint_every=20", "training.num_eval_samples=20"
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -34,8 +38,17 @@ def latent_run(tmp_path_factory):
     smoke = smoke_data.make_smoke_cache(tmp_path_factory.mktemp("smoke"))
     run_dir = tmp_path_factory.mktemp("latent") / "dit"
     data = [f"dataset.path={smoke['path']}", f"dataset.vae={smoke['vae']}"]
-    assert run_train(run_dir, "experiment=imagenet256_latent_dit_smoke", *data, "training.max_steps=3",
-                     "training.checkpoint_every=3", "training.num_eval_samples=2") == 0
+    assert (
+        run_train(
+            run_dir,
+            "experiment=imagenet256_latent_dit_smoke",
+            *data,
+            "training.max_steps=3",
+            "training.checkpoint_every=3",
+            "training.num_eval_samples=2",
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -44,10 +57,21 @@ def evaluate(run_dir, out, *extra):
 
 
 def torchrun(run_dir, out, *extra):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "eval_imagenet.py",
-               f"checkpoint={run_dir}", f"out={out}", *FAST, *extra]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "eval_imagenet.py",
+        f"checkpoint={run_dir}",
+        f"out={out}",
+        *FAST,
+        *extra,
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -97,8 +121,14 @@ runtime.run_main(eval_imagenet.main, sys.argv[1:])
 def test_a_killed_job_rerun_gives_the_same_file(pixel_run, tmp_path):
     args = [f"checkpoint={pixel_run}", *FAST, "num_samples=20", "chunk_size=4", "batch_size=4"]
     assert eval_imagenet.main([*args, f"out={tmp_path / 'straight'}"]) == 0
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_CHUNKS, *args, f"out={tmp_path / 'killed'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_TWO_CHUNKS, *args, f"out={tmp_path / 'killed'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(list((tmp_path / "killed" / "shards").glob("chunk_*.npz"))) == 2
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed" / "shards").glob("chunk_*.npz")}
@@ -123,9 +153,19 @@ def digits_reference(tmp_path_factory, inception_weights):
     from conftest import load_script
 
     reference = tmp_path_factory.mktemp("reference") / "digits_test.npz"
-    assert load_script("build_reference_stats").main(["dataset=digits", "dataset.split=test", "limit=40",
-                                                      f"out={reference}", f"weights={inception_weights}",
-                                                      "progress=false"]) == 0
+    assert (
+        load_script("build_reference_stats").main(
+            [
+                "dataset=digits",
+                "dataset.split=test",
+                "limit=40",
+                f"out={reference}",
+                f"weights={inception_weights}",
+                "progress=false",
+            ]
+        )
+        == 0
+    )
     return reference
 
 
@@ -135,9 +175,21 @@ def test_metrics_json_has_every_metric_and_the_protocol(pixel_run, tmp_path, inc
     import json
 
     reference = digits_reference
-    assert eval_imagenet.main([f"checkpoint={pixel_run}", f"out={tmp_path / 'out'}", "num_steps=3", "device=cpu",
-                               "num_samples=20", "chunk_size=10", f"reference={reference}",
-                               f"inception_weights={inception_weights}"]) == 0
+    assert (
+        eval_imagenet.main(
+            [
+                f"checkpoint={pixel_run}",
+                f"out={tmp_path / 'out'}",
+                "num_steps=3",
+                "device=cpu",
+                "num_samples=20",
+                "chunk_size=10",
+                f"reference={reference}",
+                f"inception_weights={inception_weights}",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert {"fid", "sfid", "is_mean", "is_std", "kid_mean", "precision", "recall"} <= set(result["metrics"])
     assert result["metrics"]["fid"] > 0 and 0 <= result["metrics"]["precision"] <= 1
@@ -154,7 +206,19 @@ def test_inference_scores_fid_against_a_reference(pixel_run, tmp_path, inception
     import inference
 
     reference = digits_reference
-    assert inference.main([f"checkpoint={pixel_run}", f"out={tmp_path / 's'}", "n_per_class=2", "num_steps=2",
-                           "device=cpu", f"fid_reference={reference}", f"inception_weights={inception_weights}"]) == 0
+    assert (
+        inference.main(
+            [
+                f"checkpoint={pixel_run}",
+                f"out={tmp_path / 's'}",
+                "n_per_class=2",
+                "num_steps=2",
+                "device=cpu",
+                f"fid_reference={reference}",
+                f"inception_weights={inception_weights}",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert scores["inception/fid"] > 0 and scores["inception/num_samples"] == 20

@@ -27,8 +27,9 @@ def close_figures():
 
 def conditional_sampler(num_classes=2):
     """u = -x + t + y: class-dependent, elementwise."""
-    return FlowSampler(lambda x, t, y: -x + expand_t(t, x) + expand_t(y.to(x.dtype), x), make_path(),
-                       num_classes=num_classes)
+    return FlowSampler(
+        lambda x, t, y: -x + expand_t(t, x) + expand_t(y.to(x.dtype), x), make_path(), num_classes=num_classes
+    )
 
 
 def test_sample_without_a_decoder_is_generate_with_the_same_seed():
@@ -78,7 +79,9 @@ def test_score_on_images_with_a_classifier_is_the_classifiers():
         def score(self, samples, labels):
             return {"classifier_accuracy": float(len(samples)), "labels": float(labels.sum())}
 
-    scores = Evaluator((1, 4, 4), "cpu", classifier=Classifier()).score(torch.zeros(3, 1, 4, 4), torch.tensor([1, 1, 0]))
+    scores = Evaluator((1, 4, 4), "cpu", classifier=Classifier()).score(
+        torch.zeros(3, 1, 4, 4), torch.tensor([1, 1, 0])
+    )
     assert scores == {"classifier_accuracy": 3.0, "labels": 2.0}
 
 
@@ -91,8 +94,9 @@ def test_straightness_of_a_constant_velocity_field_is_zero():
 
 
 def test_save_writes_the_png_and_npz_and_no_temp_files(tmp_path):
-    evaluator = Evaluator((1, 2, 2), "cpu", decode=lambda x: x.clamp(-1, 1), dataset_name="digits",
-                          class_names=["zero", "one"])
+    evaluator = Evaluator(
+        (1, 2, 2), "cpu", decode=lambda x: x.clamp(-1, 1), dataset_name="digits", class_names=["zero", "one"]
+    )
     images, labels, latents = evaluator.sample(conditional_sampler(), SOLVER, 4, seed=0)
     evaluator.save(tmp_path / "out", images, labels, latents)
     saved = np.load(tmp_path / "out" / "samples.npz")

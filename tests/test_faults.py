@@ -30,8 +30,14 @@ SHORT = ["training.max_steps=40", "training.checkpoint_every=10", "training.batc
 
 def run_command(*args, timeout=300, **env):
     """A real process; returns (exit code, stdout, stderr)."""
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    result = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
     return result.returncode, result.stdout, result.stderr
 
 
@@ -57,8 +63,10 @@ def wait_for(condition, process, timeout=120):
 
 
 def snapshot(directory):
-    return {str(p.relative_to(directory)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(directory.rglob("*"))}
+    return {
+        str(p.relative_to(directory)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 # --- 1. the final evaluation is part of the run ----------------------------------------------------
@@ -85,8 +93,9 @@ def test_sigterm_during_the_final_evaluation_exits_75_and_the_rerun_writes_the_o
     assert len(np.load(run_dir / "samples.npz")["points"]) == 300
     before = snapshot(run_dir)
     assert run_train(run_dir, *SHORT, "training.resume=auto", "training.num_eval_samples=300") == 0
-    assert {k: v for k, v in snapshot(run_dir).items() if k != ".lock"} == \
-        {k: v for k, v in before.items() if k != ".lock"}  # a finished run's re-run writes nothing
+    assert {k: v for k, v in snapshot(run_dir).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }  # a finished run's re-run writes nothing
 
 
 def test_a_finished_run_missing_its_outputs_is_completed(tmp_path):
@@ -193,12 +202,15 @@ def test_a_second_trainer_in_the_same_run_dir_refuses_and_a_killed_owner_leaves_
 # --- 6. model values are validated before anything is written ---------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.base_ch=abc", r"model.base_ch = 'abc': must be int"),
-    ("model.base_ch=-4", r"model.base_ch = -4: must be >= 1"),
-    ("model.dropout=nan", r"model.dropout = nan: must be finite"),
-    ("model.num_heads=3", r"model = .* cannot be built"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.base_ch=abc", r"model.base_ch = 'abc': must be int"),
+        ("model.base_ch=-4", r"model.base_ch = -4: must be >= 1"),
+        ("model.dropout=nan", r"model.dropout = nan: must be finite"),
+        ("model.num_heads=3", r"model = .* cannot be built"),
+    ],
+)
 def test_bad_model_values_fail_at_validation_with_the_key(tmp_path, override, message):
     base = ["experiment=digits_cfg"] if "heads" not in override else ["experiment=imagenet256_latent_dit_smoke"]
     with pytest.raises(ConfigError, match=message):
@@ -224,13 +236,16 @@ def moons_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("override, message", [
-    ("n_per_class=0", "n_per_class = 0: must be >= 1"),
-    ("n_per_class=-2", "n_per_class = -2: must be >= 1"),
-    ("num_samples=0", "num_samples = 0: must be >= 1"),
-    ("num_samples=10", "class-conditional .* use n_per_class"),
-    ("guidance_scale=inf", "guidance_scale = inf: must be finite"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("n_per_class=0", "n_per_class = 0: must be >= 1"),
+        ("n_per_class=-2", "n_per_class = -2: must be >= 1"),
+        ("num_samples=0", "num_samples = 0: must be >= 1"),
+        ("num_samples=10", "class-conditional .* use n_per_class"),
+        ("guidance_scale=inf", "guidance_scale = inf: must be finite"),
+    ],
+)
 def test_inference_rejects_bad_values(moons_run, tmp_path, override, message):
     import inference
 
@@ -240,8 +255,9 @@ def test_inference_rejects_bad_values(moons_run, tmp_path, override, message):
 
 
 def test_non_finite_samples_are_refused_with_the_step_and_setting(moons_run, tmp_path):
-    code, _, err = run_command("inference.py", f"checkpoint={moons_run}", f"out={tmp_path / 'out'}",
-                               "guidance_scale=1e308", "device=cpu")
+    code, _, err = run_command(
+        "inference.py", f"checkpoint={moons_run}", f"out={tmp_path / 'out'}", "guidance_scale=1e308", "device=cpu"
+    )
     assert code == 1
     assert_one_error_line(err, "NaN/inf", "solver step", "guidance_scale=1e+308")
     assert not (tmp_path / "out" / "samples.npz").exists()
@@ -277,8 +293,12 @@ def test_disk_full_mid_run_is_one_line_naming_the_intact_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     code, _, err = run_command("-c", DISK_FULL_AT_STEP_20, f"training.run_dir={run_dir}", *FAST, *SHORT)
     assert code == 1
-    assert_one_error_line(err, "could not write checkpoint", str(run_dir / "checkpoints" / "step_0000020"),
-                          f"the last complete checkpoint {run_dir / 'checkpoints' / 'step_0000010'} is intact")
+    assert_one_error_line(
+        err,
+        "could not write checkpoint",
+        str(run_dir / "checkpoints" / "step_0000020"),
+        f"the last complete checkpoint {run_dir / 'checkpoints' / 'step_0000010'} is intact",
+    )
     assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # the partial write is cleaned up
     assert run_train(run_dir, *SHORT, "training.resume=auto") == 0  # and the run continues from step 10
 
@@ -291,12 +311,21 @@ def test_a_file_system_refusing_writes_is_one_line(tmp_path):
 
 
 def test_missing_latent_cache_and_dataset_folders_are_one_line(tmp_path):
-    code, _, err = run_command("train.py", "experiment=imagenet256_latent_dit_smoke", f"dataset.path={tmp_path / 'none'}",
-                               f"training.run_dir={tmp_path / 'a'}")
+    code, _, err = run_command(
+        "train.py",
+        "experiment=imagenet256_latent_dit_smoke",
+        f"dataset.path={tmp_path / 'none'}",
+        f"training.run_dir={tmp_path / 'a'}",
+    )
     assert code == 1 and len(err.strip().splitlines()) <= 4
     assert_one_error_line(err, "latent cache", str(tmp_path / "none"))
-    code, _, err = run_command("train.py", "experiment=fashion_cfg", f"dataset.root={tmp_path / 'none'}",
-                               "dataset.download=false", f"training.run_dir={tmp_path / 'b'}")
+    code, _, err = run_command(
+        "train.py",
+        "experiment=fashion_cfg",
+        f"dataset.root={tmp_path / 'none'}",
+        "dataset.download=false",
+        f"training.run_dir={tmp_path / 'b'}",
+    )
     assert code == 1
     assert_one_error_line(err, "fashion_mnist", str(tmp_path / "none" / "FashionMNIST" / "raw"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -316,8 +345,13 @@ def test_a_truncated_cifar_batch_is_named(tmp_path, monkeypatch):
 
 
 def test_grpo_refuses_a_2d_seed_clearly(moons_run, tmp_path):
-    code, _, err = run_command("train_grpo.py", "experiment=digits_grpo_jpeg", f"seed_checkpoint={moons_run}",
-                               f"training.run_dir={tmp_path / 'grpo'}", "device=cpu")
+    code, _, err = run_command(
+        "train_grpo.py",
+        "experiment=digits_grpo_jpeg",
+        f"seed_checkpoint={moons_run}",
+        f"training.run_dir={tmp_path / 'grpo'}",
+        "device=cpu",
+    )
     assert code == 1
     assert_one_error_line(err, "rewards score images", "'moons'")
 
@@ -335,8 +369,15 @@ def test_a_nan_in_the_data_warns_and_fails_the_final_evaluation(tmp_path, capsys
     from trainer import Trainer
 
     # One epoch at batch 64 is 125 steps: the NaN point is drawn exactly once.
-    cfg = load_config([f"training.run_dir={tmp_path / 'run'}", *FAST, "training.max_steps=125",
-                       "training.checkpoint_every=125", "training.batch_size=64"])
+    cfg = load_config(
+        [
+            f"training.run_dir={tmp_path / 'run'}",
+            *FAST,
+            "training.max_steps=125",
+            "training.checkpoint_every=125",
+            "training.batch_size=64",
+        ]
+    )
     data = datasets.load_moons()
     data.x[123] = float("nan")
     with pytest.raises(runtime.RunError, match="final evaluation at step 125: sliced_w2 = nan"):
@@ -369,8 +410,9 @@ def test_latest_is_a_real_symlink_to_the_newest_checkpoint(moons_run):
 def test_classifier_script_takes_the_training_dataset_keys():
     from conftest import load_script
 
-    cfg = load_script("train_classifier").parse_args(["dataset=fashion_mnist", "dataset.root=/data/x",
-                                                      "dataset.download=false", "out=c.safetensors"])
+    cfg = load_script("train_classifier").parse_args(
+        ["dataset=fashion_mnist", "dataset.root=/data/x", "dataset.download=false", "out=c.safetensors"]
+    )
     assert (cfg.dataset, cfg.root, cfg.download) == ("fashion_mnist", "/data/x", False)
 
 
@@ -390,8 +432,12 @@ def test_random_sigkills_then_resume_end_bitwise_identical(tmp_path):
         process.wait()
     assert run_train(run_dir, *long, "training.resume=auto") == 0
     assert_same_state(final_state(tmp_path / "full"), final_state(run_dir))
-    torch.testing.assert_close(torch.from_numpy(np.load(run_dir / "samples.npz")["points"]),
-                               torch.from_numpy(np.load(tmp_path / "full" / "samples.npz")["points"]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(np.load(run_dir / "samples.npz")["points"]),
+        torch.from_numpy(np.load(tmp_path / "full" / "samples.npz")["points"]),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_a_log_write_that_fails_names_the_file(tmp_path):

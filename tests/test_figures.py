@@ -88,8 +88,9 @@ def test_comparison_figure_puts_seed_then_current_in_each_class_row():
     figure = figures.comparison_figure(seed, current, labels, "digits")
     assert row_names(figure) == ["0", "1"]
     row0 = np.asarray(strips(figure)[0])
-    expected = np.concatenate([figures.to_uint8_images(x)[0, :, :, 0] for x in (seed[0:1], seed[2:3], current[0:1],
-                                                                                current[2:3])], axis=1)
+    expected = np.concatenate(
+        [figures.to_uint8_images(x)[0, :, :, 0] for x in (seed[0:1], seed[2:3], current[0:1], current[2:3])], axis=1
+    )
     np.testing.assert_array_equal(row0, expected)
     single = figures.comparison_figure(seed, current, None, "digits")
     assert row_names(single) == ["seed | current"] and strips(single)[0].shape[1] == 8 * 4

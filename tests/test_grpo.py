@@ -189,11 +189,21 @@ def test_detach_uncond_trains_only_the_conditional_branch():
     model = LabelShift()
     sampler = FlowSampler(model, make_path(), num_classes=3)
     labels = torch.tensor([0, 1, 2, 0])
-    rollout = sde_rollout(sampler, torch.randn(4, 2), labels, 4, guidance_scale=3.0,
-                          generator=torch.Generator().manual_seed(0))
+    rollout = sde_rollout(
+        sampler, torch.randn(4, 2), labels, 4, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)
+    )
     k = 1
-    args = (sampler, rollout.states[k], rollout.times[k], rollout.next_times[k], rollout.next_states[k], labels,
-            0.7, 3.0, "mean")
+    args = (
+        sampler,
+        rollout.states[k],
+        rollout.times[k],
+        rollout.next_times[k],
+        rollout.next_states[k],
+        labels,
+        0.7,
+        3.0,
+        "mean",
+    )
     grads = {}
     for detach in (True, False):
         log_probs, _, _ = transition_log_prob(*args, detach_uncond=detach)

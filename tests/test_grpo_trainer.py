@@ -11,8 +11,9 @@ from rl.trainer import GRPOTrainer
 
 def stand_in(batch_size, group_size, num_classes, seed=0, step=0):
     cfg = SimpleNamespace(seed=seed, grpo=SimpleNamespace(batch_size=batch_size, group_size=group_size))
-    return SimpleNamespace(cfg=cfg, num_classes=num_classes, step=step,
-                           runtime=runtime.Runtime(device=torch.device("cpu")))
+    return SimpleNamespace(
+        cfg=cfg, num_classes=num_classes, step=step, runtime=runtime.Runtime(device=torch.device("cpu"))
+    )
 
 
 def draw(trainer, seed=0):

@@ -57,7 +57,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -86,8 +86,9 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_module_imports_an_entry_point():
-    offenders = {(name, target) for name, targets in import_graph().items() for target in targets
-                 if is_entry_point(target)}
+    offenders = {
+        (name, target) for name, targets in import_graph().items() for target in targets if is_entry_point(target)
+    }
     assert offenders == set()
 
 

@@ -102,12 +102,17 @@ def test_load_inception_is_torch_fidelitys_extractor_and_records_the_weights_sha
     assert extractor.weights_sha256 == hashlib.sha256(inception_weights.read_bytes()).hexdigest()
     # the fixture's network, not a download: the loaded weights are the saved ones
     saved = torch.load(inception_weights, weights_only=True)
-    assert torch.equal(extractor.state_dict()["Mixed_6d.branch1x1.conv.weight"], saved["Mixed_6d.branch1x1.conv.weight"])
+    assert torch.equal(
+        extractor.state_dict()["Mixed_6d.branch1x1.conv.weight"], saved["Mixed_6d.branch1x1.conv.weight"]
+    )
 
 
 def test_inception_features_shapes_and_grayscale_is_repeated_to_rgb(extractor, features_a):
-    assert {key: value.shape for key, value in features_a.items()} == \
-        {"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 7 * 17 * 17)}
+    assert {key: value.shape for key, value in features_a.items()} == {
+        "pool": (N, 2048),
+        "logits": (N, 1008),
+        "spatial": (N, 7 * 17 * 17),
+    }
     assert all(value.dtype == np.float64 for value in features_a.values())
     assert np.isfinite(features_a["pool"]).all() and features_a["pool"].std(0).mean() > 0  # images differ
     gray = tiny_images(3, count=2, channels=1)
@@ -144,8 +149,9 @@ def test_precision_and_recall_of_a_set_against_itself_are_one(self_metrics, feat
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # sqrtm of the singular S1 S2 (rank 23)
-def test_inception_metrics_keys_and_fid_matches_a_direct_scipy_computation(extractor, images_a, features_a,
-                                                                           features_b, reference_b):
+def test_inception_metrics_keys_and_fid_matches_a_direct_scipy_computation(
+    extractor, images_a, features_a, features_b, reference_b
+):
     """rel 2e-5: with N = 24 the 2048-d covariances have ~2000 zero eigenvalues, which rounding leaves at
     ~1e-17; frechet_distance's square roots of them shift tr sqrt(S1 S2) by ~3e-6 relative here (scipy's
     sqrtm at full size is off by as much; the reduced computation agrees with a 40-digit one to 1e-13).
@@ -182,16 +188,27 @@ def test_kid_is_torch_fidelitys_unbiased_mmd_and_separates_different_sets(featur
 # --- reference statistics files ----------------------------------------------------------------------
 
 
-def test_reference_statistics_round_trip_and_a_different_extractor_is_refused(tmp_path, extractor, reference_a,
-                                                                               images_a):
+def test_reference_statistics_round_trip_and_a_different_extractor_is_refused(
+    tmp_path, extractor, reference_a, images_a
+):
     path = tmp_path / "ref.npz"
     reference_a.save(path)
     loaded = inception.load_reference_statistics(path, extractor)
     assert loaded.count == N and loaded.extractor_sha256 == extractor.weights_sha256 and loaded.source == "set a"
     for name in ("mu", "sigma", "features", "sfid_mu", "sfid_sigma"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(reference_a, name))
-    assert set(np.load(path).files) == {"format", "extractor", "extractor_sha256", "count", "source", "mu", "sigma",
-                                        "sfid_mu", "sfid_sigma", "features"}
+    assert set(np.load(path).files) == {
+        "format",
+        "extractor",
+        "extractor_sha256",
+        "count",
+        "source",
+        "mu",
+        "sigma",
+        "sfid_mu",
+        "sfid_sigma",
+        "features",
+    }
 
     other = inception.ReferenceStatistics(reference_a.mu, reference_a.sigma, N, "0" * 64)
     other.save(path)
@@ -237,8 +254,14 @@ def test_build_reference_stats_twice_gives_byte_identical_files(tmp_path, incept
     for i, image in enumerate(tiny_images(5, count=8).permute(0, 2, 3, 1).numpy()):
         Image.fromarray(image).save(folder / f"{i:02d}.png")
     script = load_script("build_reference_stats")
-    common = [f"images={folder}", "image_size=16", f"weights={inception_weights}", "device=cpu",
-              "batch_size=5", "progress=false"]
+    common = [
+        f"images={folder}",
+        "image_size=16",
+        f"weights={inception_weights}",
+        "device=cpu",
+        "batch_size=5",
+        "progress=false",
+    ]
     assert script.main([*common, f"out={tmp_path / 'one.npz'}"]) == 0
     assert script.main([*common, f"out={tmp_path / 'two.npz'}"]) == 0
     assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
@@ -251,8 +274,21 @@ def test_build_reference_stats_from_a_dataset_split(tmp_path, inception_weights,
     """dataset=digits (bundled with scikit-learn, offline): grayscale 16 x 16, repeated to RGB."""
     script = load_script("build_reference_stats")
     out = tmp_path / "digits.npz"
-    assert script.main(["dataset=digits", "dataset.split=test", "limit=6", "features=4", f"out={out}",
-                        f"weights={inception_weights}", "device=cpu", "progress=false"]) == 0
+    assert (
+        script.main(
+            [
+                "dataset=digits",
+                "dataset.split=test",
+                "limit=6",
+                "features=4",
+                f"out={out}",
+                f"weights={inception_weights}",
+                "device=cpu",
+                "progress=false",
+            ]
+        )
+        == 0
+    )
     stats = inception.load_reference_statistics(out, extractor)
     assert stats.count == 6 and stats.features.shape == (4, 2048)
     assert stats.source == "dataset=digits split=test limit=6"
@@ -276,8 +312,9 @@ def test_missing_weights_error_names_the_file_the_url_and_where_to_put_it(tmp_pa
     assert "weights-inception-2015-12-05-6726825d.pth" in message and URL_INCEPTION_V3 in message
     assert str(hub_path) in message and "training.inception_weights=PATH" in message
     assert isinstance(error.value, ConfigError)
-    with pytest.raises(inception.InceptionWeightsError, match=f"{tmp_path / 'nope.pth'} does not exist.*"
-                                                            f"{URL_INCEPTION_V3}"):
+    with pytest.raises(
+        inception.InceptionWeightsError, match=f"{tmp_path / 'nope.pth'} does not exist.*{URL_INCEPTION_V3}"
+    ):
         inception.load_inception(tmp_path / "nope.pth")
     # an entry point reports it as one line and exit code 1
     script = load_script("build_reference_stats")
@@ -285,12 +322,16 @@ def test_missing_weights_error_names_the_file_the_url_and_where_to_put_it(tmp_pa
         run_main(script.main, ["dataset=digits", f"out={tmp_path / 'x.npz'}", "device=cpu"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: Inception weights file weights-inception-2015-12-05-6726825d.pth") and \
-        err.count("\n") == 1 and URL_INCEPTION_V3 in err
+    assert (
+        err.startswith("error: Inception weights file weights-inception-2015-12-05-6726825d.pth")
+        and err.count("\n") == 1
+        and URL_INCEPTION_V3 in err
+    )
 
 
-def test_weights_are_found_in_the_torch_hub_cache_and_an_unreadable_file_is_refused(tmp_path, monkeypatch,
-                                                                                   inception_weights):
+def test_weights_are_found_in_the_torch_hub_cache_and_an_unreadable_file_is_refused(
+    tmp_path, monkeypatch, inception_weights
+):
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / inception_weights.name).symlink_to(inception_weights)
@@ -339,16 +380,21 @@ def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_pat
         inception.load_inception(hostile)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["dataset=digits"], "out = None: is required"),
-    (["out=x.npz"], "give either dataset=NAME"),
-    (["dataset=digits", "images=d", "out=x.npz"], "give either dataset=NAME"),
-    (["dataset=digits", "out=x.npz", "--limit", "3"], "argument '--limit' is not key=value"),
-    (["dataset=digits", "out=x.npz", "limit=1"], "limit = 1: must be null or >= 2"),
-    (["dataset=moons", "out=x.npz"], "dataset='moons' holds no 8-bit images"),
-    (["dataset=digits", "dataset.splits=test", "out=x.npz"], "dataset='digits': .*splits"),
-])
-def test_build_reference_stats_rejects_bad_arguments_naming_the_key(argv, message, tmp_path, monkeypatch, inception_weights):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["dataset=digits"], "out = None: is required"),
+        (["out=x.npz"], "give either dataset=NAME"),
+        (["dataset=digits", "images=d", "out=x.npz"], "give either dataset=NAME"),
+        (["dataset=digits", "out=x.npz", "--limit", "3"], "argument '--limit' is not key=value"),
+        (["dataset=digits", "out=x.npz", "limit=1"], "limit = 1: must be null or >= 2"),
+        (["dataset=moons", "out=x.npz"], "dataset='moons' holds no 8-bit images"),
+        (["dataset=digits", "dataset.splits=test", "out=x.npz"], "dataset='digits': .*splits"),
+    ],
+)
+def test_build_reference_stats_rejects_bad_arguments_naming_the_key(
+    argv, message, tmp_path, monkeypatch, inception_weights
+):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
         load_script("build_reference_stats").main([*argv, f"weights={inception_weights}", "device=cpu"])

@@ -97,14 +97,20 @@ def test_preflight_command_line(cache):
     assert result.returncode == 1 and result.stderr.startswith("error: argument '--scaling-factor' is not key=value")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["build", "out=x"], "images = None: is required"),
-    (["build", "images=x", "out=x", "shard-size=3"], "unknown config key 'shard-size'.*shard_size"),
-    (["build", "images=x", "out=x", "dtype=int8"], "dtype = 'int8' is not allowed; choose one of: float16"),
-    (["build", "images=x", "out=x", "rank=2", "world=2"], r"rank = 2: must be in \[0, world = 2\)"),
-    (["synthetic", "out=x"], "count = None: is required"),
-    (["--out", "x"], "command = '--out' is not allowed; the first argument is one of: build, convert, smoke, synthetic"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["build", "out=x"], "images = None: is required"),
+        (["build", "images=x", "out=x", "shard-size=3"], "unknown config key 'shard-size'.*shard_size"),
+        (["build", "images=x", "out=x", "dtype=int8"], "dtype = 'int8' is not allowed; choose one of: float16"),
+        (["build", "images=x", "out=x", "rank=2", "world=2"], r"rank = 2: must be in \[0, world = 2\)"),
+        (["synthetic", "out=x"], "count = None: is required"),
+        (
+            ["--out", "x"],
+            "command = '--out' is not allowed; the first argument is one of: build, convert, smoke, synthetic",
+        ),
+    ],
+)
 def test_build_command_line_rejects_bad_arguments(argv, message):
     with pytest.raises(ConfigError, match=message):
         build.main(argv)
@@ -117,15 +123,20 @@ def test_manifest_preflight_and_dataset(setup, cache):
     assert manifest["vae_id"] == "org/tiny-vae" and manifest["vae_scaling_factor"] == pytest.approx(0.18215)
     assert manifest["vae_shift_factor"] == 0.0 and manifest["flip"] == "twin" and manifest["image_size"] == 32
     assert manifest["split"] == "train" and manifest["crop"] == "adm_center_crop" and manifest["num_classes"] == 2
-    assert manifest["class_names"] == ["cat", "dog"] and set(manifest["files"]) == {"latents.npy", "latents_flip.npy", "labels.npy"}
+    assert manifest["class_names"] == ["cat", "dog"] and set(manifest["files"]) == {
+        "latents.npy",
+        "latents_flip.npy",
+        "labels.npy",
+    }
     assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in manifest["files"].values())
     result = preflight(cache, "vae=org/tiny-vae", "scaling_factor=0.18215")
     assert result.returncode == 0, result.stderr
     assert "count 6" in result.stdout and "org/tiny-vae" in result.stdout and "flip twin" in result.stdout
 
     # Through the registry, as train.py builds it: path/split, float32 on the device, the VAE binding exposed.
-    data = dataset_registry.build_dataset("latent_cache", "cpu", path=str(cache.parent), split="train", vae="org/tiny-vae",
-                                  flip=True, verify=True)
+    data = dataset_registry.build_dataset(
+        "latent_cache", "cpu", path=str(cache.parent), split="train", vae="org/tiny-vae", flip=True, verify=True
+    )
     assert len(data) == 6 and data.sample_shape == (4, 4, 4) and data.num_classes == 2 and data.flip
     assert data.class_names == ("cat", "dog") and data.name == "latent_cache" and data.image_size == 32
     assert data.vae_id == "org/tiny-vae" and data.latent_scaling_factor == pytest.approx(0.18215)
@@ -137,8 +148,9 @@ def test_manifest_preflight_and_dataset(setup, cache):
     image = torch.from_numpy(datasets.load_image(root / "images" / paths[5], 32)).permute(2, 0, 1)[None]
     image = image.float() / 127.5 - 1
     torch.testing.assert_close(x[0], codec.encode(image)[0], atol=2e-3, rtol=1e-2)
-    torch.testing.assert_close(torch.from_numpy(data.latents_flip[5].astype(np.float32)),
-                               codec.encode(image.flip(-1))[0], atol=2e-3, rtol=1e-2)
+    torch.testing.assert_close(
+        torch.from_numpy(data.latents_flip[5].astype(np.float32)), codec.encode(image.flip(-1))[0], atol=2e-3, rtol=1e-2
+    )
     # Random flips come from the twin, one coin per sample, reproducibly from the generator only.
     indices = torch.arange(6).repeat(4)
     a, _ = data.batch(indices, torch.Generator().manual_seed(0))
@@ -156,7 +168,9 @@ def test_manifest_preflight_and_dataset(setup, cache):
     with pytest.raises(IndexError, match=r"\[0, 6\)"):
         data.batch(torch.tensor([6]))
     # A split directory given directly must be the split asked for.
-    with pytest.raises(latent_cache.LatentCacheError, match="split: this directory holds split 'train', the run asked for 'test'"):
+    with pytest.raises(
+        latent_cache.LatentCacheError, match="split: this directory holds split 'train', the run asked for 'test'"
+    ):
         latent_cache.load_latent_cache(path=str(cache), split="test", vae="org/tiny-vae")
     with pytest.raises(latent_cache.LatentCacheError, match="no manifest.json"):
         latent_cache.load_latent_cache(path=str(cache.parent), split="val", vae="org/tiny-vae")
@@ -175,7 +189,9 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
     assert not list((out / "shards").iterdir())
     data = latent_cache.LatentCacheDataset(out)
     assert data.latents.dtype == np.float32 and not data.flip and data.y.tolist() == [0, 0, 0, 1, 1, 1]
-    with pytest.raises(latent_cache.LatentCacheError, match="flip=true needs latents_flip.npy, but this cache has flip policy 'none'"):
+    with pytest.raises(
+        latent_cache.LatentCacheError, match="flip=true needs latents_flip.npy, but this cache has flip policy 'none'"
+    ):
         latent_cache.LatentCacheDataset(out, flip=True)
 
 
@@ -184,8 +200,9 @@ def test_smoke_cache_in_one_call(tmp_path):
 
     made = smoke_data.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
     assert made["split"] == "train" and (tmp_path / "smoke" / "vae" / "config.json").is_file()
-    data = dataset_registry.build_dataset("latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"],
-                                  flip=True, verify=True)
+    data = dataset_registry.build_dataset(
+        "latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"], flip=True, verify=True
+    )
     assert len(data) == 6 and data.sample_shape == (4, 4, 4) and data.class_names == ("class_0", "class_1", "class_2")
     x, y = data.batch(torch.arange(6), torch.Generator().manual_seed(0))
     images = vae.SDVAE(data.vae_id).decode(x)  # the trainer's route from latents to a figure
@@ -199,8 +216,9 @@ def test_smoke_cache_in_one_call(tmp_path):
 
 
 def test_synthetic_cache_uses_the_same_writer(tmp_path):
-    manifest = latent_cache.write_synthetic_cache(tmp_path / "train", 10, num_classes=7, latent_shape=(4, 2, 2), flip=True,
-                                           chunk=4)
+    manifest = latent_cache.write_synthetic_cache(
+        tmp_path / "train", 10, num_classes=7, latent_shape=(4, 2, 2), flip=True, chunk=4
+    )
     assert manifest["count"] == 10 and manifest["vae_id"] == "synthetic"
     assert preflight(tmp_path / "train").returncode == 0
     data = latent_cache.load_latent_cache(path=str(tmp_path), vae="synthetic")
@@ -291,7 +309,9 @@ def test_damaged_cache_fails_preflight_and_open(cache, tmp_path, kind, message, 
         with pytest.raises(latent_cache.LatentCacheError, match=message):
             latent_cache.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae")
     else:
-        latent_cache.load_latent_cache(path=str(tmp_path), vae="org/tiny-vae")  # the O(size) scans: verify=true or preflight
+        latent_cache.load_latent_cache(
+            path=str(tmp_path), vae="org/tiny-vae"
+        )  # the O(size) scans: verify=true or preflight
 
 
 def test_wrong_vae_binding_and_missing_manifest(cache, tmp_path):

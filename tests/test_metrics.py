@@ -109,8 +109,12 @@ def test_frechet_distance_is_exact_for_rank_deficient_covariances():
     f2 = torch.randn(30, 64, generator=generator, dtype=torch.float64) * 1.5 + 0.3
     (mu1, sigma1), (mu2, sigma2) = metrics.feature_statistics(f1), metrics.feature_statistics(f2)
     a1, a2 = ((f - f.mean(0)) / math.sqrt(len(f) - 1) for f in (f1, f2))
-    exact = ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace()
-             - 2 * torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc")).item()
+    exact = (
+        (mu1 - mu2).square().sum()
+        + sigma1.trace()
+        + sigma2.trace()
+        - 2 * torch.linalg.matrix_norm(a1 @ a2.T, ord="nuc")
+    ).item()
     fd = metrics.frechet_distance(mu1, sigma1, mu2, sigma2)
     assert math.isfinite(fd) and fd == pytest.approx(exact, rel=1e-6)
     stats = metrics.feature_statistics(f1)

@@ -58,8 +58,15 @@ PRESET_PARAMS = {  # reference write-up: 347,361 (Fashion CFG), 22,308,483 / 22,
     "unet_cifar": 21_424_259,
     "classcond_unet_cifar": 21_427_075,
 }
-SMALL = {"base_ch": 16, "depth": 2, "num_res_blocks": 2, "attention_resolutions": [2],
-         "bottleneck_attention": True, "num_heads": 2, "dropout": 0.1}
+SMALL = {
+    "base_ch": 16,
+    "depth": 2,
+    "num_res_blocks": 2,
+    "attention_resolutions": [2],
+    "bottleneck_attention": True,
+    "num_heads": 2,
+    "dropout": 0.1,
+}
 
 
 def build(preset_or_kwargs, conditional=None):
@@ -202,4 +209,3 @@ def test_group_count_divides_and_keeps_groups_wide():
         groups = models.group_count(channels)
         assert channels % groups == 0 and 1 <= groups <= 32
     assert models.group_count(32) == 8 and models.group_count(256) == 32
-

@@ -14,10 +14,18 @@ CONFIGS = {
     "rope_jit": dict(pos_embed="rope", swiglu=True, norm="rmsnorm", qk_norm=True),
     "overlap": dict(input_size=10, patch_size=4, patch_stride=2),
     "overlap_rope": dict(input_size=10, patch_size=4, patch_stride=3, pos_embed="rope"),
-    "moe_layerwise_masked": dict(depth=4, mixer_depth=1, mask_ratio=0.5, num_experts=4, moe_weight=0.5,
-                                 mlp_ratio=(2.0, 4.0), attn_scale=(0.5, 1.0)),
-    "moe_swiglu_rope_masked": dict(depth=4, mixer_depth=1, mask_ratio=0.75, num_experts=4, swiglu=True,
-                                   pos_embed="rope"),
+    "moe_layerwise_masked": dict(
+        depth=4,
+        mixer_depth=1,
+        mask_ratio=0.5,
+        num_experts=4,
+        moe_weight=0.5,
+        mlp_ratio=(2.0, 4.0),
+        attn_scale=(0.5, 1.0),
+    ),
+    "moe_swiglu_rope_masked": dict(
+        depth=4, mixer_depth=1, mask_ratio=0.75, num_experts=4, swiglu=True, pos_embed="rope"
+    ),
 }
 
 
@@ -91,8 +99,7 @@ def test_layerwise_scaling_and_moe_placement():
 
 
 def test_narrow_mixer_projects_tokens_and_conditioning():
-    model = perturb(tiny(depth=4, mixer_depth=2, mixer_hidden_size=16, mask_ratio=0.5, num_experts=4,
-                         pos_embed="rope"))
+    model = perturb(tiny(depth=4, mixer_depth=2, mixer_hidden_size=16, mask_ratio=0.5, num_experts=4, pos_embed="rope"))
     assert [b.norm1.normalized_shape[0] for b in model.blocks] == [16, 16, 32, 32]
     assert [b.attn.num_heads for b in model.blocks] == [2, 2, 4, 4]  # head_dim 8 throughout
     assert model.x_embedder.out_channels == model.y_embedder.embedding_dim == 16
@@ -194,8 +201,9 @@ def test_every_expert_takes_exactly_its_capacity_from_every_sample_and_load_stat
     assert moe.load.shape == (3,) and torch.isclose(moe.load.sum(), torch.tensor(1.0))
     picks = torch.stack([torch.bincount(i.flatten(), minlength=N) for i in index])  # [B, N] experts/token
     assert (picks.sum(1) == 4 * 6).all()  # every sample gives each expert exactly k tokens
-    expected = torch.stack([(picks == 0).float().mean(1), (picks == 1).float().mean(1),
-                            (picks >= 2).float().mean(1)], dim=-1).mean(0)
+    expected = torch.stack(
+        [(picks == 0).float().mean(1), (picks == 1).float().mean(1), (picks >= 2).float().mean(1)], dim=-1
+    ).mean(0)
     torch.testing.assert_close(moe.load, expected)
     assert (picks * 1.0).mean() == 2.0  # a token meets c experts on average
 
@@ -335,13 +343,16 @@ def test_h1024_architecture():
     assert all(b.mlp.num_experts == 16 and b.mlp.capacity_factor == 2.0 for b in backbone[1::2])
 
 
-@pytest.mark.parametrize("change", [
-    dict(moe_last=False),  # dense last block: -8.5 % total
-    dict(mixer_hidden_size=None),  # 1024-wide mixer: +6.0 % / +5.1 %
-    dict(mlp_ratio=(2.0, 4.0)),  # MLP ratio 2 -> 4: +19.6 % / +10.0 %
-    dict(mlp_ratio=4.0, attn_scale=1.0),  # no layerwise scaling
-    dict(moe_weight=1.0),  # full-width experts: +62.6 % / +17.3 %
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(moe_last=False),  # dense last block: -8.5 % total
+        dict(mixer_hidden_size=None),  # 1024-wide mixer: +6.0 % / +5.1 %
+        dict(mlp_ratio=(2.0, 4.0)),  # MLP ratio 2 -> 4: +19.6 % / +10.0 %
+        dict(mlp_ratio=4.0, attn_scale=1.0),  # no layerwise scaling
+        dict(moe_weight=1.0),  # full-width experts: +62.6 % / +17.3 %
+    ],
+)
 def test_other_readings_of_the_name_miss_the_write_up(change):
     counts = dit_compute.dit_parameter_counts(H1024, **change)
     assert max(abs(counts["total"] / 695.1e6 - 1), abs(counts["active"] / 314.0e6 - 1)) > 0.01, change
@@ -352,8 +363,9 @@ def test_active_count_is_total_minus_unused_experts():
     moe = model.blocks[1].mlp
     total = sum(p.numel() for p in model.parameters())
     assert dit_compute.active_parameters(model) == total - 2 * moe.expert_parameters()
-    meta = dit_compute.dit_parameter_counts("class_cond_dit", num_classes=5, **{**TINY, "depth": 4, "mixer_depth": 1,
-                                                                        "num_experts": 4})
+    meta = dit_compute.dit_parameter_counts(
+        "class_cond_dit", num_classes=5, **{**TINY, "depth": 4, "mixer_depth": 1, "num_experts": 4}
+    )
     assert meta == {"total": total, "active": total - 2 * moe.expert_parameters()}
 
 
@@ -380,10 +392,17 @@ def test_dense_dit_has_no_mask_token_and_refuses_to_mask():
 # --- model configs ----------------------------------------------------------------------------------
 
 # configs/model/NAME.yaml -> the named preset it spells out (jit_b16.yaml is the unconditional variant).
-CONFIG_PRESETS = {"dit_s2": "dit_s2", "dit_b2": "dit_b2", "dit_l2": "dit_l2", "dit_xl2": "dit_xl2",
-                  "dit_b2_masked": "nanoflow_b2_masked", "dit_m2": "nanoflow_m2",
-                  "dit_m2_moe_layerwise": "nanoflow_m2_moe_layerwise", "dit_h1024_d20_e16_c2_moew05": H1024,
-                  "jit_b16": "jit_b16"}
+CONFIG_PRESETS = {
+    "dit_s2": "dit_s2",
+    "dit_b2": "dit_b2",
+    "dit_l2": "dit_l2",
+    "dit_xl2": "dit_xl2",
+    "dit_b2_masked": "nanoflow_b2_masked",
+    "dit_m2": "nanoflow_m2",
+    "dit_m2_moe_layerwise": "nanoflow_m2_moe_layerwise",
+    "dit_h1024_d20_e16_c2_moew05": H1024,
+    "jit_b16": "jit_b16",
+}
 
 
 def model_config(name):

@@ -71,9 +71,7 @@ def test_trajectory_holds_every_grid_time():
     assert len(sol.trajectory) == 6
     torch.testing.assert_close(sol.trajectory[0], X0)
     torch.testing.assert_close(sol.trajectory[-1], sol.x)
-    dense = solve(
-        velocity, X0, "dopri5", num_steps=5, grid="edm", rtol=1e-8, atol=1e-8, return_trajectory=True
-    )
+    dense = solve(velocity, X0, "dopri5", num_steps=5, grid="edm", rtol=1e-8, atol=1e-8, return_trajectory=True)
     for t, x in zip(grid.tolist(), dense.trajectory):
         torch.testing.assert_close(x, exact(X0, 0.0, t), rtol=0, atol=1e-6)
 

@@ -53,7 +53,11 @@ def test_a_preset_of_the_other_entry_point_is_one_clear_line():
     with pytest.raises(ConfigError) as error:
         load_config(["experiment=fashion_grpo_jpeg"])
     message = str(error.value)
-    assert "\n" not in message and "GRPO preset" in message and "python train_grpo.py experiment=fashion_grpo_jpeg" in message
+    assert (
+        "\n" not in message
+        and "GRPO preset" in message
+        and "python train_grpo.py experiment=fashion_grpo_jpeg" in message
+    )
     with pytest.raises(ConfigError) as error:
         load_grpo_config(["experiment=fashion_cfg", "seed_checkpoint=x"])
     message = str(error.value)
@@ -74,7 +78,9 @@ def test_grpo_presets_are_recognised_by_structure_not_name(tmp_path, monkeypatch
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path / "configs")
     experiments = tmp_path / "configs" / "experiment"
     (experiments / "png_recipe.yaml").write_text("# @package _global_\ndefaults:\n  - override /reward: png\n")
-    (experiments / "png_recipe_long.yaml").write_text("# @package _global_\ndefaults:\n  - png_recipe\n\ngrpo:\n  epochs: 7\n")
+    (experiments / "png_recipe_long.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - png_recipe\n\ngrpo:\n  epochs: 7\n"
+    )
     (experiments / "grpo_named_trainer.yaml").write_text("# @package _global_\ntraining:\n  epochs: 3\n")
     assert preset_kind("png_recipe") == preset_kind("png_recipe_long") == "grpo"
     assert preset_kind("grpo_named_trainer") == "train"
@@ -108,13 +114,17 @@ def lookup(node, path):
 
 
 def parents(name):
-    return [d for d in read(EXPERIMENTS / f"{name}.yaml")[1].get("defaults") or [] if isinstance(d, str) and d != "_self_"]
+    return [
+        d for d in read(EXPERIMENTS / f"{name}.yaml")[1].get("defaults") or [] if isinstance(d, str) and d != "_self_"
+    ]
 
 
 def dependents(name):
     """The selectable presets that include `name` (itself, presets extending it, transitively)."""
+
     def includes(preset):
         return preset == name or any(includes(parent) for parent in parents(preset))
+
     return [preset for preset in presets("train") + presets("grpo") if includes(preset)]
 
 
@@ -147,6 +157,7 @@ def composer(tmp_path_factory):
         if not edits:
             cache[name] = plain
         return plain
+
     return run
 
 
@@ -167,11 +178,15 @@ def test_no_preset_or_base_restates_what_it_already_gets(name, composer):
     assert users, f"{name} is included by no preset"
     full = {user: composer(user) for user in users}
     bare = {user: composer(user, {name: edited(name, body=False)}) for user in users}
-    restated = [".".join(path) for path, _ in leaves({k: v for k, v in node.items() if k != "defaults"})
-                if all(lookup(full[user], path) == lookup(bare[user], path) for user in users)]
+    restated = [
+        ".".join(path)
+        for path, _ in leaves({k: v for k, v in node.items() if k != "defaults"})
+        if all(lookup(full[user], path) == lookup(bare[user], path) for user in users)
+    ]
     for entry in node.get("defaults") or []:
-        if isinstance(entry, dict) and all(composer(user, {name: edited(name, drop=entry)}) == full[user]
-                                           for user in users):
+        if isinstance(entry, dict) and all(
+            composer(user, {name: edited(name, drop=entry)}) == full[user] for user in users
+        ):
             restated += [f"{key}: {value}" for key, value in entry.items()]
     assert not restated, f"{name}.yaml restates what it already gets: {restated}"
 
@@ -180,8 +195,11 @@ def test_no_preset_or_base_restates_what_it_already_gets(name, composer):
 GROUP_SCHEMAS = {"solver": (SolverConfig, "method"), "flow": (FlowConfig, None)}
 
 
-@pytest.mark.parametrize("path", sorted(p for group in GROUP_SCHEMAS for p in (CONFIG_DIR / group).glob("*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for group in GROUP_SCHEMAS for p in (CONFIG_DIR / group).glob("*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_group_options_hold_only_what_differs_from_the_schema(path):
     schema, identity = GROUP_SCHEMAS[path.parent.name]
     defaults = dataclasses.asdict(schema())

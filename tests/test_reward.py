@@ -109,9 +109,13 @@ def test_rewards_never_enter_the_autograd_graph(classifier):
     x = images(4).requires_grad_(True)
     labels = torch.tensor([1, 2, 3, 4])
     classifier.train()  # the caller's mode must survive the call
-    rewards = [ClassifierLogProbReward(classifier), FixedClassLogProbReward(classifier, 1),
-               JpegCompressibilityReward(), PngCompressibilityReward(),
-               WeightedSumReward([(1.0, JpegCompressibilityReward()), (0.5, ClassifierLogProbReward(classifier))])]
+    rewards = [
+        ClassifierLogProbReward(classifier),
+        FixedClassLogProbReward(classifier, 1),
+        JpegCompressibilityReward(),
+        PngCompressibilityReward(),
+        WeightedSumReward([(1.0, JpegCompressibilityReward()), (0.5, ClassifierLogProbReward(classifier))]),
+    ]
     with torch.enable_grad():
         for reward in rewards:
             value = reward(x, labels)
@@ -146,37 +150,63 @@ def test_build_reward_from_specs(classifier_file):
 
     loaded = load_classifier(classifier_file)
     logp = expected_log_probs(loaded, x)
-    aligned = build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "dataset": "digits"}, "cpu")
+    aligned = build_reward(
+        {"name": "classifier_logprob", "classifier": str(classifier_file), "dataset": "digits"}, "cpu"
+    )
     torch.testing.assert_close(aligned(x, labels), logp[torch.arange(4), labels])
     by_name = build_reward({"name": "fixed_class_logprob", "classifier": str(classifier_file), "target_class": "7"})
     assert by_name.target_class == 7
     torch.testing.assert_close(by_name(x, labels), logp[:, 7])
 
-    total = build_reward(OmegaConf.create({"name": "weighted_sum", "terms": [
-        {"weight": 1.0, "reward": {"name": "jpeg"}},
-        {"weight": 0.5, "reward": {"name": "classifier_logprob", "classifier": str(classifier_file)}}]}), "cpu")
+    total = build_reward(
+        OmegaConf.create(
+            {
+                "name": "weighted_sum",
+                "terms": [
+                    {"weight": 1.0, "reward": {"name": "jpeg"}},
+                    {"weight": 0.5, "reward": {"name": "classifier_logprob", "classifier": str(classifier_file)}},
+                ],
+            }
+        ),
+        "cpu",
+    )
     torch.testing.assert_close(total(x, labels), -jpeg_bits_per_pixel(x) + 0.5 * logp[torch.arange(4), labels])
     with pytest.raises(ValueError, match=r"trained on images \[1, 16, 16\], got \[1, 28, 28\]"):
         aligned(images(4, size=28), labels)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"name": "jpg"}, rf"reward.name = 'jpg' is not a reward; choose one of: {ALLOWED}"),
-    ({"quality": 75}, rf"must be a mapping with a 'name' key; choose one of: {ALLOWED}"),
-    ({"name": "jpeg", "qualty": 75}, r"reward.qualty = 75 is not an argument of reward 'jpeg'; allowed: quality"),
-    ({"name": "jpeg", "quality": 0}, r"reward.quality = 0: must be an int in \[1, 100\]"),
-    ({"name": "jpeg", "quality": "high"}, r"reward.quality = 'high'"),
-    ({"name": "png", "quality": 75}, r"reward.quality = 75 is not an argument of reward 'png'; allowed: \(none\)"),
-    ({"name": "fixed_class_logprob", "target_class": 1},
-     r"reward.classifier is required by reward 'fixed_class_logprob' \(arguments: classifier, target_class"),
-    ({"name": "classifier_logprob", "classifier": 3}, r"reward.classifier = 3: must be the path"),
-    ({"name": "weighted_sum", "terms": []}, r"reward.terms = \[\]: must be a non-empty list"),
-    ({"name": "weighted_sum", "terms": [{"weight": 1, "reward": {"name": "png"}}, {"weight": 1, "reward": {"name": "gif"}}]},
-     rf"reward.terms\[1\].reward.name = 'gif' is not a reward; choose one of: {ALLOWED}"),
-    ({"name": "weighted_sum", "terms": [{"weight": "a", "reward": {"name": "png"}}]},
-     r"reward.terms\[0\].weight = 'a': must be a finite number"),
-    ({"name": "weighted_sum", "terms": [{"reward": {"name": "png"}}]}, r"reward.terms\[0\] = .*exactly the keys weight, reward"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "jpg"}, rf"reward.name = 'jpg' is not a reward; choose one of: {ALLOWED}"),
+        ({"quality": 75}, rf"must be a mapping with a 'name' key; choose one of: {ALLOWED}"),
+        ({"name": "jpeg", "qualty": 75}, r"reward.qualty = 75 is not an argument of reward 'jpeg'; allowed: quality"),
+        ({"name": "jpeg", "quality": 0}, r"reward.quality = 0: must be an int in \[1, 100\]"),
+        ({"name": "jpeg", "quality": "high"}, r"reward.quality = 'high'"),
+        ({"name": "png", "quality": 75}, r"reward.quality = 75 is not an argument of reward 'png'; allowed: \(none\)"),
+        (
+            {"name": "fixed_class_logprob", "target_class": 1},
+            r"reward.classifier is required by reward 'fixed_class_logprob' \(arguments: classifier, target_class",
+        ),
+        ({"name": "classifier_logprob", "classifier": 3}, r"reward.classifier = 3: must be the path"),
+        ({"name": "weighted_sum", "terms": []}, r"reward.terms = \[\]: must be a non-empty list"),
+        (
+            {
+                "name": "weighted_sum",
+                "terms": [{"weight": 1, "reward": {"name": "png"}}, {"weight": 1, "reward": {"name": "gif"}}],
+            },
+            rf"reward.terms\[1\].reward.name = 'gif' is not a reward; choose one of: {ALLOWED}",
+        ),
+        (
+            {"name": "weighted_sum", "terms": [{"weight": "a", "reward": {"name": "png"}}]},
+            r"reward.terms\[0\].weight = 'a': must be a finite number",
+        ),
+        (
+            {"name": "weighted_sum", "terms": [{"reward": {"name": "png"}}]},
+            r"reward.terms\[0\] = .*exactly the keys weight, reward",
+        ),
+    ],
+)
 def test_build_reward_errors_name_the_key_and_the_allowed_values(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
         build_reward(spec, "cpu")
@@ -188,7 +218,9 @@ def test_build_reward_classifier_errors(classifier_file, tmp_path):
         build_reward({"name": "classifier_logprob", "classifier": str(tmp_path / "missing.safetensors")})
     with pytest.raises(ConfigError, match="trained on dataset 'digits', not 'fashion_mnist'"):
         build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "dataset": "fashion_mnist"})
-    with pytest.raises(ConfigError, match=r"reward.target_class = 'Trouser' is not a class name.*choose an index or one of: 0, 1"):
+    with pytest.raises(
+        ConfigError, match=r"reward.target_class = 'Trouser' is not a class name.*choose an index or one of: 0, 1"
+    ):
         build_reward({"name": "fixed_class_logprob", "classifier": str(classifier_file), "target_class": "Trouser"})
     with pytest.raises(ConfigError, match=r"reward.target_class = 12: must be an int in \[0, 10\)"):
         build_reward({"name": "fixed_class_logprob", "classifier": str(classifier_file), "target_class": 12})

@@ -126,8 +126,9 @@ def test_resume_reads_keys_added_later_as_their_old_behaviour():
 
     from run_dir import resume_changes
 
-    new = OmegaConf.create({"training": {"lr": 1e-3, "coupling": {"name": "independent", "pairs": None,
-                                                                  "within_class": True}}})
+    new = OmegaConf.create(
+        {"training": {"lr": 1e-3, "coupling": {"name": "independent", "pairs": None, "within_class": True}}}
+    )
     old = OmegaConf.create({"training": {"lr": 1e-3}})
     assert resume_changes(old, new, Path("ckpt")) == {}
     grpo_old = OmegaConf.create({"grpo": {"lr": 1e-4}})
@@ -136,6 +137,7 @@ def test_resume_reads_keys_added_later_as_their_old_behaviour():
         resume_changes(grpo_old, grpo_new, Path("ckpt"))
     grpo_new.grpo.detach_uncond = False
     assert resume_changes(grpo_old, grpo_new, Path("ckpt")) == {}
+
 
 def test_grpo_run_may_be_extended_on_resume():
     """GRPO's lr is constant after warm-up, so grpo.epochs only sets the run's length: a resume may raise
@@ -146,39 +148,53 @@ def test_grpo_run_may_be_extended_on_resume():
 
     from run_dir import resume_changes
 
-    changes = resume_changes(OmegaConf.create({"grpo": {"epochs": 30}}), OmegaConf.create({"grpo": {"epochs": 75}}),
-                             Path("ckpt"))
+    changes = resume_changes(
+        OmegaConf.create({"grpo": {"epochs": 30}}), OmegaConf.create({"grpo": {"epochs": 75}}), Path("ckpt")
+    )
     assert changes == {"grpo.epochs": [30, 75]}
     with pytest.raises(ConfigError, match="training.epochs: 30 -> 75"):
-        resume_changes(OmegaConf.create({"training": {"epochs": 30}}),
-                       OmegaConf.create({"training": {"epochs": 75}}), Path("ckpt"))
+        resume_changes(
+            OmegaConf.create({"training": {"epochs": 30}}), OmegaConf.create({"training": {"epochs": 75}}), Path("ckpt")
+        )
 
 
 def test_resume_changes_refuses_a_key_outside_the_list_and_allows_one_inside():
-    saved = OmegaConf.create({"training": {"lr": 1e-3, "max_steps": 10}, "solver": {"num_steps": 16},
-                              "model": {"name": "mlp"}})
-    allowed = OmegaConf.create({"training": {"lr": 1e-3, "max_steps": 50}, "solver": {"num_steps": 4},
-                                "model": {"name": "mlp"}})
+    saved = OmegaConf.create(
+        {"training": {"lr": 1e-3, "max_steps": 10}, "solver": {"num_steps": 16}, "model": {"name": "mlp"}}
+    )
+    allowed = OmegaConf.create(
+        {"training": {"lr": 1e-3, "max_steps": 50}, "solver": {"num_steps": 4}, "model": {"name": "mlp"}}
+    )
     assert run_dir.resume_changes(saved, allowed, Path("ckpt")) == {
-        "solver.num_steps": [16, 4], "training.max_steps": [10, 50]}  # solver: every key under it
-    refused = OmegaConf.create({"training": {"lr": 2e-3, "max_steps": 10}, "solver": {"num_steps": 16},
-                                "model": {"name": "mlp"}})
+        "solver.num_steps": [16, 4],
+        "training.max_steps": [10, 50],
+    }  # solver: every key under it
+    refused = OmegaConf.create(
+        {"training": {"lr": 2e-3, "max_steps": 10}, "solver": {"num_steps": 16}, "model": {"name": "mlp"}}
+    )
     with pytest.raises(ConfigError, match=r"resuming ckpt would change training.lr: 0.001 -> 0.002; "):
         run_dir.resume_changes(saved, refused, Path("ckpt"))
     # a key that merely starts like an allowed one is not allowed
     with pytest.raises(ConfigError, match="training.max_steps_extra"):
-        run_dir.resume_changes(OmegaConf.create({"training": {"max_steps_extra": 1}}),
-                               OmegaConf.create({"training": {"max_steps_extra": 2}}), Path("ckpt"))
+        run_dir.resume_changes(
+            OmegaConf.create({"training": {"max_steps_extra": 1}}),
+            OmegaConf.create({"training": {"max_steps_extra": 2}}),
+            Path("ckpt"),
+        )
 
 
 def test_resume_with_another_model_or_flow_is_a_checkpoint_error():
     saved = OmegaConf.create({"model": {"name": "mlp", "hidden": 64}, "flow": {"prediction": "velocity"}})
     with pytest.raises(ckpt.CheckpointError, match="trained with model = .*'hidden': 64.* but this run has model"):
-        run_dir.resume_changes(saved, OmegaConf.create({"model": {"name": "mlp", "hidden": 32},
-                                                        "flow": {"prediction": "velocity"}}), Path("c"))
+        run_dir.resume_changes(
+            saved,
+            OmegaConf.create({"model": {"name": "mlp", "hidden": 32}, "flow": {"prediction": "velocity"}}),
+            Path("c"),
+        )
     with pytest.raises(ckpt.CheckpointError, match="flow"):
-        run_dir.resume_changes(saved, OmegaConf.create({"model": {"name": "mlp", "hidden": 64},
-                                                        "flow": {"prediction": "data"}}), Path("c"))
+        run_dir.resume_changes(
+            saved, OmegaConf.create({"model": {"name": "mlp", "hidden": 64}, "flow": {"prediction": "data"}}), Path("c")
+        )
 
 
 def test_flatten_and_record_resume(tmp_path):
@@ -269,8 +285,9 @@ def test_run_start_writes_the_config_once_and_keeps_the_original(tmp_path):
     original = (tmp_path / "run" / "config.yaml").read_text()
     assert OmegaConf.load(tmp_path / "run" / "config.yaml") == first
     with Run(tmp_path / "run", CPU) as run:
-        run.accept_resume(first, OmegaConf.create({"training": {"max_steps": 20, "resume": "auto"}, "seed": 0}),
-                          Path("ckpt"), step=10)
+        run.accept_resume(
+            first, OmegaConf.create({"training": {"max_steps": 20, "resume": "auto"}, "seed": 0}), Path("ckpt"), step=10
+        )
         assert run.resumed == (10, {"training.max_steps": [10, 20]})  # training.resume is not a change
         assert run.start(OmegaConf.create({"training": {"max_steps": 20}, "seed": 0}), step=10, target_steps=20)
     assert (tmp_path / "run" / "config.yaml").read_text() == original

@@ -39,8 +39,14 @@ def test_learning_rate_without_warmup_starts_at_the_base_and_never_rises():
     assert values[0] == 1.0 and values[50] == pytest.approx(0.0, abs=1e-15)
     assert all(b <= a for a, b in zip(values, values[1:]))
     # constant after warmup, and warmup still ramps linearly
-    assert [runtime.learning_rate(s, 2.0, 4, 50, "constant", 0.0) for s in (0, 1, 3, 4, 49, 80)] == \
-        [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert [runtime.learning_rate(s, 2.0, 4, 50, "constant", 0.0) for s in (0, 1, 3, 4, 49, 80)] == [
+        0.5,
+        1.0,
+        2.0,
+        2.0,
+        2.0,
+        2.0,
+    ]
 
 
 def test_set_learning_rate_sets_every_group():
@@ -62,8 +68,19 @@ def test_derive_seed_is_stable_and_spreads():
 
 def test_derive_seed_depends_on_every_value_and_seeds_a_generator():
     base = runtime.derive_seed(7, 100, 2)
-    assert len({base, runtime.derive_seed(8, 100, 2), runtime.derive_seed(7, 101, 2), runtime.derive_seed(7, 100, 3),
-                runtime.derive_seed(7, 100), runtime.derive_seed(7, 100, 2, 0)}) == 6
+    assert (
+        len(
+            {
+                base,
+                runtime.derive_seed(8, 100, 2),
+                runtime.derive_seed(7, 101, 2),
+                runtime.derive_seed(7, 100, 3),
+                runtime.derive_seed(7, 100),
+                runtime.derive_seed(7, 100, 2, 0),
+            }
+        )
+        == 6
+    )
     # 63 bits: a valid torch seed; negative inputs are taken modulo 2^64 rather than refused
     torch.Generator().manual_seed(base)
     assert runtime.derive_seed(-1) == runtime.derive_seed(2**64 - 1)
@@ -159,7 +176,9 @@ def test_optimizer_step_clips_to_the_given_norm():
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0 - 0.3, -1.0 - 0.4]]))  # 0.5 * (3, 4) / 5
     assert model.weight.grad is None  # zeroed for the next step
     model = _linear_with_grad([3.0, 4.0])
-    runtime.optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0, fused=True), grad_clip=0.0)  # 0: no clipping
+    runtime.optimizer_step(
+        model, torch.optim.SGD(model.parameters(), lr=1.0, fused=True), grad_clip=0.0
+    )  # 0: no clipping
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[-2.0, -5.0]]))
 
 
@@ -216,8 +235,10 @@ def test_a_disabled_metric_logger_writes_and_prints_nothing(tmp_path, capsys):
 def test_describe_error_names_the_file_of_an_os_error():
     error = OSError(errno.ENOENT, "No such file or directory", "/data/x.npz")
     assert runtime.describe_error(error) == "/data/x.npz: No such file or directory (FileNotFoundError)"
-    assert runtime.describe_error(OSError(errno.ENOSPC, "No space left on device", "m.jsonl")) == \
-        "m.jsonl: No space left on device (OSError)"
+    assert (
+        runtime.describe_error(OSError(errno.ENOSPC, "No space left on device", "m.jsonl"))
+        == "m.jsonl: No space left on device (OSError)"
+    )
     assert runtime.describe_error(OSError("disk on fire")) == "disk on fire"  # ours carry their message
     assert runtime.describe_error(ConfigError("training.lr = -1: must be > 0")) == "training.lr = -1: must be > 0"
 
@@ -246,14 +267,20 @@ def test_single_process_runtime():
     assert not runtime.Runtime(torch.device("cpu"), rank=1, world_size=2).is_main
 
 
-@pytest.mark.parametrize("raised, code, line", [
-    (None, 0, None),
-    (ConfigError("training.lr = -1: must be > 0"), runtime.EXIT_ERROR, "error: training.lr = -1: must be > 0"),
-    (runtime.RunError("run dir r is in use"), runtime.EXIT_ERROR, "error: run dir r is in use"),
-    (FileNotFoundError(errno.ENOENT, "No such file or directory", "w.pt"), runtime.EXIT_ERROR,
-     "error: w.pt: No such file or directory (FileNotFoundError)"),
-    (runtime.Preempted("stopped"), runtime.EXIT_PREEMPTED, "stopped"),
-])
+@pytest.mark.parametrize(
+    "raised, code, line",
+    [
+        (None, 0, None),
+        (ConfigError("training.lr = -1: must be > 0"), runtime.EXIT_ERROR, "error: training.lr = -1: must be > 0"),
+        (runtime.RunError("run dir r is in use"), runtime.EXIT_ERROR, "error: run dir r is in use"),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file or directory", "w.pt"),
+            runtime.EXIT_ERROR,
+            "error: w.pt: No such file or directory (FileNotFoundError)",
+        ),
+        (runtime.Preempted("stopped"), runtime.EXIT_PREEMPTED, "stopped"),
+    ],
+)
 def test_run_main_turns_faults_into_one_line_and_an_exit_code(monkeypatch, capsys, raised, code, line):
     monkeypatch.delenv("NANOFLOW_DEBUG", raising=False)
 

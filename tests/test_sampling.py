@@ -233,9 +233,7 @@ def test_ep_cfg_keeps_conditional_norm_and_cfg_direction():
 @pytest.mark.parametrize("solver", ["euler", "heun", "dopri5"])
 def test_sample_nfe_counts_model_calls(solver):
     model, sampler, x, y = cfg_setup()
-    solution = sampler.sample(
-        x, y, solver=solver, num_steps=5, guidance_scale=2.0, guidance_interval=(0.2, 0.9)
-    )
+    solution = sampler.sample(x, y, solver=solver, num_steps=5, guidance_scale=2.0, guidance_interval=(0.2, 0.9))
     assert solution.nfe == len(model.batch_sizes) > 0
     assert set(model.batch_sizes) <= {4, 8}
 
@@ -250,8 +248,7 @@ def test_guidance_needs_labels_and_null_class():
 # ---------------------------------------------------------------------------------------------- generate
 
 
-@pytest.mark.parametrize("num_samples, expected", [(20, [k for k in range(10) for _ in range(2)]),
-                                                   (4, [0, 2, 5, 7])])
+@pytest.mark.parametrize("num_samples, expected", [(20, [k for k in range(10) for _ in range(2)]), (4, [0, 2, 5, 7])])
 def test_generate_spreads_labels_over_the_classes(num_samples, expected):
     """num_samples >= classes: equal counts, class-major; fewer (ImageNet's 1000): evenly spaced classes,
     not one sample of every class."""
@@ -283,11 +280,29 @@ class Elementwise(nn.Module):
 
 
 def test_sample_kwargs_maps_every_solver_field():
-    cfg = solver_cfg(method="rk4", num_steps=7, grid="shifted", shift=3.0, rtol=1e-3, atol=2e-4, guidance_scale=2.5,
-                     guidance_interval=[0.1, 0.9], ep_cfg=True)
+    cfg = solver_cfg(
+        method="rk4",
+        num_steps=7,
+        grid="shifted",
+        shift=3.0,
+        rtol=1e-3,
+        atol=2e-4,
+        guidance_scale=2.5,
+        guidance_interval=[0.1, 0.9],
+        ep_cfg=True,
+    )
     kwargs = sampling.sample_kwargs(cfg)
-    assert kwargs == dict(solver="rk4", num_steps=7, grid="shifted", shift=3.0, rtol=1e-3, atol=2e-4,
-                          guidance_scale=2.5, guidance_interval=(0.1, 0.9), ep_cfg=True)
+    assert kwargs == dict(
+        solver="rk4",
+        num_steps=7,
+        grid="shifted",
+        shift=3.0,
+        rtol=1e-3,
+        atol=2e-4,
+        guidance_scale=2.5,
+        guidance_interval=(0.1, 0.9),
+        ep_cfg=True,
+    )
     # every SolverConfig field reaches FlowSampler.sample (method under its name there, solver)
     import dataclasses
     import inspect
@@ -302,8 +317,9 @@ def test_generate_draws_its_noise_from_the_seed_on_the_cpu():
     sampler = FlowSampler(lambda x, t, y: torch.zeros_like(x), make_path())
     samples, labels = sampling.generate(sampler, solver_cfg(method="euler", num_steps=2), (3, 2, 2), 5, seed=11)
     assert labels is None and samples.dtype == torch.float32
-    torch.testing.assert_close(samples, torch.randn((5, 3, 2, 2), generator=torch.Generator().manual_seed(11)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        samples, torch.randn((5, 3, 2, 2), generator=torch.Generator().manual_seed(11)), rtol=0, atol=0
+    )
 
 
 def test_generate_is_deterministic_per_seed_and_independent_of_the_batch_size():
@@ -334,8 +350,11 @@ def test_generate_refuses_non_finite_samples_naming_the_sample_and_label():
         return torch.where(expand_t(y == 1, x), torch.full_like(x, float("nan")), torch.zeros_like(x))
 
     sampler = FlowSampler(model, make_path(), num_classes=2)
-    with pytest.raises(sampling.NonFiniteSamplesError, match=r"2 of 4 samples .* sample 2 \(label 1\) is first "
-                                                             r"non-finite after solver step 1 of 3"):
+    with pytest.raises(
+        sampling.NonFiniteSamplesError,
+        match=r"2 of 4 samples .* sample 2 \(label 1\) is first "
+        r"non-finite after solver step 1 of 3",
+    ):
         sampling.generate(sampler, solver_cfg(method="euler", num_steps=3), (2,), 4)
 
 
@@ -359,7 +378,9 @@ def test_velocity_is_float32_for_a_bf16_model_output():
 def test_guidance_scale_zero_is_the_unconditional_velocity_and_one_the_conditional():
     model, sampler, x, y = cfg_setup()
     t = torch.full((4,), 0.3)
-    torch.testing.assert_close(sampler.velocity(x, t, y, guidance_scale=0.0), model.reference(x, t, torch.full_like(y, 3)))
+    torch.testing.assert_close(
+        sampler.velocity(x, t, y, guidance_scale=0.0), model.reference(x, t, torch.full_like(y, 3))
+    )
     torch.testing.assert_close(sampler.velocity(x, t, y, guidance_scale=1.0), model.reference(x, t, y))
 
 
@@ -383,8 +404,9 @@ def test_straightness_of_a_parabola_by_hand():
     x0 = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     c = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # |c|^2 = 25 and 1
     trajectory = [x0 + float(t) ** 2 * c for t in times]
-    torch.testing.assert_close(sampling.straightness(trajectory, times), torch.tensor([0.3125 * 25, 0.3125],
-                                                                                      dtype=torch.float64))
+    torch.testing.assert_close(
+        sampling.straightness(trajectory, times), torch.tensor([0.3125 * 25, 0.3125], dtype=torch.float64)
+    )
 
 
 def test_straightness_of_a_straight_path_is_zero_on_any_grid():

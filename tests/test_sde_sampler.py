@@ -61,8 +61,13 @@ def conditional_rollout(num_steps=6, batch=5, guidance_scale=3.0, seed=1, **kwar
     sampler = FlowSampler(model, make_path(), num_classes=3)
     labels = torch.arange(batch) % 3
     rollout = sde_rollout(
-        sampler, noise((batch, 1, 4, 4)), labels, num_steps, guidance_scale=guidance_scale,
-        generator=torch.Generator().manual_seed(seed), **kwargs,
+        sampler,
+        noise((batch, 1, 4, 4)),
+        labels,
+        num_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
     )
     return model, sampler, rollout
 
@@ -89,8 +94,9 @@ def test_gaussian_log_prob_matches_torch_normal():
 def test_rollout_reproduces_gaussian(num_steps):
     # A wrong time direction, score sign or noise scale ends far from the data std.
     sampler = FlowSampler(GaussianVelocity(), make_path())
-    rollout = sde_rollout(sampler, noise((20_000, 2)), None, num_steps, noise_level=0.7,
-                          generator=torch.Generator().manual_seed(1))
+    rollout = sde_rollout(
+        sampler, noise((20_000, 2)), None, num_steps, noise_level=0.7, generator=torch.Generator().manual_seed(1)
+    )
     x = rollout.samples
     rel = 0.06 if num_steps == 10 else 0.03
     assert (x.mean(0) - MEAN).abs().max() < 0.03, x.mean(0)
@@ -121,8 +127,14 @@ def test_stored_log_probs_equal_recomputed_with_frozen_policy():
         flat = rollout.transitions(steps)
         model.batch_sizes.clear()
         log_probs, means, stds = transition_log_prob(
-            sampler, flat.states, flat.times, flat.next_times, flat.next_states, flat.labels,
-            noise_level=0.7, guidance_scale=3.0,
+            sampler,
+            flat.states,
+            flat.times,
+            flat.next_times,
+            flat.next_states,
+            flat.labels,
+            noise_level=0.7,
+            guidance_scale=3.0,
         )
         assert model.batch_sizes == [2 * flat.states.shape[0]]  # one forward for all N transitions
         torch.testing.assert_close(log_probs, flat.log_probs, rtol=0, atol=1e-5)
@@ -139,8 +151,9 @@ def test_stored_log_probs_equal_recomputed_with_frozen_policy():
 def test_guidance_interval_guides_only_inside_it_and_recomputes_exactly():
     """CFG on [0, 0.5] only: each stored mean is the guided step's inside the interval (t <= 0.5, closed)
     and the plain conditional step's outside, and the recomputed log-probs match the stored ones."""
-    model, sampler, rollout = conditional_rollout(num_steps=6, batch=5, guidance_scale=3.0,
-                                                  guidance_interval=(0.0, 0.5))
+    model, sampler, rollout = conditional_rollout(
+        num_steps=6, batch=5, guidance_scale=3.0, guidance_interval=(0.0, 0.5)
+    )
     labels = rollout.labels
     for k in range(6):
         t = rollout.times[k].item()
@@ -150,11 +163,21 @@ def test_guidance_interval_guides_only_inside_it_and_recomputes_exactly():
     guided = conditional_rollout(num_steps=6, batch=5, guidance_scale=3.0)[2]
     assert not torch.allclose(rollout.samples, guided.samples)  # the interval changed the rollout
     flat = rollout.transitions()
-    log_probs, _, _ = transition_log_prob(sampler, flat.states, flat.times, flat.next_times, flat.next_states,
-                                          flat.labels, 0.7, 3.0, guidance_interval=(0.0, 0.5))
+    log_probs, _, _ = transition_log_prob(
+        sampler,
+        flat.states,
+        flat.times,
+        flat.next_times,
+        flat.next_states,
+        flat.labels,
+        0.7,
+        3.0,
+        guidance_interval=(0.0, 0.5),
+    )
     torch.testing.assert_close(log_probs, flat.log_probs, rtol=0, atol=1e-5)
-    unguided_tail, _, _ = transition_log_prob(sampler, flat.states, flat.times, flat.next_times, flat.next_states,
-                                              flat.labels, 0.7, 3.0)  # guided everywhere: differs after t = 0.5
+    unguided_tail, _, _ = transition_log_prob(
+        sampler, flat.states, flat.times, flat.next_times, flat.next_states, flat.labels, 0.7, 3.0
+    )  # guided everywhere: differs after t = 0.5
     late = flat.times > 0.5
     assert not torch.allclose(unguided_tail[late], flat.log_probs[late])
     torch.testing.assert_close(unguided_tail[~late], flat.log_probs[~late], rtol=0, atol=1e-5)

@@ -30,8 +30,9 @@ def test_negative_control_lost_rng_position_is_detected(tmp_path, monkeypatch):
     assert run_train(tmp_path / "split", *SHORT[1:], "training.max_steps=17") == 0
     original = trainer.micro_batch_seed
     start = {}
-    monkeypatch.setattr(trainer, "micro_batch_seed",
-                        lambda seed, step, j: original(seed, step - start.setdefault("step", step), j))
+    monkeypatch.setattr(
+        trainer, "micro_batch_seed", lambda seed, step, j: original(seed, step - start.setdefault("step", step), j)
+    )
     assert run_train(tmp_path / "split", *SHORT, "training.resume=auto") == 0
     assert not states_equal(final_state(tmp_path / "full"), final_state(tmp_path / "split"))
 
@@ -92,7 +93,9 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.Trainer, "micro_batch", poisoned)
     # The device counter is read every max(1, min(log_every, limit // 2)) steps: with a limit of 10 and
     # log_every 10 (FAST) every 5 steps, so the run stops after 10 bad steps, not at a log boundary.
-    with pytest.raises(runtime.RunError, match=r"^10 consecutive non-finite .* = 10\) ending at step 10; .*no checkpoint"):
+    with pytest.raises(
+        runtime.RunError, match=r"^10 consecutive non-finite .* = 10\) ending at step 10; .*no checkpoint"
+    ):
         run_train(tmp_path / "run", *SHORT, "training.max_nonfinite_steps=10", "training.log_every=100")
     assert ckpt.list_checkpoints(tmp_path / "run") == []
     with pytest.raises(runtime.RunError, match="3 consecutive non-finite .* = 3"):
@@ -109,15 +112,20 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
 
     def step_with_probe(self):
         if self.step == 12:
-            snapshots["before"] = ([p.clone() for p in self.model.parameters()],
-                                   [p.clone() for p in self.ema.model.parameters()],
-                                   {k: v.clone() for k, v in self.optimizer.state[next(self.model.parameters())].items()})
+            snapshots["before"] = (
+                [p.clone() for p in self.model.parameters()],
+                [p.clone() for p in self.ema.model.parameters()],
+                {k: v.clone() for k, v in self.optimizer.state[next(self.model.parameters())].items()},
+            )
             poisoned_batch = self.micro_batch
             self.micro_batch = lambda step, j: (lambda b: (b[0] * float("nan"), *b[1:]))(poisoned_batch(step, j))
             result = original(self)
             del self.micro_batch
-            after = ([p for p in self.model.parameters()], [p for p in self.ema.model.parameters()],
-                     self.optimizer.state[next(self.model.parameters())])
+            after = (
+                [p for p in self.model.parameters()],
+                [p for p in self.ema.model.parameters()],
+                self.optimizer.state[next(self.model.parameters())],
+            )
             for a, b in zip(snapshots["before"][0], after[0]):
                 assert th.equal(a, b)
             for a, b in zip(snapshots["before"][1], after[1]):
@@ -246,8 +254,13 @@ def test_default_command_learns_class_conditional_moons(tmp_path):
     from conftest import ROOT
 
     run_dir = tmp_path / "default"
-    result = subprocess.run([sys.executable, "train.py", f"training.run_dir={run_dir}", "training.progress=false"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "train.py", f"training.run_dir={run_dir}", "training.progress=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (run_dir / "samples.png").is_file()
     loaded = build.load_run(run_dir, "cpu")
@@ -271,14 +284,29 @@ def test_digits_stage_end_to_end(tmp_path):
     from classifier import train_classifier
 
     classifier = tmp_path / "digits.safetensors"
-    assert train_classifier("digits", classifier, epochs=4, width=16, batch_size=64, device="cpu", log=lambda *a: None) > 0.95
+    assert (
+        train_classifier("digits", classifier, epochs=4, width=16, batch_size=64, device="cpu", log=lambda *a: None)
+        > 0.95
+    )
     run_dir = tmp_path / "digits"
-    assert run_train(run_dir, "experiment=digits_cfg", "training.max_steps=300", "training.checkpoint_every=300",
-                     "training.log_every=50", "training.num_eval_samples=200", "solver.num_steps=16",
-                     f"training.classifier={classifier}") == 0
+    assert (
+        run_train(
+            run_dir,
+            "experiment=digits_cfg",
+            "training.max_steps=300",
+            "training.checkpoint_every=300",
+            "training.log_every=50",
+            "training.num_eval_samples=200",
+            "solver.num_steps=16",
+            f"training.classifier={classifier}",
+        )
+        == 0
+    )
     import json
 
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/sampling_s" in line]
+    evals = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/sampling_s" in line
+    ]
     final = evals[-1]
     assert final["eval/classifier_accuracy"] >= 0.6
     # Both distances positive and finite. Not FD > floor: a good model's samples can sit below the
@@ -290,8 +318,12 @@ def test_digits_stage_end_to_end(tmp_path):
     import inference
 
     out = tmp_path / "samples"
-    assert inference.main([f"checkpoint={run_dir}", f"out={out}", "n_per_class=10", "num_steps=16",
-                           f"classifier={classifier}"]) == 0
+    assert (
+        inference.main(
+            [f"checkpoint={run_dir}", f"out={out}", "n_per_class=10", "num_steps=16", f"classifier={classifier}"]
+        )
+        == 0
+    )
     scores = json.loads((out / "metrics.json").read_text())
     assert scores["classifier_accuracy"] >= 0.6 and scores["classifier_fd_real_floor"] > 0
     assert set(scores) >= {"classifier_fd", "jpeg_bpp", "png_bpp", "jpeg_payload_bpp", "png_payload_bpp"}
@@ -301,14 +333,36 @@ def test_training_logs_fid_n_against_a_reference(tmp_path, inception_weights):
     import json
 
     reference = tmp_path / "digits_test.npz"
-    assert load_script("build_reference_stats").main(["dataset=digits", "dataset.split=test", "limit=30",
-                                                      f"out={reference}", f"weights={inception_weights}",
-                                                      "progress=false"]) == 0
+    assert (
+        load_script("build_reference_stats").main(
+            [
+                "dataset=digits",
+                "dataset.split=test",
+                "limit=30",
+                f"out={reference}",
+                f"weights={inception_weights}",
+                "progress=false",
+            ]
+        )
+        == 0
+    )
     run_dir = tmp_path / "run"
-    assert run_train(run_dir, "experiment=digits_cfg", "model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16",
-                     "training.max_steps=4", "training.eval_every=2", "training.num_eval_samples=20",
-                     f"training.fid_reference={reference}", "training.fid_samples=20",
-                     f"training.inception_weights={inception_weights}") == 0
+    assert (
+        run_train(
+            run_dir,
+            "experiment=digits_cfg",
+            "model.base_ch=8",
+            "model.emb_dim=16",
+            "model.time_freq_dim=16",
+            "training.max_steps=4",
+            "training.eval_every=2",
+            "training.num_eval_samples=20",
+            f"training.fid_reference={reference}",
+            "training.fid_samples=20",
+            f"training.inception_weights={inception_weights}",
+        )
+        == 0
+    )
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fids = [(line["step"], line["eval/fid_20"]) for line in logged if "eval/fid_20" in line]
     assert [step for step, _ in fids] == [2, 4] and all(value > 0 for _, value in fids)

@@ -14,9 +14,19 @@ from config import ConfigError, load_config
 from conftest import FAST, assert_same_state, final_state, run_train
 
 # dit_smoke (mixer + 50 % masking + MoE + layerwise) on 1x16x16 digits: 64 tokens, ~0.4 M parameters.
-DIT = ["experiment=digits_cfg", "model=dit_smoke", "model.input_size=16", "model.in_channels=1",
-       "model.num_classes=10", "training.batch_size=32", "training.checkpoint_every=2",
-       "training.num_eval_samples=10", "training.log_every=1", "solver.num_steps=2", "device=cpu"]
+DIT = [
+    "experiment=digits_cfg",
+    "model=dit_smoke",
+    "model.input_size=16",
+    "model.in_channels=1",
+    "model.num_classes=10",
+    "training.batch_size=32",
+    "training.checkpoint_every=2",
+    "training.num_eval_samples=10",
+    "training.log_every=1",
+    "solver.num_steps=2",
+    "device=cpu",
+]
 
 
 def trainer_for(run_dir, *overrides) -> trainer.Trainer:
@@ -74,8 +84,13 @@ def test_unmasked_stage_starts_from_the_masked_stage_ema_only(tmp_path, capsys):
     assert any(not torch.equal(model1[key], ema1[key]) for key in model1)  # the two differ, so this tells
 
     # Everything: the raw model, the optimizer moments and the step (a plain continuation).
-    everything = trainer_for(tmp_path / "all", f"training.init.checkpoint={stage1}", "training.init.model=model",
-                             "training.init.optimizer=true", "training.init.step=true")
+    everything = trainer_for(
+        tmp_path / "all",
+        f"training.init.checkpoint={stage1}",
+        "training.init.model=model",
+        "training.init.optimizer=true",
+        "training.init.step=true",
+    )
     everything.resume()
     assert everything.step == 4
     for key, value in everything.model.state_dict().items():
@@ -124,18 +139,40 @@ def test_latent_smoke_presets_train_hand_off_and_decode(tmp_path, smoke):
 
     import inference
 
-    data = [f"dataset.path={smoke['path']}", f"dataset.vae={smoke['vae']}", "training.tensorboard=false",
-            "training.progress=false"]
+    data = [
+        f"dataset.path={smoke['path']}",
+        f"dataset.vae={smoke['vae']}",
+        "training.tensorboard=false",
+        "training.progress=false",
+    ]
     masked, unmasked = tmp_path / "masked", tmp_path / "unmasked"
-    assert train.main(["experiment=imagenet256_latent_dit_smoke", f"training.run_dir={masked}", *data,
-                       "training.max_steps=3"]) == 0
+    assert (
+        train.main(
+            ["experiment=imagenet256_latent_dit_smoke", f"training.run_dir={masked}", *data, "training.max_steps=3"]
+        )
+        == 0
+    )
     run = np.load(masked / "samples.npz")
     assert run["images"].shape == (4, 64, 64, 3) and run["latents"].shape == (4, 4, 8, 8)
-    assert train.main(["experiment=imagenet256_latent_dit_smoke_unmasked", f"training.run_dir={unmasked}", *data,
-                       f"training.init.checkpoint={masked}", "training.max_steps=2"]) == 0
+    assert (
+        train.main(
+            [
+                "experiment=imagenet256_latent_dit_smoke_unmasked",
+                f"training.run_dir={unmasked}",
+                *data,
+                f"training.init.checkpoint={masked}",
+                "training.max_steps=2",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "samples"
-    assert inference.main([f"checkpoint={unmasked}", f"out={out}", "n_per_class=1", "num_steps=2", "device=cpu",
-                           "guidance_scale=1.5"]) == 0
+    assert (
+        inference.main(
+            [f"checkpoint={unmasked}", f"out={out}", "n_per_class=1", "num_steps=2", "device=cpu", "guidance_scale=1.5"]
+        )
+        == 0
+    )
     samples = np.load(out / "samples.npz")
     # one image per class of the 2-class smoke cache, decoded to 64x64 RGB
     assert samples["images"].shape == (2, 64, 64, 3) and samples["latents"].shape == (2, 4, 8, 8)
@@ -144,10 +181,29 @@ def test_latent_smoke_presets_train_hand_off_and_decode(tmp_path, smoke):
 
 def test_unet_and_pixel_jit_smoke_presets_train(tmp_path, smoke):
     common = ["training.tensorboard=false", "training.progress=false", "training.max_steps=2"]
-    assert train.main(["experiment=imagenet256_latent_unet_smoke", f"training.run_dir={tmp_path / 'unet'}",
-                       f"dataset.path={smoke['path']}", f"dataset.vae={smoke['vae']}", *common]) == 0
-    assert train.main(["experiment=celeba256_jit_smoke", f"training.run_dir={tmp_path / 'jit'}",
-                       f"dataset.root={smoke['images']}", *common]) == 0
+    assert (
+        train.main(
+            [
+                "experiment=imagenet256_latent_unet_smoke",
+                f"training.run_dir={tmp_path / 'unet'}",
+                f"dataset.path={smoke['path']}",
+                f"dataset.vae={smoke['vae']}",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        train.main(
+            [
+                "experiment=celeba256_jit_smoke",
+                f"training.run_dir={tmp_path / 'jit'}",
+                f"dataset.root={smoke['images']}",
+                *common,
+            ]
+        )
+        == 0
+    )
     import numpy as np
 
     assert np.load(tmp_path / "jit" / "samples.npz")["images"].shape == (4, 32, 32, 3)

@@ -13,8 +13,17 @@ from rl.trainer import GRPOTrainer
 
 # A tiny class-conditional U-Net on 16x16 digits: a seed trains in seconds.
 TINY_MODEL = ["model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16"]
-FAST = ["device=cpu", "training.progress=false", "training.tensorboard=false", "training.num_eval_samples=20",
-        "solver.num_steps=4", "grpo.rollout_steps=4", "grpo.batch_size=2", "grpo.group_size=4", "grpo.num_inner=2"]
+FAST = [
+    "device=cpu",
+    "training.progress=false",
+    "training.tensorboard=false",
+    "training.num_eval_samples=20",
+    "solver.num_steps=4",
+    "grpo.rollout_steps=4",
+    "grpo.batch_size=2",
+    "grpo.group_size=4",
+    "grpo.num_inner=2",
+]
 GRPO_PRESETS = presets("grpo")
 
 
@@ -24,8 +33,17 @@ def seed_run(tmp_path_factory):
     from conftest import run_train
 
     run_dir = tmp_path_factory.mktemp("seed") / "digits"
-    assert run_train(run_dir, "experiment=digits_cfg", *TINY_MODEL, "training.max_steps=150",
-                     "training.checkpoint_every=150", "training.num_eval_samples=20") == 0
+    assert (
+        run_train(
+            run_dir,
+            "experiment=digits_cfg",
+            *TINY_MODEL,
+            "training.max_steps=150",
+            "training.checkpoint_every=150",
+            "training.num_eval_samples=20",
+        )
+        == 0
+    )
     return run_dir
 
 
@@ -42,8 +60,16 @@ def classifier_file(tmp_path_factory):
 @pytest.fixture
 def run_grpo(classifier_file):
     def run(run_dir, seed_run, *overrides):
-        return train_grpo.main([f"seed_checkpoint={seed_run}", f"training.run_dir={run_dir}", *FAST,
-                                f"training.classifier={classifier_file}", *overrides])
+        return train_grpo.main(
+            [
+                f"seed_checkpoint={seed_run}",
+                f"training.run_dir={run_dir}",
+                *FAST,
+                f"training.classifier={classifier_file}",
+                *overrides,
+            ]
+        )
+
     return run
 
 
@@ -63,33 +89,62 @@ def test_every_grpo_preset_composes(preset):
 def test_write_up_recipes_are_the_presets():
     # the write-up's JPEG recipe is WRITE_UP_JPEG's override line away (under Flow-GRPO's defaults)
     jpeg = load_grpo_config(["experiment=fashion_grpo_jpeg", "seed_checkpoint=x", *WRITE_UP_JPEG])
-    assert (jpeg.grpo.batch_size, jpeg.grpo.group_size, jpeg.grpo.num_inner, jpeg.grpo.lr, jpeg.grpo.clip_eps,
-            jpeg.grpo.kl_beta, jpeg.grpo.advantage_scale, jpeg.grpo.epochs) == (4, 8, 6, 2e-5, 0.5, 0.01, 5.0, 300)
-    assert (jpeg.reward.name, jpeg.grpo.guidance_scale, list(jpeg.grpo.guidance_interval), jpeg.grpo.timestep_selection,
-            jpeg.grpo.train_timesteps, jpeg.grpo.detach_uncond) == ("jpeg", 3.0, [0.0, 1.0], "first", None, True)
+    assert (
+        jpeg.grpo.batch_size,
+        jpeg.grpo.group_size,
+        jpeg.grpo.num_inner,
+        jpeg.grpo.lr,
+        jpeg.grpo.clip_eps,
+        jpeg.grpo.kl_beta,
+        jpeg.grpo.advantage_scale,
+        jpeg.grpo.epochs,
+    ) == (4, 8, 6, 2e-5, 0.5, 0.01, 5.0, 300)
+    assert (
+        jpeg.reward.name,
+        jpeg.grpo.guidance_scale,
+        list(jpeg.grpo.guidance_interval),
+        jpeg.grpo.timestep_selection,
+        jpeg.grpo.train_timesteps,
+        jpeg.grpo.detach_uncond,
+    ) == ("jpeg", 3.0, [0.0, 1.0], "first", None, True)
     shipped = load_grpo_config(["experiment=fashion_grpo_jpeg", "seed_checkpoint=x"])
     assert shipped.grpo.epochs == 60 and list(shipped.grpo.guidance_interval) == [0.0, 0.6]
     anchor = shipped.reward.terms[1]
     assert shipped.reward.name == "weighted_sum" and anchor.reward.ceiling == 0.95 and anchor.weight == 5.0
     assert anchor.reward.classifier != shipped.training.classifier  # evaluated by a classifier it never sees
     trouser = load_grpo_config(["experiment=fashion_grpo_trouser", "seed_checkpoint=x"])
-    assert (trouser.grpo.batch_size, trouser.grpo.group_size, trouser.grpo.num_inner, trouser.grpo.lr,
-            trouser.grpo.kl_beta, trouser.grpo.clip_eps, trouser.grpo.advantage_scale) == (4, 32, 12, 1e-4, 0.001, 1.0, 20.0)
+    assert (
+        trouser.grpo.batch_size,
+        trouser.grpo.group_size,
+        trouser.grpo.num_inner,
+        trouser.grpo.lr,
+        trouser.grpo.kl_beta,
+        trouser.grpo.clip_eps,
+        trouser.grpo.advantage_scale,
+    ) == (4, 32, 12, 1e-4, 0.001, 1.0, 20.0)
     assert trouser.reward.name == "fixed_class_logprob" and trouser.reward.target_class == 1
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ([], ["seed_checkpoint", "required"]),
-    (["seed_checkpoint=x", "grpo.group_size=1"], ["grpo.group_size", "1", ">= 2"]),
-    (["seed_checkpoint=x", "grpo.train_timesteps=11"], ["grpo.train_timesteps", "11", "rollout_steps"]),
-    (["seed_checkpoint=x", "grpo.timestep_selection=first", "grpo.train_timesteps=10"],
-     ["grpo.train_timesteps", "10", "rollout_steps - 1", "random"]),
-    (["seed_checkpoint=x", "grpo.timestep_selection=middle"], ["grpo.timestep_selection", "middle", "first", "last", "random"]),
-    (["seed_checkpoint=x", "grpo.log_prob_reduce=max"], ["grpo.log_prob_reduce", "max", "mean", "sum"]),
-    (["seed_checkpoint=x", "solver.steps=3"], ["solver.steps", "num_steps"]),
-    (["seed_checkpoint=x", "grpo.kl=0.1"], ["grpo.kl", "kl_beta"]),
-    (["seed_checkpoint=x", "grpo.guidance_interval=[0.7,0.2]"], ["grpo.guidance_interval", "0.7", "t_lo <= t_hi"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ([], ["seed_checkpoint", "required"]),
+        (["seed_checkpoint=x", "grpo.group_size=1"], ["grpo.group_size", "1", ">= 2"]),
+        (["seed_checkpoint=x", "grpo.train_timesteps=11"], ["grpo.train_timesteps", "11", "rollout_steps"]),
+        (
+            ["seed_checkpoint=x", "grpo.timestep_selection=first", "grpo.train_timesteps=10"],
+            ["grpo.train_timesteps", "10", "rollout_steps - 1", "random"],
+        ),
+        (
+            ["seed_checkpoint=x", "grpo.timestep_selection=middle"],
+            ["grpo.timestep_selection", "middle", "first", "last", "random"],
+        ),
+        (["seed_checkpoint=x", "grpo.log_prob_reduce=max"], ["grpo.log_prob_reduce", "max", "mean", "sum"]),
+        (["seed_checkpoint=x", "solver.steps=3"], ["solver.steps", "num_steps"]),
+        (["seed_checkpoint=x", "grpo.kl=0.1"], ["grpo.kl", "kl_beta"]),
+        (["seed_checkpoint=x", "grpo.guidance_interval=[0.7,0.2]"], ["grpo.guidance_interval", "0.7", "t_lo <= t_hi"]),
+    ],
+)
 def test_config_errors_name_the_key(overrides, words):
     with pytest.raises(ConfigError) as error:
         load_grpo_config(overrides)
@@ -116,18 +171,28 @@ def test_first_inner_update_has_ratio_one(tmp_path, seed_run):
     values = trainer.iteration()
     assert values["grpo/first_update_ratio_deviation"] <= 1e-6
     # rollouts guided on an interval only (the seed's deployed sampler): the recomputation uses it too
-    interval = load_grpo_config([f"seed_checkpoint={seed_run}", *FAST, "grpo.guidance_scale=2",
-                                 "grpo.guidance_interval=[0,0.6]"])
-    assert GRPOTrainer(interval, setup_runtime("cpu"), tmp_path / "interval").iteration()[
-        "grpo/first_update_ratio_deviation"] <= 1e-6
+    interval = load_grpo_config(
+        [f"seed_checkpoint={seed_run}", *FAST, "grpo.guidance_scale=2", "grpo.guidance_interval=[0,0.6]"]
+    )
+    assert (
+        GRPOTrainer(interval, setup_runtime("cpu"), tmp_path / "interval").iteration()[
+            "grpo/first_update_ratio_deviation"
+        ]
+        <= 1e-6
+    )
     assert values["grpo/ratio_max"] > 1 + 1e-6 or values["grpo/ratio_min"] < 1 - 1e-6  # the second update moved
     assert values["grpo/kl"] > 0 and torch.isfinite(torch.tensor(values["grpo/loss"]))
 
 
 def test_interrupted_run_resumes_bitwise(tmp_path, seed_run, run_grpo):
     """4 iterations in one go == 2, stop, then resume to 4: same weights and optimizer state."""
-    common = ["grpo.kl_beta=0.05", "grpo.lr=1e-3", "grpo.train_timesteps=3", "grpo.timestep_selection=random",
-              "training.checkpoint_every=1"]
+    common = [
+        "grpo.kl_beta=0.05",
+        "grpo.lr=1e-3",
+        "grpo.train_timesteps=3",
+        "grpo.timestep_selection=random",
+        "training.checkpoint_every=1",
+    ]
     assert run_grpo(tmp_path / "straight", seed_run, *common, "training.max_steps=4") == 0
     assert run_grpo(tmp_path / "resumed", seed_run, *common, "training.max_steps=2") == 0
     with pytest.raises(ConfigError, match="already holds checkpoints"):  # never silently overwrites
@@ -153,7 +218,10 @@ def test_checkpoint_samples_with_inference_cli(tmp_path, seed_run, run_grpo):
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert 0 <= evaluation["eval/ode/classifier_accuracy"] <= 1 and evaluation["eval/ode/classifier_fd"] > 0, evaluation
     out = tmp_path / "samples"
-    assert inference.main([f"checkpoint={tmp_path / 'run'}", f"out={out}", "n_per_class=2", "num_steps=4", "device=cpu"]) == 0
+    assert (
+        inference.main([f"checkpoint={tmp_path / 'run'}", f"out={out}", "n_per_class=2", "num_steps=4", "device=cpu"])
+        == 0
+    )
     images = __import__("numpy").load(out / "samples.npz")["images"]
     assert images.shape == (20, 16, 16, 1)
 
@@ -162,14 +230,36 @@ def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run, run_grpo):
     """Fixed seed, 12 iterations from the tiny seed (~20 s here): the deterministic ODE samples of the
     same noise and labels become clearly more compressible. Measured: see the assertion message."""
     run_dir = tmp_path / "jpeg"
-    assert run_grpo(run_dir, seed_run, "experiment=digits_grpo_jpeg", *FAST, "grpo.lr=1e-3", "grpo.kl_beta=0",
-                    "grpo.guidance_scale=1", "grpo.group_size=8", "grpo.advantage_scale=1", "training.max_steps=12",
-                    "training.eval_every=0", "training.classifier=null", "grpo.clip_eps=0.2") == 0
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/ode/reward" in line]
+    assert (
+        run_grpo(
+            run_dir,
+            seed_run,
+            "experiment=digits_grpo_jpeg",
+            *FAST,
+            "grpo.lr=1e-3",
+            "grpo.kl_beta=0",
+            "grpo.guidance_scale=1",
+            "grpo.group_size=8",
+            "grpo.advantage_scale=1",
+            "training.max_steps=12",
+            "training.eval_every=0",
+            "training.classifier=null",
+            "grpo.clip_eps=0.2",
+        )
+        == 0
+    )
+    evals = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "eval/ode/reward" in line
+    ]
     before, after = evals[0], evals[-1]
-    rewards = [json.loads(line)["reward/mean"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if "reward/mean" in line]
-    message = f"ODE JPEG bpp {-before['eval/ode/reward']:.3f} -> {-after['eval/ode/reward']:.3f}; rollout rewards {rewards}"
+    rewards = [
+        json.loads(line)["reward/mean"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "reward/mean" in line
+    ]
+    message = (
+        f"ODE JPEG bpp {-before['eval/ode/reward']:.3f} -> {-after['eval/ode/reward']:.3f}; rollout rewards {rewards}"
+    )
     # a clear margin: 0.3 bpp is several times the rollout reward's spread between iterations at a fixed policy
     assert after["eval/ode/reward"] > before["eval/ode/reward"] + 0.3, message
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, message
@@ -191,8 +281,18 @@ def seed_and_classifier_28(tmp_path_factory):
     train_classifier("digits", classifier, epochs=4, width=8, device="cpu", image_size=28, log=lambda line: None)
     train_classifier("digits", anchor, epochs=4, width=12, seed=1, device="cpu", image_size=28, log=lambda line: None)
     seed = root / "seed"
-    assert run_train(seed, "experiment=digits_cfg", "+dataset.image_size=28", *TINY_MODEL, "training.max_steps=300",
-                     "training.checkpoint_every=300", "training.num_eval_samples=20") == 0
+    assert (
+        run_train(
+            seed,
+            "experiment=digits_cfg",
+            "+dataset.image_size=28",
+            *TINY_MODEL,
+            "training.max_steps=300",
+            "training.checkpoint_every=300",
+            "training.num_eval_samples=20",
+        )
+        == 0
+    )
     return seed, classifier, anchor
 
 
@@ -204,21 +304,46 @@ WRITE_UP_JPEG = ["reward=jpeg", "grpo.guidance_scale=3", "grpo.guidance_interval
 def jpeg_run_28(run_dir, seed, classifier, *overrides, lr="2e-4", iterations=8) -> tuple[list[dict], dict]:
     """fashion_grpo_jpeg on the 28x28 seed (30 ODE samples every 4 iterations, 8 Heun steps, guidance as in
     the shipped preset's rollouts) -> (evaluations, a summary of the first and last for messages)."""
-    assert train_grpo.main([f"seed_checkpoint={seed}", f"training.run_dir={run_dir}", "experiment=fashion_grpo_jpeg",
-                            "device=cpu", "training.progress=false", "training.tensorboard=false",
-                            f"training.classifier={classifier}", "training.num_eval_samples=30", "training.eval_every=4",
-                            "solver.num_steps=8", "solver.guidance_scale=1.75", "solver.guidance_interval=[0,0.6]",
-                            f"grpo.lr={lr}", f"training.max_steps={iterations}", *overrides]) == 0
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "eval/ode/classifier_accuracy" in line]
-    message = {key: [round(e[key], 3) for e in evals]
-               for key in ("eval/ode/classifier_accuracy", "eval/ode/jpeg_payload_bpp", "eval/ode/jpeg_bpp")}
+    assert (
+        train_grpo.main(
+            [
+                f"seed_checkpoint={seed}",
+                f"training.run_dir={run_dir}",
+                "experiment=fashion_grpo_jpeg",
+                "device=cpu",
+                "training.progress=false",
+                "training.tensorboard=false",
+                f"training.classifier={classifier}",
+                "training.num_eval_samples=30",
+                "training.eval_every=4",
+                "solver.num_steps=8",
+                "solver.guidance_scale=1.75",
+                "solver.guidance_interval=[0,0.6]",
+                f"grpo.lr={lr}",
+                f"training.max_steps={iterations}",
+                *overrides,
+            ]
+        )
+        == 0
+    )
+    evals = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval/ode/classifier_accuracy" in line
+    ]
+    message = {
+        key: [round(e[key], 3) for e in evals]
+        for key in ("eval/ode/classifier_accuracy", "eval/ode/jpeg_payload_bpp", "eval/ode/jpeg_bpp")
+    }
     return evals, message
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("departures", [[], ["grpo.detach_uncond=false", "grpo.timestep_selection=random"]],
-                         ids=["flow_grpo_defaults", "old_departures"])
+@pytest.mark.parametrize(
+    "departures",
+    [[], ["grpo.detach_uncond=false", "grpo.timestep_selection=random"]],
+    ids=["flow_grpo_defaults", "old_departures"],
+)
 def test_write_up_jpeg_recipe_collapses_to_blank_images_on_28x28_digits(tmp_path, seed_and_classifier_28, departures):
     """Reproduces the reported collapse of the write-up's JPEG recipe, then `fashion_grpo_jpeg` (accuracy
     1.00 -> 0.10, payload 2.48 -> 0.02 bpp by iteration 50): its knobs (CFG 3 rollouts, 6 inner steps,
@@ -242,12 +367,16 @@ def test_shipped_jpeg_preset_compresses_without_collapse_on_28x28_digits(tmp_pat
     reward never sees. Measured here: write-up 0.60 -> 0.10 (payload 2.26 -> 1.20 bpp); shipped 0.60 ->
     0.53, payload 2.04 bpp at iteration 8 (its lowest) and 2.26 at 16."""
     seed, classifier, anchor = seed_and_classifier_28
-    write_up, write_up_message = jpeg_run_28(tmp_path / "write_up", seed, classifier, *WRITE_UP_JPEG,
-                                             lr="5e-5", iterations=16)
-    shipped, message = jpeg_run_28(tmp_path / "shipped", seed, classifier, f"reward.terms.1.reward.classifier={anchor}",
-                                   lr="5e-5", iterations=16)
+    write_up, write_up_message = jpeg_run_28(
+        tmp_path / "write_up", seed, classifier, *WRITE_UP_JPEG, lr="5e-5", iterations=16
+    )
+    shipped, message = jpeg_run_28(
+        tmp_path / "shipped", seed, classifier, f"reward.terms.1.reward.classifier={anchor}", lr="5e-5", iterations=16
+    )
     assert write_up[-1]["eval/ode/classifier_accuracy"] <= 0.3, write_up_message
     before = shipped[0]
     assert before["eval/ode/classifier_accuracy"] >= 0.5, message
-    assert all(e["eval/ode/classifier_accuracy"] >= before["eval/ode/classifier_accuracy"] - 0.15 for e in shipped), message
+    assert all(e["eval/ode/classifier_accuracy"] >= before["eval/ode/classifier_accuracy"] - 0.15 for e in shipped), (
+        message
+    )
     assert min(e["eval/ode/jpeg_payload_bpp"] for e in shipped) <= 0.95 * before["eval/ode/jpeg_payload_bpp"], message

@@ -14,8 +14,17 @@ CPU = runtime.Runtime(device=torch.device("cpu"))
 
 
 def make_trainer(tmp_path, *overrides, num_samples=40):
-    cfg = load_config(["experiment=moons_cfg", "training.batch_size=8", "training.grad_accum=2", "training.epochs=3",
-                       "training.tensorboard=false", "training.progress=false", *overrides])
+    cfg = load_config(
+        [
+            "experiment=moons_cfg",
+            "training.batch_size=8",
+            "training.grad_accum=2",
+            "training.epochs=3",
+            "training.tensorboard=false",
+            "training.progress=false",
+            *overrides,
+        ]
+    )
     return Trainer(cfg, CPU, tmp_path / "run", dataset=datasets.load_moons(num_samples=num_samples))
 
 
@@ -25,8 +34,12 @@ def make_trainer(tmp_path, *overrides, num_samples=40):
 def test_step_meter_means_ignore_non_finite_steps_and_reset():
     meter = StepMeter("cpu")
     meter.add(torch.tensor(1.0), torch.tensor(2.0), torch.tensor([1.0, 3.0]), torch.tensor([0.05, 0.95]))
-    meter.add(torch.tensor(float("nan")), torch.tensor(float("inf")), torch.tensor([float("nan")] * 2),
-              torch.tensor([0.05, 0.55]))
+    meter.add(
+        torch.tensor(float("nan")),
+        torch.tensor(float("inf")),
+        torch.tensor([float("nan")] * 2),
+        torch.tensor([0.05, 0.55]),
+    )
     meter.add(torch.tensor(3.0), torch.tensor(4.0), torch.tensor([5.0, 7.0]), torch.tensor([0.0, 0.999]))
     values = meter.values(batch_size=2)
     assert values["train/loss"] == 2.0 and values["train/grad_norm"] == 3.0 and values["train/skipped_steps"] == 1.0
@@ -109,11 +122,14 @@ def test_label_dropout_to_the_null_label(tmp_path):
     assert unconditional.micro_batch(0, 0)[1] is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["training.batch_size=9"], "must be divisible by world_size \\* grad_accum = 2"),
-    (["training.batch_size=64"], "exceeds the dataset size 40"),
-    (["model.num_classes=1"], "model.num_classes = 1 but dataset 'moons' has 2 classes"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["training.batch_size=9"], "must be divisible by world_size \\* grad_accum = 2"),
+        (["training.batch_size=64"], "exceeds the dataset size 40"),
+        (["model.num_classes=1"], "model.num_classes = 1 but dataset 'moons' has 2 classes"),
+    ],
+)
 def test_bad_settings_are_config_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         make_trainer(tmp_path, *overrides)

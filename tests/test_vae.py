@@ -98,7 +98,9 @@ def test_make_tiny_vae_script(tmp_path, capsys):
     spec.loader.exec_module(script)
     out = tmp_path / "v"
     assert script.main([f"out={out}", "scaling_factor=0.5"]) == 0
-    with pytest.raises(ConfigError, match="unknown config key 'scale'; allowed keys under '<root>': out, scaling_factor"):
+    with pytest.raises(
+        ConfigError, match="unknown config key 'scale'; allowed keys under '<root>': out, scaling_factor"
+    ):
         script.main(["scale=2"])
     with pytest.raises(ConfigError, match="out = None: is required"):
         script.main(["seed=1"])

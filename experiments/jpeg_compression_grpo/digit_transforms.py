@@ -35,7 +35,7 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return x
     radius = int(3 * sigma) + 1
-    taps = torch.exp(-torch.arange(-radius, radius + 1).float() ** 2 / (2 * sigma**2))
+    taps = torch.exp(-(torch.arange(-radius, radius + 1).float() ** 2) / (2 * sigma**2))
     taps = taps / taps.sum()
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1))
@@ -73,8 +73,10 @@ def main(root: str, anchor_path: str, judge_path: str, n: int) -> None:
         allowed = anchor_log_p >= math.log(tau)
         choice = torch.where(allowed, bpp, torch.full_like(bpp, math.inf)).argmin(0)  # untransformed if none passes
         total = bpp[choice, rows].mean().item()
-        print(f"| {tau} | {total:.2f} | {total - fixed:.2f} | {100 * (total / real_bpp - 1):+.1f} % | "
-              f"{judged[choice, rows].mean().item():.3f} |")
+        print(
+            f"| {tau} | {total:.2f} | {total - fixed:.2f} | {100 * (total / real_bpp - 1):+.1f} % | "
+            f"{judged[choice, rows].mean().item():.3f} |"
+        )
 
 
 @dataclass

@@ -36,8 +36,16 @@ def load_run(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def points(evals: list[dict], measure: str = "payload") -> list[tuple[int, float, float, float, float]]:
     """(iteration, payload or total bpp reduction %, accuracy, total bpp, classifier-FD) per evaluation."""
     key = "eval/ode/jpeg_payload_bpp" if measure == "payload" else "eval/ode/jpeg_bpp"
-    return [(d["step"], 100 * (1 - d[key] / evals[0][key]), d["eval/ode/classifier_accuracy"],
-             d["eval/ode/jpeg_bpp"], d["eval/ode/classifier_fd"]) for d in evals]
+    return [
+        (
+            d["step"],
+            100 * (1 - d[key] / evals[0][key]),
+            d["eval/ode/classifier_accuracy"],
+            d["eval/ode/jpeg_bpp"],
+            d["eval/ode/classifier_fd"],
+        )
+        for d in evals
+    ]
 
 
 def main(sweep_dir: Path, best: str | None, measure: str = "payload", tag: str = "") -> None:
@@ -100,8 +108,9 @@ def before_after(run_dir: Path, iteration: int | None, tag: str = "") -> None:
         before, labels = generate(seed.sampler, policy.solver, policy.sample_shape, 50, seed=0)
         after, _ = generate(policy.sampler, policy.solver, policy.sample_shape, 50, seed=0)
     figure = comparison_figure(before, after, labels, "digits")
-    figure.suptitle(f"left: seed | right: {run_dir.name} @ {policy.checkpoint.step} (same noise and labels)",
-                    fontsize=9, y=1.02)
+    figure.suptitle(
+        f"left: seed | right: {run_dir.name} @ {policy.checkpoint.step} (same noise and labels)", fontsize=9, y=1.02
+    )
     figure.savefig(FIGURES / f"before_after{tag}.png", bbox_inches="tight")
     close_figure(figure)
 
