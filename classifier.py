@@ -290,7 +290,8 @@ def train_classifier(
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         order = torch.Generator().manual_seed(seed)
         log(
-            f"classifier: {dataset} train {len(train_set)} / test {len(test_set)} images {list(train_set.sample_shape)}, "
+            f"classifier: {dataset} train {len(train_set)} / test {len(test_set)} images "
+            f"{list(train_set.sample_shape)}, "
             f"{count_parameters(model) / 1e6:.2f}M parameters, {total_steps} steps on {device}"
         )
         step = 0

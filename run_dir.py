@@ -245,7 +245,8 @@ def check_compatible(saved, current, source: Path) -> None:
         if to_plain(saved.get(section)) != to_plain(current.get(section)):
             raise ckpt.CheckpointError(
                 f"checkpoint {source} was trained with {section} = {to_plain(saved.get(section))}, but this run has "
-                f"{section} = {to_plain(current.get(section))}; resume with the original {section} config or start a new run_dir"
+                f"{section} = {to_plain(current.get(section))}; resume with the original {section} config or start "
+                f"a new run_dir"
             )
 
 

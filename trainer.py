@@ -153,7 +153,8 @@ class Trainer:
         self.micro_batches = runtime.world_size * tr.grad_accum
         if tr.batch_size % self.micro_batches:
             raise ConfigError(
-                f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = {self.micro_batches}"
+                f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = "
+                f"{self.micro_batches}"
             )
         self.micro_batch_size = tr.batch_size // self.micro_batches
         self.steps_per_epoch = len(self.train_data) // tr.batch_size

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from config import check, check_choice, parse_keys
+from cli import parse_keys
+from config import check, check_choice
 from runtime import run_main
 
 ROOT = Path(__file__).resolve().parents[1]

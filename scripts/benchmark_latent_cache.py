@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 import latent_cache
-from config import check, check_choice, parse_keys
+from cli import parse_keys
+from config import check, check_choice
 from latent_cache import write_synthetic_cache
 from runtime import derive_seed, epoch_permutation, run_main
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from build import build_flow, build_model, load_run
-from config import DEVICES, check, check_choice, load_config, parse_keys, resolve_solver
+from cli import parse_keys
+from config import DEVICES, check, check_choice, load_config, resolve_solver
 from datasets import DATASET_INFO
 from runtime import run_main, select_device
 from sampling import FlowSampler, generate

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from config import check, load_config, parse_keys
+from cli import parse_keys
+from config import check, load_config
 from runtime import run_main, setup_runtime
 from trainer import Trainer
 

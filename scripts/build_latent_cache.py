@@ -30,7 +30,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from config import ConfigError, check, check_choice, exit_on_help, parse_keys
+from cli import exit_on_help, parse_keys
+from config import ConfigError, check, check_choice
 from latent_cache import LATENT_DTYPES, build_shards, convert_shards, shard_path, write_synthetic_cache
 from runtime import run_main
 from smoke_data import make_smoke_cache

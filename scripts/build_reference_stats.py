@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 import build
 import inception
-from config import DEVICES, ConfigError, check, check_choice, parse_keys
+from cli import parse_keys
+from config import DEVICES, ConfigError, check, check_choice
 from dataset_registry import DATASETS
 from datasets import ImageFolderDataset, load_imagefolder
 from runtime import run_main, select_device

@@ -7,8 +7,9 @@ image, and training FLOPs per image, for one or more mask ratios (masked pretrai
         model.num_heads=4 json=true
 
 The model is a `models_dit.DIT_MODELS` name or a model config YAML (`name:` + constructor kwargs), with
-optional constructor overrides as in the training commands: `model.KEY=VALUE` (`model.mlp_ratio=[0.5,4.0]`). It is built on the meta
-device, so even the 695M-parameter model costs no memory, and counted analytically from its layer shapes.
+optional constructor overrides as in the training commands: `model.KEY=VALUE` (`model.mlp_ratio=[0.5,4.0]`).
+It is built on the meta device, so even the 695M-parameter model costs no memory, and counted analytically
+from its layer shapes.
 
 Conventions (those of the write-up's figures, e.g. 14.45 G MACs -> 86.72 G train FLOPs per image):
 1 MAC = one multiply-add; forward FLOPs = 2 x MACs; a training step (forward + backward) = 3 x forward:
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from build import build_meta_dit
-from config import ConfigError, check, parse_keys
+from cli import parse_keys
+from config import ConfigError, check
 from dit_compute import complexity, forward_macs
 from runtime import run_main
 

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from build import build_meta_dit
-from config import ConfigError, check, parse_keys
+from cli import parse_keys
+from config import ConfigError, check
 from dit_compute import complexity
 from runtime import run_main
 

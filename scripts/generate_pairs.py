@@ -32,15 +32,8 @@ import torch.distributed as dist
 import checkpoint as ckpt
 import couplings
 from build import load_run
-from config import (
-    PairsConfig,
-    apply_schema,
-    compose,
-    exit_on_help,
-    solver_overrides,
-    to_plain,
-    validate_pairs,
-)
+from cli import exit_on_help
+from config import PairsConfig, apply_schema, compose, solver_overrides, to_plain, validate_pairs
 from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
 from sampling import NonFiniteSamplesError, sample_kwargs
 
@@ -80,7 +73,8 @@ class PairGeneration:
             "sample_shape": list(run.sample_shape),
             "num_classes": run.sampler.num_classes,
             "labels": "pair i: i mod num_classes (-1 for an unconditional teacher)",
-            "noise": "chunk c: torch.randn([rows, *sample_shape]) from a CPU generator seeded by derive_seed(seed, c, 0xF10)",
+            "noise": "chunk c: torch.randn([rows, *sample_shape]) from a CPU generator seeded by "
+            "derive_seed(seed, c, 0xF10)",
         }
 
     def claim_directory(self) -> dict:

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import check, check_choice, parse_keys
+from cli import parse_keys
+from config import check, check_choice
 from runtime import run_main
 
 KINDS = ("digits28", "shapes28")

@@ -11,7 +11,8 @@ Load it like any VAE: vae.SDVAE("runs/tiny_vae"), `vae=runs/tiny_vae` in build_l
 import sys
 from dataclasses import asdict, dataclass
 
-from config import check, parse_keys
+from cli import parse_keys
+from config import check
 from runtime import run_main
 from smoke_data import save_tiny_vae
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config import check, parse_keys
+from cli import parse_keys
+from config import check
 from latent_cache import LatentCacheError, check_latent_cache
 from runtime import run_main
 

@@ -1,6 +1,7 @@
 """Score saved samples (inference.py's samples.npz) with one or more classifiers, without re-sampling.
 
-    python scripts/score_samples.py run=RUN_DIR classifiers=[A.safetensors,B.safetensors] samples=[DIR1,DIR2] [out=FILE.jsonl]
+    python scripts/score_samples.py run=RUN_DIR classifiers=[A.safetensors,B.safetensors] \\
+        samples=[DIR1,DIR2] [out=FILE.jsonl]
 
 The dataset (and so the held-out split the classifier-FD is taken against, and the train split behind
 the real-vs-real floor) is the run's own, read from RUN_DIR/config.yaml, exactly as `inference.py
@@ -20,7 +21,8 @@ import torch
 from omegaconf import OmegaConf
 
 from build import load_eval_classifier
-from config import check, parse_keys
+from cli import parse_keys
+from config import check
 from datasets import uint8_to_model_space
 from runtime import run_main
 

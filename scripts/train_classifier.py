@@ -17,7 +17,8 @@ import sys
 from dataclasses import dataclass
 
 from classifier import IMAGE_DATASETS, train_classifier
-from config import DEVICES, check, check_choice, parse_keys
+from cli import parse_keys
+from config import DEVICES, check, check_choice
 from runtime import run_main
 
 
@@ -52,7 +53,7 @@ TRAINING_SPELLINGS = {
 
 def parse_args(argv: list[str]) -> ClassifierTrainConfig:
     """`key=value` strings -> a checked config; unknown keys, wrong types and bad values fail with
-    the key named (the training config's messages, via config.parse_keys)."""
+    the key named (the training config's messages, via cli.parse_keys)."""
     cfg = parse_keys(argv, ClassifierTrainConfig, __doc__, spellings=TRAINING_SPELLINGS)
     cfg.dataset = DATASET_ALIASES.get(cfg.dataset, cfg.dataset)
     check(cfg.dataset is not None, "dataset", cfg.dataset, f"required; choose one of: {', '.join(IMAGE_DATASETS)}")

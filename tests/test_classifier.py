@@ -1,4 +1,5 @@
-"""The reward / metrics classifier (classifier.py, trained by scripts/train_classifier.py) and the metrics built on it."""
+"""The reward / metrics classifier (classifier.py, trained by scripts/train_classifier.py) and the metrics
+built on it."""
 
 import re
 

@@ -106,7 +106,8 @@ def test_every_yaml_parses_with_skypilots_loader(name):
 def test_the_committed_chain_is_what_sky_chain_renders():
     expected = sky_chain.dump(sky_chain.render(infra="runpod/CA"))
     assert (CLOUD / "runpod_imagenet256_chain.yaml").read_text() == expected, (
-        "re-render: uv run python scripts/sky_chain.py render --infra runpod/CA --out cloud/runpod_imagenet256_chain.yaml"
+        "re-render: uv run python scripts/sky_chain.py render --infra runpod/CA "
+        "--out cloud/runpod_imagenet256_chain.yaml"
     )
     assert [d["name"] for d in tasks_of(expected)] == ["masked80", "unmasked20", "eval"]
 

@@ -6,7 +6,7 @@ A command is a line in a fenced code block that starts (after `VAR=value` enviro
 - the entry points (`train.py`, `train_grpo.py`, `inference.py`, `eval_imagenet.py`) take Hydra
   key=value overrides: their config is composed, typed and validated exactly as their `main` does
   before it touches a checkpoint or a device;
-- the key=value scripts run `main(args)` until `config.parse_keys` has parsed and typed their keys (a
+- the key=value scripts run `main(args)` until `cli.parse_keys` has parsed and typed their keys (a
   benchmark's pass-through train.py overrides are composed and validated with `config.load_config`);
 - argparse scripts run `main([... "--help"])` (exit 0), and every `--flag` the doc writes must be an
   option of the parser, or of the sub-command's parser, that the script builds.
@@ -22,6 +22,7 @@ from unittest import mock
 
 import pytest
 
+import cli
 import config
 from conftest import ROOT, load_script
 
@@ -33,7 +34,9 @@ PLACEHOLDERS = {
     " [any train.py override]": "",  # benchmarks.md: free text standing for more overrides
     "batch=B": "batch=64",  # benchmarks.md: a batch size
     # imagenet256_storage.md: "the keys of the command above", then shell arithmetic for one rank
-    "build ... rank=$((m*8+g)) world=$((M*8)) device=cuda:$g": "build images=IMAGES out=OUT rank=9 world=16 device=cuda:1",
+    "build ... rank=$((m*8+g)) world=$((M*8)) device=cuda:$g": (
+        "build images=IMAGES out=OUT rank=9 world=16 device=cuda:1"
+    ),
 }
 # Documented commands that cannot be dry-run here, each with its reason.
 SKIPPED = {
@@ -108,13 +111,13 @@ ENTRY_POINTS = {
 
 
 class Parsed(Exception):
-    """Raised by the stand-in for config.parse_keys once a script's arguments have parsed."""
+    """Raised by the stand-in for cli.parse_keys once a script's arguments have parsed."""
 
 
 def dry_key_value(module, args):
-    """Run the script's main until its key=value arguments are parsed and typed by config.parse_keys;
+    """Run the script's main until its key=value arguments are parsed and typed by cli.parse_keys;
     the overrides a benchmark passes through to train.py are composed and validated too."""
-    real = config.parse_keys
+    real = cli.parse_keys
 
     def parse_then_stop(*a, **kw):
         result = real(*a, **kw)
@@ -177,7 +180,7 @@ def test_documented_command_parses(where, command, capsys):
         dry_key_value(module, args)
         return
     parser = built_parser(module)
-    assert parser is not None, f"{where}: {script} builds no ArgumentParser and uses no config.parse_keys"
+    assert parser is not None, f"{where}: {script} builds no ArgumentParser and uses no cli.parse_keys"
     options, command_path = option_strings(parser, args)
     with pytest.raises(SystemExit) as exit_info:
         module.main([*command_path, "--help"])

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from classifier import classifier_logits, load_classifier
-from config import check, parse_keys
+from cli import parse_keys
+from config import check
 from datasets import load_fashion_mnist, uint8_to_model_space
 from metrics import constant_image_bits_per_pixel, jpeg_bits_per_pixel
 from runtime import run_main

@@ -124,7 +124,7 @@ class PlotConfig:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from config import parse_keys
+    from cli import parse_keys
 
     args = parse_keys(sys.argv[1:] if argv is None else argv, PlotConfig, __doc__)
     main(Path(args.sweep_dir), args.best, args.measure, args.tag)
