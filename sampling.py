@@ -333,7 +333,8 @@ def generate(
     `labels` is given; with fewer samples than classes (ImageNet), one each of evenly spaced classes.
     The noise is drawn on the CPU from `seed`, so the same seed gives the same samples on every device.
     batch_size (images per forward; CFG doubles the rows): default 1024 on an accelerator, CPU_SAMPLE_BATCH
-    on the CPU. progress: called with each batch's size (a tqdm bar's update). Returns (samples [N, *sample_shape] float32, labels [N] or None).
+    on the CPU. progress: called with each batch's size (a tqdm bar's update).
+    Returns (samples [N, *sample_shape] float32, labels [N] or None).
     """
     if batch_size is None:
         batch_size = CPU_SAMPLE_BATCH if torch.device(device).type == "cpu" else 1024
