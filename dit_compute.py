@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from models import count_parameters
-from models_dit import DIT_MODELS, DiT, DiTBlock, ExpertChoiceMoE, num_kept
+from models_dit import DIT_MODELS, DiT, DiTBlock, num_kept
+from moe import ExpertChoiceMoE
 
 
 def active_parameters(model: DiT) -> float:

@@ -6,6 +6,7 @@ import dit_compute
 import flow
 import models
 import models_dit as md
+from moe import ExpertChoiceMoE, Mlp
 
 TINY = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=3, num_heads=4)
 
@@ -86,11 +87,11 @@ def test_layerwise_scaling_and_moe_placement():
     # The mixer (block 0) is a plain full-width block; the ramps run over the 5 backbone blocks.
     assert heads[0] == 4 and heads[1] == 2 and heads[-1] == 4 and heads[1:] == sorted(heads[1:])
     assert all(b.attn.head_dim == 8 for b in model.blocks)  # head_dim fixed, the head count ramps
-    widths = [b.mlp.fc2.in_features if isinstance(b.mlp, md.Mlp) else b.mlp.w2.shape[1] for b in model.blocks]
+    widths = [b.mlp.fc2.in_features if isinstance(b.mlp, Mlp) else b.mlp.w2.shape[1] for b in model.blocks]
     assert widths == [128, 64, 80, 96, 112, 128]  # mixer at ratio 4, then 2 -> 4 over the backbone
     # every 2nd block counted from the first, never the last by default: blocks 1, 3 (5 is last)
     assert model.moe_blocks == [1, 3]
-    assert [isinstance(b.mlp, md.ExpertChoiceMoE) for b in model.blocks] == [False, True, False, True, False, False]
+    assert [isinstance(b.mlp, ExpertChoiceMoE) for b in model.blocks] == [False, True, False, True, False, False]
     assert tiny(depth=6, mixer_depth=1, num_experts=4, moe_last=True).moe_blocks == [1, 3, 5]
     # Heads and widths round up: 4 * 0.6 = 2.4 -> 3 heads; 32 * 2.5 = 80 -> 96 at width_multiple 32.
     ramped = tiny(depth=3, attn_scale=(0.6, 1.0), mlp_ratio=(2.5, 4.0), width_multiple=32)
@@ -104,7 +105,7 @@ def test_narrow_mixer_projects_tokens_and_conditioning():
     assert [b.attn.num_heads for b in model.blocks] == [2, 2, 4, 4]  # head_dim 8 throughout
     assert model.x_embedder.out_channels == model.y_embedder.embedding_dim == 16
     assert model.token_proj.weight.shape == model.cond_proj.weight.shape == (32, 16)
-    assert isinstance(model.blocks[1].mlp, md.ExpertChoiceMoE)  # MoE inside the mixer
+    assert isinstance(model.blocks[1].mlp, ExpertChoiceMoE)  # MoE inside the mixer
     x, t, y = inputs(model)
     out, keep = model.train()(x, t, y, generator=torch.Generator().manual_seed(0), return_mask=True)
     assert out.shape == x.shape and keep.sum(1).tolist() == [8, 8, 8]
@@ -169,7 +170,7 @@ def loop_reference(moe, x):
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_moe_dispatch_matches_loop_reference_forward_and_backward(swiglu):
     torch.manual_seed(0)
-    moe = md.ExpertChoiceMoE(dim=16, hidden=24, num_experts=4, capacity_factor=2.0, swiglu=swiglu).double()
+    moe = ExpertChoiceMoE(dim=16, hidden=24, num_experts=4, capacity_factor=2.0, swiglu=swiglu).double()
     with torch.no_grad():
         moe.b1.normal_()
         moe.b2.normal_()
@@ -189,7 +190,7 @@ def test_moe_dispatch_matches_loop_reference_forward_and_backward(swiglu):
 
 def test_every_expert_takes_exactly_its_capacity_from_every_sample_and_load_stats():
     torch.manual_seed(0)
-    moe = md.ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
+    moe = ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
     B, N = 3, 12
     x = torch.randn(B, N, 8)
     gates, index = moe.route(x)
@@ -209,7 +210,7 @@ def test_every_expert_takes_exactly_its_capacity_from_every_sample_and_load_stat
 
 
 def test_capacity_is_per_sample_rounded_and_clamped():
-    moe = md.ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
+    moe = ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
     assert [moe.capacity(n) for n in (16, 8, 10, 256, 64)] == [8, 4, 5, 128, 32]
     moe.capacity_factor = 1.0
     assert [moe.capacity(n) for n in (6, 10, 1)] == [2, 2, 1]  # round half to even; at least 1
@@ -219,7 +220,7 @@ def test_capacity_is_per_sample_rounded_and_clamped():
 
 def test_moe_layer_is_batch_independent():
     torch.manual_seed(0)
-    moe = md.ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
+    moe = ExpertChoiceMoE(dim=8, hidden=16, num_experts=4, capacity_factor=2.0)
     x = torch.randn(5, 12, 8)
     batched = moe(x)
     for i in range(5):
@@ -336,8 +337,8 @@ def test_h1024_architecture():
     assert model.moe_blocks == list(range(1, 22, 2))  # mixer block 1 and every odd backbone block, last too
     attn = [b.attn.num_heads * b.attn.head_dim for b in backbone]
     assert attn[0] == 512 and attn[-1] == 1024 and attn == sorted(attn)
-    dense = [b.mlp.fc2.in_features for b in backbone if isinstance(b.mlp, md.Mlp)]
-    experts = [b.mlp.w2.shape[1] for b in backbone if isinstance(b.mlp, md.ExpertChoiceMoE)]
+    dense = [b.mlp.fc2.in_features for b in backbone if isinstance(b.mlp, Mlp)]
+    experts = [b.mlp.w2.shape[1] for b in backbone if isinstance(b.mlp, ExpertChoiceMoE)]
     assert dense == [512, 896, 1280, 1664, 2048, 2432, 2816, 3200, 3584, 3968]
     assert experts == [352, 544, 736, 928, 1120, 1312, 1504, 1696, 1888, 2048]  # moew0.5 of the ramp
     assert all(b.mlp.num_experts == 16 and b.mlp.capacity_factor == 2.0 for b in backbone[1::2])
@@ -494,7 +495,7 @@ def test_moe_dit_routes_per_sample_on_all_or_kept_tokens():
         moe = model.blocks[i].mlp
 
         def record(x, moe=moe, i=i):
-            gates, index = md.ExpertChoiceMoE.route(moe, x)
+            gates, index = ExpertChoiceMoE.route(moe, x)
             routed[i] = (x.shape, index)
             return gates, index
 
