@@ -5,7 +5,7 @@ complete latent cache built from them by the real writer (`make_smoke_cache`).
 Scaffolding, not a feature: nothing here is a useful codec or dataset. It exists so that the `*_smoke` presets,
 the cloud smoke chain (`scripts/build_latent_cache.py smoke`, `scripts/make_tiny_vae.py`) and the tests
 exercise the real loading, encoding and cache code without downloads. Synthetic caches for storage
-benchmarks (`latent_cache.write_synthetic_cache`) stay with the cache writer.
+benchmarks (`latent_cache_writer.write_synthetic_cache`) stay with the cache writer.
 """
 
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latent_cache import build_shards, convert_shards
+from latent_cache_writer import build_shards, convert_shards
 from vae import SDVAE
 
 

@@ -31,7 +31,7 @@ import torch
 import latent_cache
 from cli import parse_keys
 from config import check, check_choice
-from latent_cache import write_synthetic_cache
+from latent_cache_writer import write_synthetic_cache
 from runtime import derive_seed, epoch_permutation, run_main
 
 

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 from cli import exit_on_help, parse_keys
 from config import ConfigError, check, check_choice
-from latent_cache import LATENT_DTYPES, build_shards, convert_shards, shard_path, write_synthetic_cache
+from latent_cache import LATENT_DTYPES
+from latent_cache_writer import build_shards, convert_shards, shard_path, write_synthetic_cache
 from runtime import run_main
 from smoke_data import make_smoke_cache
 

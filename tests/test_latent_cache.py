@@ -20,6 +20,7 @@ from PIL import Image
 import dataset_registry
 import datasets
 import latent_cache
+import latent_cache_writer
 import smoke_data
 from config import ConfigError
 from conftest import ROOT, load_script
@@ -67,12 +68,12 @@ def cache(setup):
     out = root / "cache" / "train"
     counting = CountingVAE(codec)
     common = dict(image_size=32, shard_size=2, flip=True, **QUIET)
-    first = latent_cache.build_shards(root / "images", out, counting, max_shards=1, **common)
+    first = latent_cache_writer.build_shards(root / "images", out, counting, max_shards=1, **common)
     assert first == {"written": [0], "skipped": [], "num_shards": 3} and counting.encoded == 2 * 2
     with pytest.raises(latent_cache.LatentCacheError, match=r"2 of 3 shards are missing .*indices 1, 2"):
-        latent_cache.convert_shards(out)
+        latent_cache_writer.convert_shards(out)
     (out / "shards" / ".shard_00001.npz.tmp").write_bytes(b"half a shard")  # a killed writer's leftover
-    second = latent_cache.build_shards(root / "images", out, counting, **common)
+    second = latent_cache_writer.build_shards(root / "images", out, counting, **common)
     assert second == {"written": [1, 2], "skipped": [0], "num_shards": 3}
     assert counting.encoded == 6 * 2  # each image (and its mirror) encoded exactly once
     assert build.main(["convert", f"out={out}"]) == 0
@@ -180,11 +181,11 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
     root, codec = setup
     out = tmp_path / "cache"
     common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
-    assert latent_cache.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
+    assert latent_cache_writer.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00001.npz"]
     with pytest.raises(latent_cache.LatentCacheError, match="shard_size: cache has 2, this run 3"):
-        latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
-    assert latent_cache.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
+        latent_cache_writer.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
+    assert latent_cache_writer.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
     assert build.main(["convert", f"out={out}", "delete_shards=true"]) == 0
     assert not list((out / "shards").iterdir())
     data = latent_cache.LatentCacheDataset(out)
@@ -216,7 +217,7 @@ def test_smoke_cache_in_one_call(tmp_path):
 
 
 def test_synthetic_cache_uses_the_same_writer(tmp_path):
-    manifest = latent_cache.write_synthetic_cache(
+    manifest = latent_cache_writer.write_synthetic_cache(
         tmp_path / "train", 10, num_classes=7, latent_shape=(4, 2, 2), flip=True, chunk=4
     )
     assert manifest["count"] == 10 and manifest["vae_id"] == "synthetic"
@@ -226,7 +227,7 @@ def test_synthetic_cache_uses_the_same_writer(tmp_path):
 
 
 def test_reader_unmaps_pages_and_picks_random_access_for_caches_larger_than_ram(tmp_path, monkeypatch):
-    latent_cache.write_synthetic_cache(tmp_path / "train", 2048, num_classes=3, latent_shape=(4, 8, 8))  # 1 MiB
+    latent_cache_writer.write_synthetic_cache(tmp_path / "train", 2048, num_classes=3, latent_shape=(4, 8, 8))  # 1 MiB
 
     def rss_file_kib():
         with open("/proc/self/status") as f:
