@@ -28,6 +28,7 @@ except ImportError:
 from sky.utils import dag_utils, schemas  # noqa: E402
 from sky.volumes.volume import Volume  # noqa: E402
 
+import cloud_chain
 import runtime
 from config import EvalConfig, apply_schema, compose, load_config, validate_eval
 from conftest import ROOT, assert_same_state, final_state, load_script
@@ -35,7 +36,7 @@ from run_dir import FINISHED
 
 CLOUD = ROOT / "cloud"
 YAMLS = sorted(CLOUD.glob("*.yaml"))
-sky_chain = load_script("sky_chain")
+sky_chain = load_script("sky_chain")  # the command line; the chain itself is cloud_chain.py
 launch_stage = load_script("launch_stage")
 
 
@@ -55,10 +56,10 @@ def is_volume(doc: dict) -> bool:
 
 def rendered_chains() -> dict[str, str]:
     return {
-        "default": sky_chain.dump(sky_chain.render()),
-        "runpod-spot": sky_chain.dump(sky_chain.render(infra="runpod/CA", use_spot=True, run_name="x")),
-        "bucket-no-eval": sky_chain.dump(sky_chain.render(bucket="my-bucket", evaluate=False, infra="aws")),
-        "smoke": sky_chain.dump(sky_chain.smoke_chain("/tmp/smoke-root")[0]),
+        "default": cloud_chain.dump(cloud_chain.render()),
+        "runpod-spot": cloud_chain.dump(cloud_chain.render(infra="runpod/CA", use_spot=True, run_name="x")),
+        "bucket-no-eval": cloud_chain.dump(cloud_chain.render(bucket="my-bucket", evaluate=False, infra="aws")),
+        "smoke": cloud_chain.dump(cloud_chain.smoke_chain("/tmp/smoke-root")[0]),
     }
 
 
@@ -84,7 +85,7 @@ def test_the_cloud_files_exist_and_agree_with_the_runtime():
         "runpod_imagenet256_chain.yaml",
         "multinode_train.yaml",
     } <= names, names
-    assert (sky_chain.FINISHED, sky_chain.EXIT_OK, sky_chain.EXIT_ERROR, sky_chain.EXIT_PREEMPTED) == (
+    assert (cloud_chain.FINISHED, cloud_chain.EXIT_OK, cloud_chain.EXIT_ERROR, cloud_chain.EXIT_PREEMPTED) == (
         FINISHED,
         runtime.EXIT_OK,
         runtime.EXIT_ERROR,
@@ -104,7 +105,7 @@ def test_every_yaml_parses_with_skypilots_loader(name):
 
 
 def test_the_committed_chain_is_what_sky_chain_renders():
-    expected = sky_chain.dump(sky_chain.render(infra="runpod/CA"))
+    expected = cloud_chain.dump(cloud_chain.render(infra="runpod/CA"))
     assert (CLOUD / "runpod_imagenet256_chain.yaml").read_text() == expected, (
         "re-render: uv run python scripts/sky_chain.py render --infra runpod/CA "
         "--out cloud/runpod_imagenet256_chain.yaml"
@@ -231,7 +232,7 @@ def test_the_launcher_counts_processes_and_keeps_exit_75(monkeypatch):
 
 def test_the_upload_holds_the_code_and_not_the_ignored_folders(tmp_path):
     (ROOT / "runs").mkdir(exist_ok=True)
-    copy_dir = sky_chain.upload_copy(ROOT, tmp_path / "workdir")
+    copy_dir = cloud_chain.upload_copy(ROOT, tmp_path / "workdir")
     for needed in (
         "pyproject.toml",
         "uv.lock",
@@ -246,21 +247,21 @@ def test_the_upload_holds_the_code_and_not_the_ignored_folders(tmp_path):
 
 
 def test_simulate_refuses_a_task_without_workdir_and_fails_when_the_upload_lacks_a_file(tmp_path):
-    docs, envs = sky_chain.smoke_chain(tmp_path / "a")
+    docs, envs = cloud_chain.smoke_chain(tmp_path / "a")
     del docs[1]["workdir"]
     lines = []
-    assert sky_chain.simulate(docs, envs, log=lines.append) == 1
+    assert cloud_chain.simulate(docs, envs, log=lines.append) == 1
     assert "no workdir, so SkyPilot uploads no code" in "\n".join(lines)
 
     # A workdir that lacks the lock file: setup's `uv sync --locked` fails on the simulated VM, as it would.
-    partial = sky_chain.upload_copy(ROOT, tmp_path / "partial")
+    partial = cloud_chain.upload_copy(ROOT, tmp_path / "partial")
     (partial / "uv.lock").unlink()
-    docs, envs = sky_chain.smoke_chain(tmp_path / "b")
+    docs, envs = cloud_chain.smoke_chain(tmp_path / "b")
     docs = docs[:2]
     docs[1]["workdir"] = str(partial)
     docs[1]["resources"] = {"job_recovery": {"max_restarts_on_errors": 0}}
     lines = []
-    assert sky_chain.simulate(docs, envs, log=lines.append) == 2
+    assert cloud_chain.simulate(docs, envs, log=lines.append) == 2
     assert "uv.lock is missing" in "\n".join(lines)
 
 
@@ -318,8 +319,8 @@ def test_the_overrides_in_every_run_compose_and_validate(name):
 
 def run_chain(root, fault=None):
     lines = []
-    docs, envs = sky_chain.smoke_chain(root)
-    code = sky_chain.simulate(docs, envs, fault=fault, log=lines.append)
+    docs, envs = cloud_chain.smoke_chain(root)
+    code = cloud_chain.simulate(docs, envs, fault=fault, log=lines.append)
     return code, "\n".join(lines)
 
 
@@ -335,7 +336,7 @@ def snapshot(directory):
 def test_the_smoke_chain_survives_a_preemption_and_a_kill_bitwise_and_reruns_as_a_noop(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    faulty = sky_chain.signal_when_checkpointed({"masked": signal.SIGTERM, "unmasked": signal.SIGKILL})
+    faulty = cloud_chain.signal_when_checkpointed({"masked": signal.SIGTERM, "unmasked": signal.SIGKILL})
     with ThreadPoolExecutor(2) as pool:  # the two chains are independent: one per core
         clean_run = pool.submit(run_chain, tmp_path / "clean")
         faulty_run = pool.submit(run_chain, tmp_path / "faulty", faulty)
@@ -366,11 +367,11 @@ def test_the_smoke_chain_survives_a_preemption_and_a_kill_bitwise_and_reruns_as_
 
 
 def test_a_stage_refuses_to_start_without_its_predecessors_marker(tmp_path):
-    docs, envs = sky_chain.smoke_chain(tmp_path)
+    docs, envs = cloud_chain.smoke_chain(tmp_path)
     unmasked = next(t for t in docs[1:] if t["name"] == "unmasked")
     lines = []
-    env = sky_chain.stage_env(unmasked, 2, envs, sky_chain._uv_shim(tmp_path / "shim"))
-    assert sky_chain.run_stage(unmasked, env, log=lines.append) == 1
+    env = cloud_chain.stage_env(unmasked, 2, envs, cloud_chain._uv_shim(tmp_path / "shim"))
+    assert cloud_chain.run_stage(unmasked, env, log=lines.append) == 1
     output = "\n".join(lines)
     marker = tmp_path / "checkpoints" / "smoke-chain" / "masked" / FINISHED
     assert f"error: {marker} is missing" in output, output
@@ -379,12 +380,12 @@ def test_a_stage_refuses_to_start_without_its_predecessors_marker(tmp_path):
     # A run dir with checkpoints but no marker (stopped mid-run) is refused too, naming the file.
     (marker.parent / "checkpoints").mkdir(parents=True)
     assert sky_chain.main(["require-finished", str(marker.parent)]) == 1
-    assert sky_chain.check_finished(marker.parent).startswith(f"{marker} is missing")
+    assert cloud_chain.check_finished(marker.parent).startswith(f"{marker} is missing")
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
-    assert not sky_chain.eval_done(eval_dir) and not sky_chain.eval_done(eval_dir, samples_only=True)
+    assert not cloud_chain.eval_done(eval_dir) and not cloud_chain.eval_done(eval_dir, samples_only=True)
     (eval_dir / "samples.npz").write_bytes(b"")
-    assert sky_chain.eval_done(eval_dir, samples_only=True) and not sky_chain.eval_done(eval_dir)
+    assert cloud_chain.eval_done(eval_dir, samples_only=True) and not cloud_chain.eval_done(eval_dir)
 
 
 def test_render_dry_run_prints_a_parseable_chain_without_importing_torch():
@@ -441,11 +442,11 @@ def test_a_stage_name_that_is_not_a_plain_word_is_refused(name, capsys):
 
 def smoke_stage(root, gpus_per_node: int, *overrides):
     """The smoke chain's cache task and masked stage only, simulated with GPUS_PER_NODE ranks."""
-    docs = sky_chain.render(
+    docs = cloud_chain.render(
         SMOKE_MASKED,
         name="nanoflow-smoke",
         run_name="ranks",
-        overrides=[*sky_chain.SMOKE_OVERRIDES, *overrides],
+        overrides=[*cloud_chain.SMOKE_OVERRIDES, *overrides],
         cache_dir=str(root / "data" / "cache"),
         vae=str(root / "data" / "vae"),
         smoke_cache=True,
@@ -453,13 +454,13 @@ def smoke_stage(root, gpus_per_node: int, *overrides):
         gpus=None,
     )
     lines = []
-    code = sky_chain.simulate(
+    code = cloud_chain.simulate(
         docs, {"CKPT_ROOT": str(root / "checkpoints")}, log=lines.append, gpus_per_node=gpus_per_node
     )
     return code, "\n".join(lines), root / "checkpoints" / "ranks" / "masked"
 
 
-SMOKE_MASKED = sky_chain.SMOKE_STAGES[:1]
+SMOKE_MASKED = cloud_chain.SMOKE_STAGES[:1]
 
 
 @pytest.mark.slow  # two simulated stages, one of them 2 ranks (gloo): ~1 min on the 2-core machine

@@ -95,3 +95,14 @@ def test_no_module_imports_an_entry_point():
 @pytest.mark.parametrize("library", ["sampling"])
 def test_the_sampler_imports_only_flow_and_solvers(library):
     assert import_graph()[library] == {"flow", "ode_solvers"}
+
+
+def test_every_top_level_module_ships_in_the_wheel():
+    """pyproject.toml lists the wheel's contents explicitly (the project is flat modules)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+        "only-include"
+    ])
+    modules = {path.name for path in ROOT.glob("*.py")}
+    assert modules <= listed, sorted(modules - listed)
