@@ -101,8 +101,10 @@ def test_every_top_level_module_ships_in_the_wheel():
     """pyproject.toml lists the wheel's contents explicitly (the project is flat modules)."""
     import tomllib
 
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
-        "only-include"
-    ])
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+            "only-include"
+        ]
+    )
     modules = {path.name for path in ROOT.glob("*.py")}
     assert modules <= listed, sorted(modules - listed)
