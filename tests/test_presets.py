@@ -13,13 +13,13 @@ import config
 from config import (
     CONFIG_DIR,
     ConfigError,
-    FlowConfig,
     SolverConfig,
     load_config,
     load_grpo_config,
     preset_kind,
     presets,
 )
+from schemas import FlowConfig
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
 FILES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))  # presets and bases
