@@ -21,14 +21,13 @@ Pair directory (written by scripts/generate_pairs.py, read by `load_pairs`):
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint import sha256_file
+from checkpoint import atomic_write, sha256_file
 from datasets import DatasetNotFoundError, InMemoryDataset
 
 PAIRS_FORMAT = "nanoflow-pairs-v1"
@@ -130,12 +129,8 @@ def settings_sha256(settings: dict) -> str:
 
 def _atomic(path: Path, write) -> None:
     """write(tmp) then rename: a reader (or a resumed run) sees the whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_write(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_chunk(directory, chunk: int, noise: torch.Tensor, samples: torch.Tensor, labels: torch.Tensor) -> Path:

@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import checkpoint as ckpt
 from build import build_evaluator, latent_vae_id, load_run
 from config import EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
 from ode_solvers import CountCalls
-from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
+from run_dir import Run
+from runtime import EXIT_OK, EXIT_PREEMPTED, RunError, derive_seed, run_main, setup_runtime, teardown_runtime
 from sampling import NonFiniteSamplesError, sample_kwargs
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: identical runs, identical bytes
@@ -105,27 +105,6 @@ class Evaluation:
             "decoded_with": latent_vae_id(self.run.config.dataset),
         }
 
-    def claim_directory(self) -> dict:
-        """Rank 0 writes (or checks) out/eval.json; every rank then agrees on it."""
-        settings = self.settings()
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        path = self.out / "eval.json"
-        if self.runtime.is_main:
-            if path.is_file():
-                saved = json.loads(path.read_text())
-                if saved.get("settings_sha256") != digest:
-                    differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
-                    raise RunError(
-                        f"out = {str(self.out)!r} holds samples made with other settings (differing: "
-                        f"{', '.join(differ)}); use another out directory or the original settings"
-                    )
-            else:
-                (self.out / "shards").mkdir(parents=True, exist_ok=True)
-                ckpt.atomic_write_text(path, json.dumps({"settings": settings, "settings_sha256": digest}, indent=2))
-        if self.runtime.distributed:
-            dist.barrier()
-        return settings
-
     def chunk_path(self, chunk: int) -> Path:
         return self.out / "shards" / f"chunk_{chunk:06d}.npz"
 
@@ -153,31 +132,6 @@ class Evaluation:
             labels.append(y.numpy().astype(np.int64))
         with ckpt.atomic_write(self.chunk_path(chunk)) as tmp, open(tmp, "wb") as f:  # a shard exists only complete
             np.savez(f, images=np.concatenate(images), labels=np.concatenate(labels))
-
-    def sample_all(self) -> None:
-        from tqdm import tqdm
-
-        mine = [c for c in range(self.runtime.rank, self.num_chunks, self.runtime.world_size)]
-        todo = [c for c in mine if not self.chunk_path(c).is_file()]
-        size = self.cfg.chunk_size
-        done = sum(
-            min(size, self.cfg.num_samples - c * size) for c in range(self.num_chunks) if self.chunk_path(c).is_file()
-        )
-        # Rank 0's bar counts every rank's work by assuming the others keep its pace (images/s, ETA).
-        bar = tqdm(
-            total=self.cfg.num_samples,
-            initial=done,
-            unit="img",
-            dynamic_ncols=True,
-            disable=None if self.runtime.is_main else True,
-            desc=f"sampling x{self.runtime.world_size}",
-        )
-        for chunk in todo:
-            self.sample_chunk(chunk)
-            bar.update(min(size, self.cfg.num_samples - chunk * size) * self.runtime.world_size)
-        bar.close()
-        if self.runtime.distributed:
-            dist.barrier()
 
     # -- outputs --
 
@@ -253,23 +207,44 @@ class Evaluation:
         return self.forwards.calls / batches if batches and self.forwards.calls else None
 
     def run_all(self) -> int:
-        settings = self.claim_directory()
-        started = time.perf_counter()
-        self.sample_all()
-        seconds = time.perf_counter() - started
-        if not self.runtime.is_main:
-            return 0
-        missing = [c for c in range(self.num_chunks) if not self.chunk_path(c).is_file()]
-        if missing:
-            raise RunError(
-                f"{len(missing)} chunks missing in {self.out / 'shards'} after sampling (first {missing[0]})"
+
+        with Run(self.out, self.runtime, key="out") as run:
+            settings = self.settings()
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+            run.claim(
+                self.out / "eval.json",
+                settings,
+                "samples",
+                write=lambda path, s: ckpt.atomic_write_text(
+                    path, json.dumps({"settings": s, "settings_sha256": digest}, indent=2)
+                ),
+                recorded=lambda saved: saved.get("settings", {}),
             )
-        path = self.write_samples_npz()
-        print(f"{self.cfg.num_samples} samples -> {path} ({seconds:.1f} s sampling this run)")
-        if self.cfg.metrics and self.cfg.reference:
-            values = self.score(settings, seconds)
-            print(" ".join(f"{k}={v:.4f}" for k, v in values.items()))
-        return 0
+            (self.out / "shards").mkdir(parents=True, exist_ok=True)
+            size, n = self.cfg.chunk_size, self.cfg.num_samples
+            todo = [c for c in run.my_chunks(self.num_chunks) if not self.chunk_path(c).is_file()]
+            done = sum(min(size, n - c * size) for c in range(self.num_chunks) if self.chunk_path(c).is_file())
+            started = time.perf_counter()
+            # Rank 0's bar counts every rank's work by assuming the others keep its pace (images/s, ETA).
+            bar = run.log.progress(n, done, None, f"sampling x{self.runtime.world_size}", unit="img")
+            for chunk in todo:
+                if run.stop.requested:  # each rank stops at its own chunk boundary: finished chunks are kept
+                    run.log.print(f"SIGTERM: stopping before chunk {chunk}; exiting with code {EXIT_PREEMPTED}")
+                    return EXIT_PREEMPTED
+                self.sample_chunk(chunk)
+                bar.update(min(size, n - chunk * size) * self.runtime.world_size)
+            bar.close()
+            run.require_chunks(self.num_chunks, lambda c: self.chunk_path(c).is_file(), self.out / "shards")
+            seconds = time.perf_counter() - started
+            if not self.runtime.is_main:
+                return EXIT_OK
+            with run.final_phase():
+                path = self.write_samples_npz()
+                print(f"{n} samples -> {path} ({seconds:.1f} s sampling this run)")
+                if self.cfg.metrics and self.cfg.reference:
+                    values = self.score(settings, seconds)
+                    print(" ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

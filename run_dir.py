@@ -56,8 +56,9 @@ class RunDirLock:
     trainer started in the same directory refuses, naming the first. The kernel drops the lock when
     its holder dies, so a SIGKILLed owner never leaves it stuck."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, key: str = "training.run_dir"):
         self.path = Path(run_dir) / ".lock"
+        self.key = key  # the setting that chose the directory, for the messages
         self.file = None
 
     def acquire(self) -> "RunDirLock":
@@ -66,7 +67,7 @@ class RunDirLock:
             file = open(self.path, "a+")
         except OSError as e:
             raise RunError(
-                f"run dir {self.path.parent} is not writable ({e.strerror}); choose another training.run_dir"
+                f"run dir {self.path.parent} is not writable ({e.strerror}); choose another {self.key}"
             ) from e
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,7 +77,7 @@ class RunDirLock:
             file.close()
             raise RunError(
                 f"run dir {self.path.parent} is in use by another process ({owner}); wait for it to "
-                f"finish, stop it, or choose another training.run_dir"
+                f"finish, stop it, or choose another {self.key}"
             ) from None
         file.seek(0)
         file.truncate()
@@ -344,8 +345,8 @@ class Run:
     """One command's hold on a run directory (module docstring). Rank 0 owns the files; every rank
     shares the decisions (what to resume, when to stop)."""
 
-    def __init__(self, run_dir: Path, runtime: Runtime, tensorboard: bool = False):
-        self.dir, self.runtime, self.tensorboard = Path(run_dir), runtime, tensorboard
+    def __init__(self, run_dir: Path, runtime: Runtime, tensorboard: bool = False, key: str = "training.run_dir"):
+        self.dir, self.runtime, self.tensorboard, self.key = Path(run_dir), runtime, tensorboard, key
         self.log = MetricLogger(self.dir, enabled=False, tensorboard=False)  # nothing is written before open
         self.stop = StopSignal(runtime)
         self.resumed = None  # (step, changed keys) once accept_resume has run
@@ -353,7 +354,7 @@ class Run:
 
     def __enter__(self) -> "Run":
         if self.runtime.is_main:
-            self._lock = RunDirLock(self.dir).acquire()
+            self._lock = RunDirLock(self.dir, self.key).acquire()
         self.log = MetricLogger(self.dir, self.runtime.is_main, self.tensorboard)
         self.stop.__enter__()
         return self
@@ -408,3 +409,40 @@ class Run:
         """Mark the run finished (rank 0), after its outputs exist."""
         if self.runtime.is_main:
             write_finished(self.dir, step, outputs)
+
+    # -- sharded work: a directory filled chunk by chunk by any number of ranks (eval_imagenet.py,
+    # scripts/generate_pairs.py). A chunk is written atomically, so one that exists is complete.
+
+    def claim(self, path: Path, settings: dict, what: str, write, recorded=None) -> None:
+        """Rank 0 writes the settings at the first run (write(path, settings), atomically), or refuses a
+        directory whose recorded settings differ, naming the keys; every rank then agrees. recorded: the
+        file's JSON -> the settings it records (default: the file is the settings)."""
+        if self.runtime.is_main:
+            if path.is_file():
+                saved = json.loads(path.read_text())
+                saved = recorded(saved) if recorded else saved
+                if json.dumps(saved, sort_keys=True) != json.dumps(settings, sort_keys=True):
+                    differ = sorted(k for k in settings if saved.get(k) != settings[k])
+                    raise RunError(
+                        f"out = {str(self.dir)!r} holds {what} made with other settings (differing: "
+                        f"{', '.join(differ)}); use another out directory or the original settings"
+                    )
+            else:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                write(path, settings)
+        if self.runtime.distributed:
+            dist.barrier()
+
+    def my_chunks(self, num_chunks: int) -> range:
+        """This rank's share of the chunks: r, r + W, r + 2W, ..."""
+        return range(self.runtime.rank, num_chunks, self.runtime.world_size)
+
+    def require_chunks(self, num_chunks: int, exists, where: Path) -> None:
+        """After every rank's share: each chunk must exist (exists(c) -> bool), else RunError."""
+        if self.runtime.distributed:
+            dist.barrier()
+        if not self.runtime.is_main:
+            return
+        missing = [c for c in range(num_chunks) if not exists(c)]
+        if missing:
+            raise RunError(f"{len(missing)} chunks missing in {where} after sampling (first {missing[0]})")

@@ -201,11 +201,13 @@ class MetricLogger:
 
             tqdm.write(" ".join(str(a) for a in args))
 
-    def progress(self, total: int, initial: int, enabled: bool, desc: str):
-        """A tqdm bar on rank 0 (enabled: training.progress)."""
+    def progress(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "it"):
+        """A tqdm bar on rank 0. enabled: True / False (training.progress), or None for a bar only on a
+        terminal (none in a log file or a captured pipe, where errors stay one line)."""
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, disable=not (self.enabled and enabled), dynamic_ncols=True, desc=desc)
+        disable = True if not self.enabled else None if enabled is None else not enabled
+        return tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, desc=desc, unit=unit)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

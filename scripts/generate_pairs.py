@@ -20,21 +20,20 @@ Guidance: with guidance_scale != 1 the samples are those of the guided field, so
 them learns the guided field itself; sample it with guidance_scale=1.
 """
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import checkpoint as ckpt
 import couplings
 from build import load_run
 from cli import exit_on_help
 from config import PairsConfig, apply_schema, compose, solver_overrides, to_plain, validate_pairs
-from runtime import RunError, derive_seed, run_main, setup_runtime, teardown_runtime
+from run_dir import Run
+from runtime import EXIT_OK, EXIT_PREEMPTED, derive_seed, run_main, setup_runtime, teardown_runtime
 from sampling import NonFiniteSamplesError, sample_kwargs
 
 
@@ -77,26 +76,6 @@ class PairGeneration:
             "derive_seed(seed, c, 0xF10)",
         }
 
-    def claim_directory(self) -> dict:
-        """Rank 0 writes (or checks) out/settings.json; every rank then agrees on it."""
-        settings = self.settings()
-        path = self.out / "settings.json"
-        if self.runtime.is_main:
-            if path.is_file():
-                saved = json.loads(path.read_text())
-                if couplings.settings_sha256(saved) != couplings.settings_sha256(settings):
-                    differ = sorted(k for k in settings if saved.get(k) != settings[k])
-                    raise RunError(
-                        f"out = {str(self.out)!r} holds pairs made with other settings (differing: "
-                        f"{', '.join(differ)}); use another out directory or the original settings"
-                    )
-            else:
-                self.out.mkdir(parents=True, exist_ok=True)
-                couplings.write_json(path, settings)
-        if self.runtime.distributed:
-            dist.barrier()
-        return settings
-
     @torch.no_grad()
     def solve_chunk(self, chunk: int) -> None:
         cfg, run, device = self.cfg, self.run, self.runtime.device
@@ -117,43 +96,36 @@ class PairGeneration:
         couplings.write_chunk(self.out, chunk, noise, torch.cat(samples), labels)
 
     def run_all(self) -> int:
-        from tqdm import tqdm
-
-        settings = self.claim_directory()
-        if (self.out / "manifest.json").is_file():
-            if self.runtime.is_main:
-                print(f"{self.out} is complete ({self.cfg.num_pairs} pairs); nothing to do")
-            return 0
-        mine = range(self.runtime.rank, self.num_chunks, self.runtime.world_size)
-        todo = [c for c in mine if not couplings.chunk_path(self.out, c).is_file()]
-        started = time.perf_counter()
-        bar = tqdm(
-            total=len(mine),
-            initial=len(mine) - len(todo),
-            unit="chunk",
-            dynamic_ncols=True,
-            disable=None if self.runtime.is_main else True,
-            desc=f"pairs x{self.runtime.world_size}",
-        )
-        for chunk in todo:
-            self.solve_chunk(chunk)
-            bar.update(1)
-        bar.close()
-        if self.runtime.distributed:
-            dist.barrier()
-        if self.runtime.is_main:
-            missing = [c for c in range(self.num_chunks) if not couplings.chunk_path(self.out, c).is_file()]
-            if missing:
-                raise RunError(
-                    f"{len(missing)} chunks missing in {self.out / 'chunks'} after sampling (first {missing[0]})"
-                )
-            couplings.write_manifest(self.out, settings, self.num_chunks)
-            print(
-                f"{self.cfg.num_pairs} pairs from {self.run.checkpoint.path} (step {self.run.checkpoint.step}, "
-                f"{self.run.solver.method} x{self.run.solver.num_steps}, guidance {self.run.solver.guidance_scale}) "
-                f"-> {self.out} ({time.perf_counter() - started:.1f} s this run)"
+        with Run(self.out, self.runtime, key="out") as run:
+            settings = self.settings()
+            run.claim(self.out / "settings.json", settings, "pairs", write=couplings.write_json)
+            if (self.out / "manifest.json").is_file():
+                run.log.print(f"{self.out} is complete ({self.cfg.num_pairs} pairs); nothing to do")
+                return EXIT_OK
+            mine = run.my_chunks(self.num_chunks)
+            todo = [c for c in mine if not couplings.chunk_path(self.out, c).is_file()]
+            started = time.perf_counter()
+            bar = run.log.progress(len(mine), len(mine) - len(todo), None, f"pairs x{self.runtime.world_size}", "chunk")
+            for chunk in todo:
+                if run.stop.requested:  # each rank stops at its own chunk boundary: finished chunks are kept
+                    run.log.print(f"SIGTERM: stopping before chunk {chunk}; exiting with code {EXIT_PREEMPTED}")
+                    return EXIT_PREEMPTED
+                self.solve_chunk(chunk)
+                bar.update(1)
+            bar.close()
+            run.require_chunks(
+                self.num_chunks, lambda c: couplings.chunk_path(self.out, c).is_file(), self.out / "chunks"
             )
-        return 0
+            if self.runtime.is_main:
+                with run.final_phase():
+                    couplings.write_manifest(self.out, settings, self.num_chunks)
+                teacher, solver = self.run.checkpoint, self.run.solver
+                print(
+                    f"{self.cfg.num_pairs} pairs from {teacher.path} (step {teacher.step}, {solver.method} "
+                    f"x{solver.num_steps}, guidance {solver.guidance_scale}) -> {self.out} "
+                    f"({time.perf_counter() - started:.1f} s this run)"
+                )
+        return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

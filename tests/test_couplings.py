@@ -122,7 +122,12 @@ def teacher(tmp_path_factory):
 
 
 def _files(directory):
-    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+    # .lock: the owner record (pid, time), not part of the pairs
+    return {
+        p.relative_to(directory): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 @pytest.mark.slow  # needs the teacher fixture (a trained moons model and its pairs)
