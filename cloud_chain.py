@@ -345,28 +345,14 @@ def stage_env(task: dict, index: int, env_overrides: dict, shim_dir: Path, gpus_
 def run_stage(task: dict, env: dict, fault=None, attempt: int = 0, log=print, workdir: Path = ROOT) -> int:
     """One try of a task on a fresh VM: its `setup:`, then its `run:`, each under bash in WORKDIR -> the
     exit code (negative: killed by a signal)."""
+    pipes = dict(cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if task.get("setup"):
-        setup = subprocess.run(
-            ["bash", "-c", task["setup"]],
-            cwd=workdir,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        setup = subprocess.run(["bash", "-c", task["setup"]], **pipes)
         for line in setup.stdout.splitlines():
             log(f"  [{task['name']}#{attempt} setup] {line}")
         if setup.returncode != 0:
             return setup.returncode
-    process = subprocess.Popen(
-        ["bash", "-c", task["run"]],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    process = subprocess.Popen(["bash", "-c", task["run"]], start_new_session=True, **pipes)
     if fault is not None:
         fault(task, attempt, process, env)
     output, _ = process.communicate()

@@ -324,27 +324,30 @@ def resolve_solver(base, overrides: dict, key: str = "solver") -> DictConfig:
     return solver
 
 
-def validate_pairs(cfg) -> None:
-    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint, "is required: the teacher, checkpoint=RUN_DIR")
-    check(bool(cfg.out), "out", cfg.out, "is required: the pair directory, e.g. out=runs/pairs/moons_rf1")
-    check(cfg.num_pairs >= 1, "num_pairs", cfg.num_pairs, "must be >= 1")
+def validate_sharded(cfg, count_key: str, checkpoint_hint: str, out_hint: str) -> None:
+    """The keys of a chunked sampling job (eval_imagenet.py, scripts/generate_pairs.py): a checkpoint, an
+    out directory, a count, chunk and batch sizes, a device."""
+    check(bool(cfg.checkpoint), "checkpoint", cfg.checkpoint, f"is required: {checkpoint_hint}")
+    check(bool(cfg.out), "out", cfg.out, f"is required: {out_hint}")
+    check(cfg[count_key] >= 1, count_key, cfg[count_key], "must be >= 1")
     check(cfg.chunk_size >= 1, "chunk_size", cfg.chunk_size, "must be >= 1")
     check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
     check_choice("device", cfg.device, DEVICES)
+
+
+def validate_pairs(cfg) -> None:
+    validate_sharded(
+        cfg, "num_pairs", "the teacher, checkpoint=RUN_DIR", "the pair directory, e.g. out=runs/pairs/moons_rf1"
+    )
 
 
 def validate_eval(cfg) -> None:
-    check(
-        bool(cfg.checkpoint),
-        "checkpoint",
-        cfg.checkpoint,
-        "is required: checkpoint=RUN_DIR (or .../latest or a step_* dir)",
+    validate_sharded(
+        cfg,
+        "num_samples",
+        "checkpoint=RUN_DIR (or .../latest or a step_* dir)",
+        "the evaluation directory, e.g. out=runs/eval/h1024_cfg3",
     )
-    check(bool(cfg.out), "out", cfg.out, "is required: the evaluation directory, e.g. out=runs/eval/h1024_cfg3")
-    check(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
-    check(cfg.chunk_size >= 1, "chunk_size", cfg.chunk_size, "must be >= 1")
-    check(cfg.batch_size is None or cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1 or null")
-    check_choice("device", cfg.device, DEVICES)
 
 
 def validate_inference(cfg) -> None:
