@@ -139,6 +139,43 @@ def test_a_killed_job_rerun_gives_the_same_file(pixel_run, tmp_path):
     assert (tmp_path / "killed" / "samples.npz").read_bytes() == (tmp_path / "straight" / "samples.npz").read_bytes()
 
 
+TERM_AFTER_TWO_CHUNKS = KILL_AFTER_TWO_CHUNKS.replace("signal.SIGKILL", "signal.SIGTERM")
+
+
+def test_sigterm_between_chunks_exits_75_keeping_the_finished_chunks(pixel_run, tmp_path):
+    """A preemption notice: the chunk in hand is finished and written, the job exits 75 (recovered without
+    counting an error), and the same command completes the samples."""
+    args = [f"checkpoint={pixel_run}", *FAST, "num_samples=20", "chunk_size=4", "batch_size=4"]
+    stopped = subprocess.run(
+        [sys.executable, "-c", TERM_AFTER_TWO_CHUNKS, *args, f"out={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert stopped.returncode == runtime.EXIT_PREEMPTED, stopped.stdout[-2000:] + stopped.stderr[-2000:]
+    assert len(list((tmp_path / "out" / "shards").glob("chunk_*.npz"))) == 2
+    assert not (tmp_path / "out" / "samples.npz").exists()
+    assert eval_imagenet.main([*args, f"out={tmp_path / 'out'}"]) == 0
+    assert (tmp_path / "out" / "samples.npz").is_file()
+
+
+def test_a_second_evaluation_of_the_same_out_is_refused_while_the_first_runs(pixel_run, tmp_path):
+    """Two evaluations with different settings on one out could interleave (the settings check, then the
+    write) and leave eval.json describing chunks sampled with other settings: the owner lock refuses."""
+    from run_dir import RunDirLock
+
+    held = RunDirLock(tmp_path / "out", key="out").acquire()  # the first evaluation, still running
+    try:
+        with pytest.raises(runtime.RunError, match=r"is in use by another process .*choose another out"):
+            evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4", "guidance_scale=2")
+        assert not (tmp_path / "out" / "eval.json").exists()
+    finally:
+        held.release()
+    assert evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4") == 0
+
+
 def test_a_directory_made_with_other_settings_is_refused(pixel_run, tmp_path):
     assert evaluate(pixel_run, tmp_path / "out", "num_samples=4", "chunk_size=4") == 0
     with pytest.raises(runtime.RunError, match=r"other settings \(differing: solver\)"):
