@@ -4,7 +4,7 @@
         [batch=256 steps=300 flip=true cold=true keep_mapped=true advice=auto|normal|random delete=true]
 
 Writes a synthetic cache (N(0, 1) float16 latents [count, 4, 32, 32] = 8 KiB each, uniform labels,
-valid manifest; `build_latent_cache.write_synthetic_cache`, the same writer as `convert`) unless
+valid manifest; `latent_cache_writer.write_synthetic_cache`, the same writer as `convert`) unless
 PATH/train already holds one of that count, opens it with latent_cache.load_latent_cache as train.py
 does, and draws `steps` batches the way the trainer does (slices of the epoch permutation, a
 seeded generator per batch for the flip coins). Prints one JSON line: batches/s, images/s and

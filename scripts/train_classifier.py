@@ -24,7 +24,7 @@ from runtime import run_main
 
 @dataclass
 class ClassifierTrainConfig:
-    dataset: str | None = None  # required: digits | mnist | fashion_mnist | cifar10 (datasets.DATASETS keys)
+    dataset: str | None = None  # required: digits | mnist | fashion_mnist | cifar10 (dataset_registry.DATASETS keys)
     out: str | None = None  # required: the .safetensors file to write
     epochs: int = 10
     batch_size: int = 128
