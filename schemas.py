@@ -135,7 +135,9 @@ def apply_schema(cfg: DictConfig, schema=Config) -> DictConfig:
     """Merge into the typed schema: unknown keys and wrong types fail with the key named."""
     _check_known_keys(cfg, schema)
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        _check_finite(OmegaConf.to_container(merged, resolve=True))
+        return merged
     except ConfigKeyError as e:
         key = e.full_key or ""
         parent = key.rpartition(".")[0]
@@ -147,6 +149,19 @@ def apply_schema(cfg: DictConfig, schema=Config) -> DictConfig:
         raise ConfigError(f"config key '{e.full_key}' has a value of the wrong type: {e.msg.splitlines()[0]}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"config error at '{getattr(e, 'full_key', '?')}': {e}") from None
+
+
+def _check_finite(node, prefix: str = "") -> None:
+    """Every float in a config is finite: an inf learning rate, noise level or guidance scale trains NaN
+    weights or skips every update, so it fails here with the key named."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{prefix}{key}.")
+    elif isinstance(node, list):
+        for value in node:
+            _check_finite(value, prefix)
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix.rstrip('.')} = {node!r}: must be a finite number")
 
 
 def _check_known_keys(cfg: DictConfig, schema, prefix: str = "") -> None:
