@@ -36,7 +36,7 @@ from build import build_evaluator, latent_vae_id, load_run
 from config import EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
 from ode_solvers import CountCalls
-from run_dir import Run
+from run_dir import Run, refuse_inside_run
 from runtime import EXIT_OK, EXIT_PREEMPTED, RunError, derive_seed, run_main, setup_runtime, teardown_runtime
 from sampling import NonFiniteSamplesError, sample_kwargs
 
@@ -250,6 +250,7 @@ class Evaluation:
 def main(argv: list[str] | None = None) -> int:
     cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="eval"), EvalConfig)
     validate_eval(cfg)
+    refuse_inside_run(cfg.out)
     runtime = setup_runtime(cfg.device)
     try:
         return Evaluation(cfg, runtime).run_all()

@@ -13,6 +13,7 @@ from pathlib import Path
 from build import build_evaluator, latent_vae_id, load_run
 from checkpoint import atomic_write_text
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
+from run_dir import refuse_inside_run
 from runtime import run_main, select_device
 
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)"
         )
     validate_inference(cfg)
+    refuse_inside_run(cfg.out)
     device = select_device(cfg.device)
     run = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
     sampler, solver = run.sampler, run.solver

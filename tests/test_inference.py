@@ -48,6 +48,18 @@ def test_cli_writes_png_and_npz_from_the_checkpoint_alone(tmp_path):
     )
     np.testing.assert_array_equal(np.load(tmp_path / "again" / "samples.npz")["points"], saved["points"])
 
+    # A reader never writes into a run directory: out=RUN used to replace the run's own samples.npz.
+    import eval_imagenet
+    from config import ConfigError
+
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    for out in (run_dir, run_dir / "samples"):
+        with pytest.raises(ConfigError, match=rf"out = '{out}' is inside the run directory {run_dir},"):
+            inference.main([f"checkpoint={run_dir}", f"out={out}", "n_per_class=2"])
+        with pytest.raises(ConfigError, match="is inside the run directory"):
+            eval_imagenet.main([f"checkpoint={run_dir}", f"out={out}", "num_samples=2", "device=cpu"])
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
 
 def test_cli_errors_are_clear(tmp_path):
     from checkpoint import CheckpointError
