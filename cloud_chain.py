@@ -66,9 +66,18 @@ def job_recovery(max_restarts_on_errors: int = 3) -> dict:
 # --- the stage hand-off ---------------------------------------------------------------------------------
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_finished(run_dir) -> str | None:
-    """None when RUN_DIR holds a finished run (finished.json naming a checkpoint whose manifest.json has
-    the recorded sha256, and every output it lists); else what is missing, as one line."""
+    """None when RUN_DIR holds a finished run: finished.json names a checkpoint whose manifest.json has the
+    recorded sha256 and whose every file has the size and sha256 the manifest records, and every output it
+    lists exists. Else what is wrong, as one line."""
     run_dir = Path(run_dir)
     marker_path = run_dir / FINISHED
     if not run_dir.is_dir():
@@ -84,8 +93,19 @@ def check_finished(run_dir) -> str | None:
     if not manifest.is_file():
         return f"{manifest} is missing: {marker_path} names checkpoint {name} (step {step})"
     expected = marker.get("manifest_sha256")
-    if expected is not None and hashlib.sha256(manifest.read_bytes()).hexdigest() != expected:
+    if not expected:
+        return f"{marker_path} records no manifest_sha256 for checkpoint {name}: it cannot be verified"
+    if _sha256(manifest) != expected:
         return f"{manifest} does not match the sha256 in {marker_path}"
+    # every file of the final checkpoint, as its manifest records it (a flipped byte in the weights)
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{manifest} is unreadable ({error})"
+    for file_name, meta in files.items():
+        path = manifest.parent / file_name
+        if not path.is_file() or path.stat().st_size != meta.get("bytes") or _sha256(path) != meta.get("sha256"):
+            return f"{path} does not match its size and sha256 in {manifest}: the checkpoint is damaged"
     for output in marker.get("outputs", []):
         if not (run_dir / output).exists():
             return f"{run_dir / output} is missing: {marker_path} lists it"

@@ -8,6 +8,7 @@ file fails under CI (CI=true, so breakage is never hidden) and is skipped, with 
 the reason, on a developer's base install, where `uv run pytest` must pass."""
 
 import copy
+import json
 import os
 import re
 import shlex
@@ -364,6 +365,28 @@ def test_the_smoke_chain_survives_a_preemption_and_a_kill_bitwise_and_reruns_as_
     assert code == 0, log[-4000:]
     assert "already finished" in log and "already complete; nothing to do" in log, log[-4000:]
     assert snapshot(tmp_path / "faulty") == before
+
+
+def test_the_hand_off_verifies_every_file_of_the_final_checkpoint(tmp_path):
+    """Only the manifest's sha256 was checked: a flipped byte in the final model.safetensors passed."""
+    from conftest import run_train
+
+    run = tmp_path / "stage"
+    assert run_train(run, "training.max_steps=10", "training.checkpoint_every=10", "training.num_eval_samples=50") == 0
+    assert cloud_chain.check_finished(run) is None
+    weights = run / "checkpoints" / "step_0000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    problem = cloud_chain.check_finished(run)
+    assert (
+        problem == f"{weights} does not match its size and sha256 in {weights.parent / 'manifest.json'}: "
+        "the checkpoint is damaged"
+    ), problem
+    assert sky_chain.main(["require-finished", str(run)]) == 1
+    marker = json.loads((run / FINISHED).read_text())
+    (run / FINISHED).write_text(json.dumps({**marker, "manifest_sha256": None}))  # no longer disables the check
+    assert "records no manifest_sha256" in cloud_chain.check_finished(run)
 
 
 def test_a_stage_refuses_to_start_without_its_predecessors_marker(tmp_path):
