@@ -6,7 +6,6 @@ torch-fidelity's port of the TF-2015 Inception-v3 that published numbers are com
 batches. Each image goes through Inception-v3 at 299 x 299: these run at evaluation time, not every step.
 """
 
-import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoint import sha256_file
 from config import ConfigError
 from metrics import feature_statistics, frechet_distance
 
@@ -75,15 +75,6 @@ def inception_weights_filename() -> str:
 def default_inception_weights_path() -> Path:
     """Where torch-fidelity's own download lands: torch.hub.get_dir()/checkpoints/<file name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / inception_weights_filename()
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weights_help() -> str:
@@ -157,7 +148,7 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
         )
     except (RuntimeError, ValueError) as e:
         raise refuse(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
-    extractor.weights_path, extractor.weights_sha256 = str(path), file_sha256(path)
+    extractor.weights_path, extractor.weights_sha256 = str(path), sha256_file(path)
     return extractor.to(device).eval()
 
 
