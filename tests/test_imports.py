@@ -108,3 +108,27 @@ def test_every_top_level_module_ships_in_the_wheel():
     )
     modules = {path.name for path in ROOT.glob("*.py")}
     assert modules <= listed, sorted(modules - listed)
+
+
+def test_the_import_table_in_docs_architecture_matches_the_source():
+    """Each row `| layer | `a`, `b` | x, y |` of docs/architecture.md's import graph lists exactly the
+    project modules those modules import ."""
+    import re
+
+    graph = import_graph()
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text[text.index("## Import graph") : text.index("## Where to add")]
+    checked = 0
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[1].startswith("`") or "*" in cells[1]:
+            continue
+        names = re.findall(r"`([\w.]+)`", cells[1])
+        imports = re.sub(r"\(.*?\)", "", cells[2]).replace(";", ",")  # drop the remarks in parentheses
+        documented = [{m.strip() for m in part.split(",")} - {"", "—"} for part in imports.split("/")]
+        documented = documented * len(names) if len(documented) == 1 else documented
+        for name, listed in zip(names, documented):
+            actual = {m for m in graph[name] if not m.startswith(("scripts.", "experiments."))}
+            assert actual == listed, (name, sorted(actual), sorted(listed))
+            checked += 1
+    assert checked >= 30, checked
