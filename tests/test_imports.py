@@ -112,7 +112,7 @@ def test_every_top_level_module_ships_in_the_wheel():
 
 def test_the_import_table_in_docs_architecture_matches_the_source():
     """Each row `| layer | `a`, `b` | x, y |` of docs/architecture.md's import graph lists exactly the
-    project modules those modules import ."""
+    project modules those modules import."""
     import re
 
     graph = import_graph()
