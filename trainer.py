@@ -111,6 +111,60 @@ class StepMeter:
         return values
 
 
+class MicroBatches:
+    """The seeded data draws of a run (module docstring): the data order of epoch e is a permutation seeded
+    by (seed, e), the global batch of step s splits into world_size * grad_accum micro-batches, and
+    micro-batch j draws its t, noise and label dropout from a generator seeded by (seed, s, j).
+
+    data: the rows the permutation runs over (the dataset, or a reflow pair file); coupling re-pairs each
+    micro-batch's noise (couplings.py); null_label: what a dropped label becomes (None: unconditional)."""
+
+    def __init__(self, data, coupling, time_sampler, cfg: DictConfig, runtime: Runtime, channels_last, null_label):
+        tr = cfg.training
+        self.data, self.coupling, self.time_sampler = data, coupling, time_sampler
+        self.seed, self.batch_size, self.p_uncond, self.device = cfg.seed, tr.batch_size, tr.p_uncond, runtime.device
+        self.channels_last, self.null_label = channels_last, null_label
+        self.micro_batches = runtime.world_size * tr.grad_accum
+        if tr.batch_size % self.micro_batches:
+            raise ConfigError(
+                f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = "
+                f"{self.micro_batches}"
+            )
+        self.micro_batch_size = tr.batch_size // self.micro_batches
+        self.steps_per_epoch = len(data) // tr.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(data)}")
+        self.generator = torch.Generator(device=runtime.device)
+        self._permutation = (None, None)  # (epoch, permutation) cache
+
+    def global_batch_indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._permutation[0] != epoch:
+            self._permutation = (epoch, epoch_permutation(len(self.data), self.seed, epoch, self.device))
+        size = self.batch_size
+        return self._permutation[1][position * size : (position + 1) * size]
+
+    def micro_batch(self, step: int, micro_index: int):
+        """Micro-batch j of step s: its slice of the global batch and its own seeded draws."""
+        indices = self.global_batch_indices(step).view(self.micro_batches, self.micro_batch_size)[micro_index]
+        self.generator.manual_seed(micro_batch_seed(self.seed, step, micro_index))
+        x1, y = self.data.batch(indices, self.generator)
+        t = self.time_sampler(x1.shape[0], self.generator, self.device)
+        eps = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        # Re-pair the noise (couplings.py) with the labels as drawn, before label dropout: OT pairs
+        # within a class, reflow takes its stored noise. Independent returns eps untouched.
+        conditional = self.null_label is not None
+        eps = self.coupling(x1, eps, y if conditional else None, indices)
+        if self.channels_last:
+            x1, eps = (v.contiguous(memory_format=torch.channels_last) for v in (x1, eps))
+        if conditional:
+            drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        else:
+            y = None
+        return x1, y, t, eps
+
+
 # --- the trainer --------------------------------------------------------------------------------
 
 
@@ -145,22 +199,19 @@ class Trainer:
             )
         self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
-        # The rows the epoch permutation runs over: the dataset, or a reflow pair file (its samples and
-        # labels; self.dataset stays the real data, which evaluation compares against).
-        self.coupling = build_coupling(tr.coupling, self.dataset, self.conditional, device)
-        self.train_data = self.coupling.training_data(self.dataset)
-
-        self.micro_batches = runtime.world_size * tr.grad_accum
-        if tr.batch_size % self.micro_batches:
-            raise ConfigError(
-                f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = "
-                f"{self.micro_batches}"
-            )
-        self.micro_batch_size = tr.batch_size // self.micro_batches
-        self.steps_per_epoch = len(self.train_data) // tr.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(self.train_data)}")
-        self.total_steps = tr.epochs * self.steps_per_epoch  # LR-schedule horizon
+        # The micro-batches draw from the dataset or a reflow pair file (its samples and labels;
+        # self.dataset stays the real data, which evaluation compares against).
+        coupling = build_coupling(tr.coupling, self.dataset, self.conditional, device)
+        self.batches = MicroBatches(
+            coupling.training_data(self.dataset),
+            coupling,
+            self.time_sampler,
+            cfg,
+            runtime,
+            self.channels_last,
+            null_label=self.model.num_classes if self.conditional else None,
+        )
+        self.total_steps = tr.epochs * self.batches.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
 
         # Fused AdamW (one kernel per step; also the fastest on CPU here) takes `found_inf`, which
@@ -181,10 +232,8 @@ class Trainer:
             self.forward_model = DistributedDataParallel(
                 self.forward_model, device_ids=ids, find_unused_parameters=unused
             )
-        self.generator = torch.Generator(device=device)
         self.step = 0
         self.nonfinite = NonfiniteGuard(tr.max_nonfinite_steps, device)
-        self._permutation = (None, None)  # (epoch, permutation) cache
 
     # -- state --
 
@@ -195,8 +244,8 @@ class Trainer:
             "nonfinite_in_a_row": int(self.nonfinite.in_a_row),
             # The data position and every RNG stream are functions of the step (module docstring),
             # so these are recorded for inspection, not needed to resume.
-            "epoch": self.step // self.steps_per_epoch,
-            "batch_in_epoch": self.step % self.steps_per_epoch,
+            "epoch": self.step // self.batches.steps_per_epoch,
+            "batch_in_epoch": self.step % self.batches.steps_per_epoch,
             "world_size": self.runtime.world_size,
         }
 
@@ -252,35 +301,6 @@ class Trainer:
 
     # -- one optimizer step --
 
-    def global_batch_indices(self, step: int) -> torch.Tensor:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._permutation[0] != epoch:
-            self._permutation = (
-                epoch,
-                epoch_permutation(len(self.train_data), self.cfg.seed, epoch, self.runtime.device),
-            )
-        size = self.cfg.training.batch_size
-        return self._permutation[1][position * size : (position + 1) * size]
-
-    def micro_batch(self, step: int, micro_index: int):
-        """Micro-batch j of step s: its slice of the global batch and its own seeded draws."""
-        indices = self.global_batch_indices(step).view(self.micro_batches, self.micro_batch_size)[micro_index]
-        self.generator.manual_seed(micro_batch_seed(self.cfg.seed, step, micro_index))
-        x1, y = self.train_data.batch(indices, self.generator)
-        t = self.time_sampler(x1.shape[0], self.generator, self.runtime.device)
-        eps = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
-        # Re-pair the noise (couplings.py) with the labels as drawn, before label dropout: OT pairs
-        # within a class, reflow takes its stored noise. Independent returns eps untouched.
-        eps = self.coupling(x1, eps, y if self.conditional else None, indices)
-        if self.channels_last:
-            x1, eps = (v.contiguous(memory_format=torch.channels_last) for v in (x1, eps))
-        if self.conditional:
-            drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.cfg.training.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.model.num_classes), y)
-        else:
-            y = None
-        return x1, y, t, eps
-
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, grad_norm, per-sample losses, t) for logging, all on device."""
         tr = self.cfg.training
@@ -292,7 +312,7 @@ class Trainer:
         per_sample_all, t_all, loss_sum = [], [], 0.0
         for accum_index in range(tr.grad_accum):
             micro_index = accum_index * self.runtime.world_size + self.runtime.rank
-            x1, y, t, eps = self.micro_batch(step, micro_index)
+            x1, y, t, eps = self.batches.micro_batch(step, micro_index)
             x_t, _ = self.path.sample(x1, eps, t)
             # Only the last micro-step all-reduces gradients under DDP.
             sync = accum_index == tr.grad_accum - 1 or not self.runtime.distributed
@@ -304,7 +324,7 @@ class Trainer:
                         # resume), drawn outside the model so a compiled forward has no generator in it;
                         # the loss counts only pixels of kept tokens.
                         keep_ids = self.model.sample_keep(
-                            x1.shape[0], self.model.grid**2, self.model.mask_ratio, self.generator, x1.device
+                            x1.shape[0], self.model.grid**2, self.model.mask_ratio, self.batches.generator, x1.device
                         )
                         output, keep = self.forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
                         mask = self.model.loss_mask(keep, tuple(x1.shape[-2:]))
@@ -361,7 +381,7 @@ class Trainer:
                     values = {
                         **meter.values(tr.batch_size),
                         "train/lr": self.optimizer.param_groups[0]["lr"],
-                        "train/epoch": self.step / self.steps_per_epoch,
+                        "train/epoch": self.step / self.batches.steps_per_epoch,
                         **moe_load_metrics(self.model),
                     }
                     self.log.scalars(self.step, values)
@@ -385,14 +405,14 @@ class Trainer:
         if tr.max_steps is not None and tr.max_steps > self.total_steps:
             self.log.print(
                 f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
-                f"(training.epochs = {tr.epochs} x {self.steps_per_epoch} steps per epoch); training stops at "
+                f"(training.epochs = {tr.epochs} x {self.batches.steps_per_epoch} steps per epoch); training stops at "
                 f"{self.total_steps}. Raise training.epochs to train longer."
             )
         self.log.print(
             f"{self.cfg.experiment}: {type(self.model).__name__} with {count_parameters(self.model):,} parameters on "
             f"{self.runtime.device} x{self.runtime.world_size} ({torch.get_num_threads()} threads); "
-            f"{len(self.train_data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, steps {self.step} "
-            f"-> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
+            f"{len(self.batches.data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, "
+            f"steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
         )
 
     @torch.no_grad()
