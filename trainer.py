@@ -42,9 +42,11 @@ from runtime import (
     Runtime,
     amp_dtype,
     derive_seed,
+    distributed_model,
     epoch_permutation,
     learning_rate,
     optimizer_step,
+    set_cpu_threads,
     set_learning_rate,
 )
 
@@ -182,10 +184,7 @@ class Trainer:
         self.dataset = build_dataset(cfg.dataset, device) if dataset is None else dataset
         torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
         self.model = build_model(cfg.model).to(device)
-        if device.type == "cpu":
-            threads = tr.threads or (1 if count_parameters(self.model) < SMALL_MODEL_PARAMETERS else None)
-            if threads:
-                torch.set_num_threads(threads)
+        set_cpu_threads(device, tr.threads, small_model=count_parameters(self.model) < SMALL_MODEL_PARAMETERS)
         self.channels_last = len(self.dataset.sample_shape) == 3 and (
             tr.channels_last if tr.channels_last is not None else True
         )
@@ -222,16 +221,11 @@ class Trainer:
         self.ema = EMA(self.model, tr.ema_decay, tr.ema_warmup) if tr.ema else None
         self.amp_dtype = amp_dtype(tr.amp, device)
         use_compile = tr.compile if tr.compile is not None else device.type == "cuda"
-        self.forward_model = torch.compile(self.model) if use_compile else self.model
-        if runtime.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            # A DiT built for masking but trained unmasked (the fine-tune stage) never uses its mask token.
-            unused = getattr(self.model, "mask_token", None) is not None and not self.masked
-            self.forward_model = DistributedDataParallel(
-                self.forward_model, device_ids=ids, find_unused_parameters=unused
-            )
+        # A DiT built for masking but trained unmasked (the fine-tune stage) never uses its mask token.
+        unused = getattr(self.model, "mask_token", None) is not None and not self.masked
+        self.forward_model = distributed_model(
+            torch.compile(self.model) if use_compile else self.model, runtime, find_unused_parameters=unused
+        )
         self.step = 0
         self.nonfinite = NonfiniteGuard(tr.max_nonfinite_steps, device)
 
@@ -429,25 +423,16 @@ class Trainer:
         sampler = FlowSampler(
             model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None)
         )
-        started = time.perf_counter()
         try:
-            samples, labels, latents = evaluator.sample(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed)
+            scores, samples, labels, latents = evaluator.evaluate(
+                sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed, tr.fid_samples
+            )
         except NonFiniteSamplesError as error:
             if final:
                 raise RunError(f"final evaluation at step {self.step}: {error}") from None
             self.log.print(f"WARNING: evaluation at step {self.step} skipped: {error}")
             self.model.train()
             return
-        scores = {
-            "sampling_s": time.perf_counter() - started,
-            **evaluator.score(samples, labels),
-            "straightness": evaluator.straightness(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed),
-        }
-        if evaluator.inception_reference is not None:
-            # FID-5k and the like are named for their count: biased upwards against FID-50k
-            fid_samples = evaluator.sample(sampler, self.cfg.solver, tr.fid_samples, self.cfg.seed + 1)[0]
-            tag = f"{tr.fid_samples // 1000}k" if tr.fid_samples % 1000 == 0 else str(tr.fid_samples)
-            scores.update({f"{key}_{tag}": value for key, value in evaluator.inception(fid_samples).items()})
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if final and bad:
             raise RunError(
