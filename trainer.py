@@ -73,6 +73,15 @@ def moe_load_metrics(model) -> dict[str, float]:
     return {"moe/tokens_unpicked": mean[0], "moe/tokens_picked_once": mean[1], "moe/tokens_picked_2plus": mean[2]}
 
 
+def masked_forward(model, forward_model, x1, x_t, t, y, generator):
+    """Deferred token masking (models_dit.DiT) -> (output, loss mask): the kept tokens come from the
+    micro-batch's generator (exact resume), drawn outside the model so a compiled forward has no generator
+    in it; the loss counts only pixels of kept tokens."""
+    keep_ids = model.sample_keep(x1.shape[0], model.grid**2, model.mask_ratio, generator, x1.device)
+    output, keep = forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
+    return output, model.loss_mask(keep, tuple(x1.shape[-2:]))
+
+
 class StepMeter:
     """Running means of the logged training scalars between two log lines, kept on the device (no host
     sync per step). Skipped (non-finite) steps are kept out of every mean."""
@@ -113,17 +122,39 @@ class StepMeter:
         return values
 
 
+def training_model(cfg: DictConfig, dataset, device) -> tuple[torch.nn.Module, bool]:
+    """The model as trained -> (model, channels_last): the same initial weights on every rank and run, on
+    the device (NHWC for images unless training.channels_last = false), the CPU threads chosen for its
+    size; a class-conditional model needs a label for each of the dataset's classes."""
+    tr = cfg.training
+    torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
+    model = build_model(cfg.model).to(device)
+    set_cpu_threads(device, tr.threads, small_model=count_parameters(model) < SMALL_MODEL_PARAMETERS)
+    channels_last = len(dataset.sample_shape) == 3 and (tr.channels_last if tr.channels_last is not None else True)
+    if channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
+        model.to(memory_format=torch.channels_last)
+    if hasattr(model, "num_classes") and model.num_classes < dataset.num_classes:
+        raise ConfigError(
+            f"model.num_classes = {model.num_classes} but dataset {dataset.name!r} has "
+            f"{dataset.num_classes} classes; set model.num_classes >= {dataset.num_classes}"
+        )
+    return model, channels_last
+
+
 class MicroBatches:
     """The seeded data draws of a run (module docstring): the data order of epoch e is a permutation seeded
     by (seed, e), the global batch of step s splits into world_size * grad_accum micro-batches, and
     micro-batch j draws its t, noise and label dropout from a generator seeded by (seed, s, j).
 
-    data: the rows the permutation runs over (the dataset, or a reflow pair file); coupling re-pairs each
-    micro-batch's noise (couplings.py); null_label: what a dropped label becomes (None: unconditional)."""
+    The coupling (training.coupling, couplings.py) re-pairs each micro-batch's noise, and may replace the
+    rows the permutation runs over by a reflow pair file (its samples and labels; the dataset passed in
+    stays the real data, which evaluation compares against). null_label: what a dropped label becomes
+    (None: unconditional)."""
 
-    def __init__(self, data, coupling, time_sampler, cfg: DictConfig, runtime: Runtime, channels_last, null_label):
+    def __init__(self, dataset, time_sampler, cfg: DictConfig, runtime: Runtime, channels_last: bool, null_label):
         tr = cfg.training
-        self.data, self.coupling, self.time_sampler = data, coupling, time_sampler
+        self.coupling = build_coupling(tr.coupling, dataset, null_label is not None, runtime.device)
+        self.data, self.time_sampler = self.coupling.training_data(dataset), time_sampler
         self.seed, self.batch_size, self.p_uncond, self.device = cfg.seed, tr.batch_size, tr.p_uncond, runtime.device
         self.channels_last, self.null_label = channels_last, null_label
         self.micro_batches = runtime.world_size * tr.grad_accum
@@ -133,9 +164,9 @@ class MicroBatches:
                 f"{self.micro_batches}"
             )
         self.micro_batch_size = tr.batch_size // self.micro_batches
-        self.steps_per_epoch = len(data) // tr.batch_size
+        self.steps_per_epoch = len(self.data) // tr.batch_size
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(data)}")
+            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(self.data)}")
         self.generator = torch.Generator(device=runtime.device)
         self._permutation = (None, None)  # (epoch, permutation) cache
 
@@ -182,34 +213,12 @@ class Trainer:
         self.log = MetricLogger(run_dir, enabled=False, tensorboard=False)
 
         self.dataset = build_dataset(cfg.dataset, device) if dataset is None else dataset
-        torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
-        self.model = build_model(cfg.model).to(device)
-        set_cpu_threads(device, tr.threads, small_model=count_parameters(self.model) < SMALL_MODEL_PARAMETERS)
-        self.channels_last = len(self.dataset.sample_shape) == 3 and (
-            tr.channels_last if tr.channels_last is not None else True
-        )
-        if self.channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
-            self.model.to(memory_format=torch.channels_last)
+        self.model, self.channels_last = training_model(cfg, self.dataset, device)
         self.conditional = hasattr(self.model, "num_classes")
-        if self.conditional and self.model.num_classes < self.dataset.num_classes:
-            raise ConfigError(
-                f"model.num_classes = {self.model.num_classes} but dataset {self.dataset.name!r} has "
-                f"{self.dataset.num_classes} classes; set model.num_classes >= {self.dataset.num_classes}"
-            )
         self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
-        # The micro-batches draw from the dataset or a reflow pair file (its samples and labels;
-        # self.dataset stays the real data, which evaluation compares against).
-        coupling = build_coupling(tr.coupling, self.dataset, self.conditional, device)
-        self.batches = MicroBatches(
-            coupling.training_data(self.dataset),
-            coupling,
-            self.time_sampler,
-            cfg,
-            runtime,
-            self.channels_last,
-            null_label=self.model.num_classes if self.conditional else None,
-        )
+        null_label = self.model.num_classes if self.conditional else None
+        self.batches = MicroBatches(self.dataset, self.time_sampler, cfg, runtime, self.channels_last, null_label)
         self.total_steps = tr.epochs * self.batches.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
 
@@ -264,8 +273,17 @@ class Trainer:
         open run directory (fit's); None reads the decision without holding it (tests, tools)."""
         run = Run(self.run_dir, self.runtime) if run is None else run
         source = run.checkpoint_to_resume(self.cfg.training.resume, self.cfg.training.start_over)
-        if source is None:
-            self.initialize()
+        if source is None:  # a fresh start, perhaps from training.init.checkpoint (checkpoint.init_from_checkpoint)
+            init = self.cfg.training.init
+            if init.checkpoint is not None:
+                step, ema_updates, message = ckpt.init_from_checkpoint(
+                    init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device
+                )
+                if step is not None:
+                    self.step = step
+                    if self.ema:
+                        self.ema.num_updates = ema_updates
+                self.log.print(message)
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
         run.accept_resume(loaded.config, self.cfg, loaded.path, loaded.step)
@@ -278,20 +296,6 @@ class Trainer:
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
-
-    def initialize(self) -> None:
-        """A fresh run's start from training.init.checkpoint (checkpoint.init_from_checkpoint)."""
-        init = self.cfg.training.init
-        if init.checkpoint is None:
-            return
-        step, ema_updates, message = ckpt.init_from_checkpoint(
-            init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device
-        )
-        if step is not None:
-            self.step = step
-            if self.ema:
-                self.ema.num_updates = ema_updates
-        self.log.print(message)
 
     # -- one optimizer step --
 
@@ -314,14 +318,9 @@ class Trainer:
             with context:
                 with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     if self.masked:
-                        # Deferred masking: the kept tokens come from this micro-batch's generator (exact
-                        # resume), drawn outside the model so a compiled forward has no generator in it;
-                        # the loss counts only pixels of kept tokens.
-                        keep_ids = self.model.sample_keep(
-                            x1.shape[0], self.model.grid**2, self.model.mask_ratio, self.batches.generator, x1.device
+                        output, mask = masked_forward(
+                            self.model, self.forward_model, x1, x_t, t, y, self.batches.generator
                         )
-                        output, keep = self.forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
-                        mask = self.model.loss_mask(keep, tuple(x1.shape[-2:]))
                     else:
                         output, mask = self.forward_model(x_t, t, y), None
                 loss, per_sample = flow.flow_matching_loss(
@@ -355,10 +354,10 @@ class Trainer:
         with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
             self.log = run.log
             self.resume(run)
-            self.load_evaluator()
+            self.evaluator = load_evaluator(self.cfg, self.runtime, self.dataset)
             if not run.start(self.cfg, self.step, self.target_steps):
                 return EXIT_OK
-            self.print_plan()
+            print_plan(self)
             meter = StepMeter(self.runtime.device)
             check_every = max(1, min(tr.log_every, tr.max_nonfinite_steps // 2))
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
@@ -393,21 +392,6 @@ class Trainer:
                 self.evaluate(final=True)
                 run.finish(self.step, FINAL_OUTPUTS)
         return EXIT_OK
-
-    def print_plan(self) -> None:
-        tr = self.cfg.training
-        if tr.max_steps is not None and tr.max_steps > self.total_steps:
-            self.log.print(
-                f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
-                f"(training.epochs = {tr.epochs} x {self.batches.steps_per_epoch} steps per epoch); training stops at "
-                f"{self.total_steps}. Raise training.epochs to train longer."
-            )
-        self.log.print(
-            f"{self.cfg.experiment}: {type(self.model).__name__} with {count_parameters(self.model):,} parameters on "
-            f"{self.runtime.device} x{self.runtime.world_size} ({torch.get_num_threads()} threads); "
-            f"{len(self.batches.data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, "
-            f"steps {self.step} -> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
-        )
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> None:
@@ -450,19 +434,37 @@ class Trainer:
         close_figure(figure)
         self.model.train()
 
-    def load_evaluator(self) -> None:
-        """Rank 0's evaluation tools (the VAE decoder of a latent dataset, the metrics classifier, the
-        Inception reference), loaded before the first step so a wrong path fails now."""
-        tr = self.cfg.training
-        self.evaluator = None
-        if self.runtime.is_main:
-            self.evaluator = build_evaluator(
-                self.cfg.dataset,
-                self.runtime.device,
-                classifier=tr.classifier,
-                fid_reference=tr.fid_reference,
-                inception_weights=tr.inception_weights,
-                num_samples=tr.num_eval_samples,
-                seed=self.cfg.seed,
-                dataset=self.dataset,
-            )
+
+def print_plan(trainer: Trainer) -> None:
+    """The run's one-line summary, after a note when training.max_steps outruns the LR schedule."""
+    tr, log, model, runtime = trainer.cfg.training, trainer.log, trainer.model, trainer.runtime
+    if tr.max_steps is not None and tr.max_steps > trainer.total_steps:
+        log.print(
+            f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {trainer.total_steps} steps "
+            f"(training.epochs = {tr.epochs} x {trainer.batches.steps_per_epoch} steps per epoch); training stops at "
+            f"{trainer.total_steps}. Raise training.epochs to train longer."
+        )
+    log.print(
+        f"{trainer.cfg.experiment}: {type(model).__name__} with {count_parameters(model):,} parameters on "
+        f"{runtime.device} x{runtime.world_size} ({torch.get_num_threads()} threads); "
+        f"{len(trainer.batches.data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, "
+        f"steps {trainer.step} -> {trainer.target_steps} (schedule {trainer.total_steps}); run dir {trainer.run_dir}"
+    )
+
+
+def load_evaluator(cfg: DictConfig, runtime: Runtime, dataset):
+    """Rank 0's evaluation tools (the VAE decoder of a latent dataset, the metrics classifier, the
+    Inception reference), loaded before the first step so a wrong path fails now; None on other ranks."""
+    if not runtime.is_main:
+        return None
+    tr = cfg.training
+    return build_evaluator(
+        cfg.dataset,
+        runtime.device,
+        classifier=tr.classifier,
+        fid_reference=tr.fid_reference,
+        inception_weights=tr.inception_weights,
+        num_samples=tr.num_eval_samples,
+        seed=cfg.seed,
+        dataset=dataset,
+    )
