@@ -8,11 +8,14 @@ Training (trainer.Trainer, rl/trainer.GRPOTrainer), inference.py and eval_imagen
     scores = evaluator.score(samples, labels)          # 2-D: sliced W2 (+ moons accuracy); images:
                                                        # classifier accuracy / FD, else JPEG/PNG bits per pixel
     scores |= evaluator.inception(samples)             # FID / IS (KID, precision/recall) vs the reference
+    scores, samples, labels, latents = evaluator.evaluate(sampler, solver, num_samples, seed, fid_samples)
+                                                       # all of the above, as training logs it
     evaluator.save(out_dir, samples, labels, latents)  # samples.png + samples.npz, each atomic
 
 Scores are floats keyed by name; callers add their own prefix (`eval/`, `inception/`).
 """
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -101,6 +104,26 @@ class Evaluator:
         return inception.inception_metrics_from_features(
             features, reference, is_splits=min(10, count), device=self.device
         )
+
+    def evaluate(
+        self, sampler: FlowSampler, solver, num_samples: int, seed: int, fid_samples: int = 0
+    ) -> tuple[dict[str, float], Tensor, Tensor | None, Tensor | None]:
+        """A training run's periodic evaluation: num_samples samples, their scores (`score`), the sampling
+        time and the paths' straightness; with an Inception reference also FID / IS of fid_samples (> 0) further
+        samples (seed + 1), named for their count (`fid_5k`: biased upwards against FID-50k).
+        -> (scores, samples, labels, latents). Raises sampling.NonFiniteSamplesError naming a bad sample."""
+        started = time.perf_counter()
+        samples, labels, latents = self.sample(sampler, solver, num_samples, seed)
+        scores = {
+            "sampling_s": time.perf_counter() - started,
+            **self.score(samples, labels),
+            "straightness": self.straightness(sampler, solver, num_samples, seed),
+        }
+        if self.inception_reference is not None and fid_samples:
+            fid_images = self.sample(sampler, solver, fid_samples, seed + 1)[0]
+            tag = f"{fid_samples // 1000}k" if fid_samples % 1000 == 0 else str(fid_samples)
+            scores.update({f"{key}_{tag}": value for key, value in self.inception(fid_images).items()})
+        return scores, samples, labels, latents
 
     def figure(self, samples: Tensor, labels: Tensor | None):
         """A grid with one row per class named by the dataset's class names (a scatter plot for 2-D data)."""

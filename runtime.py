@@ -363,3 +363,22 @@ class EMA:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """training.amp -> the autocast dtype: bf16 on CUDA for 'auto', None = full precision."""
     return torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
+
+
+def set_cpu_threads(device: torch.device, requested: int | None, small_model: bool) -> None:
+    """training.threads on CPU: the number requested, else (null) one intra-op thread for a small model and
+    torch's default for the rest. No-op on an accelerator."""
+    if device.type == "cpu":
+        threads = requested or (1 if small_model else None)
+        if threads:
+            torch.set_num_threads(threads)
+
+
+def distributed_model(module: torch.nn.Module, runtime: Runtime, find_unused_parameters: bool = False):
+    """module wrapped in DistributedDataParallel under torchrun (device_ids on CUDA); as is in one process."""
+    if not runtime.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)

@@ -42,9 +42,11 @@ from runtime import (
     Runtime,
     amp_dtype,
     derive_seed,
+    distributed_model,
     epoch_permutation,
     learning_rate,
     optimizer_step,
+    set_cpu_threads,
     set_learning_rate,
 )
 
@@ -69,6 +71,15 @@ def moe_load_metrics(model) -> dict[str, float]:
         return {}
     mean = torch.stack(list(load.values())).mean(0).tolist()
     return {"moe/tokens_unpicked": mean[0], "moe/tokens_picked_once": mean[1], "moe/tokens_picked_2plus": mean[2]}
+
+
+def masked_forward(model, forward_model, x1, x_t, t, y, generator):
+    """Deferred token masking (models_dit.DiT) -> (output, loss mask): the kept tokens come from the
+    micro-batch's generator (exact resume), drawn outside the model so a compiled forward has no generator
+    in it; the loss counts only pixels of kept tokens."""
+    keep_ids = model.sample_keep(x1.shape[0], model.grid**2, model.mask_ratio, generator, x1.device)
+    output, keep = forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
+    return output, model.loss_mask(keep, tuple(x1.shape[-2:]))
 
 
 class StepMeter:
@@ -111,6 +122,82 @@ class StepMeter:
         return values
 
 
+def training_model(cfg: DictConfig, dataset, device) -> tuple[torch.nn.Module, bool]:
+    """The model as trained -> (model, channels_last): the same initial weights on every rank and run, on
+    the device (NHWC for images unless training.channels_last = false), the CPU threads chosen for its
+    size; a class-conditional model needs a label for each of the dataset's classes."""
+    tr = cfg.training
+    torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
+    model = build_model(cfg.model).to(device)
+    set_cpu_threads(device, tr.threads, small_model=count_parameters(model) < SMALL_MODEL_PARAMETERS)
+    channels_last = len(dataset.sample_shape) == 3 and (tr.channels_last if tr.channels_last is not None else True)
+    if channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
+        model.to(memory_format=torch.channels_last)
+    if hasattr(model, "num_classes") and model.num_classes < dataset.num_classes:
+        raise ConfigError(
+            f"model.num_classes = {model.num_classes} but dataset {dataset.name!r} has "
+            f"{dataset.num_classes} classes; set model.num_classes >= {dataset.num_classes}"
+        )
+    return model, channels_last
+
+
+class MicroBatches:
+    """The seeded data draws of a run (module docstring): the data order of epoch e is a permutation seeded
+    by (seed, e), the global batch of step s splits into world_size * grad_accum micro-batches, and
+    micro-batch j draws its t, noise and label dropout from a generator seeded by (seed, s, j).
+
+    The coupling (training.coupling, couplings.py) re-pairs each micro-batch's noise, and may replace the
+    rows the permutation runs over by a reflow pair file (its samples and labels; the dataset passed in
+    stays the real data, which evaluation compares against). null_label: what a dropped label becomes
+    (None: unconditional)."""
+
+    def __init__(self, dataset, time_sampler, cfg: DictConfig, runtime: Runtime, channels_last: bool, null_label):
+        tr = cfg.training
+        self.coupling = build_coupling(tr.coupling, dataset, null_label is not None, runtime.device)
+        self.data, self.time_sampler = self.coupling.training_data(dataset), time_sampler
+        self.seed, self.batch_size, self.p_uncond, self.device = cfg.seed, tr.batch_size, tr.p_uncond, runtime.device
+        self.channels_last, self.null_label = channels_last, null_label
+        self.micro_batches = runtime.world_size * tr.grad_accum
+        if tr.batch_size % self.micro_batches:
+            raise ConfigError(
+                f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = "
+                f"{self.micro_batches}"
+            )
+        self.micro_batch_size = tr.batch_size // self.micro_batches
+        self.steps_per_epoch = len(self.data) // tr.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(self.data)}")
+        self.generator = torch.Generator(device=runtime.device)
+        self._permutation = (None, None)  # (epoch, permutation) cache
+
+    def global_batch_indices(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if self._permutation[0] != epoch:
+            self._permutation = (epoch, epoch_permutation(len(self.data), self.seed, epoch, self.device))
+        size = self.batch_size
+        return self._permutation[1][position * size : (position + 1) * size]
+
+    def micro_batch(self, step: int, micro_index: int):
+        """Micro-batch j of step s: its slice of the global batch and its own seeded draws."""
+        indices = self.global_batch_indices(step).view(self.micro_batches, self.micro_batch_size)[micro_index]
+        self.generator.manual_seed(micro_batch_seed(self.seed, step, micro_index))
+        x1, y = self.data.batch(indices, self.generator)
+        t = self.time_sampler(x1.shape[0], self.generator, self.device)
+        eps = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        # Re-pair the noise (couplings.py) with the labels as drawn, before label dropout: OT pairs
+        # within a class, reflow takes its stored noise. Independent returns eps untouched.
+        conditional = self.null_label is not None
+        eps = self.coupling(x1, eps, y if conditional else None, indices)
+        if self.channels_last:
+            x1, eps = (v.contiguous(memory_format=torch.channels_last) for v in (x1, eps))
+        if conditional:
+            drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.p_uncond
+            y = torch.where(drop, torch.full_like(y, self.null_label), y)
+        else:
+            y = None
+        return x1, y, t, eps
+
+
 # --- the trainer --------------------------------------------------------------------------------
 
 
@@ -126,41 +213,13 @@ class Trainer:
         self.log = MetricLogger(run_dir, enabled=False, tensorboard=False)
 
         self.dataset = build_dataset(cfg.dataset, device) if dataset is None else dataset
-        torch.manual_seed(derive_seed(cfg.seed, 0x1A17))  # identical initial weights on every rank and run
-        self.model = build_model(cfg.model).to(device)
-        if device.type == "cpu":
-            threads = tr.threads or (1 if count_parameters(self.model) < SMALL_MODEL_PARAMETERS else None)
-            if threads:
-                torch.set_num_threads(threads)
-        self.channels_last = len(self.dataset.sample_shape) == 3 and (
-            tr.channels_last if tr.channels_last is not None else True
-        )
-        if self.channels_last:  # before the optimizer and EMA copy, so all share the NHWC layout
-            self.model.to(memory_format=torch.channels_last)
+        self.model, self.channels_last = training_model(cfg, self.dataset, device)
         self.conditional = hasattr(self.model, "num_classes")
-        if self.conditional and self.model.num_classes < self.dataset.num_classes:
-            raise ConfigError(
-                f"model.num_classes = {self.model.num_classes} but dataset {self.dataset.name!r} has "
-                f"{self.dataset.num_classes} classes; set model.num_classes >= {self.dataset.num_classes}"
-            )
         self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
-        # The rows the epoch permutation runs over: the dataset, or a reflow pair file (its samples and
-        # labels; self.dataset stays the real data, which evaluation compares against).
-        self.coupling = build_coupling(tr.coupling, self.dataset, self.conditional, device)
-        self.train_data = self.coupling.training_data(self.dataset)
-
-        self.micro_batches = runtime.world_size * tr.grad_accum
-        if tr.batch_size % self.micro_batches:
-            raise ConfigError(
-                f"training.batch_size = {tr.batch_size} must be divisible by world_size * grad_accum = "
-                f"{self.micro_batches}"
-            )
-        self.micro_batch_size = tr.batch_size // self.micro_batches
-        self.steps_per_epoch = len(self.train_data) // tr.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"training.batch_size = {tr.batch_size} exceeds the dataset size {len(self.train_data)}")
-        self.total_steps = tr.epochs * self.steps_per_epoch  # LR-schedule horizon
+        null_label = self.model.num_classes if self.conditional else None
+        self.batches = MicroBatches(self.dataset, self.time_sampler, cfg, runtime, self.channels_last, null_label)
+        self.total_steps = tr.epochs * self.batches.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
 
         # Fused AdamW (one kernel per step; also the fastest on CPU here) takes `found_inf`, which
@@ -171,20 +230,13 @@ class Trainer:
         self.ema = EMA(self.model, tr.ema_decay, tr.ema_warmup) if tr.ema else None
         self.amp_dtype = amp_dtype(tr.amp, device)
         use_compile = tr.compile if tr.compile is not None else device.type == "cuda"
-        self.forward_model = torch.compile(self.model) if use_compile else self.model
-        if runtime.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            # A DiT built for masking but trained unmasked (the fine-tune stage) never uses its mask token.
-            unused = getattr(self.model, "mask_token", None) is not None and not self.masked
-            self.forward_model = DistributedDataParallel(
-                self.forward_model, device_ids=ids, find_unused_parameters=unused
-            )
-        self.generator = torch.Generator(device=device)
+        # A DiT built for masking but trained unmasked (the fine-tune stage) never uses its mask token.
+        unused = getattr(self.model, "mask_token", None) is not None and not self.masked
+        self.forward_model = distributed_model(
+            torch.compile(self.model) if use_compile else self.model, runtime, find_unused_parameters=unused
+        )
         self.step = 0
         self.nonfinite = NonfiniteGuard(tr.max_nonfinite_steps, device)
-        self._permutation = (None, None)  # (epoch, permutation) cache
 
     # -- state --
 
@@ -195,8 +247,8 @@ class Trainer:
             "nonfinite_in_a_row": int(self.nonfinite.in_a_row),
             # The data position and every RNG stream are functions of the step (module docstring),
             # so these are recorded for inspection, not needed to resume.
-            "epoch": self.step // self.steps_per_epoch,
-            "batch_in_epoch": self.step % self.steps_per_epoch,
+            "epoch": self.step // self.batches.steps_per_epoch,
+            "batch_in_epoch": self.step % self.batches.steps_per_epoch,
             "world_size": self.runtime.world_size,
         }
 
@@ -221,8 +273,17 @@ class Trainer:
         open run directory (fit's); None reads the decision without holding it (tests, tools)."""
         run = Run(self.run_dir, self.runtime) if run is None else run
         source = run.checkpoint_to_resume(self.cfg.training.resume, self.cfg.training.start_over)
-        if source is None:
-            self.initialize()
+        if source is None:  # a fresh start, perhaps from training.init.checkpoint (checkpoint.init_from_checkpoint)
+            init = self.cfg.training.init
+            if init.checkpoint is not None:
+                step, ema_updates, message = ckpt.init_from_checkpoint(
+                    init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device
+                )
+                if step is not None:
+                    self.step = step
+                    if self.ema:
+                        self.ema.num_updates = ema_updates
+                self.log.print(message)
             return
         loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
         run.accept_resume(loaded.config, self.cfg, loaded.path, loaded.step)
@@ -236,50 +297,7 @@ class Trainer:
         self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
 
-    def initialize(self) -> None:
-        """A fresh run's start from training.init.checkpoint (checkpoint.init_from_checkpoint)."""
-        init = self.cfg.training.init
-        if init.checkpoint is None:
-            return
-        step, ema_updates, message = ckpt.init_from_checkpoint(
-            init, self.model, self.ema.model if self.ema else None, self.optimizer, self.runtime.device
-        )
-        if step is not None:
-            self.step = step
-            if self.ema:
-                self.ema.num_updates = ema_updates
-        self.log.print(message)
-
     # -- one optimizer step --
-
-    def global_batch_indices(self, step: int) -> torch.Tensor:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if self._permutation[0] != epoch:
-            self._permutation = (
-                epoch,
-                epoch_permutation(len(self.train_data), self.cfg.seed, epoch, self.runtime.device),
-            )
-        size = self.cfg.training.batch_size
-        return self._permutation[1][position * size : (position + 1) * size]
-
-    def micro_batch(self, step: int, micro_index: int):
-        """Micro-batch j of step s: its slice of the global batch and its own seeded draws."""
-        indices = self.global_batch_indices(step).view(self.micro_batches, self.micro_batch_size)[micro_index]
-        self.generator.manual_seed(micro_batch_seed(self.cfg.seed, step, micro_index))
-        x1, y = self.train_data.batch(indices, self.generator)
-        t = self.time_sampler(x1.shape[0], self.generator, self.runtime.device)
-        eps = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
-        # Re-pair the noise (couplings.py) with the labels as drawn, before label dropout: OT pairs
-        # within a class, reflow takes its stored noise. Independent returns eps untouched.
-        eps = self.coupling(x1, eps, y if self.conditional else None, indices)
-        if self.channels_last:
-            x1, eps = (v.contiguous(memory_format=torch.channels_last) for v in (x1, eps))
-        if self.conditional:
-            drop = torch.rand(y.shape, generator=self.generator, device=y.device) < self.cfg.training.p_uncond
-            y = torch.where(drop, torch.full_like(y, self.model.num_classes), y)
-        else:
-            y = None
-        return x1, y, t, eps
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, grad_norm, per-sample losses, t) for logging, all on device."""
@@ -292,7 +310,7 @@ class Trainer:
         per_sample_all, t_all, loss_sum = [], [], 0.0
         for accum_index in range(tr.grad_accum):
             micro_index = accum_index * self.runtime.world_size + self.runtime.rank
-            x1, y, t, eps = self.micro_batch(step, micro_index)
+            x1, y, t, eps = self.batches.micro_batch(step, micro_index)
             x_t, _ = self.path.sample(x1, eps, t)
             # Only the last micro-step all-reduces gradients under DDP.
             sync = accum_index == tr.grad_accum - 1 or not self.runtime.distributed
@@ -300,14 +318,9 @@ class Trainer:
             with context:
                 with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     if self.masked:
-                        # Deferred masking: the kept tokens come from this micro-batch's generator (exact
-                        # resume), drawn outside the model so a compiled forward has no generator in it;
-                        # the loss counts only pixels of kept tokens.
-                        keep_ids = self.model.sample_keep(
-                            x1.shape[0], self.model.grid**2, self.model.mask_ratio, self.generator, x1.device
+                        output, mask = masked_forward(
+                            self.model, self.forward_model, x1, x_t, t, y, self.batches.generator
                         )
-                        output, keep = self.forward_model(x_t, t, y, keep_ids=keep_ids, return_mask=True)
-                        mask = self.model.loss_mask(keep, tuple(x1.shape[-2:]))
                     else:
                         output, mask = self.forward_model(x_t, t, y), None
                 loss, per_sample = flow.flow_matching_loss(
@@ -341,10 +354,10 @@ class Trainer:
         with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
             self.log = run.log
             self.resume(run)
-            self.load_evaluator()
+            self.evaluator = load_evaluator(self.cfg, self.runtime, self.dataset)
             if not run.start(self.cfg, self.step, self.target_steps):
                 return EXIT_OK
-            self.print_plan()
+            print_plan(self)
             meter = StepMeter(self.runtime.device)
             check_every = max(1, min(tr.log_every, tr.max_nonfinite_steps // 2))
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
@@ -361,7 +374,7 @@ class Trainer:
                     values = {
                         **meter.values(tr.batch_size),
                         "train/lr": self.optimizer.param_groups[0]["lr"],
-                        "train/epoch": self.step / self.steps_per_epoch,
+                        "train/epoch": self.step / self.batches.steps_per_epoch,
                         **moe_load_metrics(self.model),
                     }
                     self.log.scalars(self.step, values)
@@ -380,21 +393,6 @@ class Trainer:
                 run.finish(self.step, FINAL_OUTPUTS)
         return EXIT_OK
 
-    def print_plan(self) -> None:
-        tr = self.cfg.training
-        if tr.max_steps is not None and tr.max_steps > self.total_steps:
-            self.log.print(
-                f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {self.total_steps} steps "
-                f"(training.epochs = {tr.epochs} x {self.steps_per_epoch} steps per epoch); training stops at "
-                f"{self.total_steps}. Raise training.epochs to train longer."
-            )
-        self.log.print(
-            f"{self.cfg.experiment}: {type(self.model).__name__} with {count_parameters(self.model):,} parameters on "
-            f"{self.runtime.device} x{self.runtime.world_size} ({torch.get_num_threads()} threads); "
-            f"{len(self.train_data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, steps {self.step} "
-            f"-> {self.target_steps} (schedule {self.total_steps}); run dir {self.run_dir}"
-        )
-
     @torch.no_grad()
     def evaluate(self, final: bool) -> None:
         """Sample with the EMA (else raw) model using the run's solver settings; log the scores and a
@@ -409,25 +407,16 @@ class Trainer:
         sampler = FlowSampler(
             model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None)
         )
-        started = time.perf_counter()
         try:
-            samples, labels, latents = evaluator.sample(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed)
+            scores, samples, labels, latents = evaluator.evaluate(
+                sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed, tr.fid_samples
+            )
         except NonFiniteSamplesError as error:
             if final:
                 raise RunError(f"final evaluation at step {self.step}: {error}") from None
             self.log.print(f"WARNING: evaluation at step {self.step} skipped: {error}")
             self.model.train()
             return
-        scores = {
-            "sampling_s": time.perf_counter() - started,
-            **evaluator.score(samples, labels),
-            "straightness": evaluator.straightness(sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed),
-        }
-        if evaluator.inception_reference is not None:
-            # FID-5k and the like are named for their count: biased upwards against FID-50k
-            fid_samples = evaluator.sample(sampler, self.cfg.solver, tr.fid_samples, self.cfg.seed + 1)[0]
-            tag = f"{tr.fid_samples // 1000}k" if tr.fid_samples % 1000 == 0 else str(tr.fid_samples)
-            scores.update({f"{key}_{tag}": value for key, value in evaluator.inception(fid_samples).items()})
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if final and bad:
             raise RunError(
@@ -445,19 +434,37 @@ class Trainer:
         close_figure(figure)
         self.model.train()
 
-    def load_evaluator(self) -> None:
-        """Rank 0's evaluation tools (the VAE decoder of a latent dataset, the metrics classifier, the
-        Inception reference), loaded before the first step so a wrong path fails now."""
-        tr = self.cfg.training
-        self.evaluator = None
-        if self.runtime.is_main:
-            self.evaluator = build_evaluator(
-                self.cfg.dataset,
-                self.runtime.device,
-                classifier=tr.classifier,
-                fid_reference=tr.fid_reference,
-                inception_weights=tr.inception_weights,
-                num_samples=tr.num_eval_samples,
-                seed=self.cfg.seed,
-                dataset=self.dataset,
-            )
+
+def print_plan(trainer: Trainer) -> None:
+    """The run's one-line summary, after a note when training.max_steps outruns the LR schedule."""
+    tr, log, model, runtime = trainer.cfg.training, trainer.log, trainer.model, trainer.runtime
+    if tr.max_steps is not None and tr.max_steps > trainer.total_steps:
+        log.print(
+            f"note: training.max_steps = {tr.max_steps} exceeds the LR schedule's {trainer.total_steps} steps "
+            f"(training.epochs = {tr.epochs} x {trainer.batches.steps_per_epoch} steps per epoch); training stops at "
+            f"{trainer.total_steps}. Raise training.epochs to train longer."
+        )
+    log.print(
+        f"{trainer.cfg.experiment}: {type(model).__name__} with {count_parameters(model):,} parameters on "
+        f"{runtime.device} x{runtime.world_size} ({torch.get_num_threads()} threads); "
+        f"{len(trainer.batches.data):,} samples ({tr.coupling.name} coupling), batch {tr.batch_size}, "
+        f"steps {trainer.step} -> {trainer.target_steps} (schedule {trainer.total_steps}); run dir {trainer.run_dir}"
+    )
+
+
+def load_evaluator(cfg: DictConfig, runtime: Runtime, dataset):
+    """Rank 0's evaluation tools (the VAE decoder of a latent dataset, the metrics classifier, the
+    Inception reference), loaded before the first step so a wrong path fails now; None on other ranks."""
+    if not runtime.is_main:
+        return None
+    tr = cfg.training
+    return build_evaluator(
+        cfg.dataset,
+        runtime.device,
+        classifier=tr.classifier,
+        fid_reference=tr.fid_reference,
+        inception_weights=tr.inception_weights,
+        num_samples=tr.num_eval_samples,
+        seed=cfg.seed,
+        dataset=dataset,
+    )

@@ -54,6 +54,156 @@ from sampling import FlowSampler
 FINAL_OUTPUTS = ["samples.png", "samples.npz", "eval.json"]
 
 
+def run_config(cfg: DictConfig, seed_config: DictConfig, solver: DictConfig, seed_path, seed_step: int) -> DictConfig:
+    """This run's config plus the seed's model / flow / dataset and the evaluation solver: what
+    checkpoints record, so inference.py and resume need nothing else."""
+    run = OmegaConf.create(to_plain(cfg))
+    run.solver = solver
+    for section in ("model", "flow", "dataset"):
+        run[section] = seed_config[section]
+    run.seed_checkpoint_resolved = {"path": str(seed_path), "step": seed_step}
+    return run
+
+
+def draw_prompts(grpo: DictConfig, num_classes: int | None, generator: torch.Generator, device) -> torch.Tensor | None:
+    """grpo.batch_size class labels, each repeated grpo.group_size times -> [B * G] (None: unconditional).
+    Distinct classes when batch_size <= num_classes."""
+    if num_classes is None:
+        return None
+    if grpo.batch_size <= num_classes:
+        prompts = torch.randperm(num_classes, generator=generator, device=device)[: grpo.batch_size]
+    else:
+        prompts = torch.randint(num_classes, (grpo.batch_size,), generator=generator, device=device)
+    return prompts.repeat_interleave(grpo.group_size)
+
+
+def collect_rollout(policy: FlowSampler, reward, grpo: DictConfig, num_classes, sample_shape, generator, autocast):
+    """batch_size prompts x group_size SDE trajectories from the generator's noise (this iteration's) ->
+    (Rollout, rewards [B * G])."""
+    g, device = grpo, generator.device
+    labels = draw_prompts(g, num_classes, generator, device)
+    noise = torch.randn((g.batch_size * g.group_size, *sample_shape), generator=generator, device=device)
+    with autocast():
+        rollout = sde_rollout(
+            policy,
+            noise,
+            labels,
+            g.rollout_steps,
+            g.noise_level,
+            g.guidance_scale,
+            generator=generator,
+            log_prob_reduce=g.log_prob_reduce,
+            guidance_interval=tuple(g.guidance_interval),
+        )
+    return rollout, reward(rollout.samples, labels)
+
+
+class UpdateStatistics:
+    """What one iteration's updates log: grpo_loss's statistics as running means over all (inner step,
+    timestep) terms (ratio_min / ratio_max as min / max), the mean grad norm of the finite updates, the
+    skipped ones, and |rho - 1| on the first update (0 up to rounding: the policy is still the sampler)."""
+
+    EXTREMES = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}
+
+    def __init__(self, device):
+        self.means_of = {}
+        self.first_ratio_deviation = torch.zeros((), device=device)
+        self.grad_norms = []
+
+    def add(self, stats: dict[str, torch.Tensor], terms: int) -> None:
+        for key, value in stats.items():
+            if key in self.EXTREMES:
+                self.means_of[key] = self.EXTREMES[key](self.means_of[key], value) if key in self.means_of else value
+            else:
+                self.means_of[key] = self.means_of.get(key, 0.0) + value / terms
+
+    def first_update(self, log_probs: torch.Tensor, rollout_log_probs: torch.Tensor) -> None:
+        deviation = (log_probs.detach() - rollout_log_probs).exp().sub(1).abs().max()
+        self.first_ratio_deviation = torch.maximum(self.first_ratio_deviation, deviation)
+
+    def values(self) -> dict[str, float]:
+        grad_norms = torch.stack(self.grad_norms)
+        finite = torch.isfinite(grad_norms)
+        values = {f"grpo/{key}": float(value) for key, value in self.means_of.items()}
+        values.update(
+            {
+                "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
+                "grpo/skipped_updates": float((~finite).sum()),
+                # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
+                "grpo/first_update_ratio_deviation": float(self.first_ratio_deviation),
+            }
+        )
+        return values
+
+
+class ReferenceMeans:
+    """The frozen seed policy's transition means along one rollout, for the KL term: fixed for the
+    iteration, computed once per timestep k (reference_mean(k))."""
+
+    def __init__(self, reference_policy: FlowSampler, rollout, grpo: DictConfig, autocast):
+        self.policy, self.rollout, self.grpo, self.autocast = reference_policy, rollout, grpo, autocast
+        self.means = {}
+
+    def __call__(self, k: int) -> torch.Tensor:
+        if k not in self.means:
+            rollout, g = self.rollout, self.grpo
+            with torch.no_grad(), self.autocast():
+                self.means[k] = self.policy.sde_step(
+                    rollout.states[k],
+                    rollout.times[k],
+                    rollout.next_times[k],
+                    rollout.labels,
+                    g.noise_level,
+                    g.guidance_scale,
+                    tuple(g.guidance_interval),
+                )[0]
+        return self.means[k]
+
+
+def load_evaluator(cfg: DictConfig, run_config: DictConfig, sample_shape, device):
+    """The seed's data and the metrics classifier, loaded before the first iteration (a wrong path fails now)."""
+    tr = cfg.training
+    return build_evaluator(
+        run_config.dataset,
+        device,
+        sample_shape=sample_shape,
+        classifier=tr.classifier,
+        num_samples=tr.num_eval_samples,
+        seed=cfg.seed,
+        decode_latents=False,
+    )
+
+
+@torch.no_grad()
+def evaluate_policy(policy: FlowSampler, evaluator, reward, solver, grpo: DictConfig, num_samples: int, seed: int):
+    """The same labels and noise every time: deterministic ODE samples with the solver and SDE samples as in
+    the rollouts, each scored by the reward and the image metrics (eval/{kind}/...; the classifier's
+    real-vs-real floor once, as eval/classifier_fd_real_floor) -> (values, ODE samples, labels)."""
+    g, device = grpo, evaluator.device
+    started = time.perf_counter()
+    ode, labels, _ = evaluator.sample(policy, solver, num_samples, seed)
+    noise = torch.randn((len(ode), *evaluator.sample_shape), generator=torch.Generator().manual_seed(seed))
+    device_labels = labels.to(device) if labels is not None else None
+    sde = policy.sample_sde(
+        noise.to(device),
+        device_labels,
+        g.rollout_steps,
+        g.noise_level,
+        torch.Generator(device).manual_seed(seed),
+        g.guidance_scale,
+        tuple(g.guidance_interval),
+    )
+    values = {"eval/sampling_s": time.perf_counter() - started}
+    for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
+        on_device = samples.to(device)
+        values[f"eval/{kind}/reward"] = reward(on_device, device_labels).mean().item()
+        scores = evaluator.score(on_device if evaluator.classifier else samples, labels)
+        if "classifier_fd_real_floor" in scores:
+            values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
+        values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
+    return values, ode, labels
+
+
 class GRPOTrainer:
     def __init__(self, cfg: DictConfig, runtime, run_dir: Path):
         self.cfg, self.runtime, self.run_dir = cfg, runtime, run_dir
@@ -81,7 +231,7 @@ class GRPOTrainer:
         self.num_classes = self.policy.num_classes
         self.sample_shape = seed.sample_shape
         self.seed_path, self.seed_step = seed.checkpoint.path, seed.checkpoint.step
-        self.run_config = self._run_config(seed.config, seed.solver)
+        self.run_config = run_config(cfg, seed.config, seed.solver, self.seed_path, self.seed_step)
         self.reward = build_reward(cfg.reward, device)
 
         g = cfg.grpo
@@ -93,16 +243,6 @@ class GRPOTrainer:
         self.step = 0
         self.nonfinite = NonfiniteGuard(cfg.training.max_nonfinite_steps, device, "iteration", "grpo.lr")
         self._seed_samples = None
-
-    def _run_config(self, seed_config: DictConfig, solver: DictConfig) -> DictConfig:
-        """This run's config plus the seed's model / flow / dataset and the evaluation solver: what
-        checkpoints record, so inference.py and resume need nothing else."""
-        run = OmegaConf.create(to_plain(self.cfg))
-        run.solver = solver
-        for section in ("model", "flow", "dataset"):
-            run[section] = seed_config[section]
-        run.seed_checkpoint_resolved = {"path": str(self.seed_path), "step": self.seed_step}
-        return run
 
     def autocast(self):
         device_type = self.runtime.device.type
@@ -142,24 +282,13 @@ class GRPOTrainer:
         """A generator seeded by (seed, iteration, stream...): a function of position only."""
         return torch.Generator(self.runtime.device).manual_seed(derive_seed(self.cfg.seed, self.step, *stream))
 
-    def draw_prompts(self, generator: torch.Generator) -> torch.Tensor | None:
-        """batch_size class labels, each repeated group_size times -> [B * G] (None: unconditional).
-        Distinct classes when batch_size <= num_classes."""
-        g = self.cfg.grpo
-        if self.num_classes is None:
-            return None
-        device = self.runtime.device
-        if g.batch_size <= self.num_classes:
-            prompts = torch.randperm(self.num_classes, generator=generator, device=device)[: g.batch_size]
-        else:
-            prompts = torch.randint(self.num_classes, (g.batch_size,), generator=generator, device=device)
-        return prompts.repeat_interleave(g.group_size)
-
     def iteration(self) -> dict[str, float]:
         """One rollout batch and its num_inner updates; returns the values to log."""
         g = self.cfg.grpo
         started = time.perf_counter()
-        rollout, rewards = self.rollout()
+        rollout, rewards = collect_rollout(
+            self.policy, self.reward, g, self.num_classes, self.sample_shape, self.generator(0), self.autocast
+        )
         # Groups are prompts; an unconditional model has one group per iteration.
         group_ids = rollout.labels if rollout.labels is not None else torch.zeros_like(rewards, dtype=torch.long)
         advantages, group = group_advantages(
@@ -186,53 +315,12 @@ class GRPOTrainer:
         )
         return values
 
-    def rollout(self):
-        """batch_size prompts x group_size SDE trajectories from this iteration's seeded noise -> (Rollout,
-        rewards [B * G])."""
-        g = self.cfg.grpo
-        generator = self.generator(0)
-        labels = self.draw_prompts(generator)
-        noise = torch.randn(
-            (g.batch_size * g.group_size, *self.sample_shape), generator=generator, device=self.runtime.device
-        )
-        with self.autocast():
-            rollout = sde_rollout(
-                self.policy,
-                noise,
-                labels,
-                g.rollout_steps,
-                g.noise_level,
-                g.guidance_scale,
-                generator=generator,
-                log_prob_reduce=g.log_prob_reduce,
-                guidance_interval=tuple(g.guidance_interval),
-            )
-        return rollout, self.reward(rollout.samples, labels)
-
     def update(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
         """num_inner optimizer steps on the GRPO loss of the rollout's transitions [B * G advantages]."""
         g = self.cfg.grpo
         labels = rollout.labels
-        reference_means = {}  # the frozen seed's transition means: fixed for the iteration, computed once per k
-
-        def reference_mean(k: int) -> torch.Tensor:
-            if k not in reference_means:
-                with torch.no_grad(), self.autocast():
-                    reference_means[k] = self.reference_policy.sde_step(
-                        rollout.states[k],
-                        rollout.times[k],
-                        rollout.next_times[k],
-                        labels,
-                        g.noise_level,
-                        g.guidance_scale,
-                        tuple(g.guidance_interval),
-                    )[0]
-            return reference_means[k]
-
-        means_of = {}  # running means over all (inner, k) terms; ratio_min / ratio_max as min / max
-        extremes = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}
-        first_ratio_deviation = torch.zeros((), device=advantages.device)
-        grad_norms = []
+        reference_mean = ReferenceMeans(self.reference_policy, rollout, g, self.autocast)
+        statistics = UpdateStatistics(advantages.device)
         for inner in range(g.num_inner):
             set_learning_rate(
                 self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps, 1, "constant", 1.0)
@@ -262,57 +350,27 @@ class GRPOTrainer:
                 loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
                 (loss / len(steps)).backward()
                 if inner == 0:
-                    deviation = (log_probs.detach() - rollout.log_probs[k]).exp().sub(1).abs().max()
-                    first_ratio_deviation = torch.maximum(first_ratio_deviation, deviation)
-                for key, value in stats.items():
-                    if key in extremes:
-                        means_of[key] = extremes[key](means_of[key], value) if key in means_of else value
-                    else:
-                        means_of[key] = means_of.get(key, 0.0) + value / terms
+                    statistics.first_update(log_probs, rollout.log_probs[k])
+                statistics.add(stats, terms)
             grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, g.grad_clip)
             self.nonfinite.update(nonfinite)
-            grad_norms.append(grad_norm)
-        grad_norms = torch.stack(grad_norms)
-        finite = torch.isfinite(grad_norms)
+            statistics.grad_norms.append(grad_norm)
         self.nonfinite.check(self.step, self.run_dir, self.log.print)
-        values = {f"grpo/{key}": float(value) for key, value in means_of.items()}
-        values.update(
-            {
-                "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
-                "grpo/skipped_updates": float((~finite).sum()),
-                # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
-                "grpo/first_update_ratio_deviation": float(first_ratio_deviation),
-            }
-        )
-        return values
+        return statistics.values()
 
     # -- the loop --
 
     def fit(self) -> int:
         """Post-train to target_steps, evaluate, write samples and eval.json, then the finished marker
         (run_dir.Run). A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
-        tr, g = self.cfg.training, self.cfg.grpo
+        tr = self.cfg.training
         with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
             self.log = run.log
             self.resume(run)
-            # the seed's data and the metrics classifier, loaded before the first iteration (a wrong path fails now)
-            self.evaluator = build_evaluator(
-                self.run_config.dataset,
-                self.runtime.device,
-                sample_shape=self.sample_shape,
-                classifier=tr.classifier,
-                num_samples=tr.num_eval_samples,
-                seed=self.cfg.seed,
-                decode_latents=False,
-            )
+            self.evaluator = load_evaluator(self.cfg, self.run_config, self.sample_shape, self.runtime.device)
             if not run.start(self.run_config, self.step, self.target_steps, "iteration"):
                 return EXIT_OK
-            self.log.print(
-                f"{self.cfg.experiment}: GRPO on {type(self.model).__name__} ({count_parameters(self.model):,} "
-                f"parameters) from {self.seed_path} (step {self.seed_step}) on {self.runtime.device}; reward "
-                f"{self.reward.name}; {g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, "
-                f"num_inner={g.num_inner}; iterations {self.step} -> {self.target_steps}; run dir {self.run_dir}"
-            )
+            print_plan(self)
             if self.step == 0:
                 self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
@@ -341,27 +399,9 @@ class GRPOTrainer:
         samples as in the rollouts, each scored by the reward and the image metrics. Logs a seed | current
         grid; at the end also writes samples.png / samples.npz and eval.json to the run dir."""
         tr, g = self.cfg.training, self.cfg.grpo
-        started = time.perf_counter()
-        ode, labels, _ = self.evaluator.sample(self.policy, self.run_config.solver, tr.num_eval_samples, self.cfg.seed)
-        noise = torch.randn((len(ode), *self.sample_shape), generator=torch.Generator().manual_seed(self.cfg.seed))
-        device_labels = labels.to(self.runtime.device) if labels is not None else None
-        sde = self.policy.sample_sde(
-            noise.to(self.runtime.device),
-            device_labels,
-            g.rollout_steps,
-            g.noise_level,
-            torch.Generator(self.runtime.device).manual_seed(self.cfg.seed),
-            g.guidance_scale,
-            tuple(g.guidance_interval),
+        values, ode, labels = evaluate_policy(
+            self.policy, self.evaluator, self.reward, self.run_config.solver, g, tr.num_eval_samples, self.cfg.seed
         )
-        values = {"eval/sampling_s": time.perf_counter() - started}
-        for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
-            on_device = samples.to(self.runtime.device)
-            values[f"eval/{kind}/reward"] = self.reward(on_device, device_labels).mean().item()
-            scores = self.evaluator.score(on_device if self.evaluator.classifier else samples, labels)
-            if "classifier_fd_real_floor" in scores:
-                values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
-            values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if final and bad:
             raise RunError(f"final evaluation at iteration {self.step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")
@@ -383,3 +423,14 @@ class GRPOTrainer:
             f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items())
         )
         return values
+
+
+def print_plan(trainer: GRPOTrainer) -> None:
+    """The run's one-line summary: seed, reward, recipe and iterations."""
+    g = trainer.cfg.grpo
+    trainer.log.print(
+        f"{trainer.cfg.experiment}: GRPO on {type(trainer.model).__name__} ({count_parameters(trainer.model):,} "
+        f"parameters) from {trainer.seed_path} (step {trainer.seed_step}) on {trainer.runtime.device}; reward "
+        f"{trainer.reward.name}; {g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, "
+        f"num_inner={g.num_inner}; iterations {trainer.step} -> {trainer.target_steps}; run dir {trainer.run_dir}"
+    )

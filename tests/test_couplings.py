@@ -55,15 +55,15 @@ def test_minibatch_ot_is_a_function_of_seed_step_and_micro_batch(tmp_path):
     same tensors, and the label drop (after the pairing) is the independent coupling's."""
     ot = _trainer(tmp_path, "training.coupling.name=minibatch_ot", "training.grad_accum=2")
     independent = _trainer(tmp_path, "training.grad_accum=2")
-    a, b = ot.micro_batch(5, 1), ot.micro_batch(5, 1)
+    a, b = ot.batches.micro_batch(5, 1), ot.batches.micro_batch(5, 1)
     for one, two in zip(a, b):
         assert torch.equal(one, two)
     x1, y, t, eps = a
-    x1_i, y_i, t_i, eps_i = independent.micro_batch(5, 1)
+    x1_i, y_i, t_i, eps_i = independent.batches.micro_batch(5, 1)
     assert torch.equal(x1, x1_i) and torch.equal(y, y_i) and torch.equal(t, t_i)  # same draws, same drop
     assert sorted(map(tuple, eps.tolist())) == sorted(map(tuple, eps_i.tolist()))  # a permutation of them
     assert (x1 - eps).square().sum() < 0.5 * (x1 - eps_i).square().sum()
-    assert not torch.equal(ot.micro_batch(6, 1)[3], eps)
+    assert not torch.equal(ot.batches.micro_batch(6, 1)[3], eps)
 
 
 def test_coupling_errors_name_the_key_value_and_allowed(tmp_path):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 import runtime
-from rl.trainer import GRPOTrainer
+from rl.trainer import GRPOTrainer, draw_prompts
 
 
 def stand_in(batch_size, group_size, num_classes, seed=0, step=0):
@@ -17,7 +17,9 @@ def stand_in(batch_size, group_size, num_classes, seed=0, step=0):
 
 
 def draw(trainer, seed=0):
-    return GRPOTrainer.draw_prompts(trainer, torch.Generator().manual_seed(seed))
+    return draw_prompts(
+        trainer.cfg.grpo, trainer.num_classes, torch.Generator().manual_seed(seed), trainer.runtime.device
+    )
 
 
 def test_prompts_are_distinct_classes_each_repeated_group_size_times():

@@ -84,13 +84,13 @@ def test_explicit_resume_of_a_corrupt_checkpoint_is_an_error(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
-    original = trainer.Trainer.micro_batch
+    original = trainer.MicroBatches.micro_batch
 
     def poisoned(self, step, micro_index):
         x1, y, t, eps = original(self, step, micro_index)
         return x1 * float("nan"), y, t, eps
 
-    monkeypatch.setattr(trainer.Trainer, "micro_batch", poisoned)
+    monkeypatch.setattr(trainer.MicroBatches, "micro_batch", poisoned)
     # The device counter is read every max(1, min(log_every, limit // 2)) steps: with a limit of 10 and
     # log_every 10 (FAST) every 5 steps, so the run stops after 10 bad steps, not at a log boundary.
     with pytest.raises(
@@ -117,10 +117,12 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, monkeypatch):
                 [p.clone() for p in self.ema.model.parameters()],
                 {k: v.clone() for k, v in self.optimizer.state[next(self.model.parameters())].items()},
             )
-            poisoned_batch = self.micro_batch
-            self.micro_batch = lambda step, j: (lambda b: (b[0] * float("nan"), *b[1:]))(poisoned_batch(step, j))
+            poisoned_batch = self.batches.micro_batch
+            self.batches.micro_batch = lambda step, j: (lambda b: (b[0] * float("nan"), *b[1:]))(
+                poisoned_batch(step, j)
+            )
             result = original(self)
-            del self.micro_batch
+            del self.batches.micro_batch
             after = (
                 [p for p in self.model.parameters()],
                 [p for p in self.ema.model.parameters()],

@@ -70,7 +70,11 @@ def test_micro_batch_seed_is_derive_seed_of_the_position():
 def test_constructing_a_trainer_writes_nothing_and_sets_the_step_arithmetic(tmp_path):
     tr = make_trainer(tmp_path, "training.max_steps=7")
     assert not (tmp_path / "run").exists()
-    assert (tr.steps_per_epoch, tr.micro_batches, tr.micro_batch_size) == (5, 2, 4)  # 40 // 8; 8 / (1 * 2)
+    assert (tr.batches.steps_per_epoch, tr.batches.micro_batches, tr.batches.micro_batch_size) == (
+        5,
+        2,
+        4,
+    )  # 40 // 8; 8 / (1 * 2)
     assert (tr.total_steps, tr.target_steps) == (15, 7)
     assert make_trainer(tmp_path, "training.max_steps=100").target_steps == 15  # capped by the schedule
 
@@ -78,30 +82,32 @@ def test_constructing_a_trainer_writes_nothing_and_sets_the_step_arithmetic(tmp_
 def test_global_batch_indices_cover_each_epoch_without_repeats(tmp_path):
     tr = make_trainer(tmp_path, num_samples=43)  # 5 batches of 8; 3 samples left over per epoch
     for epoch in range(2):
-        seen = torch.cat([tr.global_batch_indices(epoch * 5 + k) for k in range(5)])
+        seen = torch.cat([tr.batches.global_batch_indices(epoch * 5 + k) for k in range(5)])
         assert len(seen) == 40 and len(set(seen.tolist())) == 40 and int(seen.max()) < 43
         assert torch.equal(seen, runtime.epoch_permutation(43, tr.cfg.seed, epoch, "cpu")[:40])
-    assert not torch.equal(tr.global_batch_indices(0), tr.global_batch_indices(5))  # a new order per epoch
+    assert not torch.equal(
+        tr.batches.global_batch_indices(0), tr.batches.global_batch_indices(5)
+    )  # a new order per epoch
 
 
 def test_micro_batch_draws_are_a_function_of_seed_step_and_index_only(tmp_path):
     a, b = make_trainer(tmp_path), make_trainer(tmp_path)
     torch.manual_seed(123)  # the global RNG plays no part
-    b.micro_batch(9, 0), b.micro_batch(2, 1)  # nor does what was drawn before
+    b.batches.micro_batch(9, 0), b.batches.micro_batch(2, 1)  # nor does what was drawn before
     for step, j in [(2, 1), (7, 0), (7, 1)]:
-        for x, y in zip(a.micro_batch(step, j), b.micro_batch(step, j)):
+        for x, y in zip(a.batches.micro_batch(step, j), b.batches.micro_batch(step, j)):
             assert torch.equal(x, y)
-    t_7_0, t_7_1, t_8_0 = (a.micro_batch(s, j)[2] for s, j in [(7, 0), (7, 1), (8, 0)])
+    t_7_0, t_7_1, t_8_0 = (a.batches.micro_batch(s, j)[2] for s, j in [(7, 0), (7, 1), (8, 0)])
     assert not torch.equal(t_7_0, t_7_1) and not torch.equal(t_7_0, t_8_0)
     other_seed = make_trainer(tmp_path, "seed=1")
-    assert not torch.equal(other_seed.micro_batch(7, 0)[3], a.micro_batch(7, 0)[3])
+    assert not torch.equal(other_seed.batches.micro_batch(7, 0)[3], a.batches.micro_batch(7, 0)[3])
 
 
 def test_the_micro_batches_split_the_global_batch(tmp_path):
     tr = make_trainer(tmp_path, "training.p_uncond=0.0")
-    indices = tr.global_batch_indices(6)
-    x0, y0, t0, eps0 = tr.micro_batch(6, 0)
-    x1, y1, _, _ = tr.micro_batch(6, 1)
+    indices = tr.batches.global_batch_indices(6)
+    x0, y0, t0, eps0 = tr.batches.micro_batch(6, 0)
+    x1, y1, _, _ = tr.batches.micro_batch(6, 1)
     assert torch.equal(torch.cat([x0, x1]), tr.dataset.x[indices])
     assert torch.equal(torch.cat([y0, y1]), tr.dataset.y[indices])  # no dropout at p_uncond = 0
     assert t0.shape == (4,) and ((t0 >= 0) & (t0 <= 1)).all() and eps0.shape == x0.shape
@@ -112,14 +118,14 @@ def test_label_dropout_to_the_null_label(tmp_path):
     dropped = []
     for step in range(5):
         for j in range(2):
-            indices = tr.global_batch_indices(step).view(2, 4)[j]
-            y = tr.micro_batch(step, j)[1]
+            indices = tr.batches.global_batch_indices(step).view(2, 4)[j]
+            y = tr.batches.micro_batch(step, j)[1]
             null = y == tr.model.num_classes
             assert torch.equal(y[~null], tr.dataset.y[indices][~null])  # each label kept or dropped to the null
             dropped += null.tolist()
     assert 0 < sum(dropped) < len(dropped)
     unconditional = make_trainer(tmp_path, "experiment=moons")
-    assert unconditional.micro_batch(0, 0)[1] is None
+    assert unconditional.batches.micro_batch(0, 0)[1] is None
 
 
 @pytest.mark.parametrize(
