@@ -411,6 +411,15 @@ class Run:
         self.log.print(f"SIGTERM: saving {unit} {step} and exiting with code {EXIT_PREEMPTED} (requeue to resume)")
         return True
 
+    def due(self, step: int, target_steps: int, run_cfg, unit: str = "step") -> tuple[bool, bool, bool]:
+        """What a loop owes after `step` (run_cfg: training.*) -> (stop, save, evaluate): stop on an agreed
+        SIGTERM (after saving); save at checkpoint_every, at the last step and before stopping; evaluate at
+        eval_every (the last step's evaluation is the final one)."""
+        stop = self.stop_requested(step, unit)
+        save = stop or step % run_cfg.checkpoint_every == 0 or step == target_steps
+        evaluate = bool(run_cfg.eval_every) and step % run_cfg.eval_every == 0 and step != target_steps
+        return stop, save, evaluate and not stop
+
     @contextlib.contextmanager
     def final_phase(self):
         """The final evaluation and outputs: SIGTERM here raises Preempted at once (there is no step to

@@ -379,13 +379,13 @@ class Trainer:
                     }
                     self.log.scalars(self.step, values)
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
-                stopping = run.stop_requested(self.step)
-                if stopping or self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
+                stop, save, evaluate = run.due(self.step, self.target_steps, tr)
+                if save:
                     self.nonfinite.check(self.step, self.run_dir, self.log.print)
                     self.save()
-                if stopping:
+                if stop:
                     return EXIT_PREEMPTED
-                if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
+                if evaluate:
                     self.evaluate(final=False)
             bar.close()
             with run.final_phase():

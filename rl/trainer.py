@@ -380,13 +380,13 @@ class GRPOTrainer:
                 bar.set_postfix(reward=f"{values['reward/mean']:.4f}", kl=f"{values['grpo/kl']:.2e}")
                 if self.step % tr.log_every == 0 or self.step == self.target_steps:
                     self.log.scalars(self.step, values)
-                stopping = run.stop_requested(self.step, "iteration")
-                if stopping or self.step % tr.checkpoint_every == 0 or self.step == self.target_steps:
+                stop, save, evaluate = run.due(self.step, self.target_steps, tr, "iteration")
+                if save:
                     self.save()
-                if stopping:
-                    return EXIT_PREEMPTED
-                if tr.eval_every and self.step % tr.eval_every == 0 and self.step != self.target_steps:
+                if evaluate:  # never when stopping
                     self.evaluate(final=False)
+                if stop:
+                    return EXIT_PREEMPTED
             bar.close()
             with run.final_phase():
                 self.evaluate(final=True)
