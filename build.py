@@ -126,6 +126,7 @@ class LoadedRun:
     solver: DictConfig  # the run's solver settings with the overrides merged in, validated
     checkpoint: ckpt.Checkpoint  # path, step, config, meta (weights dropped)
     sample_shape: tuple[int, ...]
+    skipped: list[str]  # newer checkpoints of the run that failed verification (the fallback), newest first
 
     @property
     def config(self) -> DictConfig:
@@ -147,8 +148,17 @@ def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: di
     path, _, _ = build_flow(loaded.config.flow)
     sampler = FlowSampler(model, path, loaded.config.flow.prediction, num_classes=getattr(model, "num_classes", None))
     solver = resolve_solver(loaded.config.solver, solver_overrides or {}, "solver")
+    requested = Path(checkpoint_path)
+    chosen = (requested / "manifest.json").is_file() or ckpt.STEP_DIR.match(requested.name)  # this one, no fallback
+    newer = reversed(ckpt.list_checkpoints(loaded.path.parent.parent))
+    skipped = [] if chosen else [str(path) for step, path in newer if step > loaded.step]
     return LoadedRun(
-        sampler=sampler, model=model, solver=solver, checkpoint=loaded, sample_shape=tuple(loaded.meta["sample_shape"])
+        sampler=sampler,
+        model=model,
+        solver=solver,
+        checkpoint=loaded,
+        sample_shape=tuple(loaded.meta["sample_shape"]),
+        skipped=skipped,
     )
 
 

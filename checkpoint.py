@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,11 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_valid_checkpoint(run_dir: str | Path, log=print, quarantine: bool = False) -> Path | None:
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)  # a warning, never mixed into a command's output on stdout
+
+
+def latest_valid_checkpoint(run_dir: str | Path, log=_warn, quarantine: bool = False) -> Path | None:
     """The newest checkpoint that verifies; damaged newer ones are reported, never silently skipped.
     quarantine (the run's owner only): also rename them to step_*.corrupt, so a later save of the same
     step cannot collide with them. Readers leave the directory as it is."""

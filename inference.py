@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     evaluator.save(cfg.out, samples, labels, latents)
     scores = {}
+    if run.skipped:  # the newest checkpoints failed verification: say which one was sampled, with the numbers
+        scores["checkpoint_fallback"] = (
+            f"sampled {run.checkpoint.path}: newer {', '.join(run.skipped)} failed verification (warned on stderr)"
+        )
     if cfg.classifier:
         scores.update(evaluator.score(samples, labels))
     if cfg.fid_reference:

@@ -146,7 +146,12 @@ def test_inference_skips_a_damaged_checkpoint_and_changes_nothing(tmp_path, caps
     before = snapshot(run_dir)
     for target in (run_dir, run_dir / "checkpoints" / "latest"):
         assert inference.main([f"checkpoint={target}", f"out={tmp_path / 'out'}", "n_per_class=2", "device=cpu"]) == 0
-        assert "step 30" in capsys.readouterr().out  # the newest valid one
+        captured = capsys.readouterr()
+        assert "step 30" in captured.out  # the newest valid one
+        # the fallback is said on stderr (it was on stdout, easily lost) and recorded with the samples
+        assert f"WARNING: checkpoint {newest}" in captured.err and "WARNING" not in captured.out
+        recorded = json.loads((tmp_path / "out" / "metrics.json").read_text())["checkpoint_fallback"]
+        assert str(newest) in recorded and "failed verification" in recorded
     assert snapshot(run_dir) == before  # nothing renamed, nothing written
 
 
