@@ -371,6 +371,7 @@ class GRPOTrainer:
             if not run.start(self.run_config, self.step, self.target_steps, "iteration"):
                 return EXIT_OK
             print_plan(self)
+            first_step = self.step
             if self.step == 0:
                 self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
@@ -388,6 +389,13 @@ class GRPOTrainer:
                 if stop:
                     return EXIT_PREEMPTED
             bar.close()
+            updates = (self.step - first_step) * self.cfg.grpo.num_inner
+            if updates and int(self.nonfinite.total) >= updates:
+                raise RunError(
+                    f"every one of this run's {updates} GRPO updates had a non-finite gradient norm and was skipped, "
+                    f"so the policy is still the seed; not publishing it as post-trained (check the reward for "
+                    f"NaN/inf and try a lower grpo.lr)"
+                )
             with run.final_phase():
                 self.evaluate(final=True)
                 run.finish(self.step, FINAL_OUTPUTS)

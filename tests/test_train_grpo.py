@@ -380,3 +380,28 @@ def test_shipped_jpeg_preset_compresses_without_collapse_on_28x28_digits(tmp_pat
         message
     )
     assert min(e["eval/ode/jpeg_payload_bpp"] for e in shipped) <= 0.95 * before["eval/ode/jpeg_payload_bpp"], message
+
+
+def test_a_run_whose_every_update_is_skipped_fails(tmp_path, seed_run, run_grpo, monkeypatch):
+    """grpo.noise_level=inf (now refused at validation) used to finish with exit 0, every update skipped
+    and finite rewards reported; any cause of all-NaN gradients (here a NaN reward) must fail the run."""
+    import rl.trainer
+    from runtime import RunError
+
+    build = rl.trainer.build_reward
+
+    def nan_reward(spec, device):
+        reward = build(spec, device)
+
+        class NaN:
+            name = reward.name
+
+            def __call__(self, samples, labels):
+                return torch.full((len(samples),), float("nan"), device=samples.device)
+
+        return NaN()
+
+    monkeypatch.setattr(rl.trainer, "build_reward", nan_reward)
+    with pytest.raises(RunError, match=r"every one of this run's 4 GRPO updates had a non-finite gradient norm"):
+        run_grpo(tmp_path / "run", seed_run, "grpo.epochs=2", "training.max_nonfinite_steps=100")
+    assert not (tmp_path / "run" / "finished.json").exists()
