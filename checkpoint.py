@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +128,8 @@ def save_checkpoint(
     files = {"model.safetensors": lambda p: save_file(clean_state_dict(model), p)}
     if ema is not None:
         files["ema.safetensors"] = lambda p: save_file(clean_state_dict(ema), p)
-    files["state.pt"] = lambda p: torch.save({**state, "format_version": FORMAT_VERSION, "step": step}, p)
+    full_state = _canonical({**state, "format_version": FORMAT_VERSION, "step": step})
+    files["state.pt"] = lambda p: torch.save(full_state, p)
     files["config.yaml"] = lambda p: Path(p).write_text(OmegaConf.to_yaml(config, resolve=True))
     try:
         tmp.mkdir()
@@ -156,6 +156,20 @@ def save_checkpoint(
     return final
 
 
+def _canonical(value):
+    """`value` rebuilt with interned strings and fresh containers. Pickle memoises strings and containers
+    by identity, so a state holding strings read back from a checkpoint (a resumed run's optimizer keys)
+    would otherwise pickle to other bytes than the same state built in one process: state.pt, and with it
+    the manifest and finished.json, must not depend on whether the run was interrupted."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_canonical(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(v) for v in value)
+    return value
+
+
 def point_latest(root: Path, name: str) -> None:
     """root/latest -> name, as a relative symlink swapped in atomically (a reader sees old or new)."""
     tmp = root / f".tmp_latest_{os.getpid()}"
@@ -168,11 +182,11 @@ def point_latest(root: Path, name: str) -> None:
 
 
 def _write_manifest(directory: Path, step: int, names: list[str], meta: dict) -> None:
+    # no wall-clock time in it (the file's mtime has that): an interrupted run writes the same bytes
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "meta": meta,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": {n: {"sha256": sha256_file(directory / n), "bytes": (directory / n).stat().st_size} for n in names},
     }
     with open(directory / "manifest.json", "w") as f:

@@ -126,7 +126,8 @@ FINISHED = "finished.json"  # written last by a run that produced all its final 
 
 
 def write_finished(run_dir: Path, step: int, outputs: list[str]) -> None:
-    """Mark the run finished: the final checkpoint (step, manifest sha256) and the outputs that exist."""
+    """Mark the run finished: the final checkpoint (step, manifest sha256) and the outputs that exist. No
+    wall-clock time (the file's mtime has it): an interrupted run ends with the same bytes."""
     name = ckpt.step_dir_name(step)
     manifest = run_dir / "checkpoints" / name / "manifest.json"
     marker = {
@@ -134,7 +135,6 @@ def write_finished(run_dir: Path, step: int, outputs: list[str]) -> None:
         "checkpoint": name,
         "manifest_sha256": ckpt.sha256_file(manifest) if manifest.is_file() else None,
         "outputs": outputs,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     ckpt.atomic_write_text(run_dir / FINISHED, json.dumps(marker, indent=2))
 

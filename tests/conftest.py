@@ -126,3 +126,12 @@ def inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / inception.inception_weights_filename()
     torch.save(network.state_dict(), path)
     return path
+
+
+def assert_same_files(a, b):
+    """Every file of two directories (a checkpoint, a run's finished.json) byte for byte."""
+    a, b = Path(a), Path(b)
+    names = sorted(p.name for p in a.iterdir() if p.is_file())
+    assert names == sorted(p.name for p in b.iterdir() if p.is_file())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name

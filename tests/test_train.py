@@ -11,7 +11,15 @@ import checkpoint as ckpt
 import config
 import runtime
 import trainer
-from conftest import assert_same_state, final_state, load_script, run_train, states_equal, train_subprocess
+from conftest import (
+    assert_same_files,
+    assert_same_state,
+    final_state,
+    load_script,
+    run_train,
+    states_equal,
+    train_subprocess,
+)
 
 SHORT = ["training.max_steps=40", "training.checkpoint_every=10", "training.batch_size=64"]
 
@@ -164,9 +172,11 @@ LONG = ["training.max_steps=400", "training.checkpoint_every=20", "training.batc
 
 
 def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
-    assert run_train(tmp_path / "full", *LONG) == 0
-    run_dir = tmp_path / "killed"
-    process = train_subprocess(run_dir, *LONG)
+    # The same command in the same directory twice: uninterrupted (then moved aside), and killed + rerun.
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, *LONG, "training.resume=auto") == 0
+    full = run_dir.rename(tmp_path / "full")
+    process = train_subprocess(run_dir, *LONG, "training.resume=auto")
     _wait_for_checkpoint(run_dir, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -174,7 +184,10 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path):
     steps = [s for s, _ in ckpt.list_checkpoints(run_dir)]
     assert steps and max(steps) < 400, steps  # really killed mid-run
     assert run_train(run_dir, *LONG, "training.resume=auto") == 0
-    assert_same_state(final_state(tmp_path / "full"), final_state(run_dir))
+    assert_same_state(final_state(full), final_state(run_dir))
+    # every file of the final checkpoint (state.pt's pickle, the manifest) and the finished marker
+    assert_same_files(final_state(full)[3], final_state(run_dir)[3])
+    assert (full / "finished.json").read_bytes() == (run_dir / "finished.json").read_bytes()
 
 
 # Dies by SIGKILL inside the save of step 40, after the weights are written but before the manifest.
