@@ -88,6 +88,51 @@ def atomic_write(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+# --- shards: a file written whole, with its size and sha256 recorded beside it ------------------------
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def record_digest(path: str | Path) -> None:
+    """Write PATH.sha256 ("<sha256> <bytes>") for a file just written atomically: the shard is done only
+    when its record exists and matches (a truncated or damaged shard is found on resume)."""
+    path = Path(path)
+    atomic_write_text(digest_path(path), f"{sha256_file(path)} {path.stat().st_size}\n")
+
+
+def shard_problem(path: str | Path) -> str | None:
+    """None when PATH and its record agree; else what is wrong (missing, no record, size, sha256)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        sha256, size = digest_path(path).read_text().split()
+    except (OSError, ValueError):
+        return f"no size and sha256 recorded in {digest_path(path).name}"
+    if path.stat().st_size != int(size):
+        return f"{path.stat().st_size} bytes, {size} recorded (truncated?)"
+    if sha256_file(path) != sha256:
+        return "sha256 differs from the recorded one (damaged)"
+    return None
+
+
+def shard_done(path: str | Path, log) -> bool:
+    """Whether a shard is complete. One that exists but fails its record is moved aside as
+    *.corrupt (log says so) so that it is redone; nothing is deleted."""
+    path = Path(path)
+    problem = shard_problem(path)
+    if problem is None:
+        return True
+    if path.is_file():
+        aside = path.with_name(path.name + ".corrupt")
+        log(f"WARNING: {path}: {problem}; moving it aside to {aside.name} and redoing it")
+        os.replace(path, aside)
+        digest_path(path).unlink(missing_ok=True)
+    return False
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(text)

@@ -105,6 +105,9 @@ class Evaluation:
             "decoded_with": latent_vae_id(self.run.config.dataset),
         }
 
+    def complete(self, chunk: int) -> bool:
+        return ckpt.shard_problem(self.chunk_path(chunk)) is None
+
     def chunk_path(self, chunk: int) -> Path:
         return self.out / "shards" / f"chunk_{chunk:06d}.npz"
 
@@ -132,6 +135,7 @@ class Evaluation:
             labels.append(y.numpy().astype(np.int64))
         with ckpt.atomic_write(self.chunk_path(chunk)) as tmp, open(tmp, "wb") as f:  # a shard exists only complete
             np.savez(f, images=np.concatenate(images), labels=np.concatenate(labels))
+        ckpt.record_digest(self.chunk_path(chunk))  # verified on resume: a damaged chunk is redone
 
     # -- outputs --
 
@@ -222,7 +226,8 @@ class Evaluation:
             )
             (self.out / "shards").mkdir(parents=True, exist_ok=True)
             size, n = self.cfg.chunk_size, self.cfg.num_samples
-            todo = [c for c in run.my_chunks(self.num_chunks) if not self.chunk_path(c).is_file()]
+            # a chunk is done when it matches its recorded size and sha256; a damaged one is moved aside
+            todo = [c for c in run.my_chunks(self.num_chunks) if not ckpt.shard_done(self.chunk_path(c), run.log.warn)]
             done = sum(min(size, n - c * size) for c in range(self.num_chunks) if self.chunk_path(c).is_file())
             started = time.perf_counter()
             # Rank 0's bar counts every rank's work by assuming the others keep its pace (images/s, ETA).
@@ -234,7 +239,7 @@ class Evaluation:
                 self.sample_chunk(chunk)
                 bar.update(min(size, n - chunk * size) * self.runtime.world_size)
             bar.close()
-            run.require_chunks(self.num_chunks, lambda c: self.chunk_path(c).is_file(), self.out / "shards")
+            run.require_chunks(self.num_chunks, self.complete, self.out / "shards")
             seconds = time.perf_counter() - started
             if not self.runtime.is_main:
                 return EXIT_OK

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import sha256_file
+from checkpoint import record_digest, sha256_file, shard_done
 from datasets import list_image_folder, load_image
 from latent_cache import (
     BUILD_KEYS,
@@ -121,7 +121,9 @@ def build_shards(
     written, skipped = [], []
     pool = ThreadPoolExecutor(workers) if workers > 0 else None  # PIL decode/resize release the GIL
     mine = range(rank, num_shards, world)
-    done = sum(min(shard_size, len(paths) - i * shard_size) for i in mine if shard_path(out_dir, i).is_file())
+    # a shard is done when it matches its recorded size and sha256; a damaged one is moved aside and redone
+    complete = {i for i in mine if shard_done(shard_path(out_dir, i), log)}
+    done = sum(min(shard_size, len(paths) - i * shard_size) for i in complete)
     bar = tqdm(
         total=sum(min(shard_size, len(paths) - i * shard_size) for i in mine),
         initial=done,
@@ -133,7 +135,7 @@ def build_shards(
     try:
         for index in mine:
             final = shard_path(out_dir, index)
-            if final.is_file():
+            if index in complete:
                 skipped.append(index)
                 continue
             if max_shards is not None and len(written) >= max_shards:
@@ -156,6 +158,7 @@ def build_shards(
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)  # a shard exists only complete: an interrupted one is redone
+            record_digest(final)
             written.append(index)
             bar.update(stop - start)
             log(f"shard {index + 1}/{num_shards}: images {start}..{stop - 1} -> {final}")
@@ -210,7 +213,7 @@ def write_cache(out_dir, settings: dict, count: int, fill, chunk: int) -> dict:
     return manifest
 
 
-def convert_shards(out_dir, delete_shards: bool = False) -> dict:
+def convert_shards(out_dir, delete_shards: bool = False, log=print) -> dict:
     """All shards -> latents.npy (+ latents_flip.npy), labels.npy and manifest.json; returns the
     manifest. Refuses while any shard is missing; copies one shard at a time (never the split in RAM)."""
     out_dir = Path(out_dir)
@@ -220,11 +223,12 @@ def convert_shards(out_dir, delete_shards: bool = False) -> dict:
     settings = json.loads(build_json.read_text())
     count, shard_size = settings["num_images"], settings["shard_size"]
     num_shards = math.ceil(count / shard_size)
-    missing = [i for i in range(num_shards) if not shard_path(out_dir, i).is_file()]
+    # every shard checked against its recorded size and sha256; a damaged one is moved aside for `build`
+    missing = [i for i in range(num_shards) if not shard_done(shard_path(out_dir, i), log)]
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise LatentCacheError(
-            f"convert: {len(missing)} of {num_shards} shards are missing in {out_dir / 'shards'} "
+            f"convert: {len(missing)} of {num_shards} shards are missing or damaged in {out_dir / 'shards'} "
             f"(indices {shown}); run `build` again (every rank) to finish them"
         )
 
@@ -243,6 +247,7 @@ def convert_shards(out_dir, delete_shards: bool = False) -> dict:
     if delete_shards:
         for index in range(num_shards):
             shard_path(out_dir, index).unlink()
+            shard_path(out_dir, index).with_name(shard_path(out_dir, index).name + ".sha256").unlink(missing_ok=True)
     return manifest
 
 

@@ -201,6 +201,13 @@ class MetricLogger:
 
             tqdm.write(" ".join(str(a) for a in args))
 
+    def warn(self, *args) -> None:
+        """A warning line on stderr (rank 0): never mixed into a command's output."""
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(" ".join(str(a) for a in args), file=sys.stderr)
+
     def progress(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "it"):
         """A tqdm bar on rank 0. enabled: True / False (training.progress), or None for a bar only on a
         terminal (none in a log file or a captured pipe, where errors stay one line)."""

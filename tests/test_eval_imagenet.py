@@ -139,6 +139,21 @@ def test_a_killed_job_rerun_gives_the_same_file(pixel_run, tmp_path):
     assert (tmp_path / "killed" / "samples.npz").read_bytes() == (tmp_path / "straight" / "samples.npz").read_bytes()
 
 
+def test_a_truncated_chunk_is_moved_aside_and_redone(pixel_run, tmp_path, capsys):
+    """A finished chunk was skipped on resume by its name alone, and a truncated one then failed the
+    samples.npz concatenation with a BadZipFile traceback."""
+    args = [f"checkpoint={pixel_run}", *FAST, "num_samples=12", "chunk_size=4", "batch_size=4"]
+    assert eval_imagenet.main([*args, f"out={tmp_path / 'straight'}"]) == 0
+    assert eval_imagenet.main([*args, f"out={tmp_path / 'damaged'}"]) == 0
+    chunk = tmp_path / "damaged" / "shards" / "chunk_000001.npz"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    (tmp_path / "damaged" / "samples.npz").unlink()
+    capsys.readouterr()
+    assert eval_imagenet.main([*args, f"out={tmp_path / 'damaged'}"]) == 0
+    assert "chunk_000001.npz: " in capsys.readouterr().err and (chunk.parent / "chunk_000001.npz.corrupt").is_file()
+    assert (tmp_path / "damaged" / "samples.npz").read_bytes() == (tmp_path / "straight" / "samples.npz").read_bytes()
+
+
 TERM_AFTER_TWO_CHUNKS = KILL_AFTER_TWO_CHUNKS.replace("signal.SIGKILL", "signal.SIGTERM")
 
 

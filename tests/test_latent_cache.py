@@ -182,7 +182,7 @@ def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
     out = tmp_path / "cache"
     common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
     assert latent_cache_writer.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard_00001.npz"]
+    assert sorted(p.name for p in (out / "shards").glob("*.npz")) == ["shard_00001.npz"]  # (+ its .sha256 record)
     with pytest.raises(latent_cache.LatentCacheError, match="shard_size: cache has 2, this run 3"):
         latent_cache_writer.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
     assert latent_cache_writer.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
@@ -326,3 +326,21 @@ def test_wrong_vae_binding_and_missing_manifest(cache, tmp_path):
     (tmp_path / "c" / "manifest.json").unlink()
     result = preflight(tmp_path / "c")
     assert result.returncode == 1 and "no manifest.json (shards exist: run `convert`)" in result.stderr
+
+
+def test_a_damaged_shard_is_found_moved_aside_and_rebuilt(setup, tmp_path, capsys):
+    """A truncated shard counted as done on resume, and `convert` then failed with a BadZipFile traceback."""
+    root, codec = setup
+    out = tmp_path / "cache"
+    common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
+    assert latent_cache_writer.build_shards(root / "images", out, codec, **common)["written"] == [0, 1, 2]
+    shard = latent_cache_writer.shard_path(out, 1)
+    shard.write_bytes(shard.read_bytes()[:64])
+    preflight = load_script("preflight_latent_cache")
+    assert preflight.main([f"cache={out}", "quick=true"]) == 1  # preflight reads the shards too, read-only
+    assert "shard_00001.npz: 64 bytes" in capsys.readouterr().err and shard.is_file()
+    with pytest.raises(latent_cache.LatentCacheError, match=r"1 of 3 shards are missing or damaged .*indices 1\)"):
+        latent_cache_writer.convert_shards(out, log=lambda line: None)
+    assert (shard.parent / "shard_00001.npz.corrupt").is_file() and not shard.exists()
+    assert latent_cache_writer.build_shards(root / "images", out, codec, **common)["written"] == [1]
+    assert latent_cache_writer.convert_shards(out)["count"] == 6
