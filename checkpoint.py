@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -341,7 +342,17 @@ def load_checkpoint(
     ema = None
     if load_ema and (path / "ema.safetensors").is_file():
         ema = load_file(str(path / "ema.safetensors"), device=device)
-    state = torch.load(path / "state.pt", map_location=map_location, weights_only=True) if load_state else None
+    state = None
+    if load_state:
+        try:
+            state = torch.load(path / "state.pt", map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:  # verified bytes, but not tensors only
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(error).__name__)
+            raise CheckpointError(
+                f"checkpoint {path}: state.pt cannot be read as tensors only (torch.load(weights_only=True): "
+                f"{detail}); it is never unpickled with code"
+            ) from None
     config = OmegaConf.create((path / "config.yaml").read_text())
     return Checkpoint(
         path=path,

@@ -33,7 +33,7 @@ import torch
 
 import checkpoint as ckpt
 from build import build_evaluator, latent_vae_id, load_run
-from config import EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
+from config import ConfigError, EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
 from ode_solvers import CountCalls
 from run_dir import Run, refuse_inside_run
@@ -65,6 +65,12 @@ class Evaluation:
         device = runtime.device
         self.run = load_run(cfg.checkpoint, device, use_ema=cfg.use_ema, solver_overrides=solver_overrides(cfg))
         self.sampler, self.solver = self.run.sampler, self.run.solver
+        if len(self.run.sample_shape) != 3:
+            raise ConfigError(
+                f"checkpoint {self.run.checkpoint.path} models {self.run.config.dataset.name!r} samples of shape "
+                f"{list(self.run.sample_shape)}; eval_imagenet.py scores images [C, H, W] (inference.py samples "
+                f"2-D data)"
+            )
         if self.sampler.num_classes is None:
             raise RunError(
                 f"checkpoint {self.run.checkpoint.path} is unconditional; eval_imagenet.py samples "

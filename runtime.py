@@ -152,7 +152,9 @@ def run_main(main, argv: list[str] | None = None) -> None:
     ) as error:
         if os.environ.get("NANOFLOW_DEBUG"):
             raise
-        print(f"error: {describe_error(error)}", file=sys.stderr)
+        # a path that is not UTF-8 (a surrogate escape from argv) is shown escaped, not as a second traceback
+        message = f"error: {describe_error(error)}".encode("utf-8", "backslashreplace").decode("utf-8")
+        print(message, file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except Preempted as stopped:
         print(stopped, file=sys.stderr)

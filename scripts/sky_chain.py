@@ -138,6 +138,11 @@ def _render_from_args(args) -> list[dict]:
     )
 
 
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,8 +210,16 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         return EXIT_ERROR
     if args.command == "simulate":
+        bad = [item for item in args.env if "=" not in item or item.startswith("=")]
+        if bad:
+            return fail(f"--env {bad[0]!r}: expected KEY=VALUE")
         if args.yaml:
-            docs = list(yaml.safe_load_all(Path(args.yaml).read_text()))
+            try:
+                docs = [d for d in yaml.safe_load_all(Path(args.yaml).read_text()) if d is not None]
+            except (OSError, yaml.YAMLError) as error:
+                return fail(f"{args.yaml}: not a readable chain YAML ({str(error).splitlines()[0]})")
+            if len(docs) < 2 or not all(isinstance(d, dict) and "run" in d for d in docs[1:]):
+                return fail(f"{args.yaml}: expected a pipeline (a `name:` document, then tasks with `run:`)")
             envs = {"CKPT_ROOT": str(Path(args.root) / "checkpoints")}
         else:
             docs, envs = smoke_chain(args.root)
@@ -224,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     text = dump(docs)
-    dag = load_dag(text)  # SkyPilot's parser: a schema error stops here, before anything is written
+    try:
+        dag = load_dag(text)  # SkyPilot's parser: a schema error stops here, before anything is written
+    except ImportError:
+        return fail("SkyPilot is not installed: `uv sync --group cloud` (docs/cloud.md)")
     if args.command == "render":
         if args.out:
             Path(args.out).write_text(text)

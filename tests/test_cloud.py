@@ -497,3 +497,29 @@ def test_a_two_gpu_stage_trains_what_one_process_does_with_the_same_global_batch
     for index in (0, 1):  # the project's torchrun equivalence (tests/test_distributed.py): float tolerance
         for key in single[index]:
             torch.testing.assert_close(ddp[index][key], single[index][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "--root", "R", "--env", "NOEQUALS"], "--env 'NOEQUALS': expected KEY=VALUE"),
+        (["simulate", "CHAIN", "--root", "R"], "CHAIN: not a readable chain YAML"),
+        (["simulate", "LIST", "--root", "R"], "LIST: expected a pipeline"),
+    ],
+)
+def test_bad_simulate_arguments_are_one_line(argv, message, tmp_path, capsys):
+    (tmp_path / "CHAIN").write_text("name: x\n---\nrun: [unclosed\n")
+    (tmp_path / "LIST").write_text("- just\n- a list\n")
+    argv = [str(tmp_path / a) if a in ("R", "CHAIN", "LIST") else a for a in argv]
+    assert sky_chain.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.split(":")[-1].strip() in err and err.count("\n") == 1, err
+
+
+def test_render_without_skypilot_is_one_line(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise ImportError("No module named 'sky'")
+
+    monkeypatch.setattr(sky_chain, "load_dag", missing)
+    assert sky_chain.main(["render", "--dry-run"]) == 1
+    assert capsys.readouterr().err == "error: SkyPilot is not installed: `uv sync --group cloud` (docs/cloud.md)\n"

@@ -274,3 +274,13 @@ def test_inference_scores_fid_against_a_reference(pixel_run, tmp_path, inception
     )
     scores = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert scores["inception/fid"] > 0 and scores["inception/num_samples"] == 20
+
+
+def test_a_2d_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    """eval on a moons checkpoint failed in the first chunk with a traceback, leaving eval.json behind."""
+    from config import ConfigError
+
+    assert run_train(tmp_path / "moons", "training.max_steps=10", "training.num_eval_samples=20") == 0
+    with pytest.raises(ConfigError, match=r"samples of shape \[2\]; eval_imagenet.py scores images"):
+        evaluate(tmp_path / "moons", tmp_path / "out", "num_samples=4")
+    assert not (tmp_path / "out").exists()

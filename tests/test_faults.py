@@ -453,3 +453,32 @@ def test_a_log_write_that_fails_names_the_file(tmp_path):
     logger = runtime.MetricLogger(run_dir, enabled=True, tensorboard=False)
     with pytest.raises(runtime.RunError, match=r"cannot append to .*metrics.jsonl \(No space left on device\)"):
         logger.scalars(1, {"train/loss": 1.0})
+
+
+# --- faults are one line, not a traceback ------------------------------------------------------------
+
+
+class _Code:
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+def test_a_state_pt_that_is_not_tensors_only_is_one_line_and_never_runs(tmp_path):
+    """A checkpoint whose state.pt verifies against its manifest but holds a pickled global: the
+    weights-only load refused it with a 28-line traceback."""
+    run_dir = tmp_path / "run"
+    assert run_train(run_dir, *SHORT) == 0
+    newest = ckpt.list_checkpoints(run_dir)[-1][1]
+    state = torch.load(newest / "state.pt", weights_only=True)
+    torch.save({**state, "payload": _Code()}, newest / "state.pt")
+    manifest = json.loads((newest / "manifest.json").read_text())  # re-signed, so only the load can refuse it
+    manifest["files"]["state.pt"] = {
+        "sha256": ckpt.sha256_file(newest / "state.pt"),
+        "bytes": (newest / "state.pt").stat().st_size,
+    }
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_command(
+        "train.py", f"training.run_dir={run_dir}", *FAST, *SHORT, "training.max_steps=60", "training.resume=auto"
+    )
+    assert code == 1 and err.startswith(f"error: checkpoint {newest}: state.pt cannot be read as tensors only")
+    assert "posix.system" in err and err.count("\n") == 1, err
