@@ -161,7 +161,7 @@ def _check_finite(node, prefix: str = "") -> None:
         for value in node:
             _check_finite(value, prefix)
     elif isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(f"{prefix.rstrip('.')} = {node!r}: must be a finite number")
+        raise ConfigError(f"{prefix.rstrip('.')} = {node!r}: must be finite")
 
 
 def _check_known_keys(cfg: DictConfig, schema, prefix: str = "") -> None:
