@@ -158,8 +158,8 @@ def _check_finite(node, prefix: str = "") -> None:
         for key, value in node.items():
             _check_finite(value, f"{prefix}{key}.")
     elif isinstance(node, list):
-        for value in node:
-            _check_finite(value, prefix)
+        for index, value in enumerate(node):
+            _check_finite(value, f"{prefix.rstrip('.')}[{index}].")
     elif isinstance(node, float) and not math.isfinite(node):
         raise ConfigError(f"{prefix.rstrip('.')} = {node!r}: must be finite")
 
