@@ -85,6 +85,11 @@ def atomic_write(path: str | Path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename or not error.errno:
+            raise
+        # a write into an open file (disk full) names no file: name the one that was being written
+        raise OSError(error.errno, error.strerror, str(path)) from error
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -284,3 +284,31 @@ def test_a_2d_checkpoint_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match=r"samples of shape \[2\]; eval_imagenet.py scores images"):
         evaluate(tmp_path / "moons", tmp_path / "out", "num_samples=4")
     assert not (tmp_path / "out").exists()
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
+limit = int(sys.argv.pop(1))
+import eval_imagenet, runtime
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+runtime.run_main(eval_imagenet.main, sys.argv[1:])
+"""
+
+
+def test_a_full_disk_names_the_chunk_and_leaves_no_temporary_file(pixel_run, tmp_path):
+    """A full disk while writing a chunk gave an OSError naming no path and left .chunk_*.tmp* behind."""
+    out = tmp_path / "out"
+    args = [f"checkpoint={pixel_run}", *FAST, "num_samples=64", "chunk_size=64", "batch_size=64", f"out={out}"]
+    result = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, "8000", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    chunk = out / "shards" / "chunk_000000.npz"
+    assert result.stderr == f"error: {chunk}: File too large (OSError)\n", result.stderr
+    assert not [p.name for p in (out / "shards").iterdir() if ".tmp" in p.name]
