@@ -377,8 +377,15 @@ def test_image_folder_dataset_batches(tmp_path, cache_bytes):
 
 
 def test_image_folder_unreadable_image_names_the_file(tmp_path):
+    # A file that is no image is found when the folder is opened (before any run directory exists), not
+    # in the first batch that draws it.
     write_pngs(tmp_path, {"a": [(20, 20)]})
     (tmp_path / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(datasets.DatasetNotFoundError, match=r"1 of 2 files are not readable images: a/1.png"):
+        datasets.load_imagefolder(root=str(tmp_path), image_size=16)
+    # A PNG whose header reads but whose pixels are cut off is named when a batch decodes it.
+    good = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "a" / "1.png").write_bytes(good[: len(good) // 2])
     data = datasets.load_imagefolder(root=str(tmp_path), image_size=16)
     with pytest.raises(datasets.DatasetNotFoundError, match=r"image '.*a/1.png' is unreadable"):
         data.batch(torch.tensor([0, 1]))
