@@ -312,3 +312,13 @@ def test_a_full_disk_names_the_chunk_and_leaves_no_temporary_file(pixel_run, tmp
     chunk = out / "shards" / "chunk_000000.npz"
     assert result.stderr == f"error: {chunk}: File too large (OSError)\n", result.stderr
     assert not [p.name for p in (out / "shards").iterdir() if ".tmp" in p.name]
+
+
+def test_missing_inception_weights_or_reference_fail_before_any_sampling(pixel_run, tmp_path):
+    """Both were found missing only after every sample was drawn."""
+    from config import ConfigError
+
+    base = [f"checkpoint={pixel_run}", "num_steps=3", "device=cpu", "num_samples=4", f"out={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match="none.pth does not exist"):
+        eval_imagenet.main([*base, f"reference={tmp_path / 'ref.npz'}", f"inception_weights={tmp_path / 'none.pth'}"])
+    assert not (tmp_path / "out").exists()
