@@ -521,3 +521,27 @@ def _experiment_choice(overrides: list[str]) -> str | None:
         return None
     values = [o.value() for o in parsed if o.key_or_group == "experiment" and o.package is None and not o.is_delete()]
     return values[-1] if values and isinstance(values[-1], str) else None
+
+
+def entry_point_help(kind: str) -> list[tuple[str, str]]:
+    """The `--help` sections of train.py (kind 'train') or train_grpo.py ('grpo'): the presets, and each
+    config group's options (GROUP=OPTION), listed from configs/."""
+    # the seed checkpoint fixes a GRPO run's data, model and flow; rewards are GRPO's alone
+    skip = {
+        "experiment",
+        "inference",
+        "eval",
+        "pairs",
+        *(("dataset", "model", "flow") if kind == "grpo" else ("reward",)),
+    }
+    groups = {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(CONFIG_DIR.iterdir())
+        if d.is_dir() and d.name not in skip
+    }
+    lines = "\n".join(f"  {name}: {', '.join(options)}" for name, options in groups.items())
+    return [
+        ("presets (experiment=NAME)", "  " + ", ".join(presets(kind))),
+        ("config groups (GROUP=OPTION)", lines),
+        ("keys", "  any key of the composed config as key=value (training.lr=3e-4); schemas.py lists them"),
+    ]

@@ -33,6 +33,7 @@ import torch
 
 import checkpoint as ckpt
 from build import build_evaluator, latent_vae_id, load_run
+from cli import exit_on_help
 from config import ConfigError, EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
 from ode_solvers import CountCalls
@@ -259,7 +260,9 @@ class Evaluation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="eval"), EvalConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, __doc__, ("keys (key=value)", EvalConfig))
+    cfg = apply_schema(compose(argv, config_name="eval"), EvalConfig)
     validate_eval(cfg)
     refuse_inside_run(cfg.out)
     runtime = setup_runtime(cfg.device)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from build import build_evaluator, latent_vae_id, load_run
 from checkpoint import atomic_write_text
+from cli import exit_on_help
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
 from run_dir import refuse_inside_run
 from runtime import run_main, select_device
@@ -51,7 +52,9 @@ def held_out_bits_per_dim(run, cfg, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = apply_schema(compose(sys.argv[1:] if argv is None else argv, config_name="inference"), InferenceConfig)
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, __doc__, ("keys (key=value)", InferenceConfig))
+    cfg = apply_schema(compose(argv, config_name="inference"), InferenceConfig)
     if not cfg.checkpoint:
         raise ConfigError(
             "checkpoint is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)"

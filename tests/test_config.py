@@ -130,3 +130,22 @@ def test_a_non_finite_grpo_setting_is_refused(key):
 
     with pytest.raises(ConfigError, match=rf"^{key} = inf: must be finite"):
         load_grpo_config(["experiment=fashion_grpo_jpeg", "seed_checkpoint=RUN", f"{key}=inf"])
+
+
+@pytest.mark.parametrize("entry", ["train", "train_grpo", "inference", "eval_imagenet"])
+def test_every_entry_point_answers_help(entry, capsys):
+    """`python train.py --help` exited 1 with a Hydra lexer error."""
+    import importlib
+
+    module = importlib.import_module(entry)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__.strip().splitlines()[0])
+    if entry == "train":
+        assert "presets (experiment=NAME):" in out and "moons_cfg" in out and "fashion_grpo_jpeg" not in out
+    elif entry == "train_grpo":
+        assert "fashion_grpo_jpeg" in out and "reward: " in out
+    else:
+        assert "checkpoint: str | None = null" in out
