@@ -383,12 +383,15 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
     """argv overrides -> validated, read-only train_grpo.py config (configs/config_grpo.yaml)."""
     cfg = apply_schema(compose(overrides, config_name="config_grpo"), GRPORunConfig)
     g, tr = cfg.grpo, cfg.training
+    seed = f"{cfg.experiment.partition('_grpo')[0]}_cfg"  # the preset a GRPO preset's seed is trained with
+    if seed not in presets("train"):
+        seed = "digits_cfg"
     check(
         bool(cfg.seed_checkpoint),
         "seed_checkpoint",
         cfg.seed_checkpoint,
-        "is required: the flow model to post-train, e.g. seed_checkpoint=runs/digits_cfg (a run dir, a step_* dir "
-        "or RUN/checkpoints/latest)",
+        f"is required: the flow model to post-train, e.g. seed_checkpoint=runs/{seed} (from `python train.py "
+        f"experiment={seed} training.run_dir=runs/{seed}`; a run dir, a step_* dir or RUN/checkpoints/latest)",
     )
     check_choice("device", cfg.device, DEVICES)
     for key in ("epochs", "batch_size", "num_inner", "rollout_steps"):

@@ -405,3 +405,10 @@ def test_a_run_whose_every_update_is_skipped_fails(tmp_path, seed_run, run_grpo,
     with pytest.raises(RunError, match=r"every one of this run's 4 GRPO updates had a non-finite gradient norm"):
         run_grpo(tmp_path / "run", seed_run, "grpo.epochs=2", "training.max_nonfinite_steps=100")
     assert not (tmp_path / "run" / "finished.json").exists()
+
+
+@pytest.mark.parametrize("preset, seed", [("fashion_grpo_jpeg", "fashion_cfg"), ("digits_grpo_jpeg", "digits_cfg")])
+def test_the_missing_seed_error_names_the_presets_own_seed(preset, seed):
+    """It suggested runs/digits_cfg for every preset, Fashion ones included."""
+    with pytest.raises(ConfigError, match=rf"seed_checkpoint=runs/{seed} \(from `python train.py experiment={seed}"):
+        load_grpo_config([f"experiment={preset}"])
