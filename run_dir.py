@@ -8,7 +8,8 @@ signal, and the finished marker. Both trainers, eval_imagenet.py and scripts/gen
             return EXIT_OK
         while step < target_steps:                             # the trainer's own loop
             ...
-            if run.stop_requested(): save; return EXIT_PREEMPTED
+            stop, save, evaluate = run.due(step, target_steps, cfg.training)
+            if save: save; if stop: return EXIT_PREEMPTED; if evaluate: evaluate
         with run.final_phase():                                # SIGTERM here raises Preempted (exit 75)
             write the outputs
             run.finish(step, outputs)                          # finished.json, written last
@@ -433,7 +434,7 @@ class Run:
             write_finished(self.dir, step, outputs)
 
     # -- sharded work: a directory filled chunk by chunk by any number of ranks (eval_imagenet.py,
-    # scripts/generate_pairs.py). A chunk is written atomically, so one that exists is complete.
+    # scripts/generate_pairs.py). A chunk is written atomically; the caller says which ones are complete.
 
     def claim(self, path: Path, settings: dict, what: str, write, recorded=None) -> None:
         """Rank 0 writes the settings at the first run (write(path, settings), atomically), or refuses a
