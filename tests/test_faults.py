@@ -482,3 +482,15 @@ def test_a_state_pt_that_is_not_tensors_only_is_one_line_and_never_runs(tmp_path
     )
     assert code == 1 and err.startswith(f"error: checkpoint {newest}: state.pt cannot be read as tensors only")
     assert "posix.system" in err and err.count("\n") == 1, err
+
+
+def test_a_non_utf8_argument_is_one_error_line_not_a_traceback():
+    result = subprocess.run(
+        [sys.executable, b"train.py", b"training.run_dir=/tmp/nanoflow_\xff/run", b"training.max_steps=2"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    err = result.stderr.decode("utf-8", "backslashreplace")
+    assert result.returncode == 1 and err.startswith("error: ") and "Traceback" not in err, err
