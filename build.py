@@ -8,6 +8,7 @@
 Nothing here parses argv or runs a loop; models, flows and datasets take plain keyword arguments.
 """
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,13 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
     classifier = load_classifier(
         Path(path), device, expected_dataset=name, expected_shape=tuple(train_split.sample_shape)
     )
+    if classifier.metadata.get("near_chance") == "true":
+        print(
+            f"WARNING: {path} recorded a held-out accuracy of {classifier.metadata.get('test_accuracy')}, near "
+            "chance: the accuracy and classifier-FD it reports mean little (retrain it)",
+            file=sys.stderr,
+        )
+
     reference = reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
     floor = real_fd_floor(classifier, train_split, reference, num_samples, seed)
     return EvalClassifier(classifier, reference, floor)

@@ -11,6 +11,7 @@ comparable only between runs that use the same classifier file and the same numb
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,7 @@ class ClassifierError(ConfigError):
     it comes from a config value (training.classifier), so entry points report it as one."""
 
 
+NEAR_CHANCE = 1.5  # held-out accuracy below this many times chance: a classifier that learned (almost) nothing
 CLASSIFIER_FORMAT = "nanoflow-classifier-v1"  # metadata["format"] of files written by scripts/train_classifier.py
 
 
@@ -239,7 +241,11 @@ class EvalClassifier:
         """image_sample_metrics of samples [N, C, H, W] (on any device) plus the floor."""
         device = next(self.classifier.parameters()).device
         values = image_sample_metrics(samples.to(device), labels, self.classifier, self.reference_statistics)
-        return {**values, "classifier_fd_real_floor": self.fd_floor}
+        values["classifier_fd_real_floor"] = self.fd_floor
+        recorded = getattr(self.classifier, "metadata", {}).get("test_accuracy")
+        if recorded is not None:  # how good the judge is, beside every score it gives
+            values["classifier_test_accuracy"] = float(recorded)
+        return values
 
 
 # --- training (scripts/train_classifier.py) -------------------------------------------------------------
@@ -320,6 +326,15 @@ def train_classifier(
             )
 
     accuracy = class_accuracy(classifier_logits(model, test_set.x), test_set.y)
+    chance = 1 / train_set.num_classes
+    near_chance = accuracy < NEAR_CHANCE * chance
+    if near_chance:  # written anyway (the caller may want it), but loudly, and the file says so
+        print(
+            f"WARNING: classifier {out}: held-out accuracy {accuracy:.3f} is near chance ({chance:.3f} for "
+            f"{train_set.num_classes} classes): its accuracy, classifier-FD and rewards mean little. Train longer "
+            f"or check the data; the file records near_chance=true",
+            file=sys.stderr,
+        )
     metadata = {
         "format": CLASSIFIER_FORMAT,
         "architecture": "cnn",
@@ -328,6 +343,7 @@ def train_classifier(
         "image_shape": json.dumps(list(train_set.sample_shape)),
         "class_names": json.dumps(list(train_set.class_names or [])),
         "test_accuracy": f"{accuracy:.6f}",
+        "near_chance": json.dumps(near_chance),
         "train_settings": json.dumps(settings),
     }
     _save_atomic(model, Path(out), metadata)

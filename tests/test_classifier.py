@@ -198,3 +198,24 @@ def test_classifier_logits_and_features(in_ch, size):
     assert logits.shape == (5, 7) and feats.shape == (5, model.feature_dim) == (5, 64)
     assert (feats >= 0).all()  # post-ReLU
     assert 100_000 < count_parameters(Classifier(in_ch=in_ch)) < 1_000_000
+
+
+def test_a_classifier_at_chance_is_said_loudly_recorded_and_its_accuracy_reported(tmp_path, capsys):
+    """A classifier at chance (held-out accuracy 0.100) was written without a word and then used silently."""
+    from safetensors import safe_open
+
+    from build import load_eval_classifier
+    from classifier import train_classifier
+    from config import load_config
+
+    out = tmp_path / "chance.safetensors"
+    accuracy = train_classifier("digits", out, epochs=1, lr=1e-12, width=4, device="cpu", log=lambda line: None)
+    assert accuracy < 0.15
+    assert f"WARNING: classifier {out}: held-out accuracy {accuracy:.3f} is near chance" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["near_chance"] == "true"
+    cfg = load_config(["experiment=digits_cfg"])
+    scorer = load_eval_classifier(out, cfg.dataset, "cpu", num_samples=20, seed=0)
+    assert "near chance" in capsys.readouterr().err
+    images = torch.zeros(4, 1, 8, 8)
+    assert scorer.score(images, torch.arange(4))["classifier_test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
