@@ -223,8 +223,11 @@ class WeightedSumReward(Reward):
 
     def compute(self, images, labels):
         total = torch.zeros(images.shape[0], dtype=torch.float32, device=images.device)
-        for (weight, _), value in zip(self.terms, self.components(images, labels).values()):
+        components = self.components(images, labels)
+        for (weight, _), value in zip(self.terms, components.values()):
             total += weight * value.to(device=images.device, dtype=torch.float32)
+        # each term's batch mean, unweighted, for the trainer's log (reward/<term>): computed once, here
+        self.last_terms = {name: float(value.float().mean()) for name, value in components.items()}
         return total
 
 

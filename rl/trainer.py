@@ -308,6 +308,7 @@ class GRPOTrainer:
                 "reward/mean": rewards.mean().item(),
                 "reward/std": rewards.std(correction=0).item(),
                 "reward/zero_std_fraction": float(group.zero_std_fraction),
+                **{f"reward/{name}": value for name, value in getattr(self.reward, "last_terms", {}).items()},
                 "grpo/lr": self.optimizer.param_groups[0]["lr"],
                 "time/rollout_s": rollout_seconds,
                 "time/iteration_s": time.perf_counter() - started,

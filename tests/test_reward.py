@@ -228,3 +228,14 @@ def test_build_reward_classifier_errors(classifier_file, tmp_path):
         build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "batch_size": 0})
     with pytest.raises(ConfigError, match=r"reward.ceiling = 2: must be null or a probability in \(0, 1\)"):
         build_reward({"name": "classifier_logprob", "classifier": str(classifier_file), "ceiling": 2})
+
+
+def test_a_weighted_sum_keeps_each_terms_batch_mean_for_the_log(classifier):
+    """GRPO logged only reward/mean and reward/std: which term moved (JPEG bpp or the anchor) was invisible."""
+    x, labels = images(5), torch.tensor([0, 1, 2, 3, 4])
+    jpeg, fidelity = JpegCompressibilityReward(), ClassifierLogProbReward(classifier)
+    total = WeightedSumReward([(1.0, jpeg), (0.5, fidelity)])
+    total(x, labels)
+    assert total.last_terms == pytest.approx(
+        {"jpeg": float(jpeg(x).mean()), "classifier_logprob": float(fidelity(x, labels).mean())}
+    )

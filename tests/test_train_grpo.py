@@ -412,3 +412,12 @@ def test_the_missing_seed_error_names_the_presets_own_seed(preset, seed):
     """It suggested runs/digits_cfg for every preset, Fashion ones included."""
     with pytest.raises(ConfigError, match=rf"seed_checkpoint=runs/{seed} \(from `python train.py experiment={seed}"):
         load_grpo_config([f"experiment={preset}"])
+
+
+def test_the_log_has_each_reward_term(tmp_path, seed_run, run_grpo, classifier_file):
+    run_dir = tmp_path / "run"
+    anchor = f"reward.terms.1.reward.classifier={classifier_file}"
+    assert run_grpo(run_dir, seed_run, "grpo.epochs=1", "reward=jpeg_and_classifier", anchor) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = next(row for row in rows if "reward/mean" in row)
+    assert {"reward/jpeg", "reward/classifier_logprob"} <= set(logged), sorted(logged)
