@@ -223,6 +223,7 @@ def build_evaluator(
     metrics classifier and the Inception reference, each loaded now so a wrong path fails at start-up.
     dataset: the training split when the caller has it (the 2-D metrics and the classifier's real-vs-real
     floor use it); sample_shape: defaults to the dataset's."""
+    from classifier import classifier_class_names
     from evaluation import Evaluator
     from vae import latent_decoder
 
@@ -244,5 +245,8 @@ def build_evaluator(
         inception=inception,
         dataset=dataset,
         dataset_name=name,
-        class_names=getattr(dataset, "class_names", None),
+        # the dataset's names, else (a GRPO seed's evaluation, no dataset built) the classifier file's
+        class_names=getattr(dataset, "class_names", None)
+        or (scorer and classifier_class_names(scorer.classifier))
+        or None,
     )

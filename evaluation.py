@@ -31,6 +31,15 @@ from sampling import FlowSampler, generate, measure_straightness
 STRAIGHTNESS_SAMPLES = 128  # ODE paths whose straightness is measured (their trajectories are kept)
 
 
+def describe_solver(solver) -> str | None:
+    """'heun x32, guidance 3 on [0, 0.6]': how samples were drawn, for figure titles."""
+    if solver is None:
+        return None
+    interval = list(solver.guidance_interval)
+    where = "" if interval == [0.0, 1.0] else f" on [{interval[0]:g}, {interval[1]:g}]"
+    return f"{solver.method} x{solver.num_steps}, guidance {solver.guidance_scale:g}{where}"
+
+
 class Evaluator:
     """What a run is judged by, loaded once (a wrong classifier or reference path fails at start-up).
 
@@ -125,14 +134,17 @@ class Evaluator:
             scores.update({f"{key}_{tag}": value for key, value in self.inception(fid_images).items()})
         return scores, samples, labels, latents
 
-    def figure(self, samples: Tensor, labels: Tensor | None):
-        """A grid with one row per class named by the dataset's class names (a scatter plot for 2-D data)."""
-        return samples_figure(samples, labels, self.dataset_name, self.class_names)
+    def figure(self, samples: Tensor, labels: Tensor | None, solver=None):
+        """A grid with one row per class named by the dataset's class names (a scatter plot for 2-D data),
+        titled with the solver settings that drew the samples."""
+        return samples_figure(samples, labels, self.dataset_name, self.class_names, title=describe_solver(solver))
 
-    def save(self, out_dir, samples: Tensor, labels: Tensor | None, latents: Tensor | None = None, figure=None) -> None:
+    def save(
+        self, out_dir, samples: Tensor, labels: Tensor | None, latents: Tensor | None = None, figure=None, solver=None
+    ) -> None:
         """out_dir/samples.png and out_dir/samples.npz (with `latents` for a latent model), each atomic."""
         own = figure is None
-        figure = self.figure(samples, labels) if own else figure
+        figure = self.figure(samples, labels, solver) if own else figure
         save_samples(samples.cpu(), labels.cpu() if labels is not None else None, out_dir, figure, latents=latents)
         if own:
             close_figure(figure)

@@ -19,9 +19,11 @@ def to_uint8_images(samples: Tensor) -> np.ndarray:
     return model_space_to_uint8(samples.cpu()).permute(0, 2, 3, 1).numpy()
 
 
-def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, class_names=None, max_per_row: int = 10):
-    """A matplotlib figure: a scatter plot for 2-D data, else a grid with one row per class
-    (at most max_per_row images each)."""
+def samples_figure(
+    samples: Tensor, labels: Tensor | None, dataset_name: str, class_names=None, max_per_row: int = 10, title=None
+):
+    """A matplotlib figure: a scatter plot for 2-D data, else a grid with one row per class (at most
+    max_per_row images each) named by class_names. title: how they were sampled (solver, guidance)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,9 +42,10 @@ def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, cl
         else:
             for k in labels.unique().tolist():
                 chosen = (labels == k).numpy()
-                axis.scatter(points[chosen, 0], points[chosen, 1], s=2, alpha=0.6, label=f"class {k}")
+                name = class_names[k] if class_names and k < len(class_names) else f"class {k}"
+                axis.scatter(points[chosen, 0], points[chosen, 1], s=2, alpha=0.6, label=name)
             axis.legend(markerscale=5, loc="upper right")
-        axis.set_title(f"{dataset_name}: {len(points)} samples")
+        axis.set_title(f"{dataset_name}: {len(points)} samples" + (f"\n{title}" if title else ""), fontsize=9)
         axis.set_aspect("equal")
         figure.tight_layout()
         return figure
@@ -56,23 +59,34 @@ def samples_figure(samples: Tensor, labels: Tensor | None, dataset_name: str, cl
         groups = [images[(labels == k).numpy()][:max_per_row] for k in classes]
         names = [class_names[k] if class_names and k < len(class_names) else str(k) for k in classes]
     per_row = max(len(group) for group in groups)
+    # room for the longest row name left of the images ("automobile" was clipped to "utomobile")
+    label_inches = 0.09 * max((len(name) for name in names if name), default=0) + 0.2
     figure, axes = plt.subplots(
-        len(groups), 1, figsize=(per_row * 0.6 + 1.2, len(groups) * 0.6 + 0.3), dpi=100, squeeze=False
+        len(groups),
+        1,
+        figsize=(per_row * 0.6 + label_inches, len(groups) * 0.6 + 0.3 + (0.3 if title else 0)),
+        dpi=100,
+        squeeze=False,
     )
     for axis, group, name in zip(axes[:, 0], groups, names):
         blank = np.zeros((per_row - len(group), *group.shape[1:]), dtype=np.uint8)
         strip = np.concatenate([*group, *blank], axis=1)
-        axis.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255)
+        # aspect auto: the image fills the box tight_layout sized, so the row name beside it stays on the canvas
+        axis.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255, aspect="auto")
         axis.set_xticks([]), axis.set_yticks([])
         if name is not None:
             axis.set_ylabel(name, rotation=0, ha="right", va="center")
-    figure.tight_layout(pad=0.2)
+    top = 1.0
+    if title:
+        figure.suptitle(title, fontsize=8)
+        top = 1 - 0.3 / figure.get_figheight()  # the title's strip, kept out of the rows
+    figure.tight_layout(pad=0.2, rect=(0, 0, 1, top))
     return figure
 
 
-def comparison_figure(seed: Tensor, current: Tensor, labels: Tensor | None, dataset_name: str):
-    """One row per class: COMPARISON_PER_CLASS seed samples, then the current policy's samples from the
-    same noise. seed, current [N, C, H, W]; labels [N] or None."""
+def comparison_figure(seed: Tensor, current: Tensor, labels: Tensor | None, dataset_name: str, class_names=None):
+    """One row per class (named by class_names, as the seed's own grids): COMPARISON_PER_CLASS seed samples,
+    then the current policy's samples from the same noise. seed, current [N, C, H, W]; labels [N] or None."""
     n = COMPARISON_PER_CLASS
     if labels is None:
         both = torch.cat([seed[:n], current[:n]])  # fewer than n samples: as many labels as images
@@ -84,7 +98,7 @@ def comparison_figure(seed: Tensor, current: Tensor, labels: Tensor | None, data
         chosen = labels == k
         rows += [seed[chosen][:n], current[chosen][:n]]
         row_labels.append(torch.full((len(seed[chosen][:n]) + len(current[chosen][:n]),), k))
-    return samples_figure(torch.cat(rows), torch.cat(row_labels), dataset_name, max_per_row=2 * n)
+    return samples_figure(torch.cat(rows), torch.cat(row_labels), dataset_name, class_names, max_per_row=2 * n)
 
 
 def close_figure(figure) -> None:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         samples, labels, latents = evaluator.sample(
             sampler, solver, num, cfg.seed, batch_size=cfg.batch_size, progress=bar.update
         )
-    evaluator.save(cfg.out, samples, labels, latents)
+    evaluator.save(cfg.out, samples, labels, latents, solver=solver)
     scores = {}
     if run.skipped:  # the newest checkpoints failed verification: say which one was sampled, with the numbers
         scores["checkpoint_fallback"] = (

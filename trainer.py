@@ -424,7 +424,7 @@ class Trainer:
                 f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)"
             )
         self.log.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
-        figure = evaluator.figure(samples, labels)
+        figure = evaluator.figure(samples, labels, self.cfg.solver)
         self.log.figure(self.step, "samples", figure)
         if final:
             evaluator.save(self.run_dir, samples, labels, latents, figure=figure)

@@ -422,11 +422,13 @@ class GRPOTrainer:
                 self._seed_samples = self.evaluator.sample(
                     self.reference_policy, self.run_config.solver, tr.num_eval_samples, self.cfg.seed
                 )[0]
-        comparison = comparison_figure(self._seed_samples, ode, labels, self.run_config.dataset.name)
+        comparison = comparison_figure(
+            self._seed_samples, ode, labels, self.run_config.dataset.name, self.evaluator.class_names
+        )
         self.log.figure(self.step, "samples/seed_vs_current", comparison)
         close_figure(comparison)
         if final:
-            self.evaluator.save(self.run_dir, ode, labels)
+            self.evaluator.save(self.run_dir, ode, labels, solver=self.run_config.solver)
             ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps({"iteration": self.step, **values}, indent=2))
         self.log.print(
             f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items())

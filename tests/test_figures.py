@@ -127,3 +127,30 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temp_file(tmp_path):
         figures.save_samples(torch.randn(3, 2), None, tmp_path, Broken())
     assert (tmp_path / "samples.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz", "samples.png"]
+
+
+def test_long_class_names_fit_and_grids_name_their_rows_and_sampler():
+    """CIFAR's 'automobile' was clipped to 'utomobile'; the GRPO grid labelled rows 0-9 where the seed's
+    used class names; the moons title did not say how the samples were drawn."""
+    from omegaconf import OmegaConf
+
+    from evaluation import describe_solver
+    from figures import close_figure, comparison_figure, samples_figure
+
+    names = ("airplane", "automobile")
+    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 0, 1, 1])
+    figure = samples_figure(images, labels, "cifar10", names)
+    figure.canvas.draw()
+    for axis, name in zip(figure.axes, names):
+        label = axis.yaxis.label
+        assert label.get_text() == name and label.get_window_extent().x0 >= 0, name  # inside the canvas
+    close_figure(figure)
+    figure = comparison_figure(images, images, labels, "cifar10", names)
+    assert [axis.yaxis.label.get_text() for axis in figure.axes] == list(names)
+    close_figure(figure)
+    solver = OmegaConf.create({"method": "heun", "num_steps": 32, "guidance_scale": 3.0, "guidance_interval": [0, 0.6]})
+    assert describe_solver(solver) == "heun x32, guidance 3 on [0, 0.6]"
+    figure = samples_figure(torch.randn(20, 2), torch.tensor([0, 1] * 10), "moons", title=describe_solver(solver))
+    assert figure.axes[0].get_title() == "moons: 20 samples\nheun x32, guidance 3 on [0, 0.6]"
+    close_figure(figure)
