@@ -1,19 +1,11 @@
 """Every data source by its config name (`dataset.name`): DATASETS maps it to its loader, `build_dataset`
-calls it. The loaders live with their data: datasets.py (moons, digits, MNIST, Fashion-MNIST, CIFAR-10,
-image folders) and latent_cache.py (the ImageNet latent cache, which itself reads image folders through
-datasets.py, so the registry sits above both); datasets.DATASET_INFO has each name's shape and class count.
+calls it. The loaders live with their data: datasets.py (moons, digits, MNIST, Fashion-MNIST, CIFAR-10),
+image_folder.py (folders of images) and latent_cache.py (the ImageNet latent cache); the registry sits
+above them; datasets.DATASET_INFO has each name's shape and class count.
 """
 
-from datasets import (
-    ImageFolderDataset,
-    InMemoryDataset,
-    load_cifar10,
-    load_digits,
-    load_fashion_mnist,
-    load_imagefolder,
-    load_mnist,
-    load_moons,
-)
+from datasets import InMemoryDataset, load_cifar10, load_digits, load_fashion_mnist, load_mnist, load_moons
+from image_folder import ImageFolderDataset, load_imagefolder
 from latent_cache import LatentCacheDataset, load_latent_cache
 
 DATASETS = {

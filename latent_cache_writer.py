@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import record_digest, sha256_file, shard_done
-from datasets import list_image_folder, load_image
+from image_folder import list_image_folder, load_image
 from latent_cache import (
     BUILD_KEYS,
     CROP,

@@ -7,7 +7,7 @@
 The images: a dataset of the registry (`dataset=NAME` and its keys as dataset.KEY=VALUE, as in the
 training commands, e.g. `dataset.split=train`, `dataset.root=./data`, `dataset.download=false`; the
 CIFAR-10 protocol is the 50k train split), or any folder of images (`images=DIR`:
-datasets.load_imagefolder, ADM's centre crop to image_size). Every image is
+image_folder.load_imagefolder, ADM's centre crop to image_size). Every image is
 scored as its stored 8-bit pixels; grayscale is repeated to RGB. The output (.npz, see
 inception.ReferenceStatistics.save) holds the pool-feature mean/covariance, the sFID statistics, up to
 `features` pool features (for KID and precision/recall), the image count, and the sha256 of the
@@ -32,7 +32,7 @@ import inception
 from cli import parse_keys
 from config import DEVICES, ConfigError, check, check_choice
 from dataset_registry import DATASETS
-from datasets import ImageFolderDataset, load_imagefolder
+from image_folder import ImageFolderDataset, load_imagefolder
 from runtime import run_main, select_device
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import dataset_registry
-import datasets
+import image_folder
 import latent_cache
 import latent_cache_writer
 import smoke_data
@@ -145,8 +145,8 @@ def test_manifest_preflight_and_dataset(setup, cache):
     x, y = data.batch(torch.tensor([5, 0, 3, 0]))
     assert x.shape == (4, 4, 4, 4) and x.dtype == torch.float32 and y.tolist() == [1, 0, 1, 0]
     # Stored latents are the VAE's scaled posterior means of the ADM-cropped image (and its mirror).
-    paths, _, _ = datasets.list_image_folder(root / "images")
-    image = torch.from_numpy(datasets.load_image(root / "images" / paths[5], 32)).permute(2, 0, 1)[None]
+    paths, _, _ = image_folder.list_image_folder(root / "images")
+    image = torch.from_numpy(image_folder.load_image(root / "images" / paths[5], 32)).permute(2, 0, 1)[None]
     image = image.float() / 127.5 - 1
     torch.testing.assert_close(x[0], codec.encode(image)[0], atol=2e-3, rtol=1e-2)
     torch.testing.assert_close(
