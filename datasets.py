@@ -21,7 +21,9 @@ import pickle
 import shutil
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -331,20 +333,70 @@ def load_fashion_mnist(
 
 
 def load_cifar10(
-    device="cpu", root: str = "./data", split: str = "train", download: bool = True, hflip: bool | None = None
+    device="cpu",
+    root: str = "./data",
+    split: str = "train",
+    download: bool = True,
+    hflip: bool | None = None,
+    verify: bool = True,
 ) -> InMemoryDataset:
     """CIFAR-10, 3x32x32 RGB, 10 classes; 'train' (50k) or 'test' (10k). Files: ROOT/cifar-10-batches-py/.
 
-    hflip=None means on for 'train' (the standard CIFAR augmentation), off for 'test'.
+    hflip=None means on for 'train' (the standard CIFAR augmentation), off for 'test'. verify=False reads a
+    local copy whose md5s differ from the release's (re-pickled, a subset) instead of refusing it; the
+    batches are then unpickled with arrays and plain values only, so such a copy can never run code.
     """
     expected = "cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta (cifar-10-python.tar.gz, unpacked)"
-    ds = _torchvision_dataset(
-        "cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_FILES, expected, root, split, download
-    )
-    # ds.data is numpy uint8 [N, 32, 32, 3] (torchvision already reshaped the row-major RGB planes to HWC).
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-    names = tuple(getattr(ds, "classes", None) or CIFAR10_NAMES)  # batches.meta's label_names
-    return _image_dataset(images, ds.targets, "cifar10", names, device, split == "train" if hflip is None else hflip)
+    if not verify:
+        images, labels, names = _read_cifar10_unverified(Path(root).expanduser() / "cifar-10-batches-py", split)
+    else:
+        ds = _torchvision_dataset(
+            "cifar10", "CIFAR10", "cifar-10-batches-py", CIFAR10_FILES, expected, root, split, download
+        )
+        # ds.data is numpy uint8 [N, 32, 32, 3] (torchvision already reshaped the row-major RGB planes to HWC).
+        images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2), ds.targets
+        names = tuple(getattr(ds, "classes", None) or CIFAR10_NAMES)  # batches.meta's label_names
+    return _image_dataset(images, labels, "cifar10", names, device, split == "train" if hflip is None else hflip)
+
+
+class _CifarBatchUnpickler(pickle.Unpickler):
+    """A CIFAR python batch is a dict of bytes, lists and one numpy array: any other global is refused."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _read_cifar10_unverified(folder: Path, split: str):
+    """The release's python batches without their md5s -> (images uint8 [N, 3, 32, 32], labels, names)."""
+    if split not in SPLITS:
+        raise ValueError(f"dataset 'cifar10': split must be one of {SPLITS}, got {split!r}")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in [*names, "batches.meta"]:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                entry = _CifarBatchUnpickler(f, encoding="latin1").load()
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+            raise DatasetNotFoundError(
+                f"cifar10 ({split}, dataset.verify=false): {path} is unreadable ({type(error).__name__}: {error})"
+            ) from None
+        if name == "batches.meta":
+            classes = tuple(entry["label_names"])
+        else:
+            images.append(torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)))
+            labels += [int(v) for v in entry["labels"]]
+    return torch.cat(images), labels, classes
 
 
 # --- scikit-learn digits -----------------------------------------------------------------------

@@ -399,3 +399,32 @@ def test_new_dataset_configs_compose_and_validate():
     assert cfg.dataset.name == "latent_cache" and cfg.dataset.vae == "sd_vae_ft_ema" and cfg.dataset.flip
     cfg = load_config(["dataset=imagefolder256", "dataset.root=/data/celeba"])
     assert cfg.dataset.name == "imagefolder" and cfg.dataset.image_size == 256
+
+
+def test_cifar10_local_copy_with_other_checksums_needs_verify_false_and_never_runs_code(tmp_path):
+    """Release-format pickles that differ from the release's md5s (re-pickled, a subset) were refused with
+    nothing on the command line to allow them."""
+    written = write_cifar10(tmp_path)
+    with pytest.raises(datasets.DatasetNotFoundError, match="md5 differs"):
+        datasets.load_cifar10(root=tmp_path, download=False)
+    for split, n in (("train", 20), ("test", 6)):
+        data = datasets.load_cifar10(root=tmp_path, split=split, download=False, verify=False)
+        images, labels = written[split]
+        assert len(data) == n and torch.equal(data.x, torch.from_numpy(images).permute(0, 3, 1, 2))
+        assert data.y.tolist() == labels
+        assert data.class_names == datasets.CIFAR10_NAMES
+    from config import load_config
+
+    assert load_config(["experiment=cifar10_cfg", "dataset.verify=false"]).dataset.verify is False
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Payload(), "labels": []}, f, protocol=2)
+    with pytest.raises(
+        datasets.DatasetNotFoundError, match=r"data_batch_1 is unreadable .*posix.system is not allowed"
+    ):
+        datasets.load_cifar10(root=tmp_path, download=False, verify=False)
+    assert not (tmp_path / "ran").exists()
