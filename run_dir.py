@@ -151,11 +151,13 @@ def is_finished(run_dir: Path, step: int) -> bool:
 
 def refuse_inside_run(out, key: str = "out") -> None:
     """A reader (inference.py, eval_imagenet.py) must not write into a run directory: its samples.npz would
-    replace the run's own final outputs. OUT, or a folder above it, holding checkpoints/ or finished.json
-    is refused, before anything is read or written."""
+    replace the run's own final outputs. OUT, or a folder above it, that is a run directory (its
+    config.yaml beside checkpoints/, or finished.json) is refused, before anything is read or written. A
+    folder that merely holds a checkpoints/ folder (a volume mounted at /checkpoints) is not a run."""
     out = Path(out).expanduser().resolve()
     for folder in [out, *out.parents]:
-        if (folder / "checkpoints").is_dir() or (folder / FINISHED).is_file():
+        is_run = (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir()
+        if is_run or (folder / FINISHED).is_file():
             raise ConfigError(
                 f"{key} = {str(out)!r} is inside the run directory {folder}, whose outputs it would overwrite; "
                 f"write somewhere else, e.g. {key}={folder.parent / (folder.name + '_samples')}"

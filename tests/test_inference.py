@@ -59,6 +59,10 @@ def test_cli_writes_png_and_npz_from_the_checkpoint_alone(tmp_path):
         with pytest.raises(ConfigError, match="is inside the run directory"):
             eval_imagenet.main([f"checkpoint={run_dir}", f"out={out}", "num_samples=2", "device=cpu"])
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    # a folder that only holds a checkpoints/ folder (a volume mounted at /checkpoints) is not a run
+    volume = tmp_path / "volume"
+    (volume / "checkpoints").mkdir(parents=True)
+    assert inference.main([f"checkpoint={run_dir}", f"out={volume / 'eval'}", "n_per_class=2"]) == 0
 
 
 def test_cli_errors_are_clear(tmp_path):
