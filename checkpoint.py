@@ -216,7 +216,7 @@ def _canonical(value):
         return sys.intern(value)
     if isinstance(value, dict):
         return {_canonical(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # exact types: a namedtuple or torch.Size is left as it is
         return type(value)(_canonical(v) for v in value)
     return value
 
