@@ -98,7 +98,7 @@ def load_inception(weights_path: str | None = None, device="cpu") -> torch.nn.Mo
 
     The file is read with torch.load(weights_only=True): a pickle that would build any Python object other
     than tensors (e.g. one that calls os.system) is refused before anything in it runs. torch-fidelity's
-    own loader unpickles with weights_only=False, so it is handed an in-memory copy of the verified
+    own loader unpickles without that restriction, so it is handed an in-memory copy of the verified
     tensors, never the file.
     """
     import io

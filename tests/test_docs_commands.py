@@ -130,7 +130,7 @@ def dry_key_value(module, args):
 
 
 class ParserBuilt(Exception):
-    pass
+    """Raised by the stand-in for ArgumentParser.parse_known_args once the parser is built."""
 
 
 def built_parser(module) -> argparse.ArgumentParser | None:

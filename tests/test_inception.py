@@ -357,7 +357,7 @@ class _RunsAShellCommand:
 
 
 def test_a_weights_file_whose_pickle_runs_code_is_refused_before_it_runs(tmp_path, inception_weights, capsys):
-    """torch-fidelity unpickles its weights file with weights_only=False; given as inception_weights= (or
+    """torch-fidelity unpickles its weights file without the weights-only restriction; given as inception_weights= (or
     through the hub cache, fid_reference or build_reference_stats weights=) such a file ran its code."""
     from runtime import run_main
 

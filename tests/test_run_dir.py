@@ -274,8 +274,8 @@ def test_a_run_holds_the_lock_while_open(tmp_path):
         with pytest.raises(RunError, match="in use by another process"):
             with Run(tmp_path / "run", CPU):
                 pass
-    with Run(tmp_path / "run", CPU):  # released on exit
-        pass
+    with Run(tmp_path / "run", CPU) as again:  # released on exit: a new owner takes it
+        assert again._lock is not None
 
 
 def test_run_start_writes_the_config_once_and_keeps_the_original(tmp_path):
