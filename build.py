@@ -115,6 +115,25 @@ def build_meta_dit(spec: str, overrides: dict | None = None):
         return build_model(model_cfg)
 
 
+def meta_dit_from_keys(key: str, keys: dict | None):
+    """Parsed keys `model=NAME|CONFIG.yaml [model.KEY=VALUE ...]` -> (the DiT on the meta device, a title
+    'NAME KEY=VALUE ...'); a bad name or value is a ConfigError naming `key`."""
+    keys = dict(keys or {})
+    if "name" not in keys:
+        raise ConfigError(
+            f"{key} = {keys or None}: is required: model=NAME (models_dit.DIT_MODELS) or model=CONFIG.yaml, "
+            "plus model.KEY=VALUE overrides"
+        )
+    name = str(keys.pop("name"))
+    try:
+        model = build_meta_dit(name, keys)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{key} = {name!r}: {e}") from None
+    return model, " ".join([name, *(f"{k}={v}" for k, v in keys.items())])
+
+
 # --- checkpoint -> ready model / sampler -----------------------------------------------------------
 
 

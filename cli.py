@@ -17,6 +17,19 @@ from schemas import ConfigError, _describe, apply_schema
 HELP_FLAGS = ("-h", "--help")
 
 
+def pick(args, *names: str) -> dict:
+    """{name: args.<name>} for the named fields of parsed arguments, to forward as keyword arguments."""
+    return {name: getattr(args, name) for name in names}
+
+
+def markdown_table(title: str, columns: list[str], rows: list[list[str]], align: str) -> str:
+    """A bold title and a markdown table; align holds one character per column: 'l' or 'r'."""
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
+    return "\n".join(
+        [f"**{title}**", "", "| " + " | ".join(columns) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)]
+    )
+
+
 def keys_help(schema, prefix: str = "") -> str:
     """One line per key of a dataclass schema: `name: type = default  comment`, the comment being the
     one beside the field in its source."""

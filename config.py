@@ -9,10 +9,12 @@ so a typo fails before any work with the key and the allowed values in the messa
 import dataclasses
 import math
 import re
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cli import exit_on_help
 from schemas import (
     AMP_MODES,
     DEVICES,
@@ -104,6 +106,14 @@ def _free_form_key_error(key: str, overrides: list[str], config_name: str, hydra
         f"config key '{key}' is an argument of {section} '{spec['name']}' that this preset does not set; "
         f"add it with a '+': +{key}={value}"
     )
+
+
+def load_tool_config(argv: list[str] | None, doc: str, config_name: str, schema, keys: str = "key=value"):
+    """A tool's `--help` (its keys from `schema`), then configs/<config_name> composed with argv and
+    checked against `schema`."""
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, doc, (f"keys ({keys})", schema))
+    return apply_schema(compose(argv, config_name=config_name), schema)
 
 
 def load_config(overrides: list[str]) -> DictConfig:

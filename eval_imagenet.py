@@ -23,7 +23,6 @@ give the same bytes) and, with a reference, out/metrics.json with every metric a
 import hashlib
 import json
 import math
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -33,12 +32,11 @@ import torch
 
 import checkpoint as ckpt
 from build import build_evaluator, latent_vae_id, load_run
-from cli import exit_on_help
-from config import ConfigError, EvalConfig, apply_schema, compose, solver_overrides, to_plain, validate_eval
+from config import ConfigError, EvalConfig, load_tool_config, solver_overrides, to_plain, validate_eval
 from datasets import model_space_to_uint8
 from ode_solvers import CountCalls
 from run_dir import Run, refuse_inside_run
-from runtime import EXIT_OK, EXIT_PREEMPTED, RunError, derive_seed, run_main, setup_runtime, teardown_runtime
+from runtime import EXIT_OK, EXIT_PREEMPTED, RunError, derive_seed, device_runtime, run_main
 from sampling import NonFiniteSamplesError, sample_kwargs
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: identical runs, identical bytes
@@ -260,16 +258,11 @@ class Evaluation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exit_on_help(argv, __doc__, ("keys (key=value)", EvalConfig))
-    cfg = apply_schema(compose(argv, config_name="eval"), EvalConfig)
+    cfg = load_tool_config(argv, __doc__, "eval", EvalConfig)
     validate_eval(cfg)
     refuse_inside_run(cfg.out)
-    runtime = setup_runtime(cfg.device)
-    try:
+    with device_runtime(cfg.device) as runtime:
         return Evaluation(cfg, runtime).run_all()
-    finally:
-        teardown_runtime(runtime)
 
 
 if __name__ == "__main__":

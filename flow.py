@@ -341,12 +341,6 @@ TIME_SAMPLERS: dict[str, type[TimeSampler]] = {
 }
 
 
-def make_time_sampler(name: str, **kwargs):
-    """TIME_SAMPLERS[name](**kwargs)."""
-    _check_name(name, TIME_SAMPLERS, "time sampler")
-    return TIME_SAMPLERS[name](**kwargs)
-
-
 # ----------------------------------------------------------------------------- loss weightings
 # Callables (t [B], path) -> w [B] that multiply the per-sample velocity MSE.
 
@@ -422,8 +416,14 @@ LOSS_WEIGHTINGS: dict[str, type] = {
 }
 
 
+def make_time_sampler(name: str, **kwargs) -> TimeSampler:
+    """TIME_SAMPLERS[name](**kwargs); a ValueError lists the allowed names."""
+    _check_name(name, TIME_SAMPLERS, "time sampler")
+    return TIME_SAMPLERS[name](**kwargs)
+
+
 def make_loss_weighting(name: str, **kwargs):
-    """LOSS_WEIGHTINGS[name](**kwargs)."""
+    """LOSS_WEIGHTINGS[name](**kwargs); a ValueError lists the allowed names."""
     _check_name(name, LOSS_WEIGHTINGS, "loss weighting")
     return LOSS_WEIGHTINGS[name](**kwargs)
 

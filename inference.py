@@ -7,13 +7,11 @@ Solver keys left out fall back to the run's own `solver` config.
 """
 
 import json
-import sys
 from pathlib import Path
 
 from build import build_evaluator, latent_vae_id, load_run
 from checkpoint import atomic_write_text
-from cli import exit_on_help
-from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
+from config import ConfigError, InferenceConfig, load_tool_config, solver_overrides, validate_inference
 from run_dir import refuse_inside_run
 from runtime import run_main, select_device
 
@@ -52,9 +50,7 @@ def held_out_bits_per_dim(run, cfg, device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exit_on_help(argv, __doc__, ("keys (key=value)", InferenceConfig))
-    cfg = apply_schema(compose(argv, config_name="inference"), InferenceConfig)
+    cfg = load_tool_config(argv, __doc__, "inference", InferenceConfig)
     if not cfg.checkpoint:
         raise ConfigError(
             "checkpoint is required: checkpoint=RUN_DIR/checkpoints/latest (or a run dir or a step_* dir)"

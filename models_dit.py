@@ -514,6 +514,10 @@ DIT_SIZES = {
 # readings miss (total / active): a dense last block -8.5 % / 0.0 %, a 1024-wide mixer +6.0 / +5.1 %,
 # MLP ratio 2 -> 4 +19.6 / +10.0 %, full-width experts +62.6 / +17.3 % (tests/test_models_dit.py).
 _M2 = dict(mixer_depth=2, mixer_hidden_size=768, hidden_size=1024, num_heads=16, pos_embed="rope", mask_ratio=0.75)
+# Expert-choice MoE at capacity 2 (last block included) with the layerwise attention / MLP width ramp.
+_MOE_LAYERWISE = dict(
+    capacity_factor=2.0, moe_last=True, mlp_ratio=(0.5, 4.0), attn_scale=(0.5, 1.0), width_multiple=64
+)
 NANOFLOW_SIZES = {
     "nanoflow_b2": dict(depth=12, hidden_size=768, num_heads=12, pos_embed="rope"),  # dense B/2, RoPE
     "nanoflow_b2_masked": dict(
@@ -521,28 +525,9 @@ NANOFLOW_SIZES = {
     ),
     "nanoflow_m2": dict(depth=14, **_M2),  # 12 dense backbone blocks, MLP 4096
     # The first MoE + layerwise step: 12 backbone blocks, 8 full-width experts (moew 1).
-    "nanoflow_m2_moe_layerwise": dict(
-        depth=14,
-        **_M2,
-        num_experts=8,
-        capacity_factor=2.0,
-        moe_last=True,
-        mlp_ratio=(0.5, 4.0),
-        attn_scale=(0.5, 1.0),
-        width_multiple=64,
-    ),
+    "nanoflow_m2_moe_layerwise": dict(depth=14, **_M2, **_MOE_LAYERWISE, num_experts=8),
     "nanoflow_h1024_d20_e16_c2_moew05": dict(
-        depth=22,
-        **_M2,
-        num_experts=16,
-        capacity_factor=2.0,
-        moe_every=2,
-        moe_last=True,
-        moe_weight=0.5,
-        mlp_ratio=(0.5, 4.0),
-        attn_scale=(0.5, 1.0),
-        width_multiple=64,
-        time_freq_dim=768,
+        depth=22, **_M2, **_MOE_LAYERWISE, num_experts=16, moe_every=2, moe_weight=0.5, time_freq_dim=768
     ),
     # JiT-style pixel DiT for 256 px RGB (celeba256_jit): 16 px patches at stride 12 (overlap),
     # 2-D RoPE, QK-norm, SwiGLU, RMSNorm; width 768 / 12 blocks (~JiT-B/16).

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import checkpoint as ckpt
-from config import ConfigError, to_plain
-from runtime import EXIT_PREEMPTED, MetricLogger, Preempted, RunError, Runtime, broadcast_object
+from cli import exit_on_help
+from config import ConfigError, entry_point_help, to_plain
+from runtime import EXIT_PREEMPTED, MetricLogger, Preempted, RunError, Runtime, broadcast_object, device_runtime
 
 # --- where a run lives ---------------------------------------------------------------------------
 
@@ -47,6 +48,16 @@ def resolve_run_dir(cfg, runtime: Runtime) -> Path:
         raise ConfigError("training.resume = 'auto' needs training.run_dir (the run to continue)")
     stamp = broadcast_object(time.strftime("%Y%m%d-%H%M%S") if runtime.is_main else None, runtime)
     return Path("runs") / f"{cfg.experiment}_{stamp}"
+
+
+def fit_from_command_line(argv: list[str] | None, doc: str, entry: str, load, trainer_cls) -> int:
+    """The training entry points: `--help`, the config `load(argv)`, the device, then
+    trainer_cls(cfg, runtime, run_dir).fit() -> the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, doc, *entry_point_help(entry))
+    cfg = load(argv)
+    with device_runtime(cfg.device) as runtime:
+        return trainer_cls(cfg, runtime, resolve_run_dir(cfg, runtime)).fit()
 
 
 # --- the run directory: one owner at a time -------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,16 @@ def setup_runtime(device_name: str) -> Runtime:
 def teardown_runtime(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def device_runtime(device_name: str):
+    """setup_runtime for the with-block; the process group is torn down however the block ends."""
+    runtime = setup_runtime(device_name)
+    try:
+        yield runtime
+    finally:
+        teardown_runtime(runtime)
 
 
 def broadcast_object(value, runtime: Runtime):

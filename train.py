@@ -9,24 +9,14 @@ Exit codes: 0 done (or already finished), 75 stopped by SIGTERM after saving a c
 the same command), 1 error (runtime.py).
 """
 
-import sys
-
-from cli import exit_on_help
-from config import entry_point_help, load_config
-from run_dir import resolve_run_dir
-from runtime import run_main, setup_runtime, teardown_runtime
+from config import load_config
+from run_dir import fit_from_command_line
+from runtime import run_main
 from trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exit_on_help(argv, __doc__, *entry_point_help("train"))
-    cfg = load_config(argv)
-    runtime = setup_runtime(cfg.device)
-    try:
-        return Trainer(cfg, runtime, resolve_run_dir(cfg, runtime)).fit()
-    finally:
-        teardown_runtime(runtime)
+    return fit_from_command_line(argv, __doc__, "train", load_config, Trainer)
 
 
 if __name__ == "__main__":

@@ -4,21 +4,14 @@ The trainer is rl/trainer.py's GRPOTrainer; configs are validated in config.py. 
 already finished), 75 stopped by SIGTERM after saving a checkpoint (requeue the same command), 1 error.
 """
 
-import sys
-
-from cli import exit_on_help
-from config import entry_point_help, load_grpo_config
+from config import load_grpo_config
 from rl.trainer import GRPOTrainer
-from run_dir import resolve_run_dir
-from runtime import run_main, setup_runtime
+from run_dir import fit_from_command_line
+from runtime import run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exit_on_help(argv, __doc__, *entry_point_help("grpo"))
-    cfg = load_grpo_config(argv)
-    runtime = setup_runtime(cfg.device)
-    return GRPOTrainer(cfg, runtime, resolve_run_dir(cfg, runtime)).fit()
+    return fit_from_command_line(argv, __doc__, "grpo", load_grpo_config, GRPOTrainer)
 
 
 if __name__ == "__main__":

@@ -176,41 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     cost["minibatch_ot"] = train(
         out, "minibatch_ot", ot, timings, "training.coupling.name=minibatch_ot", *epochs, *extra
     )
-    p1 = pairs(out, "rf1", "independent", args.pairs, timings)
-    r1 = train(
-        out,
-        "reflow_1",
-        reflow,
-        timings,
-        f"training.coupling.pairs={out / 'pairs/rf1'}",
-        f"training.init.checkpoint={out / 'independent'}",
-        *reflow_epochs,
-        *extra,
-    )
-    cost["reflow_1"] = cost["independent"] + p1 + r1
-    p2 = pairs(out, "rf2", "reflow_1", args.pairs, timings)
-    r2 = train(
-        out,
-        "reflow_2",
-        reflow,
-        timings,
-        f"training.coupling.pairs={out / 'pairs/rf2'}",
-        f"training.init.checkpoint={out / 'reflow_1'}",
-        *reflow_epochs,
-        *extra,
-    )
-    cost["reflow_2"] = cost["reflow_1"] + p2 + r2
+
+    def on_pairs(pair_set: str, init: str) -> list[str]:
+        return [f"training.coupling.pairs={out / 'pairs' / pair_set}", f"training.init.checkpoint={out / init}"]
+
+    # Reflow round k trains on pairs drawn from round k - 1 (the teacher for k = 1), starting from its weights.
+    generated = {}
+    for k, previous in ((1, "independent"), (2, "reflow_1")):
+        generated[k] = pairs(out, f"rf{k}", previous, args.pairs, timings)
+        seconds = train(out, f"reflow_{k}", reflow, timings, *on_pairs(f"rf{k}", previous), *reflow_epochs, *extra)
+        cost[f"reflow_{k}"] = cost[previous] + generated[k] + seconds
     if distill:
-        d1 = train(
-            out,
-            "reflow_1_distill",
-            distill,
-            timings,
-            f"training.coupling.pairs={out / 'pairs/rf2'}",
-            f"training.init.checkpoint={out / 'reflow_1'}",
-            *reflow_epochs,
-        )
-        cost["reflow_1_distill"] = cost["reflow_1"] + p2 + d1
+        seconds = train(out, "reflow_1_distill", distill, timings, *on_pairs("rf2", "reflow_1"), *reflow_epochs)
+        cost["reflow_1_distill"] = cost["reflow_1"] + generated[2] + seconds
 
     # Guidance: the teacher and OT models sample with their run's guidance; reflow students learnt the
     # guided field from guided pairs, so they sample with guidance 1.

@@ -292,13 +292,7 @@ class GRPOTrainer:
         # Groups are prompts; an unconditional model has one group per iteration.
         group_ids = rollout.labels if rollout.labels is not None else torch.zeros_like(rewards, dtype=torch.long)
         advantages, group = group_advantages(
-            rewards,
-            group_ids,
-            eps=g.advantage_eps,
-            global_std=g.global_std,
-            clip=g.advantage_clip,
-            scale=g.advantage_scale,
-            return_stats=True,
+            rewards, group_ids, g.advantage_eps, g.global_std, g.advantage_clip, g.advantage_scale, return_stats=True
         )
         rollout_seconds = time.perf_counter() - started
         values = self.update(rollout, advantages)

@@ -30,7 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from cli import exit_on_help, parse_keys
+from cli import exit_on_help, parse_keys, pick
 from config import ConfigError, check, check_choice
 from latent_cache import LATENT_DTYPES
 from latent_cache_writer import build_shards, convert_shards, shard_path, write_synthetic_cache
@@ -154,21 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             subfolder=args.vae_subfolder,
             local_files_only=args.local_files_only,
         )
+        shard_keys = ("image_size", "shard_size", "flip", "dtype", "rank", "world", "max_shards", "workers", "split")
         result = build_shards(
-            args.images,
-            args.out,
-            codec,
-            image_size=args.image_size,
-            shard_size=args.shard_size,
-            flip=args.flip,
-            dtype=args.dtype,
-            rank=args.rank,
-            world=args.world,
-            max_shards=args.max_shards,
-            workers=args.workers,
-            split=args.split,
-            log=lambda *_: None,
-            progress=True,
+            args.images, args.out, codec, **pick(args, *shard_keys), log=lambda *_: None, progress=True
         )
     except (FileNotFoundError, ValueError) as e:  # LatentCacheError / VAENotFoundError are FileNotFoundErrors
         print(f"error: {e}", file=sys.stderr)

@@ -27,29 +27,29 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from build import build_meta_dit
-from cli import parse_keys
-from config import ConfigError, check
+from build import meta_dit_from_keys
+from cli import markdown_table, parse_keys
+from config import check
 from dit_compute import complexity, forward_macs
 from runtime import run_main
 
+COLUMNS = ["mask ratio", "backbone tokens", "total params", "active params", "fwd GMACs/img", "fwd GFLOPs/img"]
+
 
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [
-        f"**{title}**",
-        "",
-        "| mask ratio | backbone tokens | total params | active params | fwd GMACs/img | fwd GFLOPs/img "
-        "| train GFLOPs/img |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+    cells = [
+        [
+            f"{r['mask_ratio']:g}",
+            f"{r['backbone_tokens']} / {r['tokens']}",
+            f"{r['total_params'] / 1e6:.2f}M",
+            f"{r['active_params'] / 1e6:.2f}M",
+            f"{r['forward_macs'] / 1e9:.2f}",
+            f"{r['forward_flops'] / 1e9:.2f}",
+            f"{r['train_flops'] / 1e9:.2f}",
+        ]
+        for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['mask_ratio']:g} | {r['backbone_tokens']} / {r['tokens']} | "
-            f"{r['total_params'] / 1e6:.2f}M | {r['active_params'] / 1e6:.2f}M | "
-            f"{r['forward_macs'] / 1e9:.2f} | {r['forward_flops'] / 1e9:.2f} | "
-            f"{r['train_flops'] / 1e9:.2f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(title, [*COLUMNS, "train GFLOPs/img"], cells, "r" * 7)
 
 
 @dataclass
@@ -58,19 +58,6 @@ class ComplexityConfig:
     mask_ratio: Any = None  # a ratio or a list, e.g. [0.75,0] (null: the model's mask_ratio, then 0 if > 0)
     breakdown: bool = False  # also print MACs per part
     json: bool = False  # print JSON instead of a markdown table
-
-
-def model_spec(key: str, spec: dict | None) -> tuple[str, dict, str]:
-    """model=NAME [model.KEY=VALUE ...] -> (name or YAML, constructor overrides, a title)."""
-    spec = dict(spec or {})
-    check(
-        "name" in spec,
-        key,
-        spec or None,
-        "is required: model=NAME (models_dit.DIT_MODELS) or model=CONFIG.yaml, plus model.KEY=VALUE overrides",
-    )
-    name = str(spec.pop("name"))
-    return name, spec, " ".join([name, *(f"{k}={v}" for k, v in spec.items())])
 
 
 def mask_ratios(value) -> list[float] | None:
@@ -87,13 +74,7 @@ def mask_ratios(value) -> list[float] | None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_keys(sys.argv[1:] if argv is None else argv, ComplexityConfig, __doc__, named=("model",))
     ratios = mask_ratios(args.mask_ratio)
-    name, overrides, title = model_spec("model", args.model)
-    try:
-        model = build_meta_dit(name, overrides)
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"model = {name!r}: {e}") from None
+    model, title = meta_dit_from_keys("model", args.model)
     if ratios is None:
         ratios = [model.mask_ratio, 0.0] if model.mask_ratio > 0 else [0.0]
     rows = [complexity(model, r) for r in ratios]

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from build import build_meta_dit
-from cli import parse_keys
+from build import meta_dit_from_keys
+from cli import markdown_table, parse_keys, pick
 from config import ConfigError, check
 from dit_compute import complexity
 from runtime import run_main
@@ -84,6 +84,10 @@ def check_stage(name: str, keys: dict) -> dict:
         stage["images_per_s_per_gpu"] = float(measured["images_per_s"])
         stage["measured_mfu"] = measured.get("mfu")
     return stage
+
+
+# CostConfig's keys that stage_cost takes as they are.
+SPEED_AND_PRICE = ("images_per_epoch", "gpus", "mfu", "peak_tflops", "usd_per_gpu_hour")
 
 
 def stage_cost(
@@ -143,23 +147,19 @@ def total_row(rows: list[dict], peak_tflops: float) -> dict:
     }
 
 
+COLUMNS = ["stage", "mask", "images", "train GFLOPs/img", "EFLOPs", "images/s", "TFLOP/s per GPU", "MFU"]
+
+
 def markdown(rows: list[dict], title: str) -> str:
-    lines = [
-        f"**{title}**",
-        "",
-        "| stage | mask | images | train GFLOPs/img | EFLOPs | images/s | TFLOP/s per GPU | MFU "
-        "| GPU-hours | wall hours | USD |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
+    def cells(r: dict) -> list[str]:
         mask = "" if r["mask_ratio"] is None else f"{r['mask_ratio']:g}"
         per_image = "" if r["train_gflops_per_image"] is None else f"{r['train_gflops_per_image']:.2f}"
-        lines.append(
-            f"| {r['name']} | {mask} | {r['images']:,} | {per_image} | {r['eflops']:.2f} | "
-            f"{r['images_per_s']:,.0f} | {r['tflops_per_gpu']:.0f} | {100 * r['mfu']:.1f} % | "
-            f"{r['gpu_hours']:.2f} | {r['wall_hours']:.2f} | {r['usd']:,.2f} |"
-        )
-    return "\n".join(lines)
+        speed = [f"{r['images_per_s']:,.0f}", f"{r['tflops_per_gpu']:.0f}", f"{100 * r['mfu']:.1f} %"]
+        cost = [f"{r['gpu_hours']:.2f}", f"{r['wall_hours']:.2f}", f"{r['usd']:,.2f}"]
+        return [r["name"], mask, f"{r['images']:,}", per_image, f"{r['eflops']:.2f}", *speed, *cost]
+
+    columns = [*COLUMNS, "GPU-hours", "wall hours", "USD"]
+    return markdown_table(title, columns, [cells(r) for r in rows], "l" + "r" * 10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,16 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [check_stage(name, asdict(keys)) for name, keys in args.stages.items()]
     title, model = "training cost", None
     if args.model:
-        overrides = dict(args.model)
-        check("name" in overrides, "model", overrides, "needs a name: model=NAME|CONFIG.yaml [model.KEY=VALUE ...]")
-        name = str(overrides.pop("name"))
-        title = " ".join([name, *(f"{k}={v}" for k, v in overrides.items())])
-        try:
-            model = build_meta_dit(name, overrides)
-        except ConfigError:
-            raise
-        except ValueError as e:
-            raise ConfigError(f"model = {name!r}: {e}") from None
+        model, title = meta_dit_from_keys("model", args.model)
     rows = []
     for stage in stages:
         if "train_gflops" in stage:
@@ -186,17 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             per_image = complexity(model, stage.get("mask_ratio", 0.0))["train_flops"]
         else:
             raise ConfigError(f"stages.{stage['name']} needs train_gflops when no model is given")
-        rows.append(
-            stage_cost(
-                stage,
-                per_image,
-                images_per_epoch=args.images_per_epoch,
-                gpus=args.gpus,
-                mfu=args.mfu,
-                peak_tflops=args.peak_tflops,
-                usd_per_gpu_hour=args.usd_per_gpu_hour,
-            )
-        )
+        rows.append(stage_cost(stage, per_image, **pick(args, *SPEED_AND_PRICE)))
     rows.append(total_row(rows, args.peak_tflops))
     if args.json:
         print(json.dumps(rows, indent=2))

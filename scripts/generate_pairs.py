@@ -21,7 +21,6 @@ them learns the guided field itself; sample it with guidance_scale=1.
 """
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -30,10 +29,9 @@ import torch
 import checkpoint as ckpt
 import couplings
 from build import load_run
-from cli import exit_on_help
-from config import PairsConfig, apply_schema, compose, solver_overrides, to_plain, validate_pairs
+from config import PairsConfig, load_tool_config, solver_overrides, to_plain, validate_pairs
 from run_dir import Run
-from runtime import EXIT_OK, EXIT_PREEMPTED, derive_seed, run_main, setup_runtime, teardown_runtime
+from runtime import EXIT_OK, EXIT_PREEMPTED, derive_seed, device_runtime, run_main
 from sampling import NonFiniteSamplesError, sample_kwargs
 
 
@@ -129,15 +127,10 @@ class PairGeneration:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    exit_on_help(argv, __doc__, ("keys (key=value; configs/pairs/pairs.yaml)", PairsConfig))
-    cfg = apply_schema(compose(argv, config_name="pairs"), PairsConfig)
+    cfg = load_tool_config(argv, __doc__, "pairs", PairsConfig, keys="key=value; configs/pairs/pairs.yaml")
     validate_pairs(cfg)
-    runtime = setup_runtime(cfg.device)
-    try:
+    with device_runtime(cfg.device) as runtime:
         return PairGeneration(cfg, runtime).run_all()
-    finally:
-        teardown_runtime(runtime)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from cli import pick
 from cloud_chain import (
     CKPT_ROOT,
     DEFAULT_STAGES,
@@ -123,17 +124,10 @@ def _stages(values) -> list[tuple[str, str]]:
 def _render_from_args(args) -> list[dict]:
     return render(
         _stages(args.stage),
-        name=args.name,
-        run_name=args.run_name,
+        **pick(args, "name", "run_name", "gpus", "infra", "use_spot", "max_restarts", "bucket", "num_samples"),
         overrides=args.override,
-        gpus=args.gpus,
-        infra=args.infra,
-        use_spot=args.use_spot,
-        max_restarts=args.max_restarts,
         volume=None if args.bucket else args.volume,
-        bucket=args.bucket,
         evaluate=not args.no_eval,
-        num_samples=args.num_samples,
         reference=args.reference or None,
     )
 
