@@ -512,7 +512,7 @@ DIT_SIZES = {
 # active parameters (write-up: 695.1M / 314.0M) and, counted as scripts/estimate_dit_complexity.py
 # does, 14.46 G MACs/image at 64 kept tokens and 47.48 G unmasked: the write-up's figures. Other
 # readings miss (total / active): a dense last block -8.5 % / 0.0 %, a 1024-wide mixer +6.0 / +5.1 %,
-# MLP ratio 2 -> 4 +19.6 / +10.0 %, full-width experts +62.6 / +17.3 % (tests/test_models_dit.py).
+# MLP ratio 2 -> 4 +19.6 / +10.0 %, full-width experts +62.6 / +17.3 % (tests/test_dit_compute.py).
 _M2 = dict(mixer_depth=2, mixer_hidden_size=768, hidden_size=1024, num_heads=16, pos_embed="rope", mask_ratio=0.75)
 # Expert-choice MoE at capacity 2 (last block included) with the layerwise attention / MLP width ramp.
 _MOE_LAYERWISE = dict(

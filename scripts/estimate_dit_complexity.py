@@ -19,7 +19,7 @@ block for T tokens and attention width a), MLPs, MoE router and experts, the mix
 and the final layer. Not counted: norms, activations, softmax, RoPE, gathers/scatters (O(T d) elementwise
 work, well under 1 % here). Expert choice: each of the E experts takes c T_batch / E of the batch's tokens,
 so per image the experts cost c x T x (one expert's MACs per token), the token average; it is exact when
-c B T / E is an integer. tests/test_estimators.py checks all of this against torch's FlopCounterMode.
+c B T / E is an integer. tests/test_dit_compute.py checks all of this against torch's FlopCounterMode.
 """
 
 import json

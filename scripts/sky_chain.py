@@ -2,7 +2,7 @@
 
     # the ImageNet-256 chain (masked80 -> unmasked20 -> eval) as one SkyPilot pipeline YAML, printed
     uv run python scripts/sky_chain.py render --dry-run
-    # ... written (cloud/runpod_imagenet256_chain.yaml is this file, kept in sync by tests/test_cloud.py)
+    # ... written (cloud/runpod_imagenet256_chain.yaml is this file, kept in sync by tests/test_cloud_chain.py)
     uv run python scripts/sky_chain.py render --infra runpod/CA --out cloud/runpod_imagenet256_chain.yaml
     # validated by SkyPilot's own loader, each stage's cost estimated, then launched as a managed job
     uv run python scripts/sky_chain.py launch --infra runpod/CA --gpus H100:8 --no-use-spot --run-name h1024-a

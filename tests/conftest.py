@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -135,3 +136,45 @@ def assert_same_files(a, b):
     assert names == sorted(p.name for p in b.iterdir() if p.is_file())
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def write_pngs(root, layout: dict, seed: int = 0):
+    """layout {class folder: [(W, H), ...]} -> random RGB PNGs root/<class>/<k>.png."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, sizes in layout.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k, (w, h) in enumerate(sizes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name / f"{k}.png")
+    return root
+
+
+QUIET = {"log": lambda *_: None}  # keyword arguments that silence the latent-cache writer
+
+
+@pytest.fixture(scope="session")
+def pngs_and_vae(tmp_path_factory):
+    """A 2-class x 3-image folder of PNGs (root/images, odd sizes, one stray text file), a tiny VAE
+    directory (root/vae), and the VAE loaded from it: -> (root, SDVAE)."""
+    import smoke_data
+    import vae
+
+    root = tmp_path_factory.mktemp("latent_cache")
+    layout = {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90), (37, 33)]}  # (W, H), odd on purpose
+    write_pngs(root / "images", layout)
+    (root / "images" / "dog" / "notes.txt").write_text("not an image")
+    smoke_data.save_tiny_vae(root / "vae")
+    return root, vae.SDVAE(str(root / "vae"), chunk_size=4, vae_id="org/tiny-vae")
+
+
+def preflight(path, *args):
+    """The preflight CLI in-process (a subprocess per call would re-import torch: ~2 s each)."""
+    import contextlib
+    import io
+    import types
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = load_script("preflight_latent_cache").main([f"cache={path}", *args])
+    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())

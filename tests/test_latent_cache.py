@@ -1,51 +1,27 @@
 """The ImageNet latent cache end to end: scripts/build_latent_cache.py (build, interrupted and
-resumed, split across ranks; convert), scripts/preflight_latent_cache.py, and the reader
-latent_cache.LatentCacheDataset, on a folder of PNGs written here and the tiny AutoencoderKL."""
+resumed; convert; its command line), scripts/preflight_latent_cache.py, and the reader
+latent_cache.LatentCacheDataset, on a folder of PNGs written here and the tiny AutoencoderKL. The
+writer's own tests (ranks, synthetic caches, damaged shards) are in test_latent_cache_writer.py."""
 
-import contextlib
-import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import dataset_registry
 import image_folder
 import latent_cache
 import latent_cache_writer
-import smoke_data
 from config import ConfigError
-from conftest import ROOT, load_script
-
-SIZES = {"cat": [(45, 37), (80, 70), (33, 50)], "dog": [(64, 64), (40, 90), (37, 33)]}  # (W, H), odd on purpose
-QUIET = {"log": lambda *_: None}
-
+from conftest import QUIET, ROOT, load_script, preflight
 
 build = load_script("build_latent_cache")
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A 2-class x 3-image folder of PNGs, a tiny VAE directory, and the VAE loaded from it."""
-    import vae
-
-    root = tmp_path_factory.mktemp("latent_cache")
-    rng = np.random.default_rng(0)
-    for name, sizes in SIZES.items():
-        (root / "images" / name).mkdir(parents=True)
-        for k, (w, h) in enumerate(sizes):
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "images" / name / f"{k}.png")
-    (root / "images" / "dog" / "notes.txt").write_text("not an image")
-    smoke_data.save_tiny_vae(root / "vae")
-    return root, vae.SDVAE(str(root / "vae"), chunk_size=4, vae_id="org/tiny-vae")
 
 
 class CountingVAE:
@@ -62,9 +38,9 @@ class CountingVAE:
 
 
 @pytest.fixture(scope="module")
-def cache(setup):
+def cache(pngs_and_vae):
     """Built with flip twin in shards of 2 (interrupted after 1 shard, then resumed) and converted."""
-    root, codec = setup
+    root, codec = pngs_and_vae
     out = root / "cache" / "train"
     counting = CountingVAE(codec)
     common = dict(image_size=32, shard_size=2, flip=True, **QUIET)
@@ -78,14 +54,6 @@ def cache(setup):
     assert counting.encoded == 6 * 2  # each image (and its mirror) encoded exactly once
     assert build.main(["convert", f"out={out}"]) == 0
     return out
-
-
-def preflight(path, *args):
-    """The preflight CLI in-process (a subprocess per call would re-import torch: ~2 s each)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = load_script("preflight_latent_cache").main([f"cache={path}", *args])
-    return types.SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def test_preflight_command_line(cache):
@@ -117,8 +85,8 @@ def test_build_command_line_rejects_bad_arguments(argv, message):
         build.main(argv)
 
 
-def test_manifest_preflight_and_dataset(setup, cache):
-    root, codec = setup
+def test_manifest_preflight_and_dataset(pngs_and_vae, cache):
+    root, codec = pngs_and_vae
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["count"] == 6 and manifest["latent_shape"] == [4, 4, 4] and manifest["dtype"] == "float16"
     assert manifest["vae_id"] == "org/tiny-vae" and manifest["vae_scaling_factor"] == pytest.approx(0.18215)
@@ -175,55 +143,6 @@ def test_manifest_preflight_and_dataset(setup, cache):
         latent_cache.load_latent_cache(path=str(cache), split="test", vae="org/tiny-vae")
     with pytest.raises(latent_cache.LatentCacheError, match="no manifest.json"):
         latent_cache.load_latent_cache(path=str(cache.parent), split="val", vae="org/tiny-vae")
-
-
-def test_ranks_split_shards_and_no_twin_cache(setup, tmp_path):
-    root, codec = setup
-    out = tmp_path / "cache"
-    common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
-    assert latent_cache_writer.build_shards(root / "images", out, codec, rank=1, world=2, **common)["written"] == [1]
-    assert sorted(p.name for p in (out / "shards").glob("*.npz")) == ["shard_00001.npz"]  # (+ its .sha256 record)
-    with pytest.raises(latent_cache.LatentCacheError, match="shard_size: cache has 2, this run 3"):
-        latent_cache_writer.build_shards(root / "images", out, codec, rank=0, world=2, **{**common, "shard_size": 3})
-    assert latent_cache_writer.build_shards(root / "images", out, codec, rank=0, world=2, **common)["written"] == [0, 2]
-    assert build.main(["convert", f"out={out}", "delete_shards=true"]) == 0
-    assert not list((out / "shards").iterdir())
-    data = latent_cache.LatentCacheDataset(out)
-    assert data.latents.dtype == np.float32 and not data.flip and data.y.tolist() == [0, 0, 0, 1, 1, 1]
-    with pytest.raises(
-        latent_cache.LatentCacheError, match="flip=true needs latents_flip.npy, but this cache has flip policy 'none'"
-    ):
-        latent_cache.LatentCacheDataset(out, flip=True)
-
-
-def test_smoke_cache_in_one_call(tmp_path):
-    import vae
-
-    made = smoke_data.make_smoke_cache(tmp_path / "smoke", num_classes=3, images_per_class=2, image_size=32)
-    assert made["split"] == "train" and (tmp_path / "smoke" / "vae" / "config.json").is_file()
-    data = dataset_registry.build_dataset(
-        "latent_cache", "cpu", path=str(made["path"]), split=made["split"], vae=made["vae"], flip=True, verify=True
-    )
-    assert len(data) == 6 and data.sample_shape == (4, 4, 4) and data.class_names == ("class_0", "class_1", "class_2")
-    x, y = data.batch(torch.arange(6), torch.Generator().manual_seed(0))
-    images = vae.SDVAE(data.vae_id).decode(x)  # the trainer's route from latents to a figure
-    assert images.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 1, 1, 2, 2]
-    folder = dataset_registry.build_dataset("imagefolder", "cpu", root=str(made["images"]), image_size=32)
-    assert len(folder) == 6 and folder.num_classes == 3
-    # The CLI the *_smoke presets name; rerunning into the same directory starts over.
-    assert build.main(["smoke", f"out={tmp_path / 'smoke'}", "images_per_class=3", "image_size=16"]) == 0
-    again = latent_cache.load_latent_cache(path=str(made["path"]), vae=made["vae"])
-    assert len(again) == 6 and again.sample_shape == (4, 2, 2) and again.num_classes == 2
-
-
-def test_synthetic_cache_uses_the_same_writer(tmp_path):
-    manifest = latent_cache_writer.write_synthetic_cache(
-        tmp_path / "train", 10, num_classes=7, latent_shape=(4, 2, 2), flip=True, chunk=4
-    )
-    assert manifest["count"] == 10 and manifest["vae_id"] == "synthetic"
-    assert preflight(tmp_path / "train").returncode == 0
-    data = latent_cache.load_latent_cache(path=str(tmp_path), vae="synthetic")
-    assert data.sample_shape == (4, 2, 2) and data.num_classes == 7 and 0 <= int(data.y.min()) <= int(data.y.max()) < 7
 
 
 def test_reader_unmaps_pages_and_picks_random_access_for_caches_larger_than_ram(tmp_path, monkeypatch):
@@ -326,21 +245,3 @@ def test_wrong_vae_binding_and_missing_manifest(cache, tmp_path):
     (tmp_path / "c" / "manifest.json").unlink()
     result = preflight(tmp_path / "c")
     assert result.returncode == 1 and "no manifest.json (shards exist: run `convert`)" in result.stderr
-
-
-def test_a_damaged_shard_is_found_moved_aside_and_rebuilt(setup, tmp_path, capsys):
-    """A truncated shard counted as done on resume, and `convert` then failed with a BadZipFile traceback."""
-    root, codec = setup
-    out = tmp_path / "cache"
-    common = dict(image_size=32, shard_size=2, dtype="float32", **QUIET)
-    assert latent_cache_writer.build_shards(root / "images", out, codec, **common)["written"] == [0, 1, 2]
-    shard = latent_cache_writer.shard_path(out, 1)
-    shard.write_bytes(shard.read_bytes()[:64])
-    preflight = load_script("preflight_latent_cache")
-    assert preflight.main([f"cache={out}", "quick=true"]) == 1  # preflight reads the shards too, read-only
-    assert "shard_00001.npz: 64 bytes" in capsys.readouterr().err and shard.is_file()
-    with pytest.raises(latent_cache.LatentCacheError, match=r"1 of 3 shards are missing or damaged .*indices 1\)"):
-        latent_cache_writer.convert_shards(out, log=lambda line: None)
-    assert (shard.parent / "shard_00001.npz.corrupt").is_file() and not shard.exists()
-    assert latent_cache_writer.build_shards(root / "images", out, codec, **common)["written"] == [1]
-    assert latent_cache_writer.convert_shards(out)["count"] == 6
