@@ -15,7 +15,7 @@ from checkpoint import atomic_write_text
 from cli import exit_on_help
 from config import ConfigError, InferenceConfig, apply_schema, compose, solver_overrides, validate_inference
 from run_dir import refuse_inside_run
-from runtime import run_main, select_device
+from runtime import Progress, run_main, select_device
 
 
 def held_out_bits_per_dim(run, cfg, device) -> dict:
@@ -73,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         num = cfg.n_per_class * sampler.num_classes
-    from tqdm import tqdm
-
     evaluator = build_evaluator(
         run.config.dataset,
         device,
@@ -85,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         num_samples=num,
         seed=cfg.seed,
     )
-    # disable=None: a bar on a terminal, none in a log file or a captured pipe (the error contract's one line)
-    with tqdm(
-        total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True, disable=None
-    ) as bar:
+    # a bar on a terminal; in a log file or a captured pipe a line every runtime.PROGRESS_LINE_EVERY_S seconds
+    # (a short run prints none, so the error contract's one line stays one line)
+    with Progress(num, f"sampling {solver.method} x{solver.num_steps}", "img") as bar:
         samples, labels, latents = evaluator.sample(
             sampler, solver, num, cfg.seed, batch_size=cfg.batch_size, progress=bar.update
         )

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,71 @@ def describe_error(error: BaseException) -> str:
 
 # --- logging ------------------------------------------------------------------------------------
 
+PROGRESS_LINE_EVERY_S = 30.0  # where no bar is drawn (a log file, a pipe): one progress line this often
+
+
+class Progress:
+    """A long phase's progress: a tqdm bar on a terminal (enabled None) or when enabled is True; where no
+    bar is drawn (a log file, a captured pipe, enabled False) a line `desc: n/total unit (p %), s, rate,
+    postfix` through `write` every PROGRESS_LINE_EVERY_S seconds (and a last one at the end of a phase that
+    printed one), so no long phase is silent in a log. active False (ranks other than 0) shows nothing.
+    update / set_postfix / close as tqdm's."""
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        *,
+        initial: int = 0,
+        enabled=None,
+        write=None,
+        active: bool = True,
+    ):
+        from tqdm import tqdm
+
+        disable = True if not active else None if enabled is None else not enabled
+        self.bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, desc=desc, unit=unit)
+        self.lines = active and self.bar.disable  # tqdm resolves None to "no terminal"
+        self.total, self.desc, self.unit, self.write = total, desc, unit, write or tqdm.write
+        self.n = self.initial = self.lined = initial
+        self.started = self.last = time.monotonic()
+        self.postfix: dict[str, str] = {}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.bar.update(n)
+        if self.lines and time.monotonic() - self.last >= PROGRESS_LINE_EVERY_S:
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = {k: str(v) for k, v in values.items()}
+        self.bar.set_postfix(**values)
+
+    def _line(self) -> None:
+        self.last, self.lined = time.monotonic(), self.n
+        elapsed = self.last - self.started
+        rate = (self.n - self.initial) / max(elapsed, 1e-9)
+        share = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        self.write(
+            f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}{share}, {elapsed:.0f} s, "
+            f"{rate:.3g} {self.unit}/s{extra}"
+        )
+
+    def close(self) -> None:
+        """Ends the bar; in the log, a last line when the phase already printed one and has moved since."""
+        self.bar.close()
+        if self.lines and self.lined != self.initial and self.n != self.lined:
+            self._line()
+        self.lines = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class MetricLogger:
     """One logging path: console, metrics.jsonl and TensorBoard, written by rank 0 only. The files
@@ -210,13 +276,10 @@ class MetricLogger:
 
             tqdm.write(" ".join(str(a) for a in args), file=sys.stderr)
 
-    def progress(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "it"):
-        """A tqdm bar on rank 0. enabled: True / False (training.progress), or None for a bar only on a
-        terminal (none in a log file or a captured pipe, where errors stay one line)."""
-        from tqdm import tqdm
-
-        disable = True if not self.enabled else None if enabled is None else not enabled
-        return tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, desc=desc, unit=unit)
+    def progress(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "it") -> "Progress":
+        """A phase's progress on rank 0 (`Progress`): a bar where enabled is True (training.progress), or
+        on a terminal for None; elsewhere a line in the log every PROGRESS_LINE_EVERY_S seconds."""
+        return Progress(total, desc, unit, initial=initial, enabled=enabled, write=self.print, active=self.enabled)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

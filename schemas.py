@@ -70,7 +70,8 @@ class RunConfig:
     classifier: str | None = None  # safetensors from `scripts/train_classifier.py`: enables accuracy / classifier-FD
     max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
     tensorboard: bool = True
-    progress: bool = True  # tqdm bar (rank 0 only)
+    # rank 0: true a tqdm bar, false a line every 30 s, null a bar on a terminal and lines elsewhere
+    progress: bool | None = None
 
 
 @dataclass

@@ -157,3 +157,27 @@ def test_train_step_updates_the_model_the_ema_and_the_step(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     state = tr.state_dict()
     assert (state["epoch"], state["batch_in_epoch"], state["world_size"], state["ema_num_updates"]) == (0, 1, 1, 1)
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+def test_the_final_evaluation_and_the_first_steps_show_progress(tmp_path, monkeypatch, capsys):
+    """The final evaluation draws its samples in several batches with a line per interval in the log, and the
+    training bar shows a loss from the first step, long before the first log_every."""
+    monkeypatch.setattr(runtime, "PROGRESS_LINE_EVERY_S", 0.0)
+    postfixes = []
+    real = runtime.Progress.set_postfix
+
+    def record(self, **values):
+        postfixes.append((self.desc, self.n, values))
+        real(self, **values)
+
+    monkeypatch.setattr(runtime.Progress, "set_postfix", record)
+    run = make_trainer(tmp_path, "training.max_steps=3", "training.log_every=100", "training.num_eval_samples=300")
+    assert run.fit() == 0
+    out = capsys.readouterr().out
+    evaluation = [line.split(" img")[0] for line in out.splitlines() if line.startswith("final evaluation: ")]
+    assert evaluation == ["final evaluation: 128/300", "final evaluation: 256/300", "final evaluation: 300/300"]
+    training = [(n, values) for desc, n, values in postfixes if desc == "moons_cfg"]
+    assert [n for n, _ in training] == [1, 2, 3] and all("loss" in values for _, values in training)
