@@ -282,6 +282,8 @@ RESUME_MAY_CHANGE = (
     "training.classifier",
     "training.max_nonfinite_steps",
     "training.tensorboard",
+    "training.wandb",
+    "training.wandb_project",
     "training.progress",
     "training.compile",
     "training.start_over",
@@ -361,8 +363,17 @@ class Run:
     """One command's hold on a run directory (module docstring). Rank 0 owns the files; every rank
     shares the decisions (what to resume, when to stop)."""
 
-    def __init__(self, run_dir: Path, runtime: Runtime, tensorboard: bool = False, key: str = "training.run_dir"):
+    def __init__(
+        self,
+        run_dir: Path,
+        runtime: Runtime,
+        tensorboard: bool = False,
+        key: str = "training.run_dir",
+        wandb: str = "off",
+        wandb_project: str = "nanoflow",
+    ):
         self.dir, self.runtime, self.tensorboard, self.key = Path(run_dir), runtime, tensorboard, key
+        self.wandb, self.wandb_project = wandb, wandb_project
         self.log = MetricLogger(self.dir, enabled=False, tensorboard=False)  # nothing is written before open
         self.stop = StopSignal(runtime)
         self.resumed = None  # (step, changed keys) once accept_resume has run
@@ -371,7 +382,7 @@ class Run:
     def __enter__(self) -> "Run":
         if self.runtime.is_main:
             self._lock = RunDirLock(self.dir, self.key).acquire()
-        self.log = MetricLogger(self.dir, self.runtime.is_main, self.tensorboard)
+        self.log = MetricLogger(self.dir, self.runtime.is_main, self.tensorboard, self.wandb, self.wandb_project)
         self.stop.__enter__()
         return self
 
@@ -405,6 +416,8 @@ class Run:
             return False
         if self.resumed is not None and self.runtime.is_main:
             record_resume(self.dir, *self.resumed)
+        plain = to_plain(config)
+        self.log.config(step, plain, flatten(plain))
         return True
 
     def stop_requested(self, step: int, unit: str = "step") -> bool:

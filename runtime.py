@@ -238,14 +238,19 @@ class Progress:
 
 
 class MetricLogger:
-    """One logging path: console, metrics.jsonl and TensorBoard, written by rank 0 only. The files
-    open at the first write, so a run that ends before logging anything leaves none."""
+    """One logging path: console, metrics.jsonl, TensorBoard and (optionally) Weights & Biases, written by
+    rank 0 only. The files open at the first write, so a run that ends before logging anything leaves none.
+    wandb: off | offline (RUN/wandb/, no network; `wandb sync` uploads it later) | online."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, wandb: str = "off", wandb_project: str = "nanoflow"
+    ):
         self.run_dir, self.enabled, self.tensorboard = run_dir, enabled, tensorboard
+        self.wandb_mode, self.wandb_project = wandb, wandb_project
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         self.jsonl = None
+        self.wandb = None  # the W&B run, started by `config`
 
     def _open(self) -> None:
         if self.jsonl is not None:
@@ -281,6 +286,44 @@ class MetricLogger:
         on a terminal for None; elsewhere a line in the log every PROGRESS_LINE_EVERY_S seconds."""
         return Progress(total, desc, unit, initial=initial, enabled=enabled, write=self.print, active=self.enabled)
 
+    def config(self, step: int, config: dict, flat: dict) -> None:
+        """At each start of a run (fresh or resumed), the resolved config: TensorBoard gets it as YAML text
+        (tag `config`) and as hparams (one column per dotted key of `flat`); W&B as the run's config, in one
+        W&B run per run directory (its id is derived from the path), continued by every resume."""
+        if not self.enabled or not (self.tensorboard or self.wandb_mode != "off"):
+            return
+        self._open()
+        if self.writer is not None:
+            import yaml
+
+            text = yaml.safe_dump(config, sort_keys=False)  # as config.yaml; indented: a markdown code block
+            self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), step)
+            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+            self.writer.add_hparams(hparams, {}, run_name=".", global_step=step)
+        if self.wandb_mode != "off" and self.wandb is None:
+            import hashlib
+
+            try:
+                import wandb
+            except ImportError as e:  # config.validate_run says so before any work; kept for direct callers
+                raise RunError(
+                    f"training.wandb = {self.wandb_mode!r} needs the wandb package: uv sync --group wandb"
+                ) from e
+            run_id = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:16]
+            settings = wandb.Settings(
+                silent=True, console="off", x_disable_stats=True, save_code=False, disable_git=True
+            )
+            self.wandb = wandb.init(
+                mode=self.wandb_mode,
+                project=self.wandb_project,
+                dir=str(self.run_dir),
+                name=self.run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=config,
+                settings=settings,
+            )
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -295,17 +338,28 @@ class MetricLogger:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def figure(self, step: int, tag: str, figure) -> None:
         if self.enabled and self.tensorboard:
             self._open()
             self.writer.add_figure(tag, figure, step, close=False)
+        if self.enabled and self.wandb is not None:
+            import numpy as np
+            import wandb
+
+            figure.canvas.draw()
+            self.wandb.log({tag: wandb.Image(np.asarray(figure.canvas.buffer_rgba())[..., :3])}, step=step)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 # --- seeding ------------------------------------------------------------------------------------

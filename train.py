@@ -12,7 +12,7 @@ the same command), 1 error (runtime.py).
 import sys
 
 from cli import exit_on_help
-from config import entry_point_help, load_config
+from config import entry_point_help, load_config, require_tracking_packages
 from run_dir import resolve_run_dir
 from runtime import run_main, setup_runtime, teardown_runtime
 from trainer import Trainer
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     exit_on_help(argv, __doc__, *entry_point_help("train"))
     cfg = load_config(argv)
+    require_tracking_packages(cfg.training)
     runtime = setup_runtime(cfg.device)
     try:
         return Trainer(cfg, runtime, resolve_run_dir(cfg, runtime)).fit()

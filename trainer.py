@@ -355,7 +355,7 @@ class Trainer:
         """Train to target_steps, evaluate, write the final outputs, then the finished marker (run_dir.Run).
         A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
         tr = self.cfg.training
-        with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
+        with Run(self.run_dir, self.runtime, tr.tensorboard, wandb=tr.wandb, wandb_project=tr.wandb_project) as run:
             self.log = run.log
             self.resume(run)
             self.evaluator = load_evaluator(self.cfg, self.runtime, self.dataset)
