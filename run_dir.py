@@ -314,6 +314,8 @@ ADDED_KEYS = {
     "grpo.detach_uncond": False,
     "grpo.timestep_selection": "random",
     "grpo.guidance_interval": [0.0, 1.0],
+    "training.wandb": "off",
+    "training.wandb_project": "nanoflow",
 }
 
 
