@@ -210,9 +210,12 @@ def test_tensorboard_gets_the_resolved_config_as_text_and_hparams(tmp_path):
 
 
 def test_wandb_offline_writes_the_run_with_its_config_and_metrics_without_network(tmp_path):
-    pytest.importorskip("wandb", reason="the optional wandb group: uv sync --group wandb")
+    wandb = pytest.importorskip("wandb", reason="the optional wandb group: uv sync --group wandb")
     run = make_trainer(tmp_path, "training.max_steps=2", "training.num_eval_samples=8", "training.wandb=offline")
     assert run.fit() == 0
+    # the W&B service writes the file on its own; a process's exit waits for it (wandb's atexit teardown),
+    # this test process has to do the same before reading
+    wandb.teardown()
     files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     data = files[0].read_bytes()  # the records are protobufs: keys and values appear as they were logged
