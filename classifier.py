@@ -24,7 +24,7 @@ from dataset_registry import DATASETS
 from datasets import DATASET_INFO, model_space_to_uint8, uint8_to_model_space
 from metrics import feature_statistics, frechet_distance, image_compression_metrics
 from models import count_parameters
-from runtime import epoch_permutation, learning_rate, select_device
+from runtime import Progress, epoch_permutation, learning_rate, select_device
 
 # --- the network --------------------------------------------------------------------------------------
 
@@ -265,12 +265,18 @@ def train_classifier(
     root: str = "./data",
     download: bool = True,
     image_size: int | None = None,
-    log=print,
+    log=None,
 ) -> float:
     """Train `CLASSIFIERS["cnn"]` on `dataset`'s train split, save it to `out`; -> test accuracy.
 
-    Deterministic given seed on CPU; the caller's CPU RNG state is left as it was.
+    Deterministic given seed on CPU; the caller's CPU RNG state is left as it was. log: where its lines go
+    (default: stdout, beside the step bar a terminal shows; elsewhere a progress line every
+    runtime.PROGRESS_LINE_EVERY_S seconds within an epoch, runtime.Progress).
     """
+    if log is None:
+        from tqdm import tqdm
+
+        log = tqdm.write
     settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
     device = select_device(device)
     sized = {} if image_size is None else {"image_size": image_size}
@@ -301,6 +307,7 @@ def train_classifier(
             f"{count_parameters(model) / 1e6:.2f}M parameters, {total_steps} steps on {device}"
         )
         step = 0
+        bar = Progress(total_steps, "classifier", "step", write=log)
         for epoch in range(epochs):
             model.train()
             permutation = torch.randperm(len(train_set), generator=order).to(device)
@@ -319,11 +326,12 @@ def train_classifier(
                 # accumulated on device: one host sync per epoch
                 loss_sum += loss.detach()
                 correct += (logits.argmax(1) == y).sum()
+                bar.update(1)
             seen = steps_per_epoch * batch_size
-            log(
-                f"epoch {epoch + 1}/{epochs}: train loss {loss_sum.item() / steps_per_epoch:.4f}, "
-                f"train accuracy {correct.item() / seen:.4f}"
-            )
+            mean_loss, train_accuracy = loss_sum.item() / steps_per_epoch, correct.item() / seen
+            bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{mean_loss:.4f}")
+            log(f"epoch {epoch + 1}/{epochs}: train loss {mean_loss:.4f}, train accuracy {train_accuracy:.4f}")
+        bar.close()
 
     accuracy = class_accuracy(classifier_logits(model, test_set.x), test_set.y)
     chance = 1 / train_set.num_classes

@@ -7,6 +7,7 @@ so a typo fails before any work with the key and the allowed values in the messa
 """
 
 import dataclasses
+import importlib.util
 import math
 import re
 import sys
@@ -243,6 +244,19 @@ def validate(cfg: DictConfig) -> DictConfig:
     return _freeze(cfg)
 
 
+WANDB_MODES = ("off", "offline", "online")  # training.wandb: offline writes RUN/wandb/ and needs no network
+
+
+def require_tracking_packages(tr, key: str = "training") -> None:
+    """The entry points' check, right after the config loads and before any work: a tracker the config
+    selects must be installed (an environment check, so the docs' dry runs do not need the optional group)."""
+    if tr.wandb != "off" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"{key}.wandb = {tr.wandb!r} needs the optional wandb package, which is not installed: "
+            f"`uv sync --group wandb` (or {key}.wandb=off)"
+        )
+
+
 def validate_run(tr, key: str = "training") -> None:
     """The run-management keys every trainer shares (RunConfig)."""
     check_choice(f"{key}.amp", tr.amp, AMP_MODES)
@@ -251,6 +265,8 @@ def validate_run(tr, key: str = "training") -> None:
         check(tr[name] >= 1, f"{key}.{name}", tr[name], "must be >= 1")
     check(tr.eval_every >= 0, f"{key}.eval_every", tr.eval_every, "must be >= 0 (0 = only at the end)")
     check(tr.resume in (None, "auto") or bool(tr.resume), f"{key}.resume", tr.resume, "must be null, 'auto' or a path")
+    check_choice(f"{key}.wandb", tr.wandb, WANDB_MODES)
+    check(bool(tr.wandb_project), f"{key}.wandb_project", tr.wandb_project, "must be a non-empty W&B project name")
 
 
 def validate_solver(so, key: str) -> None:

@@ -36,7 +36,7 @@ from config import ConfigError, EvalConfig, load_tool_config, solver_overrides, 
 from datasets import model_space_to_uint8
 from ode_solvers import CountCalls
 from run_dir import Run, refuse_inside_run
-from runtime import EXIT_OK, EXIT_PREEMPTED, RunError, derive_seed, device_runtime, run_main
+from runtime import EXIT_OK, EXIT_PREEMPTED, Progress, RunError, derive_seed, device_runtime, run_main
 from sampling import NonFiniteSamplesError, sample_kwargs
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # samples.npz members carry this timestamp: identical runs, identical bytes
@@ -183,15 +183,12 @@ class Evaluation:
                     progress(len(part))
 
     def score(self, settings: dict, seconds: float) -> dict:
-        from tqdm import tqdm
-
         import inception
 
         extractor, reference = self.evaluator.inception_reference
-        # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once.
-        with tqdm(
-            total=self.cfg.num_samples, desc="inception features", unit="img", dynamic_ncols=True, disable=None
-        ) as bar:
+        # Features chunk by chunk: 50k images at 256 px (9.8 GB) never sit in memory at once. A bar on a
+        # terminal, a line every runtime.PROGRESS_LINE_EVERY_S seconds in a log.
+        with Progress(self.cfg.num_samples, "inception features", "img") as bar:
             values = self.evaluator.inception(batch for batch in self.iter_images(progress=bar.update))
         protocol = {
             **settings,

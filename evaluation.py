@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 import inception
@@ -93,45 +94,65 @@ class Evaluator:
             return metrics.image_compression_metrics(samples)
         return self.classifier.score(samples, labels)
 
+    def null_sliced_w2(self, sampler: FlowSampler, solver, num_samples: int, seed: int) -> float:
+        """Class-conditional 2-D data: sliced W2 to the whole data of num_samples samples drawn with the null
+        label and no guidance, i.e. the unconditional branch that CFG extrapolates from (guided samples
+        concentrate on each class's core, so their own sliced W2 sits farther from the data)."""
+        unguided = OmegaConf.merge(solver, {"guidance_scale": 1.0})
+        null = torch.full((num_samples,), sampler.num_classes)
+        samples, _ = generate(
+            sampler, unguided, self.sample_shape, num_samples, seed=seed, device=self.device, labels=null
+        )
+        return metrics.sliced_wasserstein(samples.cpu(), self.dataset.x.cpu())
+
     def straightness(self, sampler: FlowSampler, solver, num_samples: int, seed: int) -> float:
         """How straight the sampled paths are (0: one Euler step is exact), on one batch of the same noise."""
         return measure_straightness(
             sampler, solver, self.sample_shape, min(STRAIGHTNESS_SAMPLES, num_samples), seed=seed, device=self.device
         )
 
-    def inception(self, images: Tensor | Iterable[Tensor], progress: bool = False) -> dict[str, float]:
+    def inception(self, images: Tensor | Iterable[Tensor], progress=False) -> dict[str, float]:
         """FID / IS (and KID, precision/recall when the reference keeps features) of decoded images:
-        [N, C, H, W] in [-1, 1], or an iterable of uint8 [n, 3, H, W] batches (streamed from disk)."""
+        [N, C, H, W] in [-1, 1], or an iterable of uint8 [n, 3, H, W] batches (streamed from disk).
+        progress: True for a bar of its own, or a callable given each batch's image count."""
         extractor, reference = self.inception_reference
         if isinstance(images, Tensor):
             return inception.inception_metrics(
                 extractor, model_space_to_uint8(images), reference, is_splits=min(10, len(images)), progress=progress
             )
-        parts = [inception.inception_features(extractor, batch) for batch in images]
+        parts = [inception.inception_features(extractor, batch, progress=progress) for batch in images]
         features = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         count = len(next(iter(features.values())))
         return inception.inception_metrics_from_features(
             features, reference, is_splits=min(10, count), device=self.device
         )
 
+    def evaluation_images(self, num_samples: int, fid_samples: int = 0) -> int:
+        """The images `evaluate` reports to its progress callable: samples drawn plus Inception inputs."""
+        return num_samples + (2 * fid_samples if self.inception_reference is not None else 0)
+
     def evaluate(
-        self, sampler: FlowSampler, solver, num_samples: int, seed: int, fid_samples: int = 0
+        self, sampler: FlowSampler, solver, num_samples: int, seed: int, fid_samples: int = 0, progress=None
     ) -> tuple[dict[str, float], Tensor, Tensor | None, Tensor | None]:
         """A training run's periodic evaluation: num_samples samples, their scores (`score`), the sampling
         time and the paths' straightness; with an Inception reference also FID / IS of fid_samples (> 0) further
         samples (seed + 1), named for their count (`fid_5k`: biased upwards against FID-50k).
+        progress: None or a callable given each batch's image count, `evaluation_images(...)` in all.
         -> (scores, samples, labels, latents). Raises sampling.NonFiniteSamplesError naming a bad sample."""
         started = time.perf_counter()
-        samples, labels, latents = self.sample(sampler, solver, num_samples, seed)
+        samples, labels, latents = self.sample(sampler, solver, num_samples, seed, progress=progress)
         scores = {
             "sampling_s": time.perf_counter() - started,
             **self.score(samples, labels),
             "straightness": self.straightness(sampler, solver, num_samples, seed),
         }
+        if len(self.sample_shape) == 1 and sampler.num_classes is not None and self.dataset is not None:
+            scores["sliced_w2_null"] = self.null_sliced_w2(sampler, solver, num_samples, seed + 1)
         if self.inception_reference is not None and fid_samples:
-            fid_images = self.sample(sampler, solver, fid_samples, seed + 1)[0]
+            fid_images = self.sample(sampler, solver, fid_samples, seed + 1, progress=progress)[0]
             tag = f"{fid_samples // 1000}k" if fid_samples % 1000 == 0 else str(fid_samples)
-            scores.update({f"{key}_{tag}": value for key, value in self.inception(fid_images).items()})
+            values = self.inception(fid_images, progress=progress or False)
+            scores.update({f"{key}_{tag}": value for key, value in values.items()})
         return scores, samples, labels, latents
 
     def figure(self, samples: Tensor, labels: Tensor | None, solver=None):

@@ -180,7 +180,7 @@ def _image_batches(images, batch_size: int):
 
 @torch.no_grad()
 def inception_features(
-    extractor: torch.nn.Module, images_uint8, batch_size: int = 100, spatial: bool = True, progress: bool = False
+    extractor: torch.nn.Module, images_uint8, batch_size: int = 100, spatial: bool = True, progress=False
 ) -> dict[str, np.ndarray]:
     """8-bit images -> {"pool": [N, 2048], "logits": [N, 1008], "spatial": [N, 2023]} float64 on the CPU.
 
@@ -189,6 +189,7 @@ def inception_features(
     [-1, 1]; score the saved 8-bit images, as the reference code does. Batches move to the extractor's
     device one at a time. "logits" are bias-free (for IS); "spatial" (sFID, see the section comment) is
     skipped when spatial is false. The extractor returns float32, so the float64 copies are exact.
+    progress: True for a bar of its own, or a callable given each batch's size (a caller's runtime.Progress).
     """
     from tqdm import tqdm
 
@@ -204,12 +205,14 @@ def inception_features(
 
         handle = extractor.get_submodule(SFID_MODULE).register_forward_hook(keep_spatial)
     try:
-        with tqdm(total=len(images_uint8), desc="inception features", unit="img", disable=not progress) as bar:
+        own = not callable(progress)
+        bar_off = not own or not progress
+        with tqdm(total=len(images_uint8), desc="inception features", unit="img", disable=bar_off) as bar:
             for batch in _image_batches(images_uint8, batch_size):
                 pool, logits = extractor(batch.to(device))
                 outputs["pool"].append(pool.double().cpu())
                 outputs["logits"].append(logits.double().cpu())
-                bar.update(len(batch))
+                (bar.update if own else progress)(len(batch))
     finally:
         if handle is not None:
             handle.remove()
@@ -481,7 +484,7 @@ def inception_metrics(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     k: int = 3,
-    progress: bool = False,
+    progress=False,
 ) -> dict[str, float]:
     """8-bit samples (see `inception_features`) against reference statistics -> {fid, sfid, is_mean,
     is_std, kid_mean, kid_std, precision, recall}.

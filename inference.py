@@ -13,7 +13,7 @@ from build import build_evaluator, latent_vae_id, load_run
 from checkpoint import atomic_write_text
 from config import ConfigError, InferenceConfig, load_tool_config, solver_overrides, validate_inference
 from run_dir import refuse_inside_run
-from runtime import run_main, select_device
+from runtime import Progress, run_main, select_device
 
 
 def held_out_bits_per_dim(run, cfg, device) -> dict:
@@ -69,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         num = cfg.n_per_class * sampler.num_classes
-    from tqdm import tqdm
-
     evaluator = build_evaluator(
         run.config.dataset,
         device,
@@ -81,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         num_samples=num,
         seed=cfg.seed,
     )
-    # disable=None: a bar on a terminal, none in a log file or a captured pipe (the error contract's one line)
-    with tqdm(
-        total=num, unit="img", desc=f"sampling {solver.method} x{solver.num_steps}", dynamic_ncols=True, disable=None
-    ) as bar:
+    # a bar on a terminal; in a log file or a captured pipe a line every runtime.PROGRESS_LINE_EVERY_S seconds
+    # (a short run prints none, so the error contract's one line stays one line)
+    with Progress(num, f"sampling {solver.method} x{solver.num_steps}", "img") as bar:
         samples, labels, latents = evaluator.sample(
             sampler, solver, num, cfg.seed, batch_size=cfg.batch_size, progress=bar.update
         )

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 import checkpoint as ckpt
 from cli import exit_on_help
-from config import ConfigError, entry_point_help, to_plain
+from config import ConfigError, entry_point_help, require_tracking_packages, to_plain
 from runtime import EXIT_PREEMPTED, MetricLogger, Preempted, RunError, Runtime, broadcast_object, device_runtime
 
 # --- where a run lives ---------------------------------------------------------------------------
@@ -56,6 +56,7 @@ def fit_from_command_line(argv: list[str] | None, doc: str, entry: str, load, tr
     argv = sys.argv[1:] if argv is None else argv
     exit_on_help(argv, doc, *entry_point_help(entry))
     cfg = load(argv)
+    require_tracking_packages(cfg.training)
     with device_runtime(cfg.device) as runtime:
         return trainer_cls(cfg, runtime, resolve_run_dir(cfg, runtime)).fit()
 
@@ -293,6 +294,8 @@ RESUME_MAY_CHANGE = (
     "training.classifier",
     "training.max_nonfinite_steps",
     "training.tensorboard",
+    "training.wandb",
+    "training.wandb_project",
     "training.progress",
     "training.compile",
     "training.start_over",
@@ -323,6 +326,8 @@ ADDED_KEYS = {
     "grpo.detach_uncond": False,
     "grpo.timestep_selection": "random",
     "grpo.guidance_interval": [0.0, 1.0],
+    "training.wandb": "off",
+    "training.wandb_project": "nanoflow",
 }
 
 
@@ -372,8 +377,17 @@ class Run:
     """One command's hold on a run directory (module docstring). Rank 0 owns the files; every rank
     shares the decisions (what to resume, when to stop)."""
 
-    def __init__(self, run_dir: Path, runtime: Runtime, tensorboard: bool = False, key: str = "training.run_dir"):
+    def __init__(
+        self,
+        run_dir: Path,
+        runtime: Runtime,
+        tensorboard: bool = False,
+        key: str = "training.run_dir",
+        wandb: str = "off",
+        wandb_project: str = "nanoflow",
+    ):
         self.dir, self.runtime, self.tensorboard, self.key = Path(run_dir), runtime, tensorboard, key
+        self.wandb, self.wandb_project = wandb, wandb_project
         self.log = MetricLogger(self.dir, enabled=False, tensorboard=False)  # nothing is written before open
         self.stop = StopSignal(runtime)
         self.resumed = None  # (step, changed keys) once accept_resume has run
@@ -382,7 +396,7 @@ class Run:
     def __enter__(self) -> "Run":
         if self.runtime.is_main:
             self._lock = RunDirLock(self.dir, self.key).acquire()
-        self.log = MetricLogger(self.dir, self.runtime.is_main, self.tensorboard)
+        self.log = MetricLogger(self.dir, self.runtime.is_main, self.tensorboard, self.wandb, self.wandb_project)
         self.stop.__enter__()
         return self
 
@@ -416,6 +430,8 @@ class Run:
             return False
         if self.resumed is not None and self.runtime.is_main:
             record_resume(self.dir, *self.resumed)
+        plain = to_plain(config)
+        self.log.config(step, plain, flatten(plain))
         return True
 
     def stop_requested(self, step: int, unit: str = "step") -> bool:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,16 +182,86 @@ def describe_error(error: BaseException) -> str:
 
 # --- logging ------------------------------------------------------------------------------------
 
+PROGRESS_LINE_EVERY_S = 30.0  # where no bar is drawn (a log file, a pipe): one progress line this often
+
+
+class Progress:
+    """A long phase's progress: a tqdm bar on a terminal (enabled None) or when enabled is True; where no
+    bar is drawn (a log file, a captured pipe, enabled False) a line `desc: n/total unit (p %), s, rate,
+    postfix` through `write` every PROGRESS_LINE_EVERY_S seconds (and a last one at the end of a phase that
+    printed one), so no long phase is silent in a log. active False (ranks other than 0) shows nothing.
+    update / set_postfix / close as tqdm's."""
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str = "it",
+        *,
+        initial: int = 0,
+        enabled=None,
+        write=None,
+        active: bool = True,
+    ):
+        from tqdm import tqdm
+
+        disable = True if not active else None if enabled is None else not enabled
+        self.bar = tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, desc=desc, unit=unit)
+        self.lines = active and self.bar.disable  # tqdm resolves None to "no terminal"
+        self.total, self.desc, self.unit, self.write = total, desc, unit, write or tqdm.write
+        self.n = self.initial = self.lined = initial
+        self.started = self.last = time.monotonic()
+        self.postfix: dict[str, str] = {}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.bar.update(n)
+        if self.lines and time.monotonic() - self.last >= PROGRESS_LINE_EVERY_S:
+            self._line()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = {k: str(v) for k, v in values.items()}
+        self.bar.set_postfix(**values)
+
+    def _line(self) -> None:
+        self.last, self.lined = time.monotonic(), self.n
+        elapsed = self.last - self.started
+        rate = (self.n - self.initial) / max(elapsed, 1e-9)
+        share = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+        extra = "".join(f", {k}={v}" for k, v in self.postfix.items())
+        self.write(
+            f"{self.desc}: {self.n:,}/{self.total:,} {self.unit}{share}, {elapsed:.0f} s, "
+            f"{rate:.3g} {self.unit}/s{extra}"
+        )
+
+    def close(self) -> None:
+        """Ends the bar; in the log, a last line when the phase already printed one and has moved since."""
+        self.bar.close()
+        if self.lines and self.lined != self.initial and self.n != self.lined:
+            self._line()
+        self.lines = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class MetricLogger:
-    """One logging path: console, metrics.jsonl and TensorBoard, written by rank 0 only. The files
-    open at the first write, so a run that ends before logging anything leaves none."""
+    """One logging path: console, metrics.jsonl, TensorBoard and (optionally) Weights & Biases, written by
+    rank 0 only. The files open at the first write, so a run that ends before logging anything leaves none.
+    wandb: off | offline (RUN/wandb/, no network; `wandb sync` uploads it later) | online."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, wandb: str = "off", wandb_project: str = "nanoflow"
+    ):
         self.run_dir, self.enabled, self.tensorboard = run_dir, enabled, tensorboard
+        self.wandb_mode, self.wandb_project = wandb, wandb_project
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         self.jsonl = None
+        self.wandb = None  # the W&B run, started by `config`
 
     def _open(self) -> None:
         if self.jsonl is not None:
@@ -221,13 +292,48 @@ class MetricLogger:
 
             tqdm.write(" ".join(str(a) for a in args), file=sys.stderr)
 
-    def progress(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "it"):
-        """A tqdm bar on rank 0. enabled: True / False (training.progress), or None for a bar only on a
-        terminal (none in a log file or a captured pipe, where errors stay one line)."""
-        from tqdm import tqdm
+    def progress(self, total: int, initial: int, enabled: bool | None, desc: str, unit: str = "it") -> "Progress":
+        """A phase's progress on rank 0 (`Progress`): a bar where enabled is True (training.progress), or
+        on a terminal for None; elsewhere a line in the log every PROGRESS_LINE_EVERY_S seconds."""
+        return Progress(total, desc, unit, initial=initial, enabled=enabled, write=self.print, active=self.enabled)
 
-        disable = True if not self.enabled else None if enabled is None else not enabled
-        return tqdm(total=total, initial=initial, disable=disable, dynamic_ncols=True, desc=desc, unit=unit)
+    def config(self, step: int, config: dict, flat: dict) -> None:
+        """At each start of a run (fresh or resumed), the resolved config: TensorBoard gets it as YAML text
+        (tag `config`) and as hparams (one column per dotted key of `flat`); W&B as the run's config, in one
+        W&B run per run directory (its id is derived from the path), continued by every resume."""
+        if not self.enabled or not (self.tensorboard or self.wandb_mode != "off"):
+            return
+        self._open()
+        if self.writer is not None:
+            import yaml
+
+            text = yaml.safe_dump(config, sort_keys=False)  # as config.yaml; indented: a markdown code block
+            self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), step)
+            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+            self.writer.add_hparams(hparams, {}, run_name=".", global_step=step)
+        if self.wandb_mode != "off" and self.wandb is None:
+            import hashlib
+
+            try:
+                import wandb
+            except ImportError as e:  # config.validate_run says so before any work; kept for direct callers
+                raise RunError(
+                    f"training.wandb = {self.wandb_mode!r} needs the wandb package: uv sync --group wandb"
+                ) from e
+            run_id = hashlib.sha256(str(self.run_dir.resolve()).encode()).hexdigest()[:16]
+            settings = wandb.Settings(
+                silent=True, console="off", x_disable_stats=True, save_code=False, disable_git=True
+            )
+            self.wandb = wandb.init(
+                mode=self.wandb_mode,
+                project=self.wandb_project,
+                dir=str(self.run_dir),
+                name=self.run_dir.name,
+                id=run_id,
+                resume="allow",
+                config=config,
+                settings=settings,
+            )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -243,17 +349,28 @@ class MetricLogger:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def figure(self, step: int, tag: str, figure) -> None:
         if self.enabled and self.tensorboard:
             self._open()
             self.writer.add_figure(tag, figure, step, close=False)
+        if self.enabled and self.wandb is not None:
+            import numpy as np
+            import wandb
+
+            figure.canvas.draw()
+            self.wandb.log({tag: wandb.Image(np.asarray(figure.canvas.buffer_rgba())[..., :3])}, step=step)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 # --- seeding ------------------------------------------------------------------------------------

@@ -69,8 +69,11 @@ class RunConfig:
     num_eval_samples: int = 512  # samples drawn for figures and metrics
     classifier: str | None = None  # safetensors from `scripts/train_classifier.py`: enables accuracy / classifier-FD
     max_nonfinite_steps: int = 10  # abort after this many consecutive skipped (non-finite) steps
-    tensorboard: bool = True
-    progress: bool = True  # tqdm bar (rank 0 only)
+    tensorboard: bool = True  # scalars, figures and (at each start) the resolved config as text and hparams
+    wandb: str = "off"  # Weights & Biases through the same logger: off | offline (no network) | online
+    wandb_project: str = "nanoflow"  # the W&B project (wandb != off)
+    # rank 0: true a tqdm bar, false a line every 30 s, null a bar on a terminal and lines elsewhere
+    progress: bool | None = None
 
 
 @dataclass

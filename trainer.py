@@ -104,6 +104,10 @@ class StepMeter:
         self.skipped += (~finite).float()
         self.steps += 1
 
+    def running_loss(self) -> float:
+        """The mean loss since the last `values` call, without resetting (one host sync)."""
+        return (self.loss_sum / max(self.steps - int(self.skipped), 1)).item()
+
     def values(self, batch_size: int) -> dict[str, float]:
         """The means since the last call (then reset): loss, grad norm, images/s and loss per t-bin."""
         elapsed = time.perf_counter() - self.started
@@ -351,7 +355,7 @@ class Trainer:
         """Train to target_steps, evaluate, write the final outputs, then the finished marker (run_dir.Run).
         A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
         tr = self.cfg.training
-        with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
+        with Run(self.run_dir, self.runtime, tr.tensorboard, wandb=tr.wandb, wandb_project=tr.wandb_project) as run:
             self.log = run.log
             self.resume(run)
             self.evaluator = load_evaluator(self.cfg, self.runtime, self.dataset)
@@ -361,6 +365,7 @@ class Trainer:
             meter = StepMeter(self.runtime.device)
             check_every = max(1, min(tr.log_every, tr.max_nonfinite_steps // 2))
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
+            first_step, early = self.step, {2**k for k in range(max(tr.log_every, 1).bit_length())}
             while self.step < self.target_steps:
                 loss, grad_norm, per_sample, t = self.train_step()
                 meter.add(loss, grad_norm, per_sample, t)
@@ -379,6 +384,11 @@ class Trainer:
                     }
                     self.log.scalars(self.step, values)
                     bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/lr']:.2e}")
+                elif self.step - first_step in early:
+                    # before the first log line the bar shows the running loss at 1, 2, 4, ... steps in:
+                    # a few host syncs, not one per step
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    bar.set_postfix(loss=f"{meter.running_loss():.4f}", lr=f"{lr:.2e}")
                 stop, save, evaluate = run.due(self.step, self.target_steps, tr)
                 if save:
                     self.nonfinite.check(self.step, self.run_dir, self.log.print)
@@ -407,10 +417,13 @@ class Trainer:
         sampler = FlowSampler(
             model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None)
         )
+        total = evaluator.evaluation_images(tr.num_eval_samples, tr.fid_samples)
+        what = "final evaluation" if final else f"evaluation at step {self.step}"
         try:
-            scores, samples, labels, latents = evaluator.evaluate(
-                sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed, tr.fid_samples
-            )
+            with self.log.progress(total, 0, tr.progress, what, unit="img") as bar:
+                scores, samples, labels, latents = evaluator.evaluate(
+                    sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed, tr.fid_samples, progress=bar.update
+                )
         except NonFiniteSamplesError as error:
             if final:
                 raise RunError(f"final evaluation at step {self.step}: {error}") from None

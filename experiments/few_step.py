@@ -1,9 +1,11 @@
 """Quality per compute: NFE-vs-quality curves of independent, minibatch-OT, reflow (1 and 2 rounds) and
-one-step distillation, each with the training seconds it cost. Writes experiments/few_step_<stage>.json
-and experiments/figures/few_step_<stage>.png and prints the markdown table (experiments/few_step.md).
+one-step distillation, each with the training seconds it cost. Writes OUT/few_step_<stage>.json and
+OUT/few_step_<stage>.png (OUT: runs/few_step/<stage>, beside the runs) and prints the markdown table;
+update_docs=true writes them to the tracked experiments/few_step_<stage>.json and
+experiments/figures/few_step_<stage>.png instead (experiments/few_step.md quotes those).
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py stage=moons
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py stage=digits epochs=30 pairs=6000
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/few_step.py stage=digits epochs=30 pairs=6000 update_docs=true
 
 Every stage is one `train.py` / `scripts/generate_pairs.py` process on one thread, run one at a time and
 timed in CPU seconds (user + sys, start-up included; the wall time is recorded too, but on a shared
@@ -146,10 +148,18 @@ def plot(stage: str, table: dict, key: str, path: Path) -> None:
     figure.savefig(path)
 
 
+def results_paths(stage: str, out: Path, update_docs: bool) -> tuple[Path, Path]:
+    """-> (table json, figure png): beside the runs in `out`, or the tracked experiments/ files when asked."""
+    if update_docs:
+        return ROOT / f"experiments/few_step_{stage}.json", ROOT / f"experiments/figures/few_step_{stage}.png"
+    return out / f"few_step_{stage}.json", out / f"few_step_{stage}.png"
+
+
 @dataclass
 class FewStepConfig:
     stage: str | None = None  # required: moons | digits
-    out: str | None = None  # run directory root (null: runs/few_step/<stage>)
+    out: str | None = None  # run directory root, also where the table goes (null: runs/few_step/<stage>)
+    update_docs: bool = False  # write the table and figure into the tracked experiments/ files instead
     pairs: int = 50_000  # reflow pairs per round
     epochs: int | None = None  # digits: training.epochs of the teacher / OT runs
     reflow_epochs: int | None = None  # training.epochs of the reflow students
@@ -162,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     check_choice("stage", args.stage, sorted(STAGES))
     check(args.pairs >= 1, "pairs", args.pairs, "must be >= 1")
     out = Path(args.out or f"runs/few_step/{args.stage}")
+    docs = (ROOT / "experiments").resolve()
+    check(
+        not out.resolve().is_relative_to(docs),
+        "out",
+        args.out,
+        f"is inside {docs}, whose files are tracked; choose a folder outside it (update_docs=true writes the "
+        f"table and figure there)",
+    )
+    json_path, figure_path = results_paths(args.stage, out, args.update_docs)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -201,11 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             "nfe": {str(k): v for k, v in evaluate(args.stage, out / name, guidance, args.classifier).items()},
         }
     timings.pop("_path")
-    (ROOT / f"experiments/few_step_{args.stage}.json").write_text(
-        json.dumps({"timings": timings, "table": table}, indent=2)
-    )
+    json_path.write_text(json.dumps({"timings": timings, "table": table}, indent=2))
     key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
-    plot(args.stage, table, key, ROOT / f"experiments/figures/few_step_{args.stage}.png")
+    plot(args.stage, table, key, figure_path)
+    print(f"wrote {json_path} and {figure_path}")
     keys = [key] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
     print("\n| model | training s (cumulative) | " + " | ".join(f"{k} @ {n}" for k in keys for n in NFES) + " |")
     print("|---|---|" + "---|" * (len(keys) * len(NFES)))

@@ -175,13 +175,16 @@ def load_evaluator(cfg: DictConfig, run_config: DictConfig, sample_shape, device
 
 
 @torch.no_grad()
-def evaluate_policy(policy: FlowSampler, evaluator, reward, solver, grpo: DictConfig, num_samples: int, seed: int):
+def evaluate_policy(
+    policy: FlowSampler, evaluator, reward, solver, grpo: DictConfig, num_samples: int, seed: int, progress=None
+):
     """The same labels and noise every time: deterministic ODE samples with the solver and SDE samples as in
     the rollouts, each scored by the reward and the image metrics (eval/{kind}/...; the classifier's
-    real-vs-real floor once, as eval/classifier_fd_real_floor) -> (values, ODE samples, labels)."""
+    real-vs-real floor once, as eval/classifier_fd_real_floor) -> (values, ODE samples, labels).
+    progress: None or a callable given the images drawn, 2 x num_samples in all (ODE, then SDE)."""
     g, device = grpo, evaluator.device
     started = time.perf_counter()
-    ode, labels, _ = evaluator.sample(policy, solver, num_samples, seed)
+    ode, labels, _ = evaluator.sample(policy, solver, num_samples, seed, progress=progress)
     noise = torch.randn((len(ode), *evaluator.sample_shape), generator=torch.Generator().manual_seed(seed))
     device_labels = labels.to(device) if labels is not None else None
     sde = policy.sample_sde(
@@ -193,6 +196,8 @@ def evaluate_policy(policy: FlowSampler, evaluator, reward, solver, grpo: DictCo
         g.guidance_scale,
         tuple(g.guidance_interval),
     )
+    if progress is not None:
+        progress(len(ode))
     values = {"eval/sampling_s": time.perf_counter() - started}
     for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
         on_device = samples.to(device)
@@ -359,7 +364,7 @@ class GRPOTrainer:
         """Post-train to target_steps, evaluate, write samples and eval.json, then the finished marker
         (run_dir.Run). A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
         tr = self.cfg.training
-        with Run(self.run_dir, self.runtime, tr.tensorboard) as run:
+        with Run(self.run_dir, self.runtime, tr.tensorboard, wandb=tr.wandb, wandb_project=tr.wandb_project) as run:
             self.log = run.log
             self.resume(run)
             self.evaluator = load_evaluator(self.cfg, self.run_config, self.sample_shape, self.runtime.device)
@@ -402,9 +407,18 @@ class GRPOTrainer:
         samples as in the rollouts, each scored by the reward and the image metrics. Logs a seed | current
         grid; at the end also writes samples.png / samples.npz and eval.json to the run dir."""
         tr, g = self.cfg.training, self.cfg.grpo
-        values, ode, labels = evaluate_policy(
-            self.policy, self.evaluator, self.reward, self.run_config.solver, g, tr.num_eval_samples, self.cfg.seed
-        )
+        what = "final evaluation" if final else f"evaluation at iteration {self.step}"
+        with self.log.progress(2 * tr.num_eval_samples, 0, tr.progress, what, unit="img") as bar:
+            values, ode, labels = evaluate_policy(
+                self.policy,
+                self.evaluator,
+                self.reward,
+                self.run_config.solver,
+                g,
+                tr.num_eval_samples,
+                self.cfg.seed,
+                progress=bar.update,
+            )
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if final and bad:
             raise RunError(f"final evaluation at iteration {self.step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import runtime
 from classifier import (
     CLASSIFIERS,
     Classifier,
@@ -219,3 +220,17 @@ def test_a_classifier_at_chance_is_said_loudly_recorded_and_its_accuracy_reporte
     assert "near chance" in capsys.readouterr().err
     images = torch.zeros(4, 1, 8, 8)
     assert scorer.score(images, torch.arange(4))["classifier_test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_training_reports_progress_within_an_epoch(tmp_path, monkeypatch):
+    """One epoch is many steps: where no bar is drawn, progress lines come between the epoch lines."""
+    monkeypatch.setattr(runtime, "PROGRESS_LINE_EVERY_S", 0.0)
+    lines = []
+    train_classifier(
+        "digits", tmp_path / "c.safetensors", epochs=1, batch_size=256, width=4, device="cpu", log=lines.append
+    )
+    steps = [line for line in lines if line.startswith("classifier: ") and " step " in line]
+    assert [line.split(" step")[0] for line in steps[:2]] == ["classifier: 1/5", "classifier: 2/5"]
+    assert len(steps) == 5 and lines.index(steps[-1]) < next(
+        i for i, line in enumerate(lines) if line.startswith("epoch 1/1")
+    )

@@ -106,3 +106,28 @@ def test_save_writes_the_png_and_npz_and_no_temp_files(tmp_path):
     np.testing.assert_array_equal(saved["latents"], latents.numpy())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["samples.npz", "samples.png"]
     assert [axis.get_ylabel() for axis in evaluator.figure(images, labels).axes] == ["zero", "one"]
+
+
+def test_evaluate_reports_every_batch_it_draws_to_its_progress_callable():
+    evaluator = Evaluator((2,), "cpu", dataset=datasets.load_moons(num_samples=64), dataset_name="moons")
+    counts = []
+    evaluator.evaluate(conditional_sampler(), SOLVER, 300, seed=0, progress=counts.append)
+    assert counts == [128, 128, 44] and sum(counts) == evaluator.evaluation_images(300)
+
+
+def test_inception_features_report_each_batch_to_a_callable():
+    import inception
+
+    class Extractor(torch.nn.Module):  # the extractor's interface: images -> (pool, logits)
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            flat = x.float().flatten(1).mean(1, keepdim=True) * self.scale
+            return flat.expand(-1, 2048), flat.expand(-1, 1008)
+
+    counts = []
+    images = torch.zeros((5, 3, 8, 8), dtype=torch.uint8)
+    features = inception.inception_features(Extractor(), images, batch_size=2, spatial=False, progress=counts.append)
+    assert counts == [2, 2, 1] and features["pool"].shape == (5, 2048)

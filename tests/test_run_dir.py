@@ -303,3 +303,27 @@ def test_run_start_is_false_only_for_a_finished_run(tmp_path):
         run.finish(10, ["samples.png"])
         assert not run.start(config, step=10, target_steps=10)
         assert run.start(config, step=10, target_steps=20)  # extended: more to do
+
+
+def test_a_resume_may_switch_the_trackers_like_tensorboard():
+    """The logging backends do not change the run: a resume may turn W&B on (or TensorBoard off), and a
+    checkpoint from before the keys existed resumes with them at their defaults."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from run_dir import resume_changes
+
+    old = OmegaConf.create({"training": {"lr": 1e-3, "tensorboard": True}})
+    new = OmegaConf.create(
+        {"training": {"lr": 1e-3, "tensorboard": False, "wandb": "offline", "wandb_project": "other"}}
+    )
+    assert resume_changes(old, new, Path("ckpt")) == {
+        "training.tensorboard": [True, False],
+        "training.wandb": ["off", "offline"],
+        "training.wandb_project": ["nanoflow", "other"],
+    }
+    defaults = OmegaConf.create(
+        {"training": {"lr": 1e-3, "tensorboard": True, "wandb": "off", "wandb_project": "nanoflow"}}
+    )
+    assert resume_changes(old, defaults, Path("ckpt")) == {}  # nothing to record for a run from before the keys

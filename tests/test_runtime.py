@@ -303,3 +303,41 @@ def test_run_main_lets_a_bug_through():
 
     with pytest.raises(KeyError):
         runtime.run_main(main, [])
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+
+def test_progress_without_a_bar_writes_a_line_per_interval_and_a_last_one(monkeypatch):
+    """Where no bar is drawn (a log file, a pipe, training.progress=false) a long phase still says how far it is."""
+    monkeypatch.setattr(runtime, "PROGRESS_LINE_EVERY_S", 0.0)
+    lines = []
+    with runtime.Progress(5, "final evaluation", "img", enabled=False, write=lines.append) as bar:
+        bar.update(2)
+        bar.set_postfix(loss="0.5")
+        bar.update(3)
+    assert [line.split(",")[0] for line in lines] == [
+        "final evaluation: 2/5 img (40 %)",
+        "final evaluation: 5/5 img (100 %)",
+    ]
+    assert lines[-1].endswith("img/s, loss=0.5")
+
+
+def test_progress_lines_come_only_after_the_interval_and_never_on_other_ranks(monkeypatch):
+    lines = []
+    with runtime.Progress(3, "short", enabled=False, write=lines.append) as bar:  # 30 s interval: a short phase
+        bar.update(3)
+    monkeypatch.setattr(runtime, "PROGRESS_LINE_EVERY_S", 0.0)
+    with runtime.Progress(3, "rank 1", enabled=False, write=lines.append, active=False) as bar:
+        bar.update(3)
+    with runtime.Progress(3, "bar", enabled=True, write=lines.append) as bar:  # a bar is drawn: no lines
+        bar.update(3)
+    assert lines == []
+
+
+def test_the_metric_loggers_progress_writes_its_lines_through_print(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "PROGRESS_LINE_EVERY_S", 0.0)
+    bar = runtime.MetricLogger(tmp_path, enabled=True, tensorboard=False).progress(4, 2, None, "moons")
+    bar.update(1)
+    bar.close()
+    assert capsys.readouterr().out.startswith("moons: 3/4 it (75 %)")  # captured stdout is no terminal

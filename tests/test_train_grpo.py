@@ -411,7 +411,13 @@ def test_a_run_whose_every_update_is_skipped_fails(tmp_path, seed_run, run_grpo,
 def test_the_missing_seed_error_names_the_presets_own_seed(preset, seed):
     """It suggested runs/digits_cfg for every preset, Fashion ones included."""
     with pytest.raises(ConfigError, match=rf"seed_checkpoint=runs/{seed} \(from `python train.py experiment={seed}"):
-        load_grpo_config([f"experiment={preset}"])
+        load_grpo_config([f"experiment={preset}", "seed_checkpoint=null"])
+
+
+def test_the_fashion_presets_read_the_documented_seed():
+    """README.md's "Post-training" chain writes the seed to runs/fashion_cfg and passes no path to train_grpo.py."""
+    for preset in ("fashion_grpo", "fashion_grpo_jpeg", "fashion_grpo_trouser"):
+        assert load_grpo_config([f"experiment={preset}"]).seed_checkpoint == "runs/fashion_cfg"
 
 
 def test_the_log_has_each_reward_term(tmp_path, seed_run, run_grpo, classifier_file):

@@ -157,3 +157,86 @@ def test_train_step_updates_the_model_the_ema_and_the_step(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
     state = tr.state_dict()
     assert (state["epoch"], state["batch_in_epoch"], state["world_size"], state["ema_num_updates"]) == (0, 1, 1, 1)
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+def test_the_final_evaluation_and_the_first_steps_show_progress(tmp_path, monkeypatch, capsys):
+    """The final evaluation draws its samples in several batches with a line per interval in the log, and the
+    training bar shows a loss from the first step, long before the first log_every."""
+    monkeypatch.setattr(runtime, "PROGRESS_LINE_EVERY_S", 0.0)
+    postfixes = []
+    real = runtime.Progress.set_postfix
+
+    def record(self, **values):
+        postfixes.append((self.desc, self.n, values))
+        real(self, **values)
+
+    monkeypatch.setattr(runtime.Progress, "set_postfix", record)
+    run = make_trainer(tmp_path, "training.max_steps=3", "training.log_every=100", "training.num_eval_samples=300")
+    assert run.fit() == 0
+    out = capsys.readouterr().out
+    evaluation = [line.split(" img")[0] for line in out.splitlines() if line.startswith("final evaluation: ")]
+    assert evaluation == ["final evaluation: 128/300", "final evaluation: 256/300", "final evaluation: 300/300"]
+    training = [(n, values) for desc, n, values in postfixes if desc == "moons_cfg"]
+    assert [n for n, _ in training] == [1, 2, 3] and all("loss" in values for _, values in training)
+
+
+# --- experiment tracking --------------------------------------------------------------------------
+
+
+def read_tensorboard(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_gets_the_resolved_config_as_text_and_hparams(tmp_path):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
+
+    run = make_trainer(tmp_path, "training.max_steps=2", "training.num_eval_samples=8", "training.tensorboard=true")
+    assert run.fit() == 0
+    events = read_tensorboard(tmp_path / "run" / "tb")
+    text = tensor_util.make_ndarray(events.Tensors("config/text_summary")[0].tensor_proto).item().decode()
+    assert "experiment: moons_cfg" in text and "batch_size: 8" in text and "grad_accum: 2" in text
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["training.batch_size"].number_value == 8 and hparams["experiment"].string_value == "moons_cfg"
+    assert "train/loss" in events.Tags()["scalars"]  # the scalars stay in the same log directory
+
+
+def test_wandb_offline_writes_the_run_with_its_config_and_metrics_without_network(tmp_path):
+    wandb = pytest.importorskip("wandb", reason="the optional wandb group: uv sync --group wandb")
+    run = make_trainer(tmp_path, "training.max_steps=2", "training.num_eval_samples=8", "training.wandb=offline")
+    assert run.fit() == 0
+    # the W&B service writes the file on its own; a process's exit waits for it (wandb's atexit teardown),
+    # this test process has to do the same before reading
+    wandb.teardown()
+    files = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    data = files[0].read_bytes()  # the records are protobufs: keys and values appear as they were logged
+    for key in (b"train/loss", b"eval/sliced_w2", b"moons_cfg", b"batch_size"):
+        assert key in data, key
+
+
+def test_wandb_selected_without_the_package_is_one_error_naming_the_key(tmp_path, monkeypatch):
+    """Both entry points check right after the config loads: no run directory, no work."""
+    import importlib.util
+
+    import train
+    import train_grpo
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    message = r"training.wandb = 'offline' needs the optional wandb package.*uv sync --group wandb"
+    with pytest.raises(ConfigError, match=message):
+        train.main(["training.wandb=offline", f"training.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=message):
+        train_grpo.main(["training.wandb=offline", "seed_checkpoint=x", f"training.run_dir={tmp_path / 'grpo'}"])
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError, match=r"training.wandb.*'cloud'.*off, offline, online"):
+        load_config(["training.wandb=cloud"])
