@@ -173,6 +173,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     import couplings
     import dataset_registry
     import flow
+    import flow_map
 
     cfg = apply_schema(cfg)
     tr, so, fl = cfg.training, cfg.solver, cfg.flow
@@ -197,6 +198,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"path's velocity is infinite at t = 0, where sampling starts; use flow.prediction=velocity)",
         )
 
+    validate_flow_map(cfg, flow_map)
     validate_run(tr)
     check(tr.lr > 0, "training.lr", tr.lr, "must be > 0")
     check(tr.epochs >= 1, "training.epochs", tr.epochs, "must be >= 1")
@@ -243,6 +245,38 @@ def validate(cfg: DictConfig) -> DictConfig:
     return _freeze(cfg)
 
 
+def validate_flow_map(cfg, flow_map) -> None:
+    """flow.objective and its settings; a flow map (objective or sampler) needs a model built with
+    interval_conditioning, a velocity output and no token masking."""
+    fl, interval = cfg.flow, bool(cfg.model.get("interval_conditioning", False))
+    check_choice("flow.objective", fl.objective, flow_map.OBJECTIVES)
+    if fl.objective == "meanflow":
+        for condition, key, value, requirement in flow_map.check_settings(fl.meanflow):
+            check(condition, key, value, requirement)
+        check(
+            fl.prediction == "velocity",
+            "flow.prediction",
+            fl.prediction,
+            "must be velocity with flow.objective=meanflow (the network outputs an average velocity)",
+        )
+        check(
+            float(cfg.model.get("mask_ratio", 0.0) or 0.0) == 0,
+            "model.mask_ratio",
+            cfg.model.get("mask_ratio"),
+            "must be 0 with flow.objective=meanflow (deferred token masking is not supported for flow maps)",
+        )
+    for key, value, used in (
+        ("flow.objective", fl.objective, fl.objective == "meanflow"),
+        ("solver.method", cfg.solver.method, cfg.solver.method == "flow_map"),
+    ):
+        check(
+            interval or not used,
+            "model.interval_conditioning",
+            interval,
+            f"must be true with {key}={value} (the model must take the target time r)",
+        )
+
+
 def validate_run(tr, key: str = "training") -> None:
     """The run-management keys every trainer shares (RunConfig)."""
     check_choice(f"{key}.amp", tr.amp, AMP_MODES)
@@ -256,7 +290,7 @@ def validate_run(tr, key: str = "training") -> None:
 def validate_solver(so, key: str) -> None:
     import ode_solvers
 
-    check_choice(f"{key}.method", so.method, ode_solvers.METHODS)
+    check_choice(f"{key}.method", so.method, ode_solvers.SAMPLER_METHODS)
     check(so.num_steps >= 1, f"{key}.num_steps", so.num_steps, "must be >= 1")
     check_choice(f"{key}.grid", so.grid, ode_solvers.GRIDS)
     check(math.isfinite(so.shift) and so.shift > 0, f"{key}.shift", so.shift, "must be finite and > 0")
