@@ -36,11 +36,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, 
 class TimeEmbedding(nn.Module):
     """Sinusoidal features -> 2-layer MLP, the usual DDPM/DiT time conditioning."""
 
-    scale = 1000.0  # t's multiplier in the sinusoidal features (timestep_embedding)
-
-    def __init__(self, dim: int, freq_dim: int = 64):
+    def __init__(self, dim: int, freq_dim: int = 64, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale  # scale: t's multiplier in the sinusoidal features
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -53,12 +51,12 @@ class IntervalEmbedding(TimeEmbedding):
     compute without it until training moves that layer, and a checkpoint saved without it starts a flow
     map (checkpoint.init_from_checkpoint keeps the zero init for these keys)."""
 
-    scale = 1.0
-
     def __init__(self, dim: int, freq_dim: int = 64):
         # Built on a forked RNG, so the model's other parameters get the same initial values as without it.
+        # Scale 1, not 1000: the JVP differentiates the network in t, and features of frequency up to 1000
+        # make d_t u, and with it the MeanFlow target, large (experiments/flow_maps.md).
         with torch.random.fork_rng(devices=[]):
-            super().__init__(dim, freq_dim)
+            super().__init__(dim, freq_dim, scale=1.0)
         zero_init(self.mlp[-1])
 
     def forward(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
@@ -106,11 +104,12 @@ class MLP(nn.Module):
         num_blocks: int = 2,  # residual blocks after the input projection
         time_freq_dim: int = 64,  # sinusoidal features fed to the time MLP
         interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
         self.dim = dim
         self.interval_conditioning = interval_conditioning
-        self.time_embed = TimeEmbedding(hidden_dim, time_freq_dim)
+        self.time_embed = TimeEmbedding(hidden_dim, time_freq_dim, time_scale)
         self.in_proj = nn.Linear(dim, hidden_dim)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
@@ -254,6 +253,7 @@ class UNet(nn.Module):
         emb_dim: int | None = None,  # width of the time (+ class) embedding; None -> 2 * base_ch
         time_freq_dim: int | None = None,  # sinusoidal features fed to the time MLP; None -> emb_dim
         interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
         mults = list(channel_mults) if channel_mults is not None else [2**i for i in range(depth)]
@@ -270,7 +270,7 @@ class UNet(nn.Module):
         self.in_ch = in_ch
         self.depth = len(widths)
         self.emb_dim = emb_dim or 2 * base_ch
-        self.time_embed = TimeEmbedding(self.emb_dim, time_freq_dim or self.emb_dim)
+        self.time_embed = TimeEmbedding(self.emb_dim, time_freq_dim or self.emb_dim, time_scale)
 
         def level(in_width: int, width: int, factor: int) -> nn.ModuleList:
             layers = []

@@ -273,6 +273,7 @@ class DiT(nn.Module):
         moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP width at that depth
         time_freq_dim: int = 256,  # sinusoidal features fed to the time MLP (DiT)
         interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
         if pos_embed not in ("sincos", "rope"):
@@ -292,7 +293,7 @@ class DiT(nn.Module):
         self.grid = grid_size(input_size, patch_size, self.patch_stride)
 
         self.x_embedder = nn.Conv2d(in_channels, embed_size, patch_size, stride=self.patch_stride)
-        self.t_embedder = TimeEmbedding(embed_size, time_freq_dim)
+        self.t_embedder = TimeEmbedding(embed_size, time_freq_dim, time_scale)
         # Position tables for the construction size are non-persistent buffers (recomputed, never
         # checkpointed); other sizes are computed on the fly.
         table = (

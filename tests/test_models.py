@@ -299,3 +299,10 @@ def test_the_jvp_runs_through_dit_attention_on_the_math_kernel(name):
     if name == "dit":
         fd = flow_map.finite_difference_derivative(u, x, t, r, dz, 1e-6)
         torch.testing.assert_close(dudt, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_time_scale_multiplies_t_in_the_sinusoidal_features():
+    t = torch.tensor([0.3, 0.9])
+    torch.testing.assert_close(models.timestep_embedding(t, 8, scale=1.0), models.timestep_embedding(t / 1000, 8))
+    mlp = models.MLP(hidden_dim=16, time_scale=2.0)
+    assert mlp.time_embed.scale == 2.0 and models.MLP().time_embed.scale == 1000.0
