@@ -260,6 +260,19 @@ def validate_flow_map(cfg, flow_map) -> None:
             "must be velocity with flow.objective=meanflow (the network outputs an average velocity)",
         )
         check(
+            fl.weighting.get("name") == "uniform",
+            "flow.weighting.name",
+            fl.weighting.get("name"),
+            "must be uniform with flow.objective=meanflow (its weighting is flow.meanflow.weight_p / weight_c)",
+        )
+        check(
+            fl.meanflow.guidance_scale == 1 or cfg.training.p_uncond > 0,
+            "training.p_uncond",
+            cfg.training.p_uncond,
+            f"must be > 0 with flow.meanflow.guidance_scale = {fl.meanflow.guidance_scale} (the folded CFG "
+            "target reads the null-label branch, which label dropout trains)",
+        )
+        check(
             float(cfg.model.get("mask_ratio", 0.0) or 0.0) == 0,
             "model.mask_ratio",
             cfg.model.get("mask_ratio"),

@@ -93,8 +93,10 @@ def pairs(out: Path, name: str, teacher: str, num_pairs: int, timings: dict, *ov
     )
 
 
-def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: str | None) -> dict[int, dict]:
-    """{NFE: metrics} for one model: Euler at every NFE in NFES."""
+def evaluate(
+    stage: str, checkpoint: Path, guidance: float | None, classifier: str | None, method: str = "euler", nfes=NFES
+) -> dict[int, dict]:
+    """{NFE: metrics} for one model: `method` (Euler; flow_map for a flow map) at every NFE in nfes."""
     import torch
 
     import metrics
@@ -103,8 +105,8 @@ def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: s
 
     torch.set_num_threads(1)
     results, scorer = {}, None
-    for nfe in NFES:
-        overrides = {"method": "euler", "num_steps": nfe, "grid": "uniform"}
+    for nfe in nfes:
+        overrides = {"method": method, "num_steps": nfe, "grid": "uniform"}
         if guidance is not None:
             overrides["guidance_scale"] = guidance
         loaded = load_run(checkpoint, "cpu", solver_overrides=overrides)

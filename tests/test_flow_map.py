@@ -225,3 +225,56 @@ def test_a_velocity_model_refuses_the_flow_map_sampler_and_a_target_time():
     with pytest.raises(ValueError, match="interval_conditioning"):
         model(torch.zeros(2, 2), torch.zeros(2), None, r=torch.ones(2))
     assert math.isfinite(float(model(torch.zeros(2, 2), torch.zeros(2)).sum()))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["flow.objective=mean_flow"],
+            "flow.objective = 'mean_flow' is not allowed; choose one of: flow_matching, meanflow",
+        ),
+        (
+            ["experiment=moons", "flow.objective=meanflow"],
+            "model.interval_conditioning = False: must be true with flow.objective=meanflow",
+        ),
+        (["experiment=moons", "solver.method=flow_map"], "must be true with solver.method=flow_map"),
+        (["flow.prediction=data"], "flow.prediction = 'data': must be velocity with flow.objective=meanflow"),
+        (["flow.weighting.name=snr"], "flow.weighting.name = 'snr': must be uniform"),
+        (
+            ["flow.meanflow.tangent=model_free"],
+            "flow.meanflow.tangent = 'model_free': must be one of: conditional, model",
+        ),
+        (["flow.meanflow.equal_fraction=1.5"], "flow.meanflow.equal_fraction = 1.5: must be in [0, 1]"),
+        (
+            ["flow.meanflow.guidance_scale=2.0"],
+            "training.p_uncond = 0.0: must be > 0 with flow.meanflow.guidance_scale",
+        ),
+        (["solver.method=flow_mapp"], "solver.method = 'flow_mapp' is not allowed"),
+    ],
+)
+def test_flow_map_settings_fail_with_one_line_naming_the_key(overrides, message):
+    from config import ConfigError, load_config
+
+    base = [] if any(o.startswith("experiment=") for o in overrides) else ["experiment=moons_meanflow"]
+    torch.set_default_dtype(torch.float32)
+    try:
+        with pytest.raises(ConfigError) as error:
+            load_config([*base, *overrides])
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_masked_dit_cannot_train_a_flow_map():
+    from config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.mask_ratio = 0.5: must be 0 with flow.objective=meanflow"):
+        load_config(
+            [
+                "experiment=imagenet256_latent_dit_smoke",
+                "flow.objective=meanflow",
+                "+model.interval_conditioning=true",
+                "solver.method=flow_map",
+            ]
+        )
