@@ -103,19 +103,26 @@ def times(batch=64, seed=2):
     return t, r
 
 
-@pytest.mark.parametrize("scheduler", ["condot", "cosine"])
-def test_the_target_with_the_marginal_velocity_is_the_analytic_average_velocity(scheduler):
+@pytest.mark.parametrize(
+    "scheduler, tangent", [("condot", "conditional"), ("cosine", "conditional"), ("condot", "model")]
+)
+def test_the_target_with_the_marginal_velocity_is_the_analytic_average_velocity(scheduler, tangent):
+    """tangent=model takes the JVP along the network's own u(z, t, t), here the exact v."""
     path = flow.make_path(scheduler)
     exact = GaussianFlow(torch.tensor([1.5, -0.5, 0.2]), 0.4, path.scheduler, "independent")
     t, r = times()
     z = torch.randn(64, 3, generator=torch.Generator().manual_seed(3))
     v = exact(z, t)  # the marginal velocity, which the conditional one estimates without bias
-    target = objective(path).target(exact, z, v, t, r, None, None)
+    target = objective(path, tangent=tangent).target(exact, z, v, t, r, None, None)
     torch.testing.assert_close(target, exact(z, t, r=r), rtol=1e-9, atol=1e-9)
     # the sign of the (r - t) du/dt term: flipping it is far off wherever r > t
     _, dudt = flow_map.total_derivative(lambda a, b, c: exact(a, b, r=c), z, t, r, v)
     wrong = v - (r - t)[:, None] * dudt
     assert (wrong - exact(z, t, r=r)).abs().max() > 0.1
+    if tangent == "model":  # a noisy v moves the target by the noise alone: the JVP follows the model's v
+        noise = torch.randn(v.shape, generator=torch.Generator().manual_seed(9))
+        noisy = objective(path, tangent=tangent).target(exact, z, v + noise, t, r, None, None)
+        torch.testing.assert_close(noisy - target, noise, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("derivative", ["jvp", "finite_difference"])
@@ -278,3 +285,49 @@ def test_a_masked_dit_cannot_train_a_flow_map():
                 "solver.method=flow_map",
             ]
         )
+
+
+def test_guidance_folded_into_the_target_uses_the_null_branch_for_labelled_rows_only():
+    """v_g = w v + (1 - w) u(z, t, t | null) (MeanFlow eq. 19, kappa = 0); a dropped label keeps v."""
+
+    class Labelled(torch.nn.Module):  # u = 0 for the null label (3), else 5; no dependence on z, t, r
+        def forward(self, z, t, y=None, r=None):
+            return torch.where((y == 3)[:, None], 0.0, 5.0).expand_as(z)
+
+    z, v = torch.randn(4, 2), torch.randn(4, 2)
+    t = r = torch.full((4,), 0.3)
+    y = torch.tensor([0, 1, 3, 2])
+    target = objective(flow.make_path(), guidance_scale=2.5).target(Labelled(), z, v, t, r, y, 3)
+    expected = 2.5 * v  # + (1 - 2.5) * 0 from the null branch
+    expected[2] = v[2]
+    torch.testing.assert_close(target, expected)
+
+
+def test_the_loss_runs_under_bf16_autocast_through_dit_attention():
+    from functools import partial
+
+    import models_dit
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        torch.manual_seed(0)
+        model = models_dit.ClassCondDiT(
+            input_size=8,
+            in_channels=3,
+            patch_size=2,
+            hidden_size=32,
+            depth=2,
+            num_heads=4,
+            num_classes=5,
+            interval_conditioning=True,
+        )
+        g = torch.Generator().manual_seed(8)
+        x1, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+        t, r = torch.tensor([0.1, 0.3, 0.5, 0.7]), torch.tensor([0.9, 0.3, 1.0, 0.8])
+        autocast = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+        loss, _ = objective(flow.make_path()).loss(model, model, x1, eps, t, r, torch.tensor([0, 1, 5, 2]), 5, autocast)
+        loss.backward()
+        assert torch.isfinite(loss) and loss.dtype == torch.float32
+        assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    finally:
+        torch.set_default_dtype(torch.float64)
