@@ -331,3 +331,27 @@ def test_the_loss_runs_under_bf16_autocast_through_dit_attention():
         assert model.final_layer.linear.weight.grad.abs().sum() > 0
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+def test_inference_samples_a_flow_map_checkpoint_in_k_jumps_and_still_runs_its_ode(tmp_path):
+    """The one sampler: a trained flow map through inference.py (build.load_run, sampling.generate) with
+    solver=flow_map (the preset's default, 1 jump) or num_steps=2, and the many-step ODE on u(z, t, t)."""
+    import numpy as np
+
+    import inference
+    from conftest import run_train
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        run_dir = tmp_path / "run"
+        assert run_train(run_dir, "experiment=moons_meanflow", "training.max_steps=20", "training.batch_size=64") == 0
+        outputs = {}
+        for name, keys in {"one": [], "two": ["num_steps=2"], "ode": ["solver=heun", "num_steps=8"]}.items():
+            out = tmp_path / name
+            args = [f"checkpoint={run_dir}", f"out={out}", "num_samples=16", "seed=3", *keys]
+            assert inference.main(args) == 0
+            outputs[name] = np.load(out / "samples.npz")["points"]
+            assert outputs[name].shape == (16, 2) and np.isfinite(outputs[name]).all()
+        assert not np.allclose(outputs["one"], outputs["two"]) and not np.allclose(outputs["two"], outputs["ode"])
+    finally:
+        torch.set_default_dtype(torch.float64)
