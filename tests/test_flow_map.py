@@ -12,10 +12,12 @@ from models import MLP
 from ode_solvers import time_grid
 from sampling import FlowSampler
 
-torch.set_default_dtype(torch.float64)
 
-
-def teardown_module():
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 inside each test of this file only (analytic comparisons to 1e-9 and below)."""
+    torch.set_default_dtype(torch.float64)
+    yield
     torch.set_default_dtype(torch.float32)
 
 
