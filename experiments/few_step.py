@@ -125,7 +125,7 @@ def evaluate(
     return results
 
 
-def plot(stage: str, table: dict, key: str, path: Path) -> None:
+def plot(stage: str, table: dict, key: str, path: Path, xlabel: str = "NFE (Euler steps)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +138,7 @@ def plot(stage: str, table: dict, key: str, path: Path) -> None:
     axis.set_xticks(NFES, [str(n) for n in NFES])
     if key != "classifier_accuracy":
         axis.set_yscale("log")
-    axis.set_xlabel("NFE (Euler steps)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel(key)
     axis.set_title(f"{stage}: {key} vs NFE (training seconds, cumulative)")
     axis.legend(fontsize=7)

@@ -1,6 +1,7 @@
 """Flow maps (MeanFlow, flow_map.py) against the few-step table (experiments/few_step.md): quality at
 1, 2, 4, 8 and 32 flow-map jumps, with the training CPU seconds each model cost. Writes
-experiments/flow_maps_<stage>.json and prints the markdown table (experiments/flow_maps.md).
+experiments/flow_maps_<stage>.json and experiments/figures/flow_maps_<stage>.png (quality against NFE)
+and prints the markdown table (experiments/flow_maps.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=moons
     OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=digits epochs=30
@@ -18,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from few_step import NFES, evaluate, train
+from few_step import NFES, evaluate, plot, train
 
 from cli import parse_keys
 from config import check, check_choice
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / f"experiments/flow_maps_{args.stage}.json").write_text(
         json.dumps({"timings": timings, "table": table}, indent=2)
     )
+    plot_key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
+    figure = ROOT / f"experiments/figures/flow_maps_{args.stage}.png"
+    plot(args.stage, table, plot_key, figure, xlabel="NFE (flow-map jumps; the teacher: Euler steps)")
     keys = ["sliced_w2"] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
     print("\n| model | training CPU s | " + " | ".join(f"{k} @ {n}" for k in keys for n in NFES) + " |")
     print("|---|---|" + "---|" * (len(keys) * len(NFES)))
