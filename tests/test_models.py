@@ -306,3 +306,22 @@ def test_time_scale_multiplies_t_in_the_sinusoidal_features():
     torch.testing.assert_close(models.timestep_embedding(t, 8, scale=1.0), models.timestep_embedding(t / 1000, 8))
     mlp = models.MLP(hidden_dim=16, time_scale=2.0)
     assert mlp.time_embed.scale == 2.0 and models.MLP().time_embed.scale == 1000.0
+
+
+def test_forward_mode_ad_needs_the_math_attention_kernel():
+    """PyTorch's fused CPU attention kernel has no forward-mode AD; flow_map.total_derivative selects the
+    math kernel for the JVP (float32, where the fused kernel is picked), and only there."""
+    import torch.nn.functional as F
+
+    import flow_map
+
+    q = torch.randn(2, 2, 8, 16)
+
+    def attention(z, t, r):
+        return F.scaled_dot_product_attention(z, z, z) * (1 + t - r)[:, None, None, None]
+
+    with pytest.raises(RuntimeError, match="forward AD"):
+        torch.func.jvp(lambda z: F.scaled_dot_product_attention(z, z, z), (q,), (torch.ones_like(q),))
+    t = torch.zeros(2)
+    value, dudt = flow_map.total_derivative(attention, q, t, t, torch.ones_like(q))
+    assert torch.isfinite(dudt).all() and value.shape == q.shape
