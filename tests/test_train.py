@@ -419,3 +419,13 @@ def test_a_flow_map_starts_from_a_velocity_checkpoint_with_a_gap_curriculum(tmp_
     assert "interval_embed.* (4 tensors) not in it: zero-initialised" in capsys.readouterr().out
     trained = final_state(tmp_path / "student")
     assert float(trained[0]["interval_embed.mlp.2.weight"].abs().max()) > 0
+
+
+@pytest.mark.slow
+def test_a_flow_map_trains_with_a_compiled_forward(tmp_path):
+    """torch.compile wraps the loss forward (with its r= argument); the JVP runs on the eager module."""
+    run = [*SHORT[1:], "experiment=moons_meanflow", "training.max_steps=5", "training.compile=true"]
+    assert run_train(tmp_path / "compiled", *run) == 0
+    model = final_state(tmp_path / "compiled")[0]
+    assert all(torch.isfinite(value).all() for value in model.values())
+    assert float(model["interval_embed.mlp.2.weight"].abs().max()) > 0
