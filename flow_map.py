@@ -26,7 +26,8 @@ backward. Its minimiser is the true average velocity (MeanFlow, sec. 4.1).
 Options: the JVP tangent may be the network's own instantaneous velocity u_theta(z_t, t, t) instead
 of v_c (``tangent=model``, the tangent of improved MeanFlow, arXiv 2512.02012); du/dt may be a central
 finite difference (``derivative=finite_difference``, error O(h^2) for a step h, for networks forward-mode
-AD does not run through); CFG can be folded into the target at a fixed scale w (MeanFlow eq. 19 with
+AD does not run through), or the target may avoid derivatives altogether by interval splitting
+(``derivative=split``, `split_target`); CFG can be folded into the target at a fixed scale w (MeanFlow eq. 19 with
 kappa = 0): v_c -> w v_c + (1 - w) u_theta(z_t, t, t | null) for samples that kept their label; the
 adaptive weighting w = 1 / (||err||^2 + c)^p (stop-gradient) of the paper; and a curriculum that
 widens the largest gap r - t over the first steps of a run (for conversion from a velocity model).
@@ -49,7 +50,7 @@ from flow import AffinePath, TimeSampler, expand_t
 
 OBJECTIVES = ("flow_matching", "meanflow")
 TANGENTS = ("conditional", "model")  # the JVP's z-tangent: v_c, or the network's u(z, t, t)
-DERIVATIVES = ("jvp", "finite_difference")
+DERIVATIVES = ("jvp", "finite_difference", "split")  # split: interval splitting, no derivative
 
 
 def math_attention():
@@ -76,6 +77,20 @@ def finite_difference_derivative(model_fn, z: Tensor, t: Tensor, r: Tensor, dz: 
     ahead = model_fn(z + hb * dz, t + step, r)
     behind = model_fn(z - hb * dz, t - step, r)
     return (ahead - behind) / (2 * step)
+
+
+def split_target(model_fn, z: Tensor, v: Tensor, t: Tensor, r: Tensor) -> Tensor:
+    """The JVP-free target of interval splitting (SplitMeanFlow, arXiv 2507.16884), split at the midpoint
+    s = (t + r) / 2: a flow map composes, z_s = z_t + (s - t) u(z_t, s, t), and
+
+        (r - t) u(z_t, r, t) = (s - t) u(z_t, s, t) + (r - s) u(z_s, r, s),
+
+    so the target is the mean of the two half-interval average velocities (exact for the true u, no
+    derivative); rows with r = t get v (the boundary condition u(z, t, t) = v). Two forwards, no JVP."""
+    s = (t + r) / 2
+    first = model_fn(z, t, s)
+    second = model_fn(z + expand_t(s - t, z) * first.to(z.dtype), s, r)
+    return torch.where(expand_t(r > t, v), (first + second) / 2, v)
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,8 @@ class MeanFlowObjective:
                 u_uncond = model(x_t, t, null, r=t).to(dtype)
                 guided = expand_t(y != null_label, v)
                 v = torch.where(guided, self.guidance_scale * v + (1 - self.guidance_scale) * u_uncond, v)
+            if self.derivative == "split":
+                return split_target(u, x_t, v, t, r)
             dz = u(x_t, t, t) if self.tangent == "model" else v
             if self.derivative == "jvp":
                 _, dudt = total_derivative(u, x_t, t, r, dz.to(x_t.dtype))

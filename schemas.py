@@ -31,7 +31,7 @@ class MeanFlowConfig:
     weight_c: float = 1.0e-3
     guidance_scale: float = 1.0  # CFG folded into the target at this fixed scale (1 = none); sample at 1
     tangent: str = "conditional"  # JVP z-tangent: conditional (v = d_alpha x1 + d_sigma eps) | model (u(z, t, t))
-    derivative: str = "jvp"  # jvp (torch.func.jvp) | finite_difference (central, step fd_step)
+    derivative: str = "jvp"  # jvp (torch.func.jvp) | finite_difference (central, step fd_step) | split (no derivative)
     fd_step: float = 1.0e-3
     curriculum_steps: int = 0  # widen the largest r - t from curriculum_start to 1 over this many steps; 0 = off
     curriculum_start: float = 0.0
