@@ -11,7 +11,8 @@ integrates it three ways, all in our convention (t = 0 noise, t = 1 data):
 
 `generate` draws N samples with a run's solver settings; `straightness` / `measure_straightness` score how
 straight the ODE paths are (Liu et al. 2022). This module imports only flow, ode_solvers
-and torch. Models are called as model(x [B, ...], t [B], y [B] | None); callers put them in eval mode.
+and torch. Models are called as model(x [B, ...], t [B], y [B] | None), a flow map also with r=[B] by
+solver="flow_map"; callers put them in eval mode.
 """
 
 from __future__ import annotations
