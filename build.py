@@ -38,6 +38,28 @@ def build_flow(flow_cfg):
     return path, time_sampler, weighting
 
 
+def build_flow_map(flow_cfg, path, time_sampler):
+    """A validated `flow` section and its (path, time_sampler) -> flow_map.MeanFlowObjective, or None when
+    flow.objective is flow matching."""
+    import flow_map
+
+    if flow_cfg.objective != "meanflow":
+        return None
+    m = flow_cfg.meanflow
+    return flow_map.MeanFlowObjective(
+        path,
+        flow_map.IntervalSampler(time_sampler, m.equal_fraction),
+        weight_p=m.weight_p,
+        weight_c=m.weight_c,
+        guidance_scale=m.guidance_scale,
+        tangent=m.tangent,
+        derivative=m.derivative,
+        fd_step=m.fd_step,
+        curriculum_steps=m.curriculum_steps,
+        curriculum_start=m.curriculum_start,
+    )
+
+
 def build_dataset(dataset_cfg, device, **overrides):
     """A `dataset` section (`{name, **kwargs}`) -> the dataset on `device`; overrides win (split=...)."""
     import dataset_registry

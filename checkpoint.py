@@ -370,10 +370,17 @@ def load_checkpoint(
     )
 
 
-def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict) with one readable error naming what does not match."""
+INTERVAL_PREFIX = "interval_embed."
+
+
+def load_weights(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], source: str, keep_init: tuple[str, ...] = ()
+) -> list[str]:
+    """load_state_dict(strict) with one readable error naming what does not match. Keys under a prefix in
+    keep_init may be absent from `weights` (they keep the module's own initial values); returns those."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(weights))
+    kept = sorted(k for k in set(own) - set(weights) if k.startswith(keep_init)) if keep_init else []
+    missing = sorted(set(own) - set(weights) - set(kept))
     unexpected = sorted(set(weights) - set(own))
     mismatched = [
         f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
@@ -386,14 +393,19 @@ def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], sour
             if items:
                 lines.append(f"  {title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict(weights, strict=True)
+    module.load_state_dict({**{k: own[k] for k in kept}, **weights}, strict=True)
+    return kept
 
 
 def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Module | None, optimizer, device):
     """A fresh run's start from `init` (training.init: checkpoint, model / ema in {model, ema, none},
     optimizer, step), each part on or off -> (the checkpoint's step when init.step else None, its EMA
     update count, a line saying what was loaded). The architecture must match (load_weights names any
-    difference); dataset, flow and masking may change, which is the point (masked pretrain -> unmasked)."""
+    difference); dataset, flow and masking may change, which is the point (masked pretrain -> unmasked).
+    One addition is allowed: a flow map (model.interval_conditioning) started from a checkpoint without
+    an interval embedding keeps that embedding's zero init (models.IntervalEmbedding), so it starts as
+    exactly the checkpoint's velocity model."""
+
     wanted = {init.model, init.ema} - {"none"}
     loaded = load_checkpoint(
         init.checkpoint,
@@ -412,7 +424,9 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
                 f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
                 f"{source}.safetensors; use training.init.{part}=model or none"
             )
-        load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})")
+        # the attribute every model family keeps its interval embedding under (models.IntervalEmbedding)
+        new = (INTERVAL_PREFIX,) if getattr(target, "interval_embed", None) is not None else ()
+        kept = load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})", new)
     if ema_model is not None and init.ema == "none" and init.model != "none":
         ema_model.load_state_dict(model.state_dict())  # the EMA starts where the model starts
     if init.optimizer:
@@ -421,6 +435,8 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
         part for part in ("optimizer", "step") if getattr(init, part)
     ]
     message = f"initialised from {loaded.path} (step {loaded.step}): {', '.join(parts)}"
+    if kept:
+        message += f"; {INTERVAL_PREFIX}* ({len(kept)} tensors) not in it: zero-initialised"
     if not init.step:
         return None, None, message
     return loaded.step, int(loaded.state["ema_num_updates"]), message

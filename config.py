@@ -11,11 +11,11 @@ import importlib.util
 import math
 import re
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from cli import exit_on_help
+from presets import CONFIG_DIR, check_preset, presets
 from schemas import (
     AMP_MODES,
     DEVICES,
@@ -38,9 +38,6 @@ from schemas import (
     check_spec,
     to_plain,
 )
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
 
 # --- loading ------------------------------------------------------------------------------------
 
@@ -174,6 +171,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     import couplings
     import dataset_registry
     import flow
+    import flow_map
 
     cfg = apply_schema(cfg)
     tr, so, fl = cfg.training, cfg.solver, cfg.flow
@@ -198,6 +196,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             f"path's velocity is infinite at t = 0, where sampling starts; use flow.prediction=velocity)",
         )
 
+    validate_flow_map(cfg, flow_map)
     validate_run(tr)
     check(tr.lr > 0, "training.lr", tr.lr, "must be > 0")
     check(tr.epochs >= 1, "training.epochs", tr.epochs, "must be >= 1")
@@ -257,6 +256,51 @@ def require_tracking_packages(tr, key: str = "training") -> None:
         )
 
 
+def validate_flow_map(cfg, flow_map) -> None:
+    """flow.objective and its settings; a flow map (objective or sampler) needs a model built with
+    interval_conditioning, a velocity output and no token masking."""
+    fl, interval = cfg.flow, bool(cfg.model.get("interval_conditioning", False))
+    check_choice("flow.objective", fl.objective, flow_map.OBJECTIVES)
+    if fl.objective == "meanflow":
+        for condition, key, value, requirement in flow_map.check_settings(fl.meanflow):
+            check(condition, key, value, requirement)
+        check(
+            fl.prediction == "velocity",
+            "flow.prediction",
+            fl.prediction,
+            "must be velocity with flow.objective=meanflow (the network outputs an average velocity)",
+        )
+        check(
+            fl.weighting.get("name") == "uniform",
+            "flow.weighting.name",
+            fl.weighting.get("name"),
+            "must be uniform with flow.objective=meanflow (its weighting is flow.meanflow.weight_p / weight_c)",
+        )
+        check(
+            fl.meanflow.guidance_scale == 1 or cfg.training.p_uncond > 0,
+            "training.p_uncond",
+            cfg.training.p_uncond,
+            f"must be > 0 with flow.meanflow.guidance_scale = {fl.meanflow.guidance_scale} (the folded CFG "
+            "target reads the null-label branch, which label dropout trains)",
+        )
+        check(
+            float(cfg.model.get("mask_ratio", 0.0) or 0.0) == 0,
+            "model.mask_ratio",
+            cfg.model.get("mask_ratio"),
+            "must be 0 with flow.objective=meanflow (deferred token masking is not supported for flow maps)",
+        )
+    for key, value, used in (
+        ("flow.objective", fl.objective, fl.objective == "meanflow"),
+        ("solver.method", cfg.solver.method, cfg.solver.method == "flow_map"),
+    ):
+        check(
+            interval or not used,
+            "model.interval_conditioning",
+            interval,
+            f"must be true with {key}={value} (the model must take the target time r)",
+        )
+
+
 def validate_run(tr, key: str = "training") -> None:
     """The run-management keys every trainer shares (RunConfig)."""
     check_choice(f"{key}.amp", tr.amp, AMP_MODES)
@@ -272,7 +316,7 @@ def validate_run(tr, key: str = "training") -> None:
 def validate_solver(so, key: str) -> None:
     import ode_solvers
 
-    check_choice(f"{key}.method", so.method, ode_solvers.METHODS)
+    check_choice(f"{key}.method", so.method, ode_solvers.SAMPLER_METHODS)
     check(so.num_steps >= 1, f"{key}.num_steps", so.num_steps, "must be >= 1")
     check_choice(f"{key}.grid", so.grid, ode_solvers.GRIDS)
     check(math.isfinite(so.shift) and so.shift > 0, f"{key}.shift", so.shift, "must be finite and > 0")
@@ -474,103 +518,3 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
     check(g.grad_clip >= 0, "grpo.grad_clip", g.grad_clip, "must be >= 0 (0 disables)")
     validate_run(tr)
     return _freeze(cfg)
-
-
-# --- presets (configs/experiment/) ---------------------------------------------------------------
-
-
-# The entry point each kind of preset is for, by primary config.
-PRESET_KINDS = {"config": "train", "config_grpo": "grpo"}
-PRESET_SCRIPTS = {"train": "train.py", "grpo": "train_grpo.py"}
-
-
-def preset_kind(name: str) -> str:
-    """'grpo' for a train_grpo.py preset, 'train' for a train.py one, told apart by structure: a GRPO
-    preset sets or overrides a section that only GRPORunConfig has (grpo, reward, seed_checkpoint), or
-    extends a preset that does."""
-    path = CONFIG_DIR / "experiment" / f"{name}.yaml"
-    if not path.is_file():
-        return "train"
-    node = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    grpo_only = {f.name for f in dataclasses.fields(GRPORunConfig)} - {f.name for f in dataclasses.fields(Config)}
-    keys, parents = set(node) - {"defaults"}, []
-    for entry in node.get("defaults") or []:
-        if isinstance(entry, str) and entry != "_self_":  # another preset of the group, which this one extends
-            parents.append(entry.removeprefix("/experiment/"))
-        elif isinstance(entry, dict):  # `override /reward: jpeg` sets the reward section
-            keys |= {key.removeprefix("override").strip().lstrip("/").partition("@")[0] for key in entry}
-    if keys & grpo_only:
-        return "grpo"
-    return "grpo" if any(preset_kind(parent) == "grpo" for parent in parents if "/" not in parent) else "train"
-
-
-def presets(kind: str = "train") -> list[str]:
-    """The selectable presets for train.py (kind 'train') or train_grpo.py ('grpo'). A file whose name
-    starts with '_' is a base that presets extend (its shared settings), never a preset itself."""
-    return sorted(
-        p.stem
-        for p in (CONFIG_DIR / "experiment").glob("*.yaml")
-        if not p.stem.startswith("_") and preset_kind(p.stem) == kind
-    )
-
-
-def check_preset(overrides: list[str], config_name: str) -> None:
-    """`experiment=NAME` must name a preset of this entry point: one line naming the right entry point
-    for the other kind's preset, or the allowed presets for an unknown name or a base."""
-    if config_name not in PRESET_KINDS:
-        return
-    name = _experiment_choice(overrides)
-    if name is None:
-        return
-    kind = PRESET_KINDS[config_name]
-    if name in presets(kind):
-        return
-    if not name.startswith("_") and (CONFIG_DIR / "experiment" / f"{name}.yaml").is_file():
-        if preset_kind(name) == "grpo":
-            raise ConfigError(
-                f"experiment={name} is a Flow-GRPO preset (it has a grpo/reward section), for train_grpo.py: "
-                f"python train_grpo.py experiment={name} seed_checkpoint=RUN_DIR"
-            )
-        raise ConfigError(
-            f"experiment={name} is a training preset, for train.py (python train.py experiment={name}); "
-            f"train_grpo.py takes a GRPO preset: {', '.join(presets('grpo'))}"
-        )
-    check_choice("experiment", name, presets(kind))
-
-
-def _experiment_choice(overrides: list[str]) -> str | None:
-    """The preset an `experiment=NAME` override picks (the last one); None when there is none, or when
-    the overrides do not parse (Hydra's own message then says why)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException:
-        return None
-    values = [o.value() for o in parsed if o.key_or_group == "experiment" and o.package is None and not o.is_delete()]
-    return values[-1] if values and isinstance(values[-1], str) else None
-
-
-def entry_point_help(kind: str) -> list[tuple[str, str]]:
-    """The `--help` sections of train.py (kind 'train') or train_grpo.py ('grpo'): the presets, and each
-    config group's options (GROUP=OPTION), listed from configs/."""
-    # the seed checkpoint fixes a GRPO run's data, model and flow; rewards are GRPO's alone
-    skip = {
-        "experiment",
-        "inference",
-        "eval",
-        "pairs",
-        *(("dataset", "model", "flow") if kind == "grpo" else ("reward",)),
-    }
-    groups = {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(CONFIG_DIR.iterdir())
-        if d.is_dir() and d.name not in skip
-    }
-    lines = "\n".join(f"  {name}: {', '.join(options)}" for name, options in groups.items())
-    return [
-        ("presets (experiment=NAME)", "  " + ", ".join(presets(kind))),
-        ("config groups (GROUP=OPTION)", lines),
-        ("keys", "  any key of the composed config as key=value (training.lr=3e-4); schemas.py lists them"),
-    ]

@@ -4,6 +4,8 @@
 Every model is called as ``model(x, t, y)``: x [B, ...] in data space, t [B] float in [0, 1]
 (0 = noise, 1 = data), y [B] long class labels or None. It returns a tensor shaped like x
 whose meaning (velocity, data or noise) is set by ``flow.prediction``; flow.py converts.
+A model built with ``interval_conditioning=True`` (a flow map, flow_map.py) also takes ``r=`` [B], the
+time its output jumps to; ``r=None`` means r = t, the instantaneous velocity.
 Class-conditional models reserve label index ``num_classes`` as the learned null label that
 classifier-free guidance uses for the unconditional branch.
 """
@@ -15,15 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> torch.Tensor:
     """Sinusoidal embedding of t [B] in [0, 1] -> [B, dim].
 
     t is scaled by 1000 so the frequencies span the same range as DDPM's integer timesteps
     (Ho et al. 2020); without it the lowest frequencies barely change over [0, 1].
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    dtype = torch.promote_types(t.dtype, torch.float32)  # float32, or float64 for a float64 t
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = scale * t.to(dtype)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -33,13 +36,47 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 class TimeEmbedding(nn.Module):
     """Sinusoidal features -> 2-layer MLP, the usual DDPM/DiT time conditioning."""
 
-    def __init__(self, dim: int, freq_dim: int = 64):
+    def __init__(self, dim: int, freq_dim: int = 64, scale: float = 1000.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.scale = freq_dim, scale  # scale: t's multiplier in the sinusoidal features
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))
+        return self.mlp(timestep_embedding(t, self.freq_dim, scale=self.scale))
+
+
+class IntervalEmbedding(TimeEmbedding):
+    """The flow-map interval r - t [B] (target time minus the state's time) -> [B, dim], added to the time
+    embedding. Its last layer starts at zero, so a model with it computes exactly what the same weights
+    compute without it until training moves that layer, and a checkpoint saved without it starts a flow
+    map (checkpoint.init_from_checkpoint keeps the zero init for these keys)."""
+
+    def __init__(self, dim: int, freq_dim: int = 64):
+        # Built on a forked RNG, so the model's other parameters get the same initial values as without it.
+        # Scale 1, not 1000: the JVP differentiates the network in t, and features of frequency up to 1000
+        # make d_t u, and with it the MeanFlow target, large (experiments/flow_maps.md).
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(dim, freq_dim, scale=1.0)
+        zero_init(self.mlp[-1])
+
+    def forward(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        return super().forward(torch.zeros_like(t) if r is None else r - t)
+
+
+def interval_embedding(enabled: bool, dim: int, freq_dim: int) -> IntervalEmbedding | None:
+    return IntervalEmbedding(dim, freq_dim) if enabled else None
+
+
+def add_interval(model: nn.Module, cond: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """cond [B, D] plus the interval embedding of (t, r); a model without one refuses an r."""
+    if model.interval_embed is None:
+        if r is not None:
+            raise ValueError(
+                f"{type(model).__name__} was built without interval_conditioning, so it cannot take a target "
+                "time r (a flow map needs model.interval_conditioning=true)"
+            )
+        return cond
+    return cond + model.interval_embed(t, r)
 
 
 class LabelEmbedding(nn.Embedding):
@@ -66,10 +103,13 @@ class MLP(nn.Module):
         hidden_dim: int = 128,  # width of every hidden layer
         num_blocks: int = 2,  # residual blocks after the input projection
         time_freq_dim: int = 64,  # sinusoidal features fed to the time MLP
+        interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
         self.dim = dim
-        self.time_embed = TimeEmbedding(hidden_dim, time_freq_dim)
+        self.interval_conditioning = interval_conditioning
+        self.time_embed = TimeEmbedding(hidden_dim, time_freq_dim, time_scale)
         self.in_proj = nn.Linear(dim, hidden_dim)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
@@ -80,12 +120,15 @@ class MLP(nn.Module):
         # mean flow instead of undoing a random one (as in DiT / ADM).
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.interval_embed = interval_embedding(interval_conditioning, hidden_dim, time_freq_dim)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.time_embed(t)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        cond = self.condition(t, y)  # [B, hidden]
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, r: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        cond = add_interval(self, self.condition(t, y), t, r)  # [B, hidden]
         h = self.in_proj(x) + cond
         for block in self.blocks:
             h = h + block(h + cond)
@@ -209,6 +252,8 @@ class UNet(nn.Module):
         dropout: float = 0.0,  # inside every residual block, before its last conv
         emb_dim: int | None = None,  # width of the time (+ class) embedding; None -> 2 * base_ch
         time_freq_dim: int | None = None,  # sinusoidal features fed to the time MLP; None -> emb_dim
+        interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
         mults = list(channel_mults) if channel_mults is not None else [2**i for i in range(depth)]
@@ -225,7 +270,7 @@ class UNet(nn.Module):
         self.in_ch = in_ch
         self.depth = len(widths)
         self.emb_dim = emb_dim or 2 * base_ch
-        self.time_embed = TimeEmbedding(self.emb_dim, time_freq_dim or self.emb_dim)
+        self.time_embed = TimeEmbedding(self.emb_dim, time_freq_dim or self.emb_dim, time_scale)
 
         def level(in_width: int, width: int, factor: int) -> nn.ModuleList:
             layers = []
@@ -262,18 +307,22 @@ class UNet(nn.Module):
             nn.SiLU(),
             zero_init(nn.Conv2d(widths[0], in_ch, 3, padding=1)),
         )
+        self.interval_conditioning = interval_conditioning
+        self.interval_embed = interval_embedding(interval_conditioning, self.emb_dim, time_freq_dim or self.emb_dim)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.time_embed(t)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, r: torch.Tensor | None = None
+    ) -> torch.Tensor:
         stride = 2**self.depth
         if x.shape[-2] % stride or x.shape[-1] % stride:
             raise ValueError(
                 f"U-Net with {self.depth} levels needs H and W divisible by {stride}, got {tuple(x.shape[-2:])}"
             )
         # SiLU once here rather than in every block's projection (ADM applies it per block; same function).
-        emb = F.silu(self.condition(t, y))  # [B, emb_dim]
+        emb = F.silu(add_interval(self, self.condition(t, y), t, r))  # [B, emb_dim]
         h = self.conv_in(x)  # [B, widths[0], H, W]
         skips = []
         for layers, down in zip(self.encoder, self.downsample):

@@ -6,6 +6,8 @@ never depends on the other samples of its batch (under masking: given its row of
 Every model is called as ``model(x, t, y)``: x [B, C, H, W], t [B] float in [0, 1] (0 = noise, 1 = data),
 y [B] long labels in [0, num_classes) or None (= the learned null label ``num_classes``, used by CFG). It
 returns a tensor shaped like x whose meaning (velocity, data or noise) is set by ``flow.prediction``.
+Built with ``interval_conditioning=True`` (a flow map, flow_map.py) it also takes ``r=`` [B], the time
+its output jumps to (None: r = t), through a zero-initialised embedding of r - t (models.IntervalEmbedding).
 
 Deferred masking (training only): ``model(x, t, y, generator=g, return_mask=True)`` returns
 ``(out, keep)`` with keep [B, num_tokens] bool (True = the token went through the backbone; None when no
@@ -31,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import LabelEmbedding, TimeEmbedding, zero_init
+from models import LabelEmbedding, TimeEmbedding, add_interval, interval_embedding, zero_init
 from moe import ExpertChoiceMoE, Mlp
 
 # --- positions --------------------------------------------------------------------------------------
@@ -270,6 +272,8 @@ class DiT(nn.Module):
         capacity_factor: float = 2.0,  # expert-choice c: each expert takes c * N / E tokens per sample
         moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP width at that depth
         time_freq_dim: int = 256,  # sinusoidal features fed to the time MLP (DiT)
+        interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
         if pos_embed not in ("sincos", "rope"):
@@ -289,7 +293,7 @@ class DiT(nn.Module):
         self.grid = grid_size(input_size, patch_size, self.patch_stride)
 
         self.x_embedder = nn.Conv2d(in_channels, embed_size, patch_size, stride=self.patch_stride)
-        self.t_embedder = TimeEmbedding(embed_size, time_freq_dim)
+        self.t_embedder = TimeEmbedding(embed_size, time_freq_dim, time_scale)
         # Position tables for the construction size are non-persistent buffers (recomputed, never
         # checkpointed); other sizes are computed on the fly.
         table = (
@@ -344,6 +348,9 @@ class DiT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if has_masking else None
         self.final_layer = FinalLayer(hidden_size, in_channels * patch_size**2, norm)
         self.initialize_weights()
+        # After the init above, so every other weight is the one the same seed gives without it.
+        self.interval_conditioning = interval_conditioning
+        self.interval_embed = interval_embedding(interval_conditioning, embed_size, time_freq_dim)
 
     def initialize_weights(self):
         """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings; adaLN and output stay zero."""
@@ -415,8 +422,10 @@ class DiT(nn.Module):
         mask_ratio: float | None = None,
         keep_ids: torch.Tensor | None = None,
         return_mask: bool = False,
+        r: torch.Tensor | None = None,
     ):
-        """x [B, C, H, W], t [B], y [B] | None -> out [B, C, H, W] (and keep [B, N] | None if return_mask).
+        """x [B, C, H, W], t [B], y [B] | None -> out [B, C, H, W] (and keep [B, N] | None if return_mask);
+        r [B]: a flow map's target time (interval_conditioning; None = t).
 
         Masking happens only in training mode with mask_ratio (default self.mask_ratio) > 0, or wherever
         keep_ids [B, n_keep] (from sample_keep) are given. Drawing them outside the model keeps a
@@ -432,7 +441,7 @@ class DiT(nn.Module):
             tokens = tokens + pos.to(tokens.dtype)
         else:
             rope = pos[None, None]  # [1, 1, N, head_dim / 2]
-        c = self.condition(t, y)  # [B, embed_size]
+        c = add_interval(self, self.condition(t, y), t, r)  # [B, embed_size]
 
         for block in self.blocks[: self.mixer_depth]:
             tokens = block(tokens, c, rope)

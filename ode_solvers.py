@@ -6,6 +6,7 @@ likelihoods integrate the other way, so every solver accepts increasing and decr
 
 - fixed-grid one-step methods on an explicit time grid: euler, midpoint, heun, rk4 (`SOLVERS`, `solve_ode`)
 - adaptive Dormand-Prince 5(4) through torchdiffeq (`solve_dopri5`)
+- jumps of a flow map (average velocity over each grid interval) along the same grids (`solve_flow_map`)
 - time grids: uniform, SD3-shifted, EDM rho-spacing (`time_grid`)
 - `solve`: the one entry point callers use; NFE is always counted, never assumed.
 """
@@ -103,6 +104,8 @@ SOLVERS: dict[str, FixedStepSolver] = {
     "rk4": FixedStepSolver(rk4_step, 4),
 }
 METHODS = (*SOLVERS, "dopri5")
+FLOW_MAP = "flow_map"  # not an ODE solver: jumps of a flow-map model along the grid (solve_flow_map)
+SAMPLER_METHODS = (*METHODS, FLOW_MAP)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,6 +152,21 @@ def solve_ode(
     trajectory = [x0] if return_trajectory else None
     for t, t_next in zip(grid[:-1], grid[1:]):
         x = step(counted, x, t, t_next)
+        if trajectory is not None:
+            trajectory.append(x)
+    return ODESolution(x, counted.calls, trajectory)
+
+
+def solve_flow_map(map_fn, x0: Tensor, time_grid: Tensor, return_trajectory: bool = False) -> ODESolution:
+    """Jump along `time_grid` [N+1] with a flow map: x_{k+1} = x_k + (t_{k+1} - t_k) map_fn(x_k, t_k, t_{k+1}),
+    map_fn(x, t, t_next) being the average velocity over [t, t_next] (flow_map.py); exact in N steps when
+    map_fn is the true average velocity, whatever N. NFE = N map evaluations."""
+    grid = _check_grid(time_grid).to(device=x0.device, dtype=x0.dtype)
+    counted = CountCalls(map_fn)
+    x = x0
+    trajectory = [x0] if return_trajectory else None
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x = x + (t_next - t) * counted(x, t, t_next)
         if trajectory is not None:
             trajectory.append(x)
     return ODESolution(x, counted.calls, trajectory)

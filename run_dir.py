@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 
 import checkpoint as ckpt
 from cli import exit_on_help
-from config import ConfigError, entry_point_help, require_tracking_packages, to_plain
+from config import ConfigError, require_tracking_packages, to_plain
+from presets import entry_point_help
 from runtime import EXIT_PREEMPTED, MetricLogger, Preempted, RunError, Runtime, broadcast_object, device_runtime
 
 # --- where a run lives ---------------------------------------------------------------------------

@@ -4,13 +4,15 @@ evaluation and Flow-GRPO rollouts.
 `FlowSampler` turns (model, path, prediction) into a velocity field with classifier-free guidance, and
 integrates it three ways, all in our convention (t = 0 noise, t = 1 data):
 
-- `sample`: the probability-flow ODE, noise -> data, with any solver in `ode_solvers`;
+- `sample`: the probability-flow ODE, noise -> data, with any solver in `ode_solvers`, or, for a flow-map
+  model (flow_map.py), `solver="flow_map"`: num_steps jumps z_r = z_t + (r - t) u(z_t, r, t) on the grid;
 - `sde_step` / `sample_sde`: Euler-Maruyama steps of an SDE with the same marginals (Flow-GRPO rollouts);
 - `log_likelihood`: the ODE backwards, data -> noise, with the divergence of the velocity (bits/dim).
 
 `generate` draws N samples with a run's solver settings; `straightness` / `measure_straightness` score how
 straight the ODE paths are (Liu et al. 2022). This module imports only flow, ode_solvers
-and torch. Models are called as model(x [B, ...], t [B], y [B] | None); callers put them in eval mode.
+and torch. Models are called as model(x [B, ...], t [B], y [B] | None), a flow map also with r=[B] by
+solver="flow_map"; callers put them in eval mode.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from flow import PREDICTIONS, AffinePath, expand_t
-from ode_solvers import CountCalls, ODESolution, solve, time_grid
+from ode_solvers import FLOW_MAP, CountCalls, ODESolution, solve, solve_flow_map, time_grid
 
 # On the CPU a smaller batch keeps the activations in cache: fashion_cfg's U-Net (32 Heun steps, CFG)
 # samples about 2x faster at 64-128 images per batch than at 512-1024 (docs/benchmarks.md).
@@ -79,8 +81,16 @@ class FlowSampler:
         self.prediction = prediction
         self.num_classes = num_classes
 
-    def _model_velocity(self, x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        """One forward pass, converted to velocity in float32 (or wider). x [B, ...], t [B] -> [B, ...]."""
+    def _model_velocity(self, x: Tensor, t: Tensor, y: Tensor | None, r: Tensor | None = None) -> Tensor:
+        """One forward pass, converted to velocity in float32 (or wider). x [B, ...], t [B] -> [B, ...].
+        r [B]: a flow map's target time; the output is then the average velocity over [t, r]."""
+        if r is not None:
+            if self.prediction != "velocity":
+                raise ValueError(
+                    f"a flow map predicts an average velocity; this sampler's prediction is {self.prediction!r}"
+                )
+            output = self.model(x, t, y, r=r)
+            return output.to(torch.promote_types(output.dtype, torch.float32))
         output = self.model(x, t, y)
         dtype = torch.promote_types(output.dtype, torch.float32)
         return self.path.to_velocity(output.to(dtype), x.to(dtype), t.to(dtype), self.prediction)
@@ -94,8 +104,10 @@ class FlowSampler:
         guidance_interval: tuple[float, float] = (0.0, 1.0),
         ep_cfg: bool = False,
         detach_uncond: bool = False,
+        r: Tensor | None = None,
     ) -> Tensor:
-        """Guided velocity [B, ...] in float32 (or wider) at x [B, ...], t (0-dim or [B]), labels y [B].
+        """Guided velocity [B, ...] in float32 (or wider) at x [B, ...], t (0-dim or [B]), labels y [B];
+        with r (0-dim or [B]) a flow map's guided average velocity over [t, r].
 
         CFG (Ho & Salimans 2022) u = u_uncond + s (u_cond - u_uncond), applied only where
         t_lo <= t <= t_hi (guidance interval, Kynkaanniemi et al. 2024; closed at both ends, so a solver
@@ -110,8 +122,10 @@ class FlowSampler:
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
         t = t.expand(batch).contiguous()
+        if r is not None:
+            r = torch.as_tensor(r, device=x.device).to(t.dtype).expand(batch).contiguous()
         if guidance_scale == 1.0:
-            return self._model_velocity(x, t, y)
+            return self._model_velocity(x, t, y, r)
         if y is None or self.num_classes is None:
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs labels y and num_classes (the null label index); "
@@ -125,9 +139,10 @@ class FlowSampler:
         else:
             guided = ((t >= t_lo) & (t <= t_hi)).nonzero().squeeze(1)
             if guided.numel() == 0:
-                return self._model_velocity(x, t, y)
+                return self._model_velocity(x, t, y, r)
         null = torch.full_like(y[guided], self.num_classes)
-        u = self._model_velocity(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([y, null]))
+        r_both = None if r is None else torch.cat([r, r[guided]])
+        u = self._model_velocity(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([y, null]), r_both)
         u_cond, u_uncond = u[:batch], u[batch:]
         if detach_uncond:
             u_uncond = u_uncond.detach()
@@ -153,8 +168,22 @@ class FlowSampler:
         atol: float = 1e-5,
         return_trajectory: bool = False,
     ) -> ODESolution:
-        """Integrate the ODE from noise [B, ...] at t = 0 to samples at t = 1 (`ode_solvers.solve`).
-        NFE in the result equals the number of model forward passes."""
+        """Integrate the ODE from noise [B, ...] at t = 0 to samples at t = 1 (`ode_solvers.solve`), or with
+        solver="flow_map" jump along the same grid with a flow-map model (`ode_solvers.solve_flow_map`).
+        NFE in the result equals the number of model forward passes (guided: CFG batches count once)."""
+        if solver == FLOW_MAP:
+            if getattr(self.model, "interval_conditioning", None) is False:
+                raise ValueError(
+                    f"solver={FLOW_MAP!r} needs a flow-map model (interval_conditioning); "
+                    f"{type(self.model).__name__} has none: use an ODE solver"
+                )
+            dtype = torch.promote_types(noise.dtype, torch.float32)
+
+            def average_velocity(x, t, t_next):
+                return self.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg, r=t_next)
+
+            times = time_grid(num_steps, grid, shift, device=noise.device).to(dtype)
+            return solve_flow_map(average_velocity, noise.to(dtype), times, return_trajectory)
         velocity_fn = partial(
             self.velocity,
             y=y,

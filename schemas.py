@@ -23,7 +23,24 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MeanFlowConfig:
+    """The flow-map objective's settings (flow_map.py), read with flow.objective = meanflow."""
+
+    equal_fraction: float = 0.75  # fraction of samples trained at r = t (plain flow matching); MeanFlow's 75 %
+    weight_p: float = 1.0  # adaptive weight 1 / (||err||^2 + c)^p, stop-gradient; 0 = plain squared error
+    weight_c: float = 1.0e-3
+    guidance_scale: float = 1.0  # CFG folded into the target at this fixed scale (1 = none); sample at 1
+    tangent: str = "conditional"  # JVP z-tangent: conditional (v = d_alpha x1 + d_sigma eps) | model (u(z, t, t))
+    derivative: str = "jvp"  # jvp (torch.func.jvp) | finite_difference (central, step fd_step) | split (no derivative)
+    fd_step: float = 1.0e-3
+    curriculum_steps: int = 0  # widen the largest r - t from curriculum_start to 1 over this many steps; 0 = off
+    curriculum_start: float = 0.0
+
+
+@dataclass
 class FlowConfig:
+    objective: str = "flow_matching"  # flow_matching (velocity loss) | meanflow (a flow map, flow_map.py)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
     scheduler: dict[str, Any] = field(default_factory=lambda: {"name": "condot"})
     prediction: str = "velocity"  # what the network outputs: velocity | data | noise
     denominator_min: float = 0.05  # clip on 1-t (data prediction) / t (noise prediction), as in JiT
@@ -104,7 +121,7 @@ class TrainingConfig(RunConfig):
 
 @dataclass
 class SolverConfig:
-    method: str = "heun"  # euler | midpoint | heun | rk4 | dopri5
+    method: str = "heun"  # euler | midpoint | heun | rk4 | dopri5 | flow_map (jumps of a flow-map model)
     num_steps: int = 32
     grid: str = "uniform"  # uniform | shifted | edm
     shift: float = 1.0

@@ -19,6 +19,7 @@ saving a checkpoint (requeue the same command to continue), 1 error.
 import contextlib
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from omegaconf import DictConfig
 
 import checkpoint as ckpt
 import flow
-from build import build_coupling, build_dataset, build_evaluator, build_flow, build_model
+from build import build_coupling, build_dataset, build_evaluator, build_flow, build_flow_map, build_model
 from config import ConfigError
 from figures import close_figure
 from models import count_parameters
@@ -221,7 +222,13 @@ class Trainer:
         self.conditional = hasattr(self.model, "num_classes")
         self.masked = getattr(self.model, "mask_ratio", 0.0) > 0  # deferred token masking (models_dit.DiT)
         self.path, self.time_sampler, self.weighting = build_flow(cfg.flow)
+        self.flow_map = build_flow_map(cfg.flow, self.path, self.time_sampler)  # None: flow matching
         null_label = self.model.num_classes if self.conditional else None
+        if self.flow_map is not None and self.flow_map.guidance_scale != 1 and not self.conditional:
+            raise ConfigError(
+                f"flow.meanflow.guidance_scale = {self.flow_map.guidance_scale} folds CFG into the target, which "
+                f"needs a class-conditional model; {type(self.model).__name__} has no labels (set it to 1.0)"
+            )
         self.batches = MicroBatches(self.dataset, self.time_sampler, cfg, runtime, self.channels_last, null_label)
         self.total_steps = tr.epochs * self.batches.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
@@ -303,6 +310,38 @@ class Trainer:
 
     # -- one optimizer step --
 
+    def micro_loss(self, step, x1, y, t, eps):
+        """One micro-batch's (loss, per-sample losses, t as logged): flow matching, or the flow-map
+        objective (flow_map.py), whose r comes from the micro-batch's generator after its other draws
+        (exact resume; the same t, noise and labels as a flow-matching run of the same seed)."""
+        autocast = partial(
+            torch.autocast, self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
+        if self.flow_map is not None:
+            t, r = self.flow_map.draw(t, self.batches.generator, step)
+            loss, per_sample = self.flow_map.loss(
+                self.model, self.forward_model, x1, eps, t, r, y, self.batches.null_label, autocast
+            )
+            return loss, per_sample, t
+        x_t, _ = self.path.sample(x1, eps, t)
+        with autocast():
+            if self.masked:
+                output, mask = masked_forward(self.model, self.forward_model, x1, x_t, t, y, self.batches.generator)
+            else:
+                output, mask = self.forward_model(x_t, t, y), None
+        loss, per_sample = flow.flow_matching_loss(
+            self.path,
+            output,
+            x1,
+            eps,
+            x_t,
+            t,
+            prediction=self.cfg.flow.prediction,
+            weighting=self.weighting,
+            mask=mask,
+        )
+        return loss, per_sample, t
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, grad_norm, per-sample losses, t) for logging, all on device."""
         tr = self.cfg.training
@@ -315,29 +354,11 @@ class Trainer:
         for accum_index in range(tr.grad_accum):
             micro_index = accum_index * self.runtime.world_size + self.runtime.rank
             x1, y, t, eps = self.batches.micro_batch(step, micro_index)
-            x_t, _ = self.path.sample(x1, eps, t)
             # Only the last micro-step all-reduces gradients under DDP.
             sync = accum_index == tr.grad_accum - 1 or not self.runtime.distributed
             context = self.forward_model.no_sync() if not sync else contextlib.nullcontext()
             with context:
-                with torch.autocast(self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    if self.masked:
-                        output, mask = masked_forward(
-                            self.model, self.forward_model, x1, x_t, t, y, self.batches.generator
-                        )
-                    else:
-                        output, mask = self.forward_model(x_t, t, y), None
-                loss, per_sample = flow.flow_matching_loss(
-                    self.path,
-                    output,
-                    x1,
-                    eps,
-                    x_t,
-                    t,
-                    prediction=self.cfg.flow.prediction,
-                    weighting=self.weighting,
-                    mask=mask,
-                )
+                loss, per_sample, t = self.micro_loss(step, x1, y, t, eps)
                 (loss / tr.grad_accum).backward()
             per_sample_all.append(per_sample.detach())
             t_all.append(t)

@@ -95,8 +95,10 @@ def pairs(out: Path, name: str, teacher: str, num_pairs: int, timings: dict, *ov
     )
 
 
-def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: str | None) -> dict[int, dict]:
-    """{NFE: metrics} for one model: Euler at every NFE in NFES."""
+def evaluate(
+    stage: str, checkpoint: Path, guidance: float | None, classifier: str | None, method: str = "euler", nfes=NFES
+) -> dict[int, dict]:
+    """{NFE: metrics} for one model: `method` (Euler; flow_map for a flow map) at every NFE in nfes."""
     import torch
 
     import metrics
@@ -105,8 +107,8 @@ def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: s
 
     torch.set_num_threads(1)
     results, scorer = {}, None
-    for nfe in NFES:
-        overrides = {"method": "euler", "num_steps": nfe, "grid": "uniform"}
+    for nfe in nfes:
+        overrides = {"method": method, "num_steps": nfe, "grid": "uniform"}
         if guidance is not None:
             overrides["guidance_scale"] = guidance
         loaded = load_run(checkpoint, "cpu", solver_overrides=overrides)
@@ -125,7 +127,7 @@ def evaluate(stage: str, checkpoint: Path, guidance: float | None, classifier: s
     return results
 
 
-def plot(stage: str, table: dict, key: str, path: Path) -> None:
+def plot(stage: str, table: dict, key: str, path: Path, xlabel: str = "NFE (Euler steps)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +140,7 @@ def plot(stage: str, table: dict, key: str, path: Path) -> None:
     axis.set_xticks(NFES, [str(n) for n in NFES])
     if key != "classifier_accuracy":
         axis.set_yscale("log")
-    axis.set_xlabel("NFE (Euler steps)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel(key)
     axis.set_title(f"{stage}: {key} vs NFE (training seconds, cumulative)")
     axis.legend(fontsize=7)

@@ -41,6 +41,10 @@ bench dit_xl2 experiment=imagenet256_latent_dit_xl2 batch=$XL_BATCH profile="$OU
 bench h1024_masked80 experiment=${H1024}_masked80 batch=$H_BATCH profile="$OUT/profile_h1024_masked80.txt"
 unset TORCH_LOGS
 bench h1024_unmasked20 experiment=${H1024}_unmasked20 batch=$H_BATCH
+# A flow-map step (the MeanFlow JVP on the math attention kernel, then the loss forward and backward)
+# against the flow-matching step of the same DiT-B/2: the JVP's cost relative to a plain step.
+bench dit_b2 experiment=imagenet256_latent_dit_b2 batch=$XL_BATCH
+bench dit_b2_meanflow experiment=imagenet256_latent_dit_b2_meanflow batch=$XL_BATCH
 bench cifar10_cfg experiment=cifar10_cfg batch=$C_BATCH
 bench cifar10_cfg_b256 experiment=cifar10_cfg batch=256
 

@@ -33,3 +33,13 @@ def test_benchmark_rejects_unknown_keys():
 
     with pytest.raises(ConfigError, match="training.lrr"):
         bench.main(["steps=1", "warmup=0", "training.lrr=1"])
+
+
+def test_benchmark_times_a_flow_map_step_with_its_jvp():
+    """A MeanFlow step (a JVP, then the loss forward and backward) runs under the FLOP counter too; its
+    count exceeds a plain step's of the same model (scripts/gpu_benchmarks.sh compares the DiT-B/2 pair)."""
+    bench = _load()
+    plain = bench.main(["steps=2", "warmup=1", "batch=64", "experiment=moons"])
+    flow_map = bench.main(["steps=2", "warmup=1", "batch=64", "experiment=moons_meanflow"])
+    assert flow_map["experiment"] == "moons_meanflow" and flow_map["ms_per_step"] > 0
+    assert flow_map["gflops_per_step"] > 1.3 * plain["gflops_per_step"]

@@ -1,6 +1,7 @@
 import pytest
 
-from config import ConfigError, compose, load_config, presets
+from config import ConfigError, compose, load_config
+from presets import presets
 
 PRESETS = presets("train")
 

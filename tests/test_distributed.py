@@ -41,3 +41,36 @@ def test_two_ranks_match_one_process(tmp_path):
     # only rank 0 wrote: exactly one metrics file and one set of checkpoints
     written = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir() if p.name != "latest")
     assert written == ["step_0000020"] or written == ["step_0000010", "step_0000020"]
+
+
+def test_two_ranks_match_one_process_for_a_flow_map(tmp_path):
+    """The MeanFlow JVP runs on the plain module outside autograd; the loss's forward goes through DDP,
+    so the gradients are all-reduced: rank 0 after 2-rank training equals one process accumulating the
+    same two micro-batches (a rank that kept only its own gradient would not)."""
+    args = [*ARGS, "experiment=moons_meanflow", "training.max_steps=10"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        f"training.run_dir={tmp_path / 'ddp'}",
+        *FAST,
+        *args,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert run_train(tmp_path / "single", *args, "training.grad_accum=2") == 0
+    assert run_train(tmp_path / "rank_only", *args, "training.batch_size=32") == 0  # one rank's half alone
+    ddp, single, alone = (final_state(tmp_path / name) for name in ("ddp", "single", "rank_only"))
+    for key in single[0]:
+        torch.testing.assert_close(ddp[0][key], single[0][key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(ddp[0][key], alone[0][key], rtol=1e-5, atol=1e-6) for key in single[0])

@@ -209,3 +209,119 @@ def test_group_count_divides_and_keeps_groups_wide():
         groups = models.group_count(channels)
         assert channels % groups == 0 and 1 <= groups <= 32
     assert models.group_count(32) == 8 and models.group_count(256) == 32
+
+
+# --- interval conditioning (flow maps) ----------------------------------------------------------------
+
+
+def _family(name: str, interval: bool):
+    """(model, x, y) of each family with a time embedding, small; same seed for both flag values."""
+    import models_dit
+
+    torch.manual_seed(0)
+    flag = dict(interval_conditioning=interval)
+    tiny_dit = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
+    if name == "mlp":
+        return models.MLP(hidden_dim=16, **flag), torch.randn(4, 2), None
+    if name == "class_cond_unet":
+        kwargs = dict(base_ch=8, depth=2, emb_dim=16, bottleneck_attention=True, num_heads=2, num_classes=5)
+        return models.ClassCondUNet(**kwargs, **flag), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 5])
+    if name == "dit":
+        return models_dit.ClassCondDiT(**tiny_dit, **flag), torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 5])
+    jit = dict(pos_embed="rope", norm="rmsnorm", qk_norm=True, swiglu=True, patch_size=4, patch_stride=2)
+    model = models_dit.ClassCondDiT(**{**tiny_dit, **jit}, **flag)
+    return model, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 5])
+
+
+FAMILIES = ["mlp", "class_cond_unet", "dit", "jit"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_interval_conditioning_is_off_by_default_and_adds_only_its_own_keys(name):
+    old, _, _ = _family(name, False)
+    new, _, _ = _family(name, True)
+    assert old.interval_embed is None and not old.interval_conditioning
+    added = set(new.state_dict()) - set(old.state_dict())
+    assert added and all(k.startswith("interval_embed.") for k in added)
+    assert set(old.state_dict()) <= set(new.state_dict())
+    # built on a forked RNG: every other weight is the one the same seed gives without it
+    for key, value in old.state_dict().items():
+        torch.testing.assert_close(new.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_an_old_checkpoint_loads_into_an_interval_model_and_computes_the_same(name):
+    import checkpoint
+
+    old, x, y = _family(name, False)
+    for p in old.parameters():  # a "trained" model: every output layer off zero
+        p.data.add_(0.05 * torch.randn_like(p))
+    weights = {k: v.clone() for k, v in old.state_dict().items()}
+    new, _, _ = _family(name, True)
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        checkpoint.load_weights(new, weights, "old")  # strict unless the new keys are named
+    kept = checkpoint.load_weights(new, weights, "old", (checkpoint.INTERVAL_PREFIX,))
+    assert kept and all(k.startswith("interval_embed.") for k in kept)
+    old.eval(), new.eval()
+    t = torch.tensor([0.1, 0.4, 0.7, 0.9])
+    with torch.no_grad():
+        before = old(x, t, y)
+        assert torch.equal(new(x, t, y), before)
+        assert torch.equal(new(x, t, y, r=torch.ones(4)), before)  # zero init: r changes nothing yet
+    # the gradient reaches the new embedding (its zero last layer first), so training can use r
+    new.train()
+    new(x, t, y, r=torch.tensor([0.5, 0.9, 1.0, 0.95])).square().sum().backward()
+    assert new.interval_embed.mlp[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="interval_conditioning"):
+        old(x, t, y, r=torch.ones(4))
+
+
+@pytest.mark.parametrize("name", ["dit", "jit"])
+def test_the_jvp_runs_through_dit_attention_on_the_math_kernel(name):
+    """Forward-mode AD through F.scaled_dot_product_attention (flow_map.math_attention). The sin-cos DiT in
+    float64 matches a central difference; RoPE rotates in float32 (models_dit.apply_rope), which a
+    difference at h = 1e-6 cannot resolve, so the JiT variant is checked to run and be finite."""
+    import flow_map
+
+    model, x, y = _family(name, True)
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    model, x = model.double(), x.double()
+    t = torch.tensor([0.1, 0.4, 0.7, 0.2], dtype=torch.float64)
+    r = torch.tensor([0.5, 0.9, 1.0, 0.2], dtype=torch.float64)
+    dz = torch.randn_like(x)
+
+    def u(z, tt, rr):
+        return model(z, tt, y, r=rr)
+
+    _, dudt = flow_map.total_derivative(u, x, t, r, dz)
+    assert bool(torch.isfinite(dudt).all()) and dudt.abs().sum() > 0
+    if name == "dit":
+        fd = flow_map.finite_difference_derivative(u, x, t, r, dz, 1e-6)
+        torch.testing.assert_close(dudt, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_time_scale_multiplies_t_in_the_sinusoidal_features():
+    t = torch.tensor([0.3, 0.9])
+    torch.testing.assert_close(models.timestep_embedding(t, 8, scale=1.0), models.timestep_embedding(t / 1000, 8))
+    mlp = models.MLP(hidden_dim=16, time_scale=2.0)
+    assert mlp.time_embed.scale == 2.0 and models.MLP().time_embed.scale == 1000.0
+
+
+def test_forward_mode_ad_needs_the_math_attention_kernel():
+    """PyTorch's fused CPU attention kernel has no forward-mode AD; flow_map.total_derivative selects the
+    math kernel for the JVP (float32, where the fused kernel is picked), and only there."""
+    import torch.nn.functional as F
+
+    import flow_map
+
+    q = torch.randn(2, 2, 8, 16)
+
+    def attention(z, t, r):
+        return F.scaled_dot_product_attention(z, z, z) * (1 + t - r)[:, None, None, None]
+
+    with pytest.raises(RuntimeError, match="forward AD"):
+        torch.func.jvp(lambda z: F.scaled_dot_product_attention(z, z, z), (q,), (torch.ones_like(q),))
+    t = torch.zeros(2)
+    value, dudt = flow_map.total_derivative(attention, q, t, t, torch.ones_like(q))
+    assert torch.isfinite(dudt).all() and value.shape == q.shape

@@ -10,15 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 
 import config
-from config import (
-    CONFIG_DIR,
-    ConfigError,
-    SolverConfig,
-    load_config,
-    load_grpo_config,
-    preset_kind,
-    presets,
-)
+import presets as catalogue
+from config import ConfigError, SolverConfig, load_config, load_grpo_config
+from presets import CONFIG_DIR, preset_kind, presets
 from schemas import FlowConfig
 
 EXPERIMENTS = CONFIG_DIR / "experiment"
@@ -75,7 +69,8 @@ def test_a_preset_of_the_other_entry_point_is_one_clear_line():
 
 def test_grpo_presets_are_recognised_by_structure_not_name(tmp_path, monkeypatch):
     shutil.copytree(CONFIG_DIR, tmp_path / "configs")
-    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path / "configs")
+    for module in (config, catalogue):  # composition reads config's, the catalogue its own
+        monkeypatch.setattr(module, "CONFIG_DIR", tmp_path / "configs")
     experiments = tmp_path / "configs" / "experiment"
     (experiments / "png_recipe.yaml").write_text("# @package _global_\ndefaults:\n  - override /reward: png\n")
     (experiments / "png_recipe_long.yaml").write_text(

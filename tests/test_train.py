@@ -386,3 +386,50 @@ def test_training_logs_fid_n_against_a_reference(tmp_path, inception_weights):
     fids = [(line["step"], line["eval/fid_20"]) for line in logged if "eval/fid_20" in line]
     assert [step for step, _ in fids] == [2, 4] and all(value > 0 for _, value in fids)
     assert any("eval/is_mean_20" in line for line in logged)
+
+
+def test_flow_map_resume_is_bitwise_exact(tmp_path):
+    """The (t, r) draws come from the micro-batch's generator: a resumed MeanFlow run replays exactly."""
+    flow_map_run = [*SHORT, "experiment=moons_meanflow", "training.max_steps=20"]
+    assert run_train(tmp_path / "full", *flow_map_run) == 0
+    assert run_train(tmp_path / "split", *flow_map_run[1:], "training.max_steps=7") == 0
+    assert run_train(tmp_path / "split", *flow_map_run, "training.resume=auto") == 0
+    assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / "split"))
+
+
+def test_a_flow_map_starts_from_a_velocity_checkpoint_with_a_gap_curriculum(tmp_path, capsys):
+    """Conversion: training.init.checkpoint from a run without an interval embedding; the embedding keeps
+    its zero init (so step 0 is the teacher), every other weight is the teacher's."""
+    assert run_train(tmp_path / "teacher", *SHORT[1:], "experiment=moons", "training.max_steps=10") == 0
+    teacher = final_state(tmp_path / "teacher")
+    convert = [
+        "experiment=moons_meanflow",
+        f"training.init.checkpoint={tmp_path / 'teacher'}",
+        "flow.meanflow.curriculum_steps=100",
+        "training.batch_size=64",
+        "training.checkpoint_every=10",
+    ]
+    fresh = trainer.Trainer(
+        config.load_config([*convert, f"training.run_dir={tmp_path / 'student'}"]),
+        runtime.Runtime(device=torch.device("cpu")),
+        tmp_path / "student",
+    )
+    fresh.resume()  # a fresh start: training.init.checkpoint, nothing written
+    start = fresh.model.state_dict()
+    for key, value in teacher[1].items():  # training.init.model = ema (its default)
+        torch.testing.assert_close(start[key], value, rtol=0, atol=0)
+    assert float(start["interval_embed.mlp.2.weight"].abs().max()) == 0
+    assert run_train(tmp_path / "student", *convert, "training.max_steps=10") == 0
+    assert "interval_embed.* (4 tensors) not in it: zero-initialised" in capsys.readouterr().out
+    trained = final_state(tmp_path / "student")
+    assert float(trained[0]["interval_embed.mlp.2.weight"].abs().max()) > 0
+
+
+@pytest.mark.slow
+def test_a_flow_map_trains_with_a_compiled_forward(tmp_path):
+    """torch.compile wraps the loss forward (with its r= argument); the JVP runs on the eager module."""
+    run = [*SHORT[1:], "experiment=moons_meanflow", "training.max_steps=5", "training.compile=true"]
+    assert run_train(tmp_path / "compiled", *run) == 0
+    model = final_state(tmp_path / "compiled")[0]
+    assert all(torch.isfinite(value).all() for value in model.values())
+    assert float(model["interval_embed.mlp.2.weight"].abs().max()) > 0

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_grpo
-from config import ConfigError, load_grpo_config, presets
+from config import ConfigError, load_grpo_config
+from presets import presets
 from rl.trainer import GRPOTrainer
 
 # A tiny class-conditional U-Net on 16x16 digits: a seed trains in seconds.

@@ -1,0 +1,99 @@
+"""Flow maps (MeanFlow, flow_map.py) against the few-step table (experiments/few_step.md): quality at
+1, 2, 4, 8 and 32 flow-map jumps, with the training CPU seconds each model cost. Writes
+experiments/flow_maps_<stage>.json and experiments/figures/flow_maps_<stage>.png (quality against NFE)
+and prints the markdown table (experiments/flow_maps.md).
+
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=moons
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=digits epochs=30
+
+Training and evaluation are few_step.py's own (`few_step.train`, `few_step.evaluate`): one `train.py`
+process on one thread per model, timed in CPU seconds (user + sys, start-up included); the same samples
+(seed 1), metrics and classifier. Models: `scratch` (the stage's *_meanflow preset) and, with
+convert=true, `converted` (the stage's flow-matching teacher, then the flow-map preset started from it
+with training.init.checkpoint and the gap curriculum; its cost includes the teacher's) and the teacher
+itself, sampled with Euler and its run's guidance as few_step.py samples it (the same-day reference).
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from few_step import NFES, evaluate, plot, train
+
+from cli import parse_keys
+from config import check, check_choice
+from runtime import run_main
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"moons": ("moons_meanflow", "moons"), "digits": ("digits_meanflow", "digits_cfg")}  # (flow map, teacher)
+
+
+@dataclass
+class FlowMapsConfig:
+    stage: str | None = None  # required: moons | digits
+    out: str | None = None  # run directory root (null: runs/flow_maps/<stage>)
+    epochs: int | None = None  # training.epochs of every run (null: each preset's)
+    convert: bool = False  # also the teacher -> flow map conversion
+    curriculum_steps: int = 1000  # conversion: steps over which the largest r - t widens from 0 to 1
+    classifier: str = "runs/classifiers/digits.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_keys(sys.argv[1:] if argv is None else argv, FlowMapsConfig, __doc__)
+    check(args.stage is not None, "stage", args.stage, f"is required; choose one of: {', '.join(sorted(STAGES))}")
+    check_choice("stage", args.stage, sorted(STAGES))
+    out = Path(args.out or f"runs/flow_maps/{args.stage}")
+    out.mkdir(parents=True, exist_ok=True)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings["_path"] = str(timings_path)
+    flow_map, teacher = STAGES[args.stage]
+    epochs = [f"training.epochs={args.epochs}"] if args.epochs else []
+    extra = ["training.classifier=" + args.classifier] if args.stage == "digits" else []
+    cost = {"scratch": train(out, "scratch", flow_map, timings, *epochs, *extra)}
+    if args.convert:
+        teacher_cost = train(out, "teacher", teacher, timings, *epochs, *extra)
+        student = train(
+            out,
+            "converted",
+            flow_map,
+            timings,
+            f"training.init.checkpoint={out / 'teacher'}",
+            f"flow.meanflow.curriculum_steps={args.curriculum_steps}",
+            "model.time_scale=1000.0",  # the teacher's time features
+            # a fine-tune of the teacher (lr 1e-3, no warmup, as the reflow students), with the paper's
+            # adaptive weighting, which caps the pull of the large targets of a 1000x time embedding
+            "training.lr=1e-3",
+            "training.warmup_steps=0",
+            "flow.meanflow.weight_p=1.0",
+            *epochs,
+            *extra,
+        )
+        cost["converted"] = teacher_cost + student
+    guidance = 1.0 if args.stage == "digits" else None  # the guidance is folded into the flow map
+    table = {}
+    for name, seconds in cost.items():
+        scores = evaluate(args.stage, out / name, guidance, args.classifier, "flow_map")
+        table[name] = {"seconds": seconds, "nfe": {str(k): v for k, v in scores.items()}}
+    if args.convert:  # the teacher as few_step.py scores it (Euler, its run's guidance): the same-day reference
+        scores = evaluate(args.stage, out / "teacher", None, args.classifier)
+        table["teacher (Euler)"] = {"seconds": timings["teacher"], "nfe": {str(k): v for k, v in scores.items()}}
+    timings.pop("_path")
+    (ROOT / f"experiments/flow_maps_{args.stage}.json").write_text(
+        json.dumps({"timings": timings, "table": table}, indent=2)
+    )
+    plot_key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
+    figure = ROOT / f"experiments/figures/flow_maps_{args.stage}.png"
+    plot(args.stage, table, plot_key, figure, xlabel="NFE (flow-map jumps; the teacher: Euler steps)")
+    keys = ["sliced_w2"] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
+    print("\n| model | training CPU s | " + " | ".join(f"{k} @ {n}" for k in keys for n in NFES) + " |")
+    print("|---|---|" + "---|" * (len(keys) * len(NFES)))
+    for name, row in table.items():
+        cells = " | ".join(f"{row['nfe'][str(n)][k]:.4f}" for k in keys for n in NFES)
+        print(f"| {name} | {row['seconds']:.0f} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
