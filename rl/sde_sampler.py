@@ -127,20 +127,36 @@ def sde_rollout(
     shift: float = 1.0,
     log_prob_reduce: str = "mean",
     guidance_interval: tuple[float, float] = (0.0, 1.0),
+    sde_steps: Tensor | None = None,
 ) -> Rollout:
     """`num_steps` (T_rollout) `sde_step`s from noise [B, ...] at t = 0 to samples at t = 1 on
     `time_grid(num_steps, grid, shift)`, storing every transition and its log-prob under the sampling
     policy. Step noise comes from `generator` (on noise's device). CFG applies on `guidance_interval`
     (FlowSampler.velocity), so rollouts can follow the sampler a checkpoint is deployed with. The model
-    should be in eval mode."""
+    should be in eval mode.
+
+    sde_steps (windowed Flow-GRPO, `window_steps`): the step indices [K] that are SDE steps; the others are
+    deterministic Euler ODE steps (the SDE step at noise level 0: std 0, no noise drawn), stored with log-prob
+    0 and never to be trained. None: every step is an SDE step."""
     _check_noise_level(noise_level)
     dtype = torch.promote_types(noise.dtype, torch.float32)
     # Grid on the CPU in float64 (time_grid), then cast before moving: MPS has no float64.
     grid_times = time_grid(num_steps, grid, shift).to(dtype).to(noise.device)
     times, next_times = grid_times[:-1], grid_times[1:]
     x = noise.to(dtype)
+    stochastic = set(range(num_steps)) if sde_steps is None else set(sde_steps.tolist())
     states, next_states, means, stds, log_probs = [], [], [], [], []
-    for t, t_next in zip(times, next_times):
+    for k, (t, t_next) in enumerate(zip(times, next_times)):
+        if k not in stochastic:  # an ODE step of a windowed rollout
+            mean, std = sampler.sde_step(x, t, t_next, labels, 0.0, guidance_scale, guidance_interval)
+            x_next = mean
+            log_probs.append(torch.zeros(x.shape[0], device=x.device, dtype=torch.float32))
+            states.append(x)
+            next_states.append(x_next)
+            means.append(mean.float())
+            stds.append(std.float())
+            x = x_next
+            continue
         mean, std = sampler.sde_step(x, t, t_next, labels, noise_level, guidance_scale, guidance_interval)
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=mean.dtype)
         # The log-prob of the stored action (not of the drawn noise), so the recomputation in
@@ -226,3 +242,27 @@ def select_timesteps(
     if not 1 <= num_train_steps <= num_steps:
         raise ValueError(f"num_train_steps must lie in [1, num_steps={num_steps}], got {num_train_steps}")
     return torch.randperm(num_steps, generator=generator, device=device)[:num_train_steps].sort().values
+
+
+WINDOW_MODES = ("fixed", "sliding")
+
+
+def window_steps(
+    num_steps: int, size: int, mode: str = "fixed", start: int = 0, stride: int = 1, every: int = 1, iteration: int = 0
+) -> Tensor:
+    """Windowed Flow-GRPO (Flow-GRPO-Fast's fixed window; MixGRPO's sliding one, Li et al. 2025, arXiv
+    2507.21802): the `size` consecutive step indices [size] of a rollout of num_steps that are SDE steps and
+    trained; the rest are ODE steps. Windows lie in [0, num_steps - 1): the final step into t = 1 is never
+    trained (as select_timesteps' "first"). "fixed": start..start+size-1. "sliding": the start moves by
+    `stride` every `every` iterations and wraps around the num_steps - size possible positions."""
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"mode must be one of {WINDOW_MODES}, got {mode!r}")
+    positions = num_steps - size  # starts 0 .. num_steps - 1 - size keep the window off the final step
+    if size < 1 or positions < 1 or not 0 <= start < positions:
+        raise ValueError(
+            f"a window of size {size} starting at {start} does not fit a rollout of {num_steps} steps without "
+            f"its final step (size in [1, {num_steps - 1}], start in [0, {num_steps - 1 - size}])"
+        )
+    if mode == "sliding":
+        start = (start + (iteration // every) * stride) % positions
+    return torch.arange(start, start + size)

@@ -76,7 +76,7 @@ def run_grpo(classifier_file):
 def newest(run_dir):
     import checkpoint
 
-    path = checkpoint.resolve_checkpoint(run_dir)
+    path = checkpoint.resolve_checkpoint(run_dir, best=False)  # the newest, not the guard's published best
     return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", weights_only=True), path
 
 
@@ -244,6 +244,7 @@ def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run, run_grpo):
             "training.max_steps=12",
             "training.eval_every=0",
             "training.classifier=null",
+            "grpo.guard.enabled=false",  # the guard needs the classifier; this measures the objective alone
             "grpo.clip_eps=0.2",
         )
         == 0
@@ -321,6 +322,7 @@ def jpeg_run_28(run_dir, seed, classifier, *overrides, lr="2e-4", iterations=8) 
                 "solver.guidance_interval=[0,0.6]",
                 f"grpo.lr={lr}",
                 f"training.max_steps={iterations}",
+                "grpo.guard.enabled=false",  # these measure the objectives themselves, unguarded
                 *overrides,
             ]
         )
@@ -421,3 +423,87 @@ def test_the_log_has_each_reward_term(tmp_path, seed_run, run_grpo, classifier_f
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = next(row for row in rows if "reward/mean" in row)
     assert {"reward/jpeg", "reward/classifier_logprob"} <= set(logged), sorted(logged)
+
+
+# --- the fidelity guard in a run -------------------------------------------------------------------------
+
+# kappa = 1 (no classifier-FD above the seed's) and patience 1: the first update that moves the samples off
+# the data is a violation, so the guard acts within a few tiny iterations.
+GUARDED = [
+    "grpo.guard.enabled=true",
+    "grpo.guard.min_accuracy=0",
+    "grpo.guard.max_fd_ratio=1.0",
+    "grpo.guard.patience=1",
+    "grpo.lr=1e-3",
+    "grpo.kl_beta=0",
+    "training.eval_every=1",
+    "training.checkpoint_every=1",
+    "training.keep_last=2",
+]
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_guard_rollbacks_resume_bitwise(tmp_path, seed_run, run_grpo):
+    """5 iterations in one go == 2, stop, then resume to 5, through the guard's rollbacks: same weights,
+    optimizer state, guard state and best.json."""
+    common = [*GUARDED, "grpo.guard.max_rollbacks=5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_grpo(straight, seed_run, *common, "training.max_steps=5") == 0
+    checks = [row for row in rows_of(straight) if "guard/rollbacks" in row]
+    message = [(row["step"], round(row["eval/ode/classifier_fd"], 3), row["guard/rollbacks"]) for row in checks]
+    assert checks[-1]["guard/rollbacks"] >= 1, message  # the scenario does roll back
+    assert run_grpo(resumed, seed_run, *common, "training.max_steps=2") == 0
+    assert run_grpo(resumed, seed_run, *common, "training.max_steps=5", "training.resume=auto") == 0
+    (model_a, state_a, path_a), (model_b, state_b, path_b) = newest(straight), newest(resumed)
+    assert path_a.name == path_b.name == "step_0000005"
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for index, values in state_a["optimizer"]["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, state_b["optimizer"]["state"][index][name]), (index, name)
+    assert state_a["guard"] == state_b["guard"] and state_a["guard"]["rollbacks"] >= 1
+    # the same best (its manifest's hash differs: the config records each command's training.max_steps)
+    best = [json.loads((run / "checkpoints/best.json").read_text()) for run in (straight, resumed)]
+    assert [(b["checkpoint"], b["reward"]) for b in best] == [(best[0]["checkpoint"], best[0]["reward"])] * 2
+    summary = json.loads((straight / "eval.json").read_text())["guard"]
+    assert summary == json.loads((resumed / "eval.json").read_text())["guard"]
+
+
+def test_guard_stop_publishes_a_good_policy_and_says_so(tmp_path, seed_run, run_grpo, classifier_file, capsys):
+    """action=stop: the run ends at the first violation with the last good weights, says so on stderr and in
+    finished.json / eval.json, a re-run is a no-op, and `inference.py checkpoint=RUN` samples the best."""
+    import inference
+
+    run_dir = tmp_path / "run"
+    anchor = f"reward.terms.1.reward.classifier={classifier_file}"
+    common = [*GUARDED, "grpo.guard.action=stop", "reward=jpeg_and_classifier", anchor, "training.max_steps=6"]
+    assert run_grpo(run_dir, seed_run, *common) == 0
+    err = capsys.readouterr().err
+    finished = json.loads((run_dir / "finished.json").read_text())
+    guard = finished["guard"]
+    assert guard["stopped"] and finished["step"] < 6, finished
+    assert "GUARD:" in err and "stopping the run" in err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["guard"] == guard and guard["final_satisfies"] is True  # the restored policy is a good one
+    # fidelity beside reward: each term, diversity, and the seed's numbers with every ratio to them
+    for key in ("eval/ode/reward/jpeg", "eval/ode/reward/classifier_logprob", "eval/sde/class_diversity"):
+        assert key in result and key in result["seed"], key
+    assert result["eval/ode/classifier_fd_vs_seed"] <= 1.0
+    assert result["eval/ode/class_diversity_ratio"] > 0
+    # the final checkpoint holds the weights of the guard's last good one
+    final = load_file(str(run_dir / "checkpoints" / finished["checkpoint"] / "model.safetensors"))
+    good = ckpt_step(run_dir, guard["best_step"])
+    assert guard["best_step"] < finished["step"] and all(torch.equal(final[k], good[k]) for k in final)
+    assert run_grpo(run_dir, seed_run, *common, "training.resume=auto") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    out = tmp_path / "samples"
+    assert inference.main([f"checkpoint={run_dir}", f"out={out}", "n_per_class=1", "device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"step_{guard['best_step']:07d}" in printed and "best.json" in printed, printed
+
+
+def ckpt_step(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
