@@ -14,6 +14,7 @@ from rl.sde_sampler import (
     sde_rollout,
     select_timesteps,
     transition_log_prob,
+    window_steps,
 )
 from sampling import FlowSampler
 
@@ -287,3 +288,41 @@ def test_polynomial_sde_is_finite_and_exact_at_the_noise_end(n):
     assert torch.isfinite(model.gain.grad)
     rollout = sde_rollout(sampler, x, None, 10, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(rollout.samples).all() and torch.isfinite(rollout.log_probs).all()
+
+
+def test_window_steps_fixed_and_sliding():
+    assert window_steps(6, 2, "fixed", start=1).tolist() == [1, 2]
+    # sliding: 6 - 2 = 4 positions (the window never covers the final step 5), moving every 2 iterations
+    starts = [int(window_steps(6, 2, "sliding", stride=1, every=2, iteration=i)[0]) for i in range(10)]
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    for size, start in ((0, 0), (6, 0), (2, 4)):
+        with pytest.raises(ValueError, match="does not fit"):
+            window_steps(6, size, "fixed", start=start)
+    with pytest.raises(ValueError, match="mode"):
+        window_steps(6, 2, "random")
+
+
+def test_a_windowed_rollout_is_ode_outside_its_window():
+    """Outside the window: std 0, the next state is the mean (an Euler step), log-prob 0, and no noise is drawn,
+    so two generators give the same path up to the window; inside, the stored log-probs recompute exactly."""
+    window = torch.tensor([1, 2])
+    _, sampler, rollout = conditional_rollout(num_steps=5, sde_steps=window)
+    _, _, other = conditional_rollout(num_steps=5, seed=7, sde_steps=window)
+    for k in (0, 3, 4):
+        assert rollout.stds[k].abs().max() == 0 and rollout.log_probs[k].abs().max() == 0
+        torch.testing.assert_close(rollout.next_states[k], rollout.means[k].to(rollout.next_states.dtype))
+    assert torch.equal(rollout.next_states[0], other.next_states[0])  # before the window: deterministic
+    assert not torch.equal(rollout.next_states[1], other.next_states[1])
+    for k in window.tolist():
+        assert rollout.stds[k].min() > 0
+        log_probs, _, _ = transition_log_prob(
+            sampler,
+            rollout.states[k],
+            rollout.times[k],
+            rollout.next_times[k],
+            rollout.next_states[k],
+            rollout.labels,
+            0.7,
+            3.0,
+        )
+        torch.testing.assert_close(log_probs, rollout.log_probs[k], rtol=0, atol=1e-6)

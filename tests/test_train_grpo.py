@@ -2,6 +2,7 @@
 and a tiny run that raises the JPEG reward."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -143,6 +144,18 @@ def test_write_up_recipes_are_the_presets():
         (["seed_checkpoint=x", "solver.steps=3"], ["solver.steps", "num_steps"]),
         (["seed_checkpoint=x", "grpo.kl=0.1"], ["grpo.kl", "kl_beta"]),
         (["seed_checkpoint=x", "grpo.guidance_interval=[0.7,0.2]"], ["grpo.guidance_interval", "0.7", "t_lo <= t_hi"]),
+        (["seed_checkpoint=x", "grpo.objective=ppo"], ["grpo.objective", "ppo", "flow_grpo", "diffusion_nft"]),
+        (["seed_checkpoint=x", "grpo.window.size=10"], ["grpo.window.size", "10", "rollout_steps - 1 = 9"]),
+        (["seed_checkpoint=x", "grpo.window.size=4", "grpo.window.start=6"], ["grpo.window.start", "6", "[0, 5]"]),
+        (
+            ["seed_checkpoint=x", "grpo.objective=diffusion_nft", "grpo.ratio_norm=true"],
+            ["grpo.ratio_norm", "diffusion_nft"],
+        ),
+        (["seed_checkpoint=x", "grpo.lr_schedule=linear"], ["grpo.lr_schedule", "linear", "constant", "cosine"]),
+        (["seed_checkpoint=x", "grpo.guard.action=pause"], ["grpo.guard.action", "pause", "rollback", "stop"]),
+        (["seed_checkpoint=x", "grpo.guard.max_fd_ratio=0"], ["grpo.guard.max_fd_ratio", "0", "> 0"]),
+        (["seed_checkpoint=x", "training.classifier=null"], ["training.classifier", "grpo.guard.enabled=false"]),
+        (["seed_checkpoint=x", "training.eval_every=0"], ["training.eval_every", "grpo.guard.enabled"]),
     ],
 )
 def test_config_errors_name_the_key(overrides, words):
@@ -507,3 +520,50 @@ def test_guard_stop_publishes_a_good_policy_and_says_so(tmp_path, seed_run, run_
 
 def ckpt_step(run_dir, step):
     return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+# --- the objectives side by side, through the entry point ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["grpo.objective=diffusion_nft", "grpo.kl_beta=0.1"],
+        ["grpo.window.size=2", "grpo.window.mode=sliding"],
+        ["grpo.ratio_norm=true", "grpo.lr_schedule=cosine", "grpo.kl_beta=0.1"],
+    ],
+    ids=["diffusion_nft", "window_sliding", "ratio_norm_cosine"],
+)
+def test_each_objective_trains_through_the_entry_point(tmp_path, seed_run, run_grpo, variant):
+    run_dir = tmp_path / "run"
+    assert run_grpo(run_dir, seed_run, *variant, "grpo.lr=1e-3", "training.max_steps=2") == 0
+    logged = [row for row in rows_of(run_dir) if "grpo/loss" in row]
+    assert len(logged) == 2 and all(math.isfinite(row["grpo/loss"]) and row["grpo/kl"] >= 0 for row in logged)
+    model, _, _ = newest(run_dir)
+    seed_weights = load_file(str(newest(seed_run)[2] / "ema.safetensors"))
+    assert any(not torch.equal(model[key], seed_weights[key]) for key in model)  # it trained something
+
+
+def test_diffusion_nft_with_a_cosine_lr_resumes_bitwise(tmp_path, seed_run, run_grpo):
+    common = [
+        "grpo.objective=diffusion_nft",
+        "grpo.lr_schedule=cosine",
+        "grpo.epochs=4",
+        "grpo.lr=1e-3",
+        "grpo.kl_beta=0.1",
+        "training.checkpoint_every=1",
+    ]
+    assert run_grpo(tmp_path / "straight", seed_run, *common) == 0
+    assert run_grpo(tmp_path / "resumed", seed_run, *common, "training.max_steps=2") == 0
+    with pytest.raises(ConfigError, match="grpo.lr_schedule = cosine horizon"):  # epochs set the schedule
+        run_grpo(tmp_path / "resumed", seed_run, *common, "grpo.epochs=5", "training.resume=auto")
+    assert run_grpo(tmp_path / "resumed", seed_run, *common, "training.resume=auto") == 0
+    (model_a, state_a, _), (model_b, state_b, path_b) = newest(tmp_path / "straight"), newest(tmp_path / "resumed")
+    assert path_b.name == "step_0000004"
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for index, values in state_a["optimizer"]["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, state_b["optimizer"]["state"][index][name]), (index, name)
+    lrs = [row["grpo/lr"] for row in rows_of(tmp_path / "straight") if "grpo/lr" in row]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3  # cosine: decaying from the first update on
