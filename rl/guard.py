@@ -57,7 +57,7 @@ class FidelityGuard:
         self.good_step: int | None = None  # the last good evaluation's iteration: the rollback target
         self.best_step: int | None = None
         self.best_reward: float | None = None
-        self.last_checked: int | None = None  # the iteration of the last check (a resume owes none twice)
+        self.last_checked: int | None = None  # the iteration of the last check (a resume may owe one)
         self.stopped: str | None = None  # why the guard ended the run, once it has
         self.final_satisfied: bool | None = None
 

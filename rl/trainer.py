@@ -31,6 +31,7 @@ anywhere and resumed from its last checkpoint replays the same iterations bit fo
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -499,9 +500,17 @@ class GRPOTrainer:
             if self.step == 0 and self.seed_eval is None:
                 self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
                 if self.guard is not None:
+                    self.target_steps = 0 if self.guard.stopped else self.target_steps
                     self.save()  # the seed is the first rollback target
             elif self.guard is not None and self.owes_evaluation():
-                self.evaluate(final=False)  # stopped by SIGTERM at an evaluation step, before evaluating
+                # A shorter run (training.max_steps) ended here: its last checkpoint was written before this
+                # step's evaluation, which its final one was. Decide here as an uninterrupted run does, and
+                # replace that checkpoint with one that holds the decision.
+                self.evaluate(final=False)
+                if self.guard.stopped:
+                    self.target_steps = self.step
+                shutil.rmtree(self.run_dir / "checkpoints" / ckpt.step_dir_name(self.step))
+                self.save()
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
             while self.step < self.target_steps:
                 values = self.iteration()
@@ -510,7 +519,10 @@ class GRPOTrainer:
                 if self.step % tr.log_every == 0 or self.step == self.target_steps:
                     self.log.scalars(self.step, values)
                 stop, save, evaluate = run.due(self.step, self.target_steps, tr, "iteration")
-                if evaluate:  # never when stopping
+                if self.guard is not None and stop and tr.eval_every and self.step % tr.eval_every == 0:
+                    # guarded: the checkpoint of an evaluation step holds the guard's decision there
+                    evaluate = self.step != self.target_steps
+                if evaluate:  # unguarded, never when stopping
                     self.evaluate(final=False)
                     if self.guard is not None:
                         save = True  # a checkpoint at every guarded evaluation: rollback target, best
@@ -535,7 +547,7 @@ class GRPOTrainer:
         return EXIT_OK
 
     def owes_evaluation(self) -> bool:
-        """A resumed run whose checkpoint was saved at an evaluation step before that evaluation ran."""
+        """Resumed at an evaluation step whose checkpoint was saved before the guard's check there."""
         every = self.cfg.training.eval_every
         due = bool(every) and self.step % every == 0 and 0 < self.step < self.target_steps
         return due and self.guard.last_checked != self.step
