@@ -652,5 +652,20 @@ def print_plan(trainer: GRPOTrainer) -> None:
         f"{trainer.cfg.experiment}: GRPO on {type(trainer.model).__name__} ({count_parameters(trainer.model):,} "
         f"parameters) from {trainer.seed_path} (step {trainer.seed_step}) on {trainer.runtime.device}; reward "
         f"{trainer.reward.name}; {g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, "
-        f"num_inner={g.num_inner}; iterations {trainer.step} -> {trainer.target_steps}; run dir {trainer.run_dir}"
+        f"num_inner={g.num_inner}; objective {describe_objective(g)}; iterations {trainer.step} -> "
+        f"{trainer.target_steps}; run dir {trainer.run_dir}"
     )
+    if trainer.guard is not None:
+        trainer.log.print(f"fidelity guard: {trainer.guard.describe()} (grpo.guard.*)")
+
+
+def describe_objective(g: DictConfig) -> str:
+    """'flow_grpo, window 3 sliding, ratio_norm, lr cosine': the update rule in a few words."""
+    parts = [g.objective]
+    if g.window.size is not None:
+        parts.append(f"window {g.window.size} {g.window.mode}")
+    if g.ratio_norm:
+        parts.append("ratio_norm")
+    if g.lr_schedule != "constant":
+        parts.append(f"lr {g.lr_schedule}")
+    return ", ".join(parts)

@@ -459,9 +459,10 @@ def rows_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_guard_rollbacks_resume_bitwise(tmp_path, seed_run, run_grpo):
+def test_guard_rollbacks_resume_bitwise(tmp_path, seed_run, run_grpo, monkeypatch):
     """5 iterations in one go == 2, stop, then resume to 5, through the guard's rollbacks: same weights,
-    optimizer state, guard state and best.json."""
+    optimizer state, guard state and best.json; and the same when SIGTERM stops it at iteration 2 (an
+    evaluation step: the guard decides before the checkpoint is written)."""
     common = [*GUARDED, "grpo.guard.max_rollbacks=5"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert run_grpo(straight, seed_run, *common, "training.max_steps=5") == 0
@@ -483,6 +484,16 @@ def test_guard_rollbacks_resume_bitwise(tmp_path, seed_run, run_grpo):
     assert [(b["checkpoint"], b["reward"]) for b in best] == [(best[0]["checkpoint"], best[0]["reward"])] * 2
     summary = json.loads((straight / "eval.json").read_text())["guard"]
     assert summary == json.loads((resumed / "eval.json").read_text())["guard"]
+    import run_dir
+
+    preempted = tmp_path / "preempted"
+    with monkeypatch.context() as patch:
+        patch.setattr(run_dir.Run, "stop_requested", lambda self, step, unit="step": step == 2)
+        assert run_grpo(preempted, seed_run, *common, "training.max_steps=5") == 75
+    assert run_grpo(preempted, seed_run, *common, "training.max_steps=5", "training.resume=auto") == 0
+    model_c, state_c, _ = newest(preempted)
+    assert all(torch.equal(model_a[key], model_c[key]) for key in model_a)
+    assert state_c["guard"] == state_a["guard"]
 
 
 def test_guard_stop_publishes_a_good_policy_and_says_so(tmp_path, seed_run, run_grpo, classifier_file, capsys):
