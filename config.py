@@ -492,6 +492,16 @@ def _validate_grpo_variants(g) -> None:
         g.ratio_norm,
         "normalises Flow-GRPO's likelihood ratios; grpo.objective = diffusion_nft has none",
     )
+    check_choice("grpo.sampler", g.sampler, ("sde", "cps"))
+    if g.sampler == "cps":
+        check(g.noise_level <= 1, "grpo.noise_level", g.noise_level, "must be in (0, 1] with grpo.sampler = cps")
+        check(
+            g.timestep_selection != "random" or g.window.size is not None,
+            "grpo.timestep_selection",
+            g.timestep_selection,
+            "must be first or last with grpo.sampler = cps (its final step into t = 1 is deterministic: no "
+            "log-prob to train)",
+        )
     check(g.nft.beta > 0, "grpo.nft.beta", g.nft.beta, "must be > 0")
     check(g.nft.advantage_max > 0, "grpo.nft.advantage_max", g.nft.advantage_max, "must be > 0")
     check(g.nft.timesteps >= 1, "grpo.nft.timesteps", g.nft.timesteps, "must be >= 1")

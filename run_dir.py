@@ -330,6 +330,7 @@ ADDED_KEYS = {
     "grpo.lr_schedule": "constant",
     "grpo.min_lr_ratio": 0.0,
     "grpo.ratio_norm": False,
+    "grpo.sampler": "sde",
     "grpo.window.size": None,
     "grpo.window.mode": "fixed",
     "grpo.window.start": 0,

@@ -444,6 +444,9 @@ class GRPOConfig:
     # GRPO-Guard's ratio normalisation (rl/grpo.py: normalized_log_ratio): unbiased, step-consistent ratios
     # and 1/dt gradient reweighting, so PPO clipping bounds positive updates at every timestep
     ratio_norm: bool = False
+    # the rollouts' stochastic step (rl/sde_sampler.py): sde (Euler-Maruyama, Flow-GRPO) | cps (coefficients-
+    # preserving; noise_level in (0, 1]); also the SDE evaluation samples'
+    sampler: str = "sde"
     window: WindowConfig = field(default_factory=WindowConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)

@@ -47,7 +47,7 @@ from rl.grpo import gaussian_kl, group_advantages, grpo_loss, normalized_log_rat
 from rl.guard import FidelityGuard
 from rl.nft import forward_process_batch, nft_loss, optimality_probability
 from rl.reward import build_reward
-from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob, window_steps
+from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob, transition_step, window_steps
 from run_dir import Run
 from runtime import (
     EXIT_OK,
@@ -109,6 +109,7 @@ def collect_rollout(
             log_prob_reduce=g.log_prob_reduce,
             guidance_interval=tuple(g.guidance_interval),
             sde_steps=sde_steps,
+            kind=g.sampler,
         )
     return rollout, reward(rollout.samples, labels)
 
@@ -163,7 +164,7 @@ class ReferenceMeans:
         if k not in self.means:
             rollout, g = self.rollout, self.grpo
             with torch.no_grad(), self.autocast():
-                self.means[k] = self.policy.sde_step(
+                self.means[k] = transition_step(self.policy, g.sampler)(
                     rollout.states[k],
                     rollout.times[k],
                     rollout.next_times[k],
@@ -200,15 +201,28 @@ def evaluate_policy(policy: FlowSampler, evaluator, reward, solver, grpo: DictCo
     ode, labels, _ = evaluator.sample(policy, solver, num_samples, seed)
     noise = torch.randn((len(ode), *evaluator.sample_shape), generator=torch.Generator().manual_seed(seed))
     device_labels = labels.to(device) if labels is not None else None
-    sde = policy.sample_sde(
-        noise.to(device),
-        device_labels,
-        g.rollout_steps,
-        g.noise_level,
-        torch.Generator(device).manual_seed(seed),
-        g.guidance_scale,
-        tuple(g.guidance_interval),
-    )
+    if g.sampler == "sde":
+        sde = policy.sample_sde(
+            noise.to(device),
+            device_labels,
+            g.rollout_steps,
+            g.noise_level,
+            torch.Generator(device).manual_seed(seed),
+            g.guidance_scale,
+            tuple(g.guidance_interval),
+        )
+    else:  # the rollouts' own stochastic step
+        sde = sde_rollout(
+            policy,
+            noise.to(device),
+            device_labels,
+            g.rollout_steps,
+            g.noise_level,
+            g.guidance_scale,
+            torch.Generator(device).manual_seed(seed),
+            guidance_interval=tuple(g.guidance_interval),
+            kind=g.sampler,
+        ).samples
     values = {"eval/sampling_s": time.perf_counter() - started}
     for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
         on_device = samples.to(device)
@@ -428,6 +442,7 @@ class GRPOTrainer:
                         g.log_prob_reduce,
                         g.detach_uncond,
                         tuple(g.guidance_interval),
+                        g.sampler,
                     )
                 kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
                 if g.ratio_norm:  # GRPO-Guard: unbiased, step-consistent ratios, 1 / dt step weights
@@ -661,7 +676,7 @@ def print_plan(trainer: GRPOTrainer) -> None:
 
 def describe_objective(g: DictConfig) -> str:
     """'flow_grpo, window 3 sliding, ratio_norm, lr cosine': the update rule in a few words."""
-    parts = [g.objective]
+    parts = [g.objective] + (["cps sampler"] if g.sampler == "cps" else [])
     if g.window.size is not None:
         parts.append(f"window {g.window.size} {g.window.mode}")
     if g.ratio_norm:

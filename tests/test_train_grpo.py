@@ -152,6 +152,8 @@ def test_write_up_recipes_are_the_presets():
             ["grpo.ratio_norm", "diffusion_nft"],
         ),
         (["seed_checkpoint=x", "grpo.lr_schedule=linear"], ["grpo.lr_schedule", "linear", "constant", "cosine"]),
+        (["seed_checkpoint=x", "grpo.sampler=cps"], ["grpo.timestep_selection", "random", "cps", "deterministic"]),
+        (["seed_checkpoint=x", "grpo.sampler=cps", "grpo.noise_level=1.5"], ["grpo.noise_level", "1.5", "(0, 1]"]),
         (["seed_checkpoint=x", "grpo.guard.action=pause"], ["grpo.guard.action", "pause", "rollback", "stop"]),
         (["seed_checkpoint=x", "grpo.guard.max_fd_ratio=0"], ["grpo.guard.max_fd_ratio", "0", "> 0"]),
         (["seed_checkpoint=x", "training.classifier=null"], ["training.classifier", "grpo.guard.enabled=false"]),
@@ -542,8 +544,9 @@ def ckpt_step(run_dir, step):
         ["grpo.objective=diffusion_nft", "grpo.kl_beta=0.1"],
         ["grpo.window.size=2", "grpo.window.mode=sliding"],
         ["grpo.ratio_norm=true", "grpo.lr_schedule=cosine", "grpo.kl_beta=0.1"],
+        ["grpo.sampler=cps", "grpo.timestep_selection=first", "grpo.train_timesteps=null", "grpo.guard.samples=sde"],
     ],
-    ids=["diffusion_nft", "window_sliding", "ratio_norm_cosine"],
+    ids=["diffusion_nft", "window_sliding", "ratio_norm_cosine", "cps_sampler"],
 )
 def test_each_objective_trains_through_the_entry_point(tmp_path, seed_run, run_grpo, variant):
     run_dir = tmp_path / "run"
