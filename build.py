@@ -169,6 +169,7 @@ class LoadedRun:
     checkpoint: ckpt.Checkpoint  # path, step, config, meta (weights dropped)
     sample_shape: tuple[int, ...]
     skipped: list[str]  # newer checkpoints of the run that failed verification (the fallback), newest first
+    best: bool = False  # the run's published best (checkpoints/best.json) chosen for a run dir, not its newest
 
     @property
     def config(self) -> DictConfig:
@@ -192,8 +193,10 @@ def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: di
     solver = resolve_solver(loaded.config.solver, solver_overrides or {}, "solver")
     requested = Path(checkpoint_path)
     chosen = (requested / "manifest.json").is_file() or ckpt.STEP_DIR.match(requested.name)  # this one, no fallback
-    newer = reversed(ckpt.list_checkpoints(loaded.path.parent.parent))
-    skipped = [] if chosen else [str(path) for step, path in newer if step > loaded.step]
+    run_dir = loaded.path.parent.parent
+    published = not chosen and requested.name != "latest" and ckpt.best_checkpoint(run_dir) == loaded.path
+    newer = reversed(ckpt.list_checkpoints(run_dir))
+    skipped = [] if chosen or published else [str(path) for step, path in newer if step > loaded.step]
     return LoadedRun(
         sampler=sampler,
         model=model,
@@ -201,6 +204,7 @@ def load_run(checkpoint_path, device, use_ema: bool = True, solver_overrides: di
         checkpoint=loaded,
         sample_shape=tuple(loaded.meta["sample_shape"]),
         skipped=skipped,
+        best=published,
     )
 
 
@@ -212,7 +216,7 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
     the classifier, the feature statistics of the held-out split and the real-vs-real FD floor at
     num_samples (from `train_split`, built when not given). Called before any training, so a wrong
     path or a classifier for other data fails at start-up."""
-    from classifier import EvalClassifier, load_classifier, real_fd_floor, reference_statistics
+    from classifier import EvalClassifier, load_classifier, real_class_diversity, real_fd_floor, reference_statistics
 
     name, _ = spec_kwargs(dataset_cfg)
     if train_split is None:
@@ -232,9 +236,11 @@ def load_eval_classifier(path, dataset_cfg, device, num_samples: int, seed: int,
             file=sys.stderr,
         )
 
-    reference = reference_statistics(classifier, build_dataset(dataset_cfg, device, split="test"))
+    held_out = build_dataset(dataset_cfg, device, split="test")
+    reference = reference_statistics(classifier, held_out)
     floor = real_fd_floor(classifier, train_split, reference, num_samples, seed)
-    return EvalClassifier(classifier, reference, floor)
+    diversity = real_class_diversity(classifier, held_out) if getattr(held_out, "y", None) is not None else None
+    return EvalClassifier(classifier, reference, floor, diversity)
 
 
 def load_inception_reference(weights, reference, device):

@@ -12,6 +12,12 @@ Layout: RUN_DIR/checkpoints/step_XXXXXXX/ with
 A checkpoint is written to a hidden temp dir and renamed into place, so a directory named
 step_* is complete unless its bytes were damaged later, which the manifest catches.
 RUN_DIR/checkpoints/latest is a symlink to the newest step_* dir, replaced atomically after each save.
+RUN_DIR/checkpoints/best.json names the run's published checkpoint when its trainer chose one (a GRPO run's
+fidelity guard: the best checkpoint that satisfies its constraint), e.g. {"step": 20, "checkpoint": "step_0000020"}.
+
+Which checkpoint a path means (`resolve_checkpoint`), one rule: a step_* dir is itself; RUN/checkpoints/latest
+is the newest that verifies; RUN/checkpoints/best is best.json's; a run dir is what the run published: best.json's
+checkpoint when it wrote one, else the newest that verifies. Resuming always continues the newest (best=False).
 
 Readers (inference, the GRPO seed, training.init) never modify a run directory: a damaged checkpoint
 is skipped with a warning. Only the run's owner (resume=auto, under the run-dir lock) moves damaged
@@ -161,8 +167,10 @@ def save_checkpoint(
     config: DictConfig,
     keep_last: int | None = None,
     meta: dict | None = None,
+    protect: set[int] | None = None,
 ) -> Path:
-    """Atomically write step_XXXXXXX under run_dir/checkpoints; returns its path.
+    """Atomically write step_XXXXXXX under run_dir/checkpoints; returns its path. Pruning to keep_last
+    spares the steps in `protect` (e.g. the guard's rollback target and best).
 
     Writing the same step twice keeps the first copy if it verifies (a re-save after resume
     is a no-op) and refuses otherwise: nothing already saved is overwritten.
@@ -203,7 +211,7 @@ def save_checkpoint(
         ) from error
     point_latest(root, final.name)
     if keep_last:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, protect)
     return final
 
 
@@ -311,18 +319,61 @@ def has_checkpoint_history(run_dir: str | Path) -> bool:
     return root.is_dir() and any(STEP_DIR.match(p.name.removesuffix(".corrupt")) for p in root.iterdir())
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, a run dir, or RUN_DIR/checkpoints/latest -> a verified checkpoint dir."""
+BEST = "best.json"  # under RUN/checkpoints: the checkpoint the run published (module docstring)
+
+
+def write_best(run_dir: str | Path, step: int, record: dict) -> None:
+    """RUN/checkpoints/best.json -> step_XXXXXXX (which must exist), with its manifest's sha256 and `record`
+    (why it is the best); atomic, and with no wall-clock time, so an interrupted run writes the same bytes."""
+    root = Path(run_dir) / "checkpoints"
+    name = step_dir_name(step)
+    marker = {"step": step, "checkpoint": name, "manifest_sha256": sha256_file(root / name / "manifest.json")}
+    atomic_write_text(root / BEST, json.dumps({**marker, **record}, indent=2))
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint RUN/checkpoints/best.json names (verified), or None when the run published none.
+    A best.json whose checkpoint is missing or damaged is an error: falling back to another checkpoint
+    could publish a policy the run itself rejected."""
+    marker_path = Path(run_dir) / "checkpoints" / BEST
+    if not marker_path.is_file():
+        return None
+    try:
+        name = json.loads(marker_path.read_text())["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker_path} is unreadable ({e}); sample RUN/checkpoints/latest instead") from None
+    path = marker_path.parent / name
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{marker_path} names {name}, which does not exist; sample {marker_path.parent / 'latest'} (the newest) "
+            f"or a step_* dir explicitly"
+        )
+    verify_checkpoint(path)
+    return path
+
+
+def resolve_checkpoint(path: str | Path, best: bool = True) -> Path:
+    """A checkpoint dir, a run dir, RUN_DIR/checkpoints/latest or RUN_DIR/checkpoints/best -> a verified
+    checkpoint dir (the rule in the module docstring). best=False: a run dir means its newest checkpoint
+    (what resuming continues)."""
     path = Path(path)
+    if path.name == "best" and not (path / "manifest.json").is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        found = best_checkpoint(run_dir)
+        if found is None:
+            raise CheckpointError(f"run dir {run_dir} published no best checkpoint ({BEST} is absent); use latest")
+        return found
     if path.name == "latest":  # the newest checkpoint that verifies, whatever the symlink points at
         path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        best = False
     if (path / "manifest.json").is_file() or STEP_DIR.match(path.name):
         if not path.is_dir():
             raise CheckpointError(f"checkpoint {path} does not exist")
         verify_checkpoint(path)
         return path
     if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_valid_checkpoint(path)
+        found = best_checkpoint(path) if best else None
+        found = found or latest_valid_checkpoint(path)
         if found is None:
             raise CheckpointError(f"run dir {path} holds no complete checkpoint under {path / 'checkpoints'}")
         return found
@@ -338,9 +389,10 @@ def load_checkpoint(
     load_model: bool = True,
     load_ema: bool = True,
     load_state: bool = True,
+    best: bool = True,
 ) -> Checkpoint:
-    """Resolve, verify and read a checkpoint; each part can be skipped (selective loading)."""
-    path = resolve_checkpoint(path)
+    """Resolve (`resolve_checkpoint`, best as there), verify and read a checkpoint; each part can be skipped."""
+    path = resolve_checkpoint(path, best)
     manifest = json.loads((path / "manifest.json").read_text())
     device = str(map_location)
     model = load_file(str(path / "model.safetensors"), device=device) if load_model else None
@@ -442,7 +494,8 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
     return loaded.step, int(loaded.state["ema_num_updates"]), message
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step_* checkpoints."""
-    for _, path in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+def prune_checkpoints(run_dir: str | Path, keep_last: int, protect: set[int] | None = None) -> None:
+    """Delete all but the newest `keep_last` step_* checkpoints and those of the steps in `protect`."""
+    for step, path in list_checkpoints(run_dir)[:-keep_last]:
+        if step not in (protect or ()):
+            shutil.rmtree(path, ignore_errors=True)

@@ -3,7 +3,8 @@
 One concept, one file: the network (`Classifier`), its training loop (`train_classifier`, run by
 `scripts/train_classifier.py`), its file format (safetensors whose metadata holds everything needed to
 rebuild it: `load_classifier`), and the metrics computed with it (`classifier_outputs`,
-`class_accuracy`, `reference_statistics`, `image_sample_metrics`, `real_fd_floor`, `EvalClassifier`).
+`class_accuracy`, `class_diversity`, `reference_statistics`, `image_sample_metrics`, `real_fd_floor`,
+`EvalClassifier`).
 
 Classifier-FD is FID's formula with a dataset-specific network in place of Inception, so it is
 comparable only between runs that use the same classifier file and the same number of samples.
@@ -190,6 +191,33 @@ def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=1) == labels.to(logits.device)).double().mean().item()
 
 
+def class_diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean pairwise L2 distance between the features [N, F] of samples of the same label [N], averaged over
+    the labels with >= 2 samples (NaN when none has): how varied each class is. Mode collapse within a class
+    (every "7" the same image) drives it towards 0 while accuracy and a pooled FD can still look fine. The
+    within-class mean over pairs i != j is unbiased in the sample count, so runs with different counts compare."""
+    features, labels = features.double(), labels.to(features.device)
+    means = []
+    for label in labels.unique():
+        group = features[labels == label]
+        count = len(group)
+        if count >= 2:  # the diagonal of cdist is 0, so the sum over all pairs / (n (n - 1)) is over i != j
+            means.append(torch.cdist(group, group).sum() / (count * (count - 1)))
+    return float(torch.stack(means).mean()) if means else float("nan")
+
+
+REAL_DIVERSITY_PER_CLASS = 500  # held-out images per class for the real data's class_diversity (cdist is O(n^2))
+
+
+def real_class_diversity(classifier: torch.nn.Module, dataset) -> float:
+    """class_diversity of a labelled real split (use the held-out one), up to REAL_DIVERSITY_PER_CLASS images
+    of each class (the first ones: deterministic): what a generator that matches the data scores."""
+    keep = torch.cat(
+        [(dataset.y == label).nonzero().squeeze(1)[:REAL_DIVERSITY_PER_CLASS] for label in dataset.y.unique()]
+    )
+    return class_diversity(classifier_features(classifier, dataset.x[keep]), dataset.y[keep])
+
+
 def reference_statistics(classifier: torch.nn.Module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature (mean, covariance) of a real image dataset (use the held-out split), float64 CPU."""
     return feature_statistics(classifier_features(classifier, dataset.x))
@@ -202,8 +230,8 @@ def image_sample_metrics(
     reference_stats: tuple[torch.Tensor, torch.Tensor],
 ) -> dict[str, float]:
     """samples [N, C, H, W] in [-1, 1] and the labels [N] they were drawn for (None: unconditional,
-    no accuracy) -> classifier_accuracy, classifier_fd (to `reference_statistics` of real data),
-    jpeg_bpp, png_bpp, jpeg_payload_bpp, png_payload_bpp.
+    no accuracy or diversity) -> classifier_accuracy, class_diversity, classifier_fd (to
+    `reference_statistics` of real data), jpeg_bpp, png_bpp, jpeg_payload_bpp, png_payload_bpp.
 
     classifier_fd is biased upwards at small N, like FID: compare runs at equal N. Everything is
     scored on the 8-bit image a user gets (clipped to [-1, 1] and rounded), as JPEG/PNG must be:
@@ -216,6 +244,7 @@ def image_sample_metrics(
     metrics = {}
     if labels is not None:
         metrics["classifier_accuracy"] = class_accuracy(logits, labels)
+        metrics["class_diversity"] = class_diversity(features, labels)
     metrics["classifier_fd"] = frechet_distance(*feature_statistics(features), *reference_stats)
     return {**metrics, **image_compression_metrics(samples)}
 
@@ -236,12 +265,16 @@ class EvalClassifier:
     classifier: torch.nn.Module
     reference_statistics: tuple[torch.Tensor, torch.Tensor]  # features of the held-out real split
     fd_floor: float  # real-vs-real classifier-FD at the evaluation sample count
+    real_diversity: float | None = None  # class_diversity of the held-out split (real_class_diversity)
 
     def score(self, samples: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-        """image_sample_metrics of samples [N, C, H, W] (on any device) plus the floor."""
+        """image_sample_metrics of samples [N, C, H, W] (on any device) plus the floor, and with labels the
+        class diversity relative to the real data's (class_diversity_ratio: 1 = as varied as real images)."""
         device = next(self.classifier.parameters()).device
         values = image_sample_metrics(samples.to(device), labels, self.classifier, self.reference_statistics)
         values["classifier_fd_real_floor"] = self.fd_floor
+        if "class_diversity" in values and self.real_diversity:
+            values["class_diversity_ratio"] = values["class_diversity"] / self.real_diversity
         recorded = getattr(self.classifier, "metadata", {}).get("test_accuracy")
         if recorded is not None:  # how good the judge is, beside every score it gives
             values["classifier_test_accuracy"] = float(recorded)

@@ -516,5 +516,76 @@ def load_grpo_config(overrides: list[str]) -> DictConfig:
     )
     check(g.weight_decay >= 0, "grpo.weight_decay", g.weight_decay, "must be >= 0")
     check(g.grad_clip >= 0, "grpo.grad_clip", g.grad_clip, "must be >= 0 (0 disables)")
+    check_choice("grpo.objective", g.objective, ("flow_grpo", "diffusion_nft"))
+    check_choice("grpo.lr_schedule", g.lr_schedule, ("constant", "cosine"))
+    check(0 <= g.min_lr_ratio <= 1, "grpo.min_lr_ratio", g.min_lr_ratio, "must be in [0, 1]")
+    _validate_grpo_variants(g)
+    _validate_guard(g.guard, tr)
     validate_run(tr)
     return _freeze(cfg)
+
+
+def _validate_grpo_variants(g) -> None:
+    """grpo.window.*, grpo.ratio_norm and grpo.nft.*: each for the objective it modifies."""
+    w = g.window
+    check_choice("grpo.window.mode", w.mode, ("fixed", "sliding"))
+    if w.size is not None:
+        most = max(1, g.rollout_steps - 1)
+        check(
+            1 <= w.size <= most,
+            "grpo.window.size",
+            w.size,
+            f"must be null (off) or in [1, grpo.rollout_steps - 1 = {most}] (the final step is never trained)",
+        )
+        check(
+            0 <= w.start <= most - w.size,
+            "grpo.window.start",
+            w.start,
+            f"must be in [0, {most - w.size}] (grpo.rollout_steps - 1 - grpo.window.size)",
+        )
+        check(g.objective == "flow_grpo", "grpo.window.size", w.size, "windows apply to grpo.objective = flow_grpo")
+    check(w.stride >= 1, "grpo.window.stride", w.stride, "must be >= 1")
+    check(w.every >= 1, "grpo.window.every", w.every, "must be >= 1")
+    check(
+        not g.ratio_norm or g.objective == "flow_grpo",
+        "grpo.ratio_norm",
+        g.ratio_norm,
+        "normalises Flow-GRPO's likelihood ratios; grpo.objective = diffusion_nft has none",
+    )
+    check_choice("grpo.sampler", g.sampler, ("sde", "cps"))
+    if g.sampler == "cps":
+        check(g.noise_level <= 1, "grpo.noise_level", g.noise_level, "must be in (0, 1] with grpo.sampler = cps")
+        check(
+            g.timestep_selection != "random" or g.window.size is not None,
+            "grpo.timestep_selection",
+            g.timestep_selection,
+            "must be first or last with grpo.sampler = cps (its final step into t = 1 is deterministic: no "
+            "log-prob to train)",
+        )
+    check(g.nft.beta > 0, "grpo.nft.beta", g.nft.beta, "must be > 0")
+    check(g.nft.advantage_max > 0, "grpo.nft.advantage_max", g.nft.advantage_max, "must be > 0")
+    check(g.nft.timesteps >= 1, "grpo.nft.timesteps", g.nft.timesteps, "must be >= 1")
+
+
+def _validate_guard(guard, tr) -> None:
+    check(0 <= guard.min_accuracy <= 1, "grpo.guard.min_accuracy", guard.min_accuracy, "must be in [0, 1]")
+    check(guard.max_fd_ratio > 0, "grpo.guard.max_fd_ratio", guard.max_fd_ratio, "must be > 0")
+    check(guard.patience >= 1, "grpo.guard.patience", guard.patience, "must be >= 1")
+    check_choice("grpo.guard.action", guard.action, ("rollback", "stop"))
+    check(0 < guard.lr_factor <= 1, "grpo.guard.lr_factor", guard.lr_factor, "must be in (0, 1]")
+    check(guard.max_rollbacks >= 0, "grpo.guard.max_rollbacks", guard.max_rollbacks, "must be >= 0")
+    check_choice("grpo.guard.samples", guard.samples, ("ode", "sde"))
+    if guard.enabled:
+        check(
+            bool(tr.classifier),
+            "training.classifier",
+            tr.classifier,
+            "is required by grpo.guard.enabled = true (its accuracy and classifier-FD are the constraint); set "
+            "one, or grpo.guard.enabled=false",
+        )
+        check(
+            tr.eval_every >= 1,
+            "training.eval_every",
+            tr.eval_every,
+            "must be >= 1 with grpo.guard.enabled = true (the guard checks at every evaluation)",
+        )

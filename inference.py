@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         f"x{solver.num_steps}, guidance {solver.guidance_scale}) -> {Path(cfg.out) / 'samples.png'}, "
         f"{Path(cfg.out) / 'samples.npz'}"
     )
+    if run.best:  # a run dir resolves to what the run published; say so, and how to get the newest instead
+        print(
+            f"(the run's best checkpoint, named by {run.checkpoint.path.parent / 'best.json'}; "
+            f"checkpoint={run.checkpoint.path.parent / 'latest'} samples its newest)"
+        )
     return 0
 
 

@@ -139,9 +139,10 @@ def archive_attempt(run_dir: Path) -> Path:
 FINISHED = "finished.json"  # written last by a run that produced all its final outputs
 
 
-def write_finished(run_dir: Path, step: int, outputs: list[str]) -> None:
-    """Mark the run finished: the final checkpoint (step, manifest sha256) and the outputs that exist. No
-    wall-clock time (the file's mtime has it): an interrupted run ends with the same bytes."""
+def write_finished(run_dir: Path, step: int, outputs: list[str], record: dict | None = None) -> None:
+    """Mark the run finished: the final checkpoint (step, manifest sha256), the outputs that exist and the
+    trainer's `record` (e.g. GRPO's fidelity guard verdict). No wall-clock time (the file's mtime has it):
+    an interrupted run ends with the same bytes."""
     name = ckpt.step_dir_name(step)
     manifest = run_dir / "checkpoints" / name / "manifest.json"
     marker = {
@@ -149,6 +150,7 @@ def write_finished(run_dir: Path, step: int, outputs: list[str]) -> None:
         "checkpoint": name,
         "manifest_sha256": ckpt.sha256_file(manifest) if manifest.is_file() else None,
         "outputs": outputs,
+        **(record or {}),
     }
     ckpt.atomic_write_text(run_dir / FINISHED, json.dumps(marker, indent=2))
 
@@ -329,6 +331,28 @@ ADDED_KEYS = {
     "grpo.guidance_interval": [0.0, 1.0],
     "training.wandb": "off",
     "training.wandb_project": "nanoflow",
+    # the stable-objective options and the fidelity guard: absent means off, as those runs were
+    "grpo.objective": "flow_grpo",
+    "grpo.lr_schedule": "constant",
+    "grpo.min_lr_ratio": 0.0,
+    "grpo.ratio_norm": False,
+    "grpo.sampler": "sde",
+    "grpo.window.size": None,
+    "grpo.window.mode": "fixed",
+    "grpo.window.start": 0,
+    "grpo.window.stride": 1,
+    "grpo.window.every": 1,
+    "grpo.nft.beta": 1.0,
+    "grpo.nft.advantage_max": 5.0,
+    "grpo.nft.timesteps": 4,
+    "grpo.guard.enabled": False,
+    "grpo.guard.min_accuracy": 0.9,
+    "grpo.guard.max_fd_ratio": 3.0,
+    "grpo.guard.patience": 2,
+    "grpo.guard.action": "rollback",
+    "grpo.guard.lr_factor": 0.5,
+    "grpo.guard.max_rollbacks": 3,
+    "grpo.guard.samples": "ode",
 }
 
 
@@ -458,10 +482,10 @@ class Run:
         with self.stop.raising():
             yield
 
-    def finish(self, step: int, outputs: list[str]) -> None:
-        """Mark the run finished (rank 0), after its outputs exist."""
+    def finish(self, step: int, outputs: list[str], record: dict | None = None) -> None:
+        """Mark the run finished (rank 0), after its outputs exist; `record` joins the marker."""
         if self.runtime.is_main:
-            write_finished(self.dir, step, outputs)
+            write_finished(self.dir, step, outputs, record)
 
     # -- sharded work: a directory filled chunk by chunk by any number of ranks (eval_imagenet.py,
     # scripts/generate_pairs.py). A chunk is written atomically; the caller says which ones are complete.

@@ -385,6 +385,42 @@ class PairsConfig(SolverOverrides):
 
 
 @dataclass
+class GuardConfig:
+    """The fidelity guard (rl/guard.py): at each evaluation, accuracy >= min_accuracy and classifier-FD <=
+    max_fd_ratio x the seed's, on the `samples` evaluation samples, scored by training.classifier."""
+
+    enabled: bool = False
+    min_accuracy: float = 0.9  # tau
+    max_fd_ratio: float = 3.0  # kappa: classifier-FD at most this many times the seed's (iteration 0)
+    patience: int = 2  # violating evaluations in a row before the guard acts
+    action: str = "rollback"  # rollback (to the last good checkpoint, lr x lr_factor) | stop
+    lr_factor: float = 0.5  # the learning rate's factor at each rollback
+    max_rollbacks: int = 3  # after this many rollbacks the next trigger stops the run
+    samples: str = "ode"  # which evaluation samples are checked: ode | sde
+
+
+@dataclass
+class WindowConfig:
+    """Windowed Flow-GRPO (rl/sde_sampler.py: window_steps): `size` SDE steps inside the rollout, the rest
+    deterministic ODE (Euler) steps, and only the window trained. null size = off (every step is SDE)."""
+
+    size: int | None = None
+    mode: str = "fixed"  # fixed (steps start..start+size-1) | sliding (moves by stride every `every` iterations)
+    start: int = 0
+    stride: int = 1
+    every: int = 1
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (rl/nft.py): forward-process RL on the rollouts' final samples, no likelihoods."""
+
+    beta: float = 1.0  # how far the implicit positive / negative policies sit from the old one
+    advantage_max: float = 5.0  # r = 0.5 + 0.5 clip(A / advantage_max, -1, 1): the optimality probability
+    timesteps: int = 4  # forward-process times t ~ U(0, 1) drawn per sample and update
+
+
+@dataclass
 class GRPOConfig:
     """The Flow-GRPO recipe. One iteration (an "epoch" in the write-up's recipes) draws batch_size
     prompts x group_size SDE rollouts, scores them, then takes num_inner optimizer steps on them."""
@@ -421,6 +457,19 @@ class GRPOConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables
     init_from_ema: bool = True  # policy and reference start from the seed's EMA weights (else its raw weights)
+    # flow_grpo: clipped ratios of SDE transitions (rl/grpo.py); diffusion_nft: forward-process RL (rl/nft.py)
+    objective: str = "flow_grpo"
+    lr_schedule: str = "constant"  # constant | cosine (to min_lr_ratio x lr over epochs x num_inner updates)
+    min_lr_ratio: float = 0.0
+    # GRPO-Guard's ratio normalisation (rl/grpo.py: normalized_log_ratio): unbiased, step-consistent ratios
+    # and 1/dt gradient reweighting, so PPO clipping bounds positive updates at every timestep
+    ratio_norm: bool = False
+    # the rollouts' stochastic step (rl/sde_sampler.py): sde (Euler-Maruyama, Flow-GRPO) | cps (coefficients-
+    # preserving; noise_level in (0, 1]); also the SDE evaluation samples'
+    sampler: str = "sde"
+    window: WindowConfig = field(default_factory=WindowConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass

@@ -296,7 +296,7 @@ class Trainer:
                         self.ema.num_updates = ema_updates
                 self.log.print(message)
             return
-        loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device)
+        loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, best=False)
         run.accept_resume(loaded.config, self.cfg, loaded.path, loaded.step)
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         if self.ema:

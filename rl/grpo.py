@@ -151,3 +151,31 @@ def grpo_loss(
         stats["kl"] = torch.zeros((), device=loss.device, dtype=loss.dtype)
     stats["loss"] = loss.detach()
     return loss, stats
+
+
+def normalized_log_ratio(
+    log_probs_new: Tensor, log_probs_old: Tensor, mean_new: Tensor, mean_old: Tensor, std: Tensor, reduce: str = "mean"
+) -> Tensor:
+    """GRPO-Guard's ratio normalisation (RatioNorm; Wang et al. 2025, arXiv 2510.22319, sec. 4, in the form of
+    verl-omni's GRPOGuardLoss): log rho_norm = (log pi_new - log pi_old + b) * s, with
+        b = ||mu_new - mu_old||^2 / (2 s^2)  (averaged over dims for reduce="mean", summed for "sum"),
+    s the transition std [N, 1, ..., 1] (g(t) sqrt(dt)), all per transition [N]. Under the old policy's own
+    actions E[log pi_new - log pi_old] = -b: the raw ratio is biased below 1, so the 1 + eps clip rarely bounds
+    a positive-advantage update; adding b centres it, and the factor s equalises its spread across timesteps
+    (s shrinks where the raw log ratio's spread, ~|mu_new - mu_old| / s, grows). Equal means give exactly 0.
+    Use as clipped_policy_loss(normalized, zeros, ...)."""
+    if reduce not in KL_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {KL_REDUCTIONS}, got {reduce!r}")
+    dtype = torch.promote_types(mean_new.dtype, torch.float32)
+    std = std.to(dtype).detach()
+    shift = ((mean_new.to(dtype) - mean_old.to(dtype).detach()).square() / (2 * std.square())).flatten(1)
+    bias = shift.mean(1) if reduce == "mean" else shift.sum(1)
+    scale = std.flatten(1)[:, 0]
+    return (log_probs_new - log_probs_old.detach() + bias) * scale
+
+
+def step_weights(times: Tensor, next_times: Tensor) -> Tensor:
+    """GRPO-Guard's gradient reweighting 1 / dt per rollout step [T], normalised to mean 1 over the rollout's
+    steps, so the learning rate keeps its meaning (on a uniform grid every weight is exactly 1)."""
+    inverse = 1.0 / (next_times - times).double()
+    return (inverse / inverse.mean()).to(times.dtype)

@@ -26,16 +26,65 @@ the noise's device) in step order, so equal (noise, generator state) give bitwis
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from flow import expand_t
 from ode_solvers import time_grid
 from sampling import FlowSampler
 
 LOG_PROB_REDUCTIONS = ("mean", "sum")
+SAMPLERS = ("sde", "cps")
+
+
+def cps_step(
+    sampler: FlowSampler,
+    x: Tensor,
+    t: Tensor,
+    t_next: Tensor,
+    y: Tensor | None = None,
+    noise_level: float = 0.7,
+    guidance_scale: float = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    ep_cfg: bool = False,
+    detach_uncond: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One coefficients-preserving step (CPS; Wang & Yu 2025, arXiv 2509.05952, as flow_grpo's
+    sde_type="cps"), the same signature and returns as `FlowSampler.sde_step`: from the velocity's data and
+    noise predictions (x1_hat, eps_hat) at t,
+        x_next = alpha(t') x1_hat + sqrt(sigma(t')^2 - s^2) eps_hat + s z,   s = sigma(t') sin(a pi / 2),
+    so the sample keeps the path's coefficients (alpha, sigma) at t' (DDIM with eta, Song et al. 2021): the
+    injected noise replaces part of the predicted one instead of adding to it, which Euler-Maruyama's
+    discretisation does. It keeps the coefficients, not the marginals: with a fixed fraction of fresh noise
+    and the posterior-mean x1_hat the samples are under-dispersed, the more so the larger a (on a Gaussian,
+    std 0.84x the data's at a = 0.7, 0.99x at a = 0.1, 200 steps; tests/test_sde_sampler.py).
+    a = noise_level in (0, 1]. The step into t' = 1 (sigma = 0) is deterministic (s = 0).
+    Returns (mean [B, ...], std [B, 1, ..., 1])."""
+    u = sampler.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg, detach_uncond)
+    x = x.to(u.dtype)
+    t, t_next = (torch.as_tensor(v, device=x.device).to(u.dtype).expand(x.shape[0]) for v in (t, t_next))
+    scheduler, path = sampler.path.scheduler, sampler.path
+    at_noise = scheduler.alpha(t) == 0  # x is pure noise there: eps_hat = x / sigma exactly (as sde_step)
+    converted = path.convert(u, x, torch.where(at_noise, torch.full_like(t, 0.5), t), "velocity", "noise")
+    eps_hat = torch.where(expand_t(at_noise, x), x / expand_t(scheduler.sigma(t), x), converted)
+    data_hat = path.convert(u, x, t, "velocity", "data")
+    alpha_next, sigma_next = expand_t(scheduler.alpha(t_next), x), expand_t(scheduler.sigma(t_next), x)
+    std = sigma_next * math.sin(noise_level * math.pi / 2)
+    mean = alpha_next * data_hat + (sigma_next.square() - std.square()).clamp_min(0).sqrt() * eps_hat
+    return mean, std
+
+
+def transition_step(sampler: FlowSampler, kind: str = "sde"):
+    """The stochastic step of a rollout policy: FlowSampler.sde_step ("sde", Euler-Maruyama of the
+    marginal-preserving SDE) or `cps_step` ("cps"), both (x, t, t_next, y, noise_level, guidance_scale,
+    guidance_interval, ep_cfg, detach_uncond) -> (mean, std)."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
+    return sampler.sde_step if kind == "sde" else functools.partial(cps_step, sampler)
 
 
 @dataclass
@@ -127,21 +176,43 @@ def sde_rollout(
     shift: float = 1.0,
     log_prob_reduce: str = "mean",
     guidance_interval: tuple[float, float] = (0.0, 1.0),
+    sde_steps: Tensor | None = None,
+    kind: str = "sde",
 ) -> Rollout:
     """`num_steps` (T_rollout) `sde_step`s from noise [B, ...] at t = 0 to samples at t = 1 on
     `time_grid(num_steps, grid, shift)`, storing every transition and its log-prob under the sampling
     policy. Step noise comes from `generator` (on noise's device). CFG applies on `guidance_interval`
     (FlowSampler.velocity), so rollouts can follow the sampler a checkpoint is deployed with. The model
-    should be in eval mode."""
+    should be in eval mode.
+
+    sde_steps (windowed Flow-GRPO, `window_steps`): the step indices [K] that are SDE steps; the others are
+    deterministic Euler ODE steps (the SDE step at noise level 0: std 0, no noise drawn), stored with log-prob
+    0 and never to be trained. None: every step is an SDE step. kind: the stochastic step
+    (`transition_step`); a step whose std is 0 everywhere (CPS into t = 1) is stored as an ODE step."""
     _check_noise_level(noise_level)
     dtype = torch.promote_types(noise.dtype, torch.float32)
     # Grid on the CPU in float64 (time_grid), then cast before moving: MPS has no float64.
     grid_times = time_grid(num_steps, grid, shift).to(dtype).to(noise.device)
     times, next_times = grid_times[:-1], grid_times[1:]
     x = noise.to(dtype)
+    stochastic = set(range(num_steps)) if sde_steps is None else set(sde_steps.tolist())
+    step = transition_step(sampler, kind)
     states, next_states, means, stds, log_probs = [], [], [], [], []
-    for t, t_next in zip(times, next_times):
-        mean, std = sampler.sde_step(x, t, t_next, labels, noise_level, guidance_scale, guidance_interval)
+    for k, (t, t_next) in enumerate(zip(times, next_times)):
+        mean = std = None
+        if k in stochastic:
+            mean, std = step(x, t, t_next, labels, noise_level, guidance_scale, guidance_interval)
+        if k not in stochastic or (kind == "cps" and not bool((std > 0).any())):  # ODE (window), CPS's last
+            if mean is None:
+                mean, std = sampler.sde_step(x, t, t_next, labels, 0.0, guidance_scale, guidance_interval)
+            x_next = mean
+            log_probs.append(torch.zeros(x.shape[0], device=x.device, dtype=torch.float32))
+            states.append(x)
+            next_states.append(x_next)
+            means.append(mean.float())
+            stds.append(std.float())
+            x = x_next
+            continue
         x_next = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=mean.dtype)
         # The log-prob of the stored action (not of the drawn noise), so the recomputation in
         # transition_log_prob follows the same arithmetic.
@@ -176,15 +247,17 @@ def transition_log_prob(
     log_prob_reduce: str = "mean",
     detach_uncond: bool = True,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
+    kind: str = "sde",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """log pi_theta(next_states | states) under the sampler's current model, for a flat batch of N
     transitions: states, next_states [N, ...], times, next_times [N] (or 0-dim), labels [N] | None.
     One `sde_step` = one batched forward pass (2N rows with CFG). Differentiable when grad is enabled.
     detach_uncond (Flow-GRPO's train_sd3.py `compute_log_prob`): with CFG the gradient flows through the
     conditional branch only; False also trains the shared null-label model, with weight 1 - s (s = the
-    guidance scale: -2 at s = 3). Returns (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
+    guidance scale: -2 at s = 3). kind: the rollout's stochastic step (`transition_step`). Returns
+    (log_probs [N] float32, means [N, ...], stds [N, 1, ..., 1])."""
     _check_noise_level(noise_level)
-    mean, std = sampler.sde_step(
+    mean, std = transition_step(sampler, kind)(
         states, times, next_times, labels, noise_level, guidance_scale, guidance_interval, detach_uncond=detach_uncond
     )
     # next_states are actions sampled earlier: constants here, the gradient flows through the mean only.
@@ -226,3 +299,27 @@ def select_timesteps(
     if not 1 <= num_train_steps <= num_steps:
         raise ValueError(f"num_train_steps must lie in [1, num_steps={num_steps}], got {num_train_steps}")
     return torch.randperm(num_steps, generator=generator, device=device)[:num_train_steps].sort().values
+
+
+WINDOW_MODES = ("fixed", "sliding")
+
+
+def window_steps(
+    num_steps: int, size: int, mode: str = "fixed", start: int = 0, stride: int = 1, every: int = 1, iteration: int = 0
+) -> Tensor:
+    """Windowed Flow-GRPO (Flow-GRPO-Fast's fixed window; MixGRPO's sliding one, Li et al. 2025, arXiv
+    2507.21802): the `size` consecutive step indices [size] of a rollout of num_steps that are SDE steps and
+    trained; the rest are ODE steps. Windows lie in [0, num_steps - 1): the final step into t = 1 is never
+    trained (as select_timesteps' "first"). "fixed": start..start+size-1. "sliding": the start moves by
+    `stride` every `every` iterations and wraps around the num_steps - size possible positions."""
+    if mode not in WINDOW_MODES:
+        raise ValueError(f"mode must be one of {WINDOW_MODES}, got {mode!r}")
+    positions = num_steps - size  # starts 0 .. num_steps - 1 - size keep the window off the final step
+    if size < 1 or positions < 1 or not 0 <= start < positions:
+        raise ValueError(
+            f"a window of size {size} starting at {start} does not fit a rollout of {num_steps} steps without "
+            f"its final step (size in [1, {num_steps - 1}], start in [0, {num_steps - 1 - size}])"
+        )
+    if mode == "sliding":
+        start = (start + (iteration // every) * stride) % positions
+    return torch.arange(start, start + size)

@@ -9,6 +9,15 @@ post-trained on a black-box terminal reward (`rl/reward.py`) with GRPO (`rl/grpo
 3. num_inner optimizer steps on the clipped-ratio loss + kl_beta x the Gaussian KL to the frozen
    seed. Each step recomputes log pi one rollout timestep at a time, with the same batch as the
    rollout (so on the first step the ratio is exactly 1) and accumulates the gradient over them.
+   Variants (grpo.*): a window of SDE steps in otherwise-ODE rollouts (window.*, only the window
+   trained), GRPO-Guard's ratio normalisation (ratio_norm), a cosine lr schedule, and in place of the
+   ratio loss DiffusionNFT's forward-process objective (objective=diffusion_nft, rl/nft.py).
+
+Every evaluation (the seed's at iteration 0, every training.eval_every, the final one) scores the same ODE
+and SDE samples by the reward (its total and each term), the evaluation classifier (accuracy, classifier-FD
+to held-out data, per-class diversity) and compressibility, and relates them to the seed's. With
+grpo.guard.enabled the fidelity guard (rl/guard.py) checks its constraint there, keeps the best checkpoint
+that satisfies it as RUN/checkpoints/best.json, and rolls back or stops after repeated violations.
 
 The run directory's lifecycle (owner lock, resume, SIGTERM -> save and exit 75, the finished marker) is
 run_dir.Run's, as for train.py; checkpoints are checkpoint.py's. Checkpoints carry the seed's model, flow,
@@ -22,6 +31,7 @@ anywhere and resumed from its last checkpoint replays the same iterations bit fo
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -33,9 +43,11 @@ from build import build_evaluator, load_run
 from config import ConfigError, solver_overrides, to_plain
 from figures import close_figure, comparison_figure
 from models import count_parameters
-from rl.grpo import gaussian_kl, group_advantages, grpo_loss
+from rl.grpo import gaussian_kl, group_advantages, grpo_loss, normalized_log_ratio, step_weights
+from rl.guard import FidelityGuard
+from rl.nft import forward_process_batch, nft_loss, optimality_probability
 from rl.reward import build_reward
-from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob
+from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob, transition_step, window_steps
 from run_dir import Run
 from runtime import (
     EXIT_OK,
@@ -77,9 +89,11 @@ def draw_prompts(grpo: DictConfig, num_classes: int | None, generator: torch.Gen
     return prompts.repeat_interleave(grpo.group_size)
 
 
-def collect_rollout(policy: FlowSampler, reward, grpo: DictConfig, num_classes, sample_shape, generator, autocast):
+def collect_rollout(
+    policy: FlowSampler, reward, grpo: DictConfig, num_classes, sample_shape, generator, autocast, sde_steps=None
+):
     """batch_size prompts x group_size SDE trajectories from the generator's noise (this iteration's) ->
-    (Rollout, rewards [B * G])."""
+    (Rollout, rewards [B * G]). sde_steps: a window's SDE steps (rl/sde_sampler.py: window_steps), None = all."""
     g, device = grpo, generator.device
     labels = draw_prompts(g, num_classes, generator, device)
     noise = torch.randn((g.batch_size * g.group_size, *sample_shape), generator=generator, device=device)
@@ -94,6 +108,8 @@ def collect_rollout(policy: FlowSampler, reward, grpo: DictConfig, num_classes, 
             generator=generator,
             log_prob_reduce=g.log_prob_reduce,
             guidance_interval=tuple(g.guidance_interval),
+            sde_steps=sde_steps,
+            kind=g.sampler,
         )
     return rollout, reward(rollout.samples, labels)
 
@@ -148,7 +164,7 @@ class ReferenceMeans:
         if k not in self.means:
             rollout, g = self.rollout, self.grpo
             with torch.no_grad(), self.autocast():
-                self.means[k] = self.policy.sde_step(
+                self.means[k] = transition_step(self.policy, g.sampler)(
                     rollout.states[k],
                     rollout.times[k],
                     rollout.next_times[k],
@@ -179,29 +195,46 @@ def evaluate_policy(
     policy: FlowSampler, evaluator, reward, solver, grpo: DictConfig, num_samples: int, seed: int, progress=None
 ):
     """The same labels and noise every time: deterministic ODE samples with the solver and SDE samples as in
-    the rollouts, each scored by the reward and the image metrics (eval/{kind}/...; the classifier's
-    real-vs-real floor once, as eval/classifier_fd_real_floor) -> (values, ODE samples, labels).
-    progress: None or a callable given the images drawn, 2 x num_samples in all (ODE, then SDE)."""
+    the rollouts, each scored by the reward (total and eval/{kind}/reward/<term>) and the image metrics
+    (eval/{kind}/...; the classifier's real-vs-real floor once, as eval/classifier_fd_real_floor) ->
+    (values, ODE samples, labels). progress: None or a callable given the images drawn, 2 x num_samples in
+    all (ODE, then SDE)."""
     g, device = grpo, evaluator.device
     started = time.perf_counter()
     ode, labels, _ = evaluator.sample(policy, solver, num_samples, seed, progress=progress)
     noise = torch.randn((len(ode), *evaluator.sample_shape), generator=torch.Generator().manual_seed(seed))
     device_labels = labels.to(device) if labels is not None else None
-    sde = policy.sample_sde(
-        noise.to(device),
-        device_labels,
-        g.rollout_steps,
-        g.noise_level,
-        torch.Generator(device).manual_seed(seed),
-        g.guidance_scale,
-        tuple(g.guidance_interval),
-    )
+    if g.sampler == "sde":
+        sde = policy.sample_sde(
+            noise.to(device),
+            device_labels,
+            g.rollout_steps,
+            g.noise_level,
+            torch.Generator(device).manual_seed(seed),
+            g.guidance_scale,
+            tuple(g.guidance_interval),
+        )
+    else:  # the rollouts' own stochastic step
+        sde = sde_rollout(
+            policy,
+            noise.to(device),
+            device_labels,
+            g.rollout_steps,
+            g.noise_level,
+            g.guidance_scale,
+            torch.Generator(device).manual_seed(seed),
+            guidance_interval=tuple(g.guidance_interval),
+            kind=g.sampler,
+        ).samples
     if progress is not None:
         progress(len(ode))
     values = {"eval/sampling_s": time.perf_counter() - started}
     for kind, samples in (("ode", ode), ("sde", sde.float().cpu())):
         on_device = samples.to(device)
         values[f"eval/{kind}/reward"] = reward(on_device, device_labels).mean().item()
+        # each term of a weighted sum unweighted (the call above set last_terms); a single reward is its own term
+        terms = getattr(reward, "last_terms", None) or {reward.name: values[f"eval/{kind}/reward"]}
+        values.update({f"eval/{kind}/reward/{name}": value for name, value in terms.items()})
         scores = evaluator.score(on_device if evaluator.classifier else samples, labels)
         if "classifier_fd_real_floor" in scores:
             values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
@@ -248,6 +281,13 @@ class GRPOTrainer:
         self.step = 0
         self.nonfinite = NonfiniteGuard(cfg.training.max_nonfinite_steps, device, "iteration", "grpo.lr")
         self._seed_samples = None
+        self.seed_eval = None  # the iteration-0 evaluation's values: every later one is related to them
+        self.guard = FidelityGuard(g.guard) if g.guard.enabled else None
+        if g.objective == "diffusion_nft":  # the sampling ("old") policy, refreshed at each iteration
+            self.old_model = copy.deepcopy(self.model).requires_grad_(False)
+            self.old_policy = FlowSampler(
+                self.old_model, self.policy.path, self.policy.prediction, self.policy.num_classes
+            )
 
     def autocast(self):
         device_type = self.runtime.device.type
@@ -256,30 +296,63 @@ class GRPOTrainer:
     # -- state --
 
     def save(self) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": int(self.nonfinite.in_a_row)}
+        if self.seed_eval is not None:
+            state["seed_eval"] = self.seed_eval
+        if self.guard is not None:
+            state["guard"] = self.guard.state_dict()
         path = ckpt.save_checkpoint(
             self.run_dir,
             self.step,
             model=self.model.state_dict(),
             ema=None,
-            state={"optimizer": self.optimizer.state_dict(), "nonfinite_in_a_row": int(self.nonfinite.in_a_row)},
+            state=state,
             config=self.run_config,
             keep_last=self.cfg.training.keep_last,
             meta={"sample_shape": list(self.sample_shape), "num_classes": self.num_classes},
+            protect=self.guard.protected_steps() if self.guard is not None else None,
         )
         self.log.print(f"saved {path}")
+        self.publish_best()
+
+    def publish_best(self) -> None:
+        """RUN/checkpoints/best.json -> the guard's best checkpoint, once it exists on disk."""
+        if self.guard is None or self.guard.best_step is None or self.guard.best_step > self.step:
+            return
+        record = {"reward": self.guard.best_reward, "constraint": self.guard.describe()}
+        ckpt.write_best(self.run_dir, self.guard.best_step, record)
+
+    def restore(self, step: int) -> None:
+        """The guard's rollback: this run's checkpoint at `step` -> the model's weights and the optimizer state."""
+        loaded = ckpt.load_checkpoint(
+            self.run_dir / "checkpoints" / ckpt.step_dir_name(step), map_location=self.runtime.device, load_ema=False
+        )
+        ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
+        self.optimizer.load_state_dict(loaded.state["optimizer"])
 
     def resume(self, run: Run) -> None:
         source = run.checkpoint_to_resume(self.cfg.training.resume, self.cfg.training.start_over)
         if source is None:
             return
-        loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, load_ema=False)
-        run.accept_resume(
+        loaded = ckpt.load_checkpoint(source, map_location=self.runtime.device, load_ema=False, best=False)
+        changes = run.accept_resume(
             loaded.config, self.run_config, loaded.path, loaded.step, "iteration"
         )  # same seed, recipe, reward
+        if self.cfg.grpo.lr_schedule != "constant" and "grpo.epochs" in changes:
+            raise ConfigError(
+                f"grpo.epochs = {self.cfg.grpo.epochs}: resuming {loaded.path} (grpo.epochs = "
+                f"{changes['grpo.epochs'][0]}) would change its grpo.lr_schedule = {self.cfg.grpo.lr_schedule} "
+                f"horizon; resume with the original grpo.epochs (training.max_steps stops it earlier)"
+            )
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
         self.step = loaded.step
+        self.seed_eval = loaded.state.get("seed_eval")
+        if self.guard is not None and "guard" in loaded.state:
+            self.guard.load_state_dict(loaded.state["guard"])
+            if self.guard.stopped:  # the guard ended this run here: nothing left to train
+                self.target_steps = min(self.target_steps, self.step)
 
     # -- one iteration --
 
@@ -291,8 +364,16 @@ class GRPOTrainer:
         """One rollout batch and its num_inner updates; returns the values to log."""
         g = self.cfg.grpo
         started = time.perf_counter()
+        window = self.window()
         rollout, rewards = collect_rollout(
-            self.policy, self.reward, g, self.num_classes, self.sample_shape, self.generator(0), self.autocast
+            self.policy,
+            self.reward,
+            g,
+            self.num_classes,
+            self.sample_shape,
+            self.generator(0),
+            self.autocast,
+            sde_steps=window,
         )
         # Groups are prompts; an unconditional model has one group per iteration.
         group_ids = rollout.labels if rollout.labels is not None else torch.zeros_like(rewards, dtype=torch.long)
@@ -300,7 +381,10 @@ class GRPOTrainer:
             rewards, group_ids, g.advantage_eps, g.global_std, g.advantage_clip, g.advantage_scale, return_stats=True
         )
         rollout_seconds = time.perf_counter() - started
-        values = self.update(rollout, advantages)
+        if g.objective == "diffusion_nft":
+            values = self.update_nft(rollout, advantages)
+        else:
+            values = self.update(rollout, advantages, window)
         self.step += 1
         values.update(
             {
@@ -315,19 +399,37 @@ class GRPOTrainer:
         )
         return values
 
-    def update(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """num_inner optimizer steps on the GRPO loss of the rollout's transitions [B * G advantages]."""
+    def window(self) -> torch.Tensor | None:
+        """This iteration's SDE window (grpo.window.*), None when windows are off."""
+        w = self.cfg.grpo.window
+        if w.size is None:
+            return None
+        return window_steps(self.cfg.grpo.rollout_steps, w.size, w.mode, w.start, w.stride, w.every, self.step)
+
+    def set_lr(self, inner: int) -> None:
+        """The scheduled learning rate of update `inner` of this iteration, times the guard's rollback factor."""
+        g = self.cfg.grpo
+        lr = learning_rate(
+            self.step * g.num_inner + inner, g.lr, g.warmup_steps, g.epochs * g.num_inner, g.lr_schedule, g.min_lr_ratio
+        )
+        set_learning_rate(self.optimizer, lr * (self.guard.lr_scale if self.guard is not None else 1.0))
+
+    def update(self, rollout, advantages: torch.Tensor, window: torch.Tensor | None = None) -> dict[str, float]:
+        """num_inner optimizer steps on the GRPO loss of the rollout's transitions [B * G advantages]: the
+        window's steps when given, else grpo.timestep_selection's."""
         g = self.cfg.grpo
         labels = rollout.labels
         reference_mean = ReferenceMeans(self.reference_policy, rollout, g, self.autocast)
         statistics = UpdateStatistics(advantages.device)
+        weights = step_weights(rollout.times, rollout.next_times) if g.ratio_norm else None
         for inner in range(g.num_inner):
-            set_learning_rate(
-                self.optimizer, learning_rate(self.step * g.num_inner + inner, g.lr, g.warmup_steps, 1, "constant", 1.0)
-            )
-            steps = select_timesteps(
-                rollout.num_steps, g.train_timesteps, self.generator(1, inner), g.timestep_selection
-            ).tolist()
+            self.set_lr(inner)
+            if window is not None:
+                steps = window.tolist()
+            else:
+                steps = select_timesteps(
+                    rollout.num_steps, g.train_timesteps, self.generator(1, inner), g.timestep_selection
+                ).tolist()
             terms = len(steps) * g.num_inner
             # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
             # the first update's ratio is exactly 1; gradients accumulate over the timesteps.
@@ -345,9 +447,19 @@ class GRPOTrainer:
                         g.log_prob_reduce,
                         g.detach_uncond,
                         tuple(g.guidance_interval),
+                        g.sampler,
                     )
                 kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
-                loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
+                if g.ratio_norm:  # GRPO-Guard: unbiased, step-consistent ratios, 1 / dt step weights
+                    normalized = normalized_log_ratio(
+                        log_probs, rollout.log_probs[k], means, rollout.means[k], stds, g.log_prob_reduce
+                    )
+                    loss, stats = grpo_loss(
+                        normalized, torch.zeros_like(normalized), advantages, g.clip_eps, kl, g.kl_beta
+                    )
+                    loss = loss * weights[k]
+                else:
+                    loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
                 (loss / len(steps)).backward()
                 if inner == 0:
                     statistics.first_update(log_probs, rollout.log_probs[k])
@@ -358,11 +470,44 @@ class GRPOTrainer:
         self.nonfinite.check(self.step, self.run_dir, self.log.print)
         return statistics.values()
 
+    def update_nft(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """num_inner optimizer steps on DiffusionNFT's loss (rl/nft.py) of the rollout's final samples, each
+        noised grpo.nft.timesteps times per step; + kl_beta x the mean squared velocity gap to the seed (the
+        forward-process counterpart of the Gaussian KL). The old policy is the one that drew the rollout."""
+        g = self.cfg.grpo
+        self.old_model.load_state_dict(self.model.state_dict())
+        r = optimality_probability(advantages, g.nft.advantage_max)
+        statistics = UpdateStatistics(advantages.device)
+        samples = rollout.samples.detach()
+        for inner in range(g.num_inner):
+            self.set_lr(inner)
+            x_t, t, target, index = forward_process_batch(
+                self.policy.path, samples, g.nft.timesteps, self.generator(1, inner)
+            )
+            labels = rollout.labels[index] if rollout.labels is not None else None
+            with self.autocast():
+                v_theta = self.policy.velocity(x_t, t, labels)
+                with torch.no_grad():
+                    v_old = self.old_policy.velocity(x_t, t, labels)
+                    v_ref = self.reference_policy.velocity(x_t, t, labels) if g.kl_beta > 0 else None
+            loss, stats = nft_loss(v_theta, v_old, target, r[index], g.nft.beta)
+            kl = (v_theta.float() - v_ref.float()).square().mean() if v_ref is not None else torch.zeros_like(loss)
+            loss = loss + g.kl_beta * kl
+            loss.backward()
+            statistics.add({**stats, "kl": kl.detach(), "loss": loss.detach()}, g.num_inner)
+            grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, g.grad_clip)
+            self.nonfinite.update(nonfinite)
+            statistics.grad_norms.append(grad_norm)
+        self.nonfinite.check(self.step, self.run_dir, self.log.print)
+        return statistics.values()
+
     # -- the loop --
 
     def fit(self) -> int:
         """Post-train to target_steps, evaluate, write samples and eval.json, then the finished marker
-        (run_dir.Run). A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED."""
+        (run_dir.Run). A finished run is a no-op; SIGTERM saves a checkpoint and returns EXIT_PREEMPTED.
+        At an evaluation step the evaluation (and the guard's decision) comes before the save, so the
+        checkpoint holds what the guard decided and a resume continues from there."""
         tr = self.cfg.training
         with Run(self.run_dir, self.runtime, tr.tensorboard, wandb=tr.wandb, wandb_project=tr.wandb_project) as run:
             self.log = run.log
@@ -372,8 +517,20 @@ class GRPOTrainer:
                 return EXIT_OK
             print_plan(self)
             first_step = self.step
-            if self.step == 0:
+            if self.step == 0 and self.seed_eval is None:
                 self.evaluate(final=False)  # the seed's numbers, the "before" of every comparison
+                if self.guard is not None:
+                    self.target_steps = 0 if self.guard.stopped else self.target_steps
+                    self.save()  # the seed is the first rollback target
+            elif self.guard is not None and self.owes_evaluation():
+                # A shorter run (training.max_steps) ended here: its last checkpoint was written before this
+                # step's evaluation, which its final one was. Decide here as an uninterrupted run does, and
+                # replace that checkpoint with one that holds the decision.
+                self.evaluate(final=False)
+                if self.guard.stopped:
+                    self.target_steps = self.step
+                shutil.rmtree(self.run_dir / "checkpoints" / ckpt.step_dir_name(self.step))
+                self.save()
             bar = self.log.progress(self.target_steps, self.step, tr.progress, self.cfg.experiment)
             while self.step < self.target_steps:
                 values = self.iteration()
@@ -382,10 +539,17 @@ class GRPOTrainer:
                 if self.step % tr.log_every == 0 or self.step == self.target_steps:
                     self.log.scalars(self.step, values)
                 stop, save, evaluate = run.due(self.step, self.target_steps, tr, "iteration")
+                if self.guard is not None and stop and tr.eval_every and self.step % tr.eval_every == 0:
+                    # guarded: the checkpoint of an evaluation step holds the guard's decision there
+                    evaluate = self.step != self.target_steps
+                if evaluate:  # unguarded, never when stopping
+                    self.evaluate(final=False)
+                    if self.guard is not None:
+                        save = True  # a checkpoint at every guarded evaluation: rollback target, best
+                        if self.guard.stopped:
+                            self.target_steps = self.step
                 if save:
                     self.save()
-                if evaluate:  # never when stopping
-                    self.evaluate(final=False)
                 if stop:
                     return EXIT_PREEMPTED
             bar.close()
@@ -398,14 +562,23 @@ class GRPOTrainer:
                 )
             with run.final_phase():
                 self.evaluate(final=True)
-                run.finish(self.step, FINAL_OUTPUTS)
+                record = {"guard": self.guard.summary()} if self.guard is not None else None
+                run.finish(self.step, FINAL_OUTPUTS, record)
         return EXIT_OK
+
+    def owes_evaluation(self) -> bool:
+        """Resumed at an evaluation step whose checkpoint was saved before the guard's check there."""
+        every = self.cfg.training.eval_every
+        due = bool(every) and self.step % every == 0 and 0 < self.step < self.target_steps
+        return due and self.guard.last_checked != self.step
 
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, float]:
         """The same labels and noise every time: deterministic ODE samples with the run's solver and SDE
-        samples as in the rollouts, each scored by the reward and the image metrics. Logs a seed | current
-        grid; at the end also writes samples.png / samples.npz and eval.json to the run dir."""
+        samples as in the rollouts, each scored by the reward (and each of its terms) and the image metrics,
+        with ratios to the seed's (iteration 0) values; the guard's check and action. Logs a seed | current
+        grid; at the end also writes samples.png / samples.npz and eval.json (with the seed's values and the
+        guard's verdict) to the run dir."""
         tr, g = self.cfg.training, self.cfg.grpo
         what = "final evaluation" if final else f"evaluation at iteration {self.step}"
         with self.log.progress(2 * tr.num_eval_samples, 0, tr.progress, what, unit="img") as bar:
@@ -419,9 +592,15 @@ class GRPOTrainer:
                 self.cfg.seed,
                 progress=bar.update,
             )
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        # diversity is NaN where no class has two samples: reported as it is, never an error
+        bad = [k for k, v in values.items() if not math.isfinite(v) and "diversity" not in k]
         if final and bad:
             raise RunError(f"final evaluation at iteration {self.step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")
+        if self.seed_eval is None and self.step == 0:
+            self.seed_eval = {k: v for k, v in values.items() if k != "eval/sampling_s"}
+        values.update(relative_to_seed(values, self.seed_eval))
+        if self.guard is not None:
+            values.update(self.guard_acts(values, final))
         self.log.scalars(self.step, values)
         if self._seed_samples is None:
             if self.step == 0:
@@ -437,11 +616,62 @@ class GRPOTrainer:
         close_figure(comparison)
         if final:
             self.evaluator.save(self.run_dir, ode, labels, solver=self.run_config.solver)
-            ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps({"iteration": self.step, **values}, indent=2))
+            result = {"iteration": self.step, **values, "seed": self.seed_eval}
+            if self.guard is not None:
+                result["guard"] = self.guard.summary()
+            ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
         self.log.print(
             f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items())
         )
         return values
+
+    def guard_acts(self, values: dict[str, float], final: bool) -> dict[str, float]:
+        """The guard's check of this evaluation and its action (rollback: restore the last good checkpoint;
+        stop: restore it, the loop then ends), each said on stderr -> the guard/* values to log."""
+        guard = self.guard
+        decision = guard.check(self.step, values, final)
+        if decision.kind in ("rollback", "stop") and decision.restore_step is not None:
+            self.restore(decision.restore_step)
+        if decision.kind in ("violation", "rollback", "stop"):
+            self.log.warn(f"GUARD: {decision.message}")
+        if final:
+            self.publish_best()  # the final checkpoint exists: it may be the best
+            if not decision.satisfied:
+                best = (
+                    f"the best policy that satisfies it is iteration {guard.best_step}'s, named by "
+                    f"{self.run_dir / 'checkpoints' / ckpt.BEST}: `inference.py checkpoint={self.run_dir}` samples it"
+                    if guard.best_step is not None
+                    else "no evaluated policy satisfied it, not even the seed: nothing is published as best"
+                )
+                self.log.warn(
+                    f"GUARD: the final policy (iteration {self.step}) fails the run's constraint "
+                    f"({guard.describe()}); {best}"
+                )
+        if guard.stopped and (decision.kind == "stop" or final):
+            self.log.warn(f"GUARD: the run was stopped at iteration {self.step}: {guard.stopped}")
+        return {
+            "guard/satisfied": float(decision.satisfied),
+            "guard/violations_in_a_row": float(guard.violations),
+            "guard/rollbacks": float(guard.rollbacks),
+            "guard/lr_scale": guard.lr_scale,
+            "guard/best_step": float(guard.best_step if guard.best_step is not None else -1),
+        }
+
+
+RELATIVE_KEYS = ("classifier_fd", "jpeg_bpp", "class_diversity")
+
+
+def relative_to_seed(values: dict[str, float], seed: dict[str, float] | None) -> dict[str, float]:
+    """eval/<kind>/<key>_vs_seed = value / the seed's (iteration 0) for the fidelity and size metrics."""
+    if not seed:
+        return {}
+    out = {}
+    for kind in ("ode", "sde"):
+        for key in RELATIVE_KEYS:
+            name = f"eval/{kind}/{key}"
+            if name in values and seed.get(name):
+                out[f"{name}_vs_seed"] = values[name] / seed[name]
+    return out
 
 
 def print_plan(trainer: GRPOTrainer) -> None:
@@ -451,5 +681,20 @@ def print_plan(trainer: GRPOTrainer) -> None:
         f"{trainer.cfg.experiment}: GRPO on {type(trainer.model).__name__} ({count_parameters(trainer.model):,} "
         f"parameters) from {trainer.seed_path} (step {trainer.seed_step}) on {trainer.runtime.device}; reward "
         f"{trainer.reward.name}; {g.batch_size} prompts x G={g.group_size}, T_rollout={g.rollout_steps}, "
-        f"num_inner={g.num_inner}; iterations {trainer.step} -> {trainer.target_steps}; run dir {trainer.run_dir}"
+        f"num_inner={g.num_inner}; objective {describe_objective(g)}; iterations {trainer.step} -> "
+        f"{trainer.target_steps}; run dir {trainer.run_dir}"
     )
+    if trainer.guard is not None:
+        trainer.log.print(f"fidelity guard: {trainer.guard.describe()} (grpo.guard.*)")
+
+
+def describe_objective(g: DictConfig) -> str:
+    """'flow_grpo, window 3 sliding, ratio_norm, lr cosine': the update rule in a few words."""
+    parts = [g.objective] + (["cps sampler"] if g.sampler == "cps" else [])
+    if g.window.size is not None:
+        parts.append(f"window {g.window.size} {g.window.mode}")
+    if g.ratio_norm:
+        parts.append("ratio_norm")
+    if g.lr_schedule != "constant":
+        parts.append(f"lr {g.lr_schedule}")
+    return ", ".join(parts)

@@ -1,6 +1,7 @@
 """The reward / metrics classifier (classifier.py, trained by scripts/train_classifier.py) and the metrics
 built on it."""
 
+import math
 import re
 
 import pytest
@@ -13,11 +14,13 @@ from classifier import (
     Classifier,
     ClassifierError,
     class_accuracy,
+    class_diversity,
     classifier_features,
     classifier_logits,
     classifier_outputs,
     image_sample_metrics,
     load_classifier,
+    real_class_diversity,
     reference_statistics,
     train_classifier,
 )
@@ -84,6 +87,7 @@ def test_image_sample_metrics_on_real_images(trained, test_split):
     real = image_sample_metrics(x, y, classifier, reference)
     assert set(real) == {
         "classifier_accuracy",
+        "class_diversity",
         "classifier_fd",
         "jpeg_bpp",
         "png_bpp",
@@ -95,7 +99,9 @@ def test_image_sample_metrics_on_real_images(trained, test_split):
     assert 0 < real["jpeg_payload_bpp"] < real["jpeg_bpp"] and 0 < real["png_payload_bpp"] < real["png_bpp"]
     noise = torch.rand(len(x), 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     fake = image_sample_metrics(noise, None, classifier, reference)  # unconditional: no accuracy
-    assert "classifier_accuracy" not in fake
+    assert "classifier_accuracy" not in fake and "class_diversity" not in fake
+    # the held-out split against itself: exactly the real data's within-class diversity
+    assert real["class_diversity"] == pytest.approx(real_class_diversity(classifier, test_split), rel=1e-6)
     assert fake["classifier_fd"] > 10 * max(real["classifier_fd"], 1e-3) and fake["png_bpp"] > real["png_bpp"]
     # Scored as the saved 8-bit image: pixels beyond [-1, 1] count as clipped, not as the raw floats.
     overshoot = x * 3
@@ -234,3 +240,13 @@ def test_training_reports_progress_within_an_epoch(tmp_path, monkeypatch):
     assert len(steps) == 5 and lines.index(steps[-1]) < next(
         i for i, line in enumerate(lines) if line.startswith("epoch 1/1")
     )
+
+
+def test_class_diversity_is_the_mean_within_class_pairwise_distance():
+    features = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [0.0, 1.0], [0.0, 2.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])  # class 2 has one sample: no pair, left out
+    # class 0: one pair at distance 5; class 1: pairs at 1, 2, 1 -> 4 / 3
+    assert class_diversity(features, labels) == pytest.approx((5 + 4 / 3) / 2)
+    collapsed = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
+    assert class_diversity(collapsed, torch.tensor([0, 0, 1, 1])) == 0.0  # every sample of a class the same
+    assert math.isnan(class_diversity(features[:2], torch.tensor([0, 1])))

@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 from flow import make_path
-from rl.grpo import clipped_policy_loss, gaussian_kl, group_advantages, group_stats, grpo_loss
-from rl.sde_sampler import sde_rollout, transition_log_prob
+from rl.grpo import (
+    clipped_policy_loss,
+    gaussian_kl,
+    group_advantages,
+    group_stats,
+    grpo_loss,
+    normalized_log_ratio,
+    step_weights,
+)
+from rl.nft import forward_process_batch, nft_loss, optimality_probability
+from rl.sde_sampler import gaussian_log_prob, sde_rollout, transition_log_prob, window_steps
 from sampling import FlowSampler
 
 
@@ -214,3 +223,161 @@ def test_detach_uncond_trains_only_the_conditional_branch():
     # d u / d b_null = 1 - s and d u / d b_y = s: the attached null gradient is (1 - s) / s times the label's.
     torch.testing.assert_close(grads[True][:null], grads[False][:null])
     torch.testing.assert_close(grads[False][null], (1 - 3.0) / 3.0 * grads[False][:null].sum())
+
+
+# --- the stable-objective variants: DiffusionNFT, GRPO-Guard's ratio normalisation, windowed Flow-GRPO ---
+
+
+def test_nft_loss_matches_a_hand_computed_value():
+    """N = 2 samples, D = 2, beta = 0.5 (rl/nft.py's loss), worked by hand:
+    row 0 (r = 1): v+ = (0.5, 0), error to (1, 1) = (0.25 + 1) / 2 = 0.625;
+    row 1 (r = 0.25): v+ = (0.5, 1.5), v- = (1.5, 0.5), both errors (0.25 + 2.25) / 2 = 1.25 -> 1.25;
+    loss = (0.625 + 1.25) / 2 = 0.9375. d loss / d v_theta[0] = (1 / 2) r 2 beta (v+ - u) / D = (-0.125, -0.25)."""
+    v_theta = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    v_old = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    target = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, stats = nft_loss(v_theta, v_old, target, torch.tensor([1.0, 0.25]), beta=0.5)
+    assert loss.item() == pytest.approx(0.9375)
+    (grad,) = torch.autograd.grad(loss, v_theta)
+    torch.testing.assert_close(grad[0], torch.tensor([-0.125, -0.25]))
+    assert stats["optimality"].item() == pytest.approx(0.625)
+    # at v_theta = v_old both implicit policies are v_old: plain flow matching whatever r, and the gradient
+    # 2 beta (2 r - 1) (v_old - u) / (N D) pushes towards u for r > 1/2, away for r < 1/2, not at all at 1/2
+    at_old = v_old.clone().requires_grad_(True)
+    r = torch.tensor([0.9, 0.5])
+    loss, _ = nft_loss(at_old, v_old, target, r, beta=0.5)
+    assert loss.item() == pytest.approx((v_old - target).square().mean().item())
+    (grad,) = torch.autograd.grad(loss, at_old)
+    torch.testing.assert_close(grad, 2 * 0.5 * (2 * r[:, None] - 1) * (v_old - target) / 4)
+
+
+def test_optimality_probability_clips_advantages_to_0_1():
+    r = optimality_probability(torch.tensor([-10.0, -2.5, 0.0, 2.5, 10.0]), advantage_max=5.0)
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+
+
+def test_normalized_log_ratio_hand_value_and_unbiased_under_the_old_policy():
+    """(log pi_new - log pi_old + b) s with b = mean ||mu_new - mu_old||^2 / (2 s^2): by hand, means (0.1, 0.3)
+    vs 0 at s = 0.5 give b = (0.02 + 0.18) / 2 = 0.1, so (-1.0 + 1.2 + 0.1) x 0.5 = 0.15 ("sum": b = 0.2 -> 0.2).
+    Under actions drawn from the old policy the raw log ratio averages -b: the normalised one averages 0."""
+    args = (torch.tensor([-1.0]), torch.tensor([-1.2]), torch.tensor([[0.1, 0.3]]), torch.zeros(1, 2))
+    std = torch.full((1, 1), 0.5)
+    assert normalized_log_ratio(*args, std).item() == pytest.approx(0.15)
+    assert normalized_log_ratio(*args, std, reduce="sum").item() == pytest.approx(0.2)
+    count, s = 20000, 0.3
+    mean_old, mean_new = torch.zeros(count, 4), torch.tensor([0.1, -0.2, 0.05, 0.3]).expand(count, 4)
+    std = torch.full((count, 1), s)
+    actions = mean_old + s * torch.randn(count, 4, generator=torch.Generator().manual_seed(0))
+    raw = gaussian_log_prob(actions, mean_new, std) - gaussian_log_prob(actions, mean_old, std)
+    bias = mean_new.square().mean(1) / (2 * s**2)
+    assert raw.mean().item() == pytest.approx(-bias[0].item(), abs=4 * raw.std().item() / count**0.5)
+    normalized = normalized_log_ratio(
+        gaussian_log_prob(actions, mean_new, std), gaussian_log_prob(actions, mean_old, std), mean_new, mean_old, std
+    )
+    assert abs(normalized.mean().item()) <= 4 * normalized.std().item() / count**0.5
+    assert normalized_log_ratio(raw * 0, raw * 0, mean_old, mean_old, std).abs().max() == 0  # equal policies: 0
+
+
+def test_step_weights_are_inverse_dt_with_mean_one():
+    grid = torch.linspace(0, 1, 5)
+    torch.testing.assert_close(step_weights(grid[:-1], grid[1:]), torch.ones(4))
+    weights = step_weights(torch.tensor([0.0, 0.5, 0.75]), torch.tensor([0.5, 0.75, 1.0]))
+    torch.testing.assert_close(weights, torch.tensor([0.6, 1.2, 1.2]))
+
+
+# A 2-D toy problem: the exact flow of N((1, -2), 0.5^2 I) plus a learnable offset c of the velocity, which
+# moves the samples by about c. The reward asks for samples near (3, 0): each objective must move c there.
+TARGET = torch.tensor([3.0, 0.0])
+
+
+class OffsetGaussian(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, t, y=None):
+        t = t.view(-1, 1)
+        mean, var = torch.tensor([1.0, -2.0]), 0.25
+        return mean + (t * var - (1 - t)) / (t**2 * var + (1 - t) ** 2) * (x - t * mean) + self.offset
+
+
+def toy_reward(samples):
+    return -(samples - TARGET).square().sum(1)
+
+
+def toy_run(objective: str, iterations: int = 25, **options) -> tuple[float, float]:
+    """`iterations` rollout batches of 32 (one group) on the 2-D toy, each followed by 2 Adam steps of
+    `objective` -> (mean toy reward of the first batch, of 256 fresh samples after training)."""
+    torch.manual_seed(0)
+    model = OffsetGaussian()
+    sampler = FlowSampler(model, make_path())
+    old_model = OffsetGaussian()
+    old = FlowSampler(old_model, make_path())
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    first = None
+    for iteration in range(iterations):
+        gen = torch.Generator().manual_seed(iteration)
+        window = options.get("window")
+        steps = window_steps(6, 2, "sliding", iteration=iteration) if window == "sliding" else window
+        rollout = sde_rollout(sampler, torch.randn(32, 2, generator=gen), None, 6, generator=gen, sde_steps=steps)
+        rewards = toy_reward(rollout.samples)
+        first = rewards.mean().item() if first is None else first
+        advantages = group_advantages(rewards, torch.zeros(32, dtype=torch.long))
+        old_model.load_state_dict(model.state_dict())
+        for _ in range(2):
+            if objective == "diffusion_nft":
+                x_t, t, target, index = forward_process_batch(sampler.path, rollout.samples, 4, gen)
+                with torch.no_grad():
+                    v_old = old.velocity(x_t, t)
+                loss, _ = nft_loss(
+                    sampler.velocity(x_t, t), v_old, target, optimality_probability(advantages, 2.0)[index], 1.0
+                )
+            else:
+                trained = steps.tolist() if steps is not None else range(5)
+                loss = 0
+                for k in trained:
+                    log_probs, means, stds = transition_log_prob(
+                        sampler,
+                        rollout.states[k],
+                        rollout.times[k],
+                        rollout.next_times[k],
+                        rollout.next_states[k],
+                        None,
+                    )
+                    if options.get("ratio_norm"):
+                        ratio = normalized_log_ratio(log_probs, rollout.log_probs[k], means, rollout.means[k], stds)
+                        term, _ = grpo_loss(ratio, torch.zeros_like(ratio), advantages, 0.2)
+                    else:
+                        term, _ = grpo_loss(log_probs, rollout.log_probs[k], advantages, 0.2)
+                    loss = loss + term / len(trained)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        fresh = sampler.sample_sde(
+            torch.randn(256, 2, generator=torch.Generator().manual_seed(99)),
+            None,
+            6,
+            0.7,
+            torch.Generator().manual_seed(98),
+        )
+    return first, toy_reward(fresh).mean().item()
+
+
+@pytest.mark.parametrize(
+    "objective, options",
+    [
+        ("flow_grpo", {}),
+        ("flow_grpo", {"window": torch.tensor([1, 2])}),
+        ("flow_grpo", {"window": "sliding"}),
+        ("flow_grpo", {"ratio_norm": True}),
+        ("diffusion_nft", {}),
+    ],
+    ids=["flow_grpo", "window_fixed", "window_sliding", "ratio_norm", "diffusion_nft"],
+)
+def test_each_objective_raises_a_toy_reward_on_a_2d_problem(objective, options):
+    """The seed's samples sit at (1, -2), a squared distance of ~8 from (3, 0); every objective must cut it to a
+    quarter within 25 rollout batches. Measured: -7.7 (-8.4 windowed) -> -0.45 for each, near the floor of
+    the samples' own spread (2 x 0.25 plus the SDE's)."""
+    before, after = toy_run(objective, **options)
+    assert after > before / 4, (before, after)

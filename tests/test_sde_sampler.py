@@ -10,10 +10,12 @@ from torch import nn
 from flow import expand_t, make_path
 from rl.sde_sampler import (
     Rollout,
+    cps_step,
     gaussian_log_prob,
     sde_rollout,
     select_timesteps,
     transition_log_prob,
+    window_steps,
 )
 from sampling import FlowSampler
 
@@ -287,3 +289,85 @@ def test_polynomial_sde_is_finite_and_exact_at_the_noise_end(n):
     assert torch.isfinite(model.gain.grad)
     rollout = sde_rollout(sampler, x, None, 10, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(rollout.samples).all() and torch.isfinite(rollout.log_probs).all()
+
+
+def test_window_steps_fixed_and_sliding():
+    assert window_steps(6, 2, "fixed", start=1).tolist() == [1, 2]
+    # sliding: 6 - 2 = 4 positions (the window never covers the final step 5), moving every 2 iterations
+    starts = [int(window_steps(6, 2, "sliding", stride=1, every=2, iteration=i)[0]) for i in range(10)]
+    assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 0, 0]
+    for size, start in ((0, 0), (6, 0), (2, 4)):
+        with pytest.raises(ValueError, match="does not fit"):
+            window_steps(6, size, "fixed", start=start)
+    with pytest.raises(ValueError, match="mode"):
+        window_steps(6, 2, "random")
+
+
+def test_a_windowed_rollout_is_ode_outside_its_window():
+    """Outside the window: std 0, the next state is the mean (an Euler step), log-prob 0, and no noise is drawn,
+    so two generators give the same path up to the window; inside, the stored log-probs recompute exactly."""
+    window = torch.tensor([1, 2])
+    _, sampler, rollout = conditional_rollout(num_steps=5, sde_steps=window)
+    _, _, other = conditional_rollout(num_steps=5, seed=7, sde_steps=window)
+    for k in (0, 3, 4):
+        assert rollout.stds[k].abs().max() == 0 and rollout.log_probs[k].abs().max() == 0
+        torch.testing.assert_close(rollout.next_states[k], rollout.means[k].to(rollout.next_states.dtype))
+    assert torch.equal(rollout.next_states[0], other.next_states[0])  # before the window: deterministic
+    assert not torch.equal(rollout.next_states[1], other.next_states[1])
+    for k in window.tolist():
+        assert rollout.stds[k].min() > 0
+        log_probs, _, _ = transition_log_prob(
+            sampler,
+            rollout.states[k],
+            rollout.times[k],
+            rollout.next_times[k],
+            rollout.next_states[k],
+            rollout.labels,
+            0.7,
+            3.0,
+        )
+        torch.testing.assert_close(log_probs, rollout.log_probs[k], rtol=0, atol=1e-6)
+
+
+def test_cps_rollout_ends_on_the_data_and_recomputes_exactly():
+    """Coefficients-preserving steps with the exact velocity of N(MEAN, STD^2 I): at a small noise level the
+    rollout reproduces the data; at a = 0.7 the mean stays but the samples are under-dispersed (CPS keeps the
+    path's coefficients, not its marginals: the fresh noise replaces part of the posterior-mean prediction's;
+    measured std 0.42 of 0.50 at 200 steps). The final step into t = 1 is deterministic (std 0, log-prob 0),
+    and every other stored log-prob recomputes exactly."""
+    sampler = FlowSampler(GaussianVelocity(), make_path())
+    small = sde_rollout(
+        sampler, noise((20_000, 2)), None, 200, 0.1, generator=torch.Generator().manual_seed(1), kind="cps"
+    )
+    assert (small.samples.mean(0) - MEAN).abs().max() < 0.03 and (small.samples.std(0) / STD - 1).abs().max() < 0.02
+    rollout = sde_rollout(
+        sampler, noise((20_000, 2)), None, 10, 0.7, generator=torch.Generator().manual_seed(1), kind="cps"
+    )
+    x = rollout.samples
+    assert (x.mean(0) - MEAN).abs().max() < 0.03, x.mean(0)
+    assert ((x.std(0) / STD) < 0.9).all(), x.std(0)
+    assert rollout.stds[-1].abs().max() == 0 and rollout.log_probs[-1].abs().max() == 0
+    assert rollout.stds[:-1].min() > 0
+    k = 5
+    log_probs, _, _ = transition_log_prob(
+        sampler, rollout.states[k], rollout.times[k], rollout.next_times[k], rollout.next_states[k], None, kind="cps"
+    )
+    torch.testing.assert_close(log_probs, rollout.log_probs[k], rtol=0, atol=1e-6)
+
+
+def test_cps_keeps_the_paths_coefficients():
+    """With the exact data and noise predictions, x_next = alpha' x1 + sqrt(sigma'^2 - s^2) eps + s z has exactly
+    the path's noise scale sigma': the injected noise s = sigma' sin(a pi / 2) replaces part of the predicted."""
+    sampler = FlowSampler(GaussianVelocity(), make_path())
+    x = noise((4, 2))
+    t, t_next = torch.tensor(0.4), torch.tensor(0.6)
+    mean, std = cps_step(sampler, x, t, t_next, None, noise_level=0.7)
+    sigma_next = 1 - 0.6  # CondOT: sigma(t) = 1 - t
+    torch.testing.assert_close(std, torch.full((4, 1), sigma_next * math.sin(0.7 * math.pi / 2)))
+    u = sampler.velocity(x, t)
+    data_hat = sampler.path.convert(u, x, t.expand(4), "velocity", "data")
+    eps_hat = sampler.path.convert(u, x, t.expand(4), "velocity", "noise")
+    expected = 0.6 * data_hat + math.sqrt(sigma_next**2 - std[0, 0].item() ** 2) * eps_hat
+    torch.testing.assert_close(mean, expected)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sde_rollout(sampler, x, None, 4, kind="ddim")

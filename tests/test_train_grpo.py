@@ -2,6 +2,7 @@
 and a tiny run that raises the JPEG reward."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def run_grpo(classifier_file):
 def newest(run_dir):
     import checkpoint
 
-    path = checkpoint.resolve_checkpoint(run_dir)
+    path = checkpoint.resolve_checkpoint(run_dir, best=False)  # the newest, not the guard's published best
     return load_file(str(path / "model.safetensors")), torch.load(path / "state.pt", weights_only=True), path
 
 
@@ -144,6 +145,20 @@ def test_write_up_recipes_are_the_presets():
         (["seed_checkpoint=x", "solver.steps=3"], ["solver.steps", "num_steps"]),
         (["seed_checkpoint=x", "grpo.kl=0.1"], ["grpo.kl", "kl_beta"]),
         (["seed_checkpoint=x", "grpo.guidance_interval=[0.7,0.2]"], ["grpo.guidance_interval", "0.7", "t_lo <= t_hi"]),
+        (["seed_checkpoint=x", "grpo.objective=ppo"], ["grpo.objective", "ppo", "flow_grpo", "diffusion_nft"]),
+        (["seed_checkpoint=x", "grpo.window.size=10"], ["grpo.window.size", "10", "rollout_steps - 1 = 9"]),
+        (["seed_checkpoint=x", "grpo.window.size=4", "grpo.window.start=6"], ["grpo.window.start", "6", "[0, 5]"]),
+        (
+            ["seed_checkpoint=x", "grpo.objective=diffusion_nft", "grpo.ratio_norm=true"],
+            ["grpo.ratio_norm", "diffusion_nft"],
+        ),
+        (["seed_checkpoint=x", "grpo.lr_schedule=linear"], ["grpo.lr_schedule", "linear", "constant", "cosine"]),
+        (["seed_checkpoint=x", "grpo.sampler=cps"], ["grpo.timestep_selection", "random", "cps", "deterministic"]),
+        (["seed_checkpoint=x", "grpo.sampler=cps", "grpo.noise_level=1.5"], ["grpo.noise_level", "1.5", "(0, 1]"]),
+        (["seed_checkpoint=x", "grpo.guard.action=pause"], ["grpo.guard.action", "pause", "rollback", "stop"]),
+        (["seed_checkpoint=x", "grpo.guard.max_fd_ratio=0"], ["grpo.guard.max_fd_ratio", "0", "> 0"]),
+        (["seed_checkpoint=x", "training.classifier=null"], ["training.classifier", "grpo.guard.enabled=false"]),
+        (["seed_checkpoint=x", "training.eval_every=0"], ["training.eval_every", "grpo.guard.enabled"]),
     ],
 )
 def test_config_errors_name_the_key(overrides, words):
@@ -245,6 +260,7 @@ def test_tiny_run_raises_jpeg_reward(tmp_path, seed_run, run_grpo):
             "training.max_steps=12",
             "training.eval_every=0",
             "training.classifier=null",
+            "grpo.guard.enabled=false",  # the guard needs the classifier; this measures the objective alone
             "grpo.clip_eps=0.2",
         )
         == 0
@@ -322,6 +338,7 @@ def jpeg_run_28(run_dir, seed, classifier, *overrides, lr="2e-4", iterations=8) 
                 "solver.guidance_interval=[0,0.6]",
                 f"grpo.lr={lr}",
                 f"training.max_steps={iterations}",
+                "grpo.guard.enabled=false",  # these measure the objectives themselves, unguarded
                 *overrides,
             ]
         )
@@ -428,3 +445,146 @@ def test_the_log_has_each_reward_term(tmp_path, seed_run, run_grpo, classifier_f
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = next(row for row in rows if "reward/mean" in row)
     assert {"reward/jpeg", "reward/classifier_logprob"} <= set(logged), sorted(logged)
+
+
+# --- the fidelity guard in a run -------------------------------------------------------------------------
+
+# kappa = 1 (no classifier-FD above the seed's) and patience 1: the first update that moves the samples off
+# the data is a violation, so the guard acts within a few tiny iterations.
+GUARDED = [
+    "grpo.guard.enabled=true",
+    "grpo.guard.min_accuracy=0",
+    "grpo.guard.max_fd_ratio=1.0",
+    "grpo.guard.patience=1",
+    "grpo.lr=1e-3",
+    "grpo.kl_beta=0",
+    "training.eval_every=1",
+    "training.checkpoint_every=1",
+    "training.keep_last=2",
+]
+
+
+def rows_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_guard_rollbacks_resume_bitwise(tmp_path, seed_run, run_grpo, monkeypatch):
+    """5 iterations in one go == 2, stop, then resume to 5, through the guard's rollbacks: same weights,
+    optimizer state, guard state and best.json; and the same when SIGTERM stops it at iteration 2 (an
+    evaluation step: the guard decides before the checkpoint is written)."""
+    common = [*GUARDED, "grpo.guard.max_rollbacks=5"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_grpo(straight, seed_run, *common, "training.max_steps=5") == 0
+    checks = [row for row in rows_of(straight) if "guard/rollbacks" in row]
+    message = [(row["step"], round(row["eval/ode/classifier_fd"], 3), row["guard/rollbacks"]) for row in checks]
+    assert checks[-1]["guard/rollbacks"] >= 1, message  # the scenario does roll back
+    assert run_grpo(resumed, seed_run, *common, "training.max_steps=2") == 0
+    assert run_grpo(resumed, seed_run, *common, "training.max_steps=5", "training.resume=auto") == 0
+    (model_a, state_a, path_a), (model_b, state_b, path_b) = newest(straight), newest(resumed)
+    assert path_a.name == path_b.name == "step_0000005"
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for index, values in state_a["optimizer"]["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, state_b["optimizer"]["state"][index][name]), (index, name)
+    assert state_a["guard"] == state_b["guard"] and state_a["guard"]["rollbacks"] >= 1
+    # the same best (its manifest's hash differs: the config records each command's training.max_steps)
+    best = [json.loads((run / "checkpoints/best.json").read_text()) for run in (straight, resumed)]
+    assert [(b["checkpoint"], b["reward"]) for b in best] == [(best[0]["checkpoint"], best[0]["reward"])] * 2
+    summary = json.loads((straight / "eval.json").read_text())["guard"]
+    assert summary == json.loads((resumed / "eval.json").read_text())["guard"]
+    import run_dir
+
+    preempted = tmp_path / "preempted"
+    with monkeypatch.context() as patch:
+        patch.setattr(run_dir.Run, "stop_requested", lambda self, step, unit="step": step == 2)
+        assert run_grpo(preempted, seed_run, *common, "training.max_steps=5") == 75
+    assert run_grpo(preempted, seed_run, *common, "training.max_steps=5", "training.resume=auto") == 0
+    model_c, state_c, _ = newest(preempted)
+    assert all(torch.equal(model_a[key], model_c[key]) for key in model_a)
+    assert state_c["guard"] == state_a["guard"]
+
+
+def test_guard_stop_publishes_a_good_policy_and_says_so(tmp_path, seed_run, run_grpo, classifier_file, capsys):
+    """action=stop: the run ends at the first violation with the last good weights, says so on stderr and in
+    finished.json / eval.json, a re-run is a no-op, and `inference.py checkpoint=RUN` samples the best."""
+    import inference
+
+    run_dir = tmp_path / "run"
+    anchor = f"reward.terms.1.reward.classifier={classifier_file}"
+    common = [*GUARDED, "grpo.guard.action=stop", "reward=jpeg_and_classifier", anchor, "training.max_steps=6"]
+    assert run_grpo(run_dir, seed_run, *common) == 0
+    err = capsys.readouterr().err
+    finished = json.loads((run_dir / "finished.json").read_text())
+    guard = finished["guard"]
+    assert guard["stopped"] and finished["step"] < 6, finished
+    assert "GUARD:" in err and "stopping the run" in err
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["guard"] == guard and guard["final_satisfies"] is True  # the restored policy is a good one
+    # fidelity beside reward: each term, diversity, and the seed's numbers with every ratio to them
+    for key in ("eval/ode/reward/jpeg", "eval/ode/reward/classifier_logprob", "eval/sde/class_diversity"):
+        assert key in result and key in result["seed"], key
+    assert result["eval/ode/classifier_fd_vs_seed"] <= 1.0
+    assert result["eval/ode/class_diversity_ratio"] > 0
+    # the final checkpoint holds the weights of the guard's last good one
+    final = load_file(str(run_dir / "checkpoints" / finished["checkpoint"] / "model.safetensors"))
+    good = ckpt_step(run_dir, guard["best_step"])
+    assert guard["best_step"] < finished["step"] and all(torch.equal(final[k], good[k]) for k in final)
+    assert run_grpo(run_dir, seed_run, *common, "training.resume=auto") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    out = tmp_path / "samples"
+    assert inference.main([f"checkpoint={run_dir}", f"out={out}", "n_per_class=1", "device=cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert f"step_{guard['best_step']:07d}" in printed and "best.json" in printed, printed
+
+
+def ckpt_step(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+# --- the objectives side by side, through the entry point ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["grpo.objective=diffusion_nft", "grpo.kl_beta=0.1"],
+        ["grpo.window.size=2", "grpo.window.mode=sliding"],
+        ["grpo.ratio_norm=true", "grpo.lr_schedule=cosine", "grpo.kl_beta=0.1"],
+        ["grpo.sampler=cps", "grpo.timestep_selection=first", "grpo.train_timesteps=null", "grpo.guard.samples=sde"],
+    ],
+    ids=["diffusion_nft", "window_sliding", "ratio_norm_cosine", "cps_sampler"],
+)
+def test_each_objective_trains_through_the_entry_point(tmp_path, seed_run, run_grpo, variant):
+    run_dir = tmp_path / "run"
+    assert run_grpo(run_dir, seed_run, *variant, "grpo.lr=1e-3", "training.max_steps=2") == 0
+    logged = [row for row in rows_of(run_dir) if "grpo/loss" in row]
+    assert len(logged) == 2 and all(math.isfinite(row["grpo/loss"]) and row["grpo/kl"] >= 0 for row in logged)
+    model, _, _ = newest(run_dir)
+    seed_weights = load_file(str(newest(seed_run)[2] / "ema.safetensors"))
+    assert any(not torch.equal(model[key], seed_weights[key]) for key in model)  # it trained something
+
+
+def test_diffusion_nft_with_a_cosine_lr_resumes_bitwise(tmp_path, seed_run, run_grpo):
+    common = [
+        "grpo.objective=diffusion_nft",
+        "grpo.lr_schedule=cosine",
+        "grpo.epochs=4",
+        "grpo.lr=1e-3",
+        "grpo.kl_beta=0.1",
+        "training.checkpoint_every=1",
+    ]
+    assert run_grpo(tmp_path / "straight", seed_run, *common) == 0
+    assert run_grpo(tmp_path / "resumed", seed_run, *common, "training.max_steps=2") == 0
+    with pytest.raises(ConfigError, match="grpo.lr_schedule = cosine horizon"):  # epochs set the schedule
+        run_grpo(tmp_path / "resumed", seed_run, *common, "grpo.epochs=5", "training.resume=auto")
+    assert run_grpo(tmp_path / "resumed", seed_run, *common, "training.resume=auto") == 0
+    (model_a, state_a, _), (model_b, state_b, path_b) = newest(tmp_path / "straight"), newest(tmp_path / "resumed")
+    assert path_b.name == "step_0000004"
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for index, values in state_a["optimizer"]["state"].items():
+        for name, value in values.items():
+            assert torch.equal(value, state_b["optimizer"]["state"][index][name]), (index, name)
+    lrs = [row["grpo/lr"] for row in rows_of(tmp_path / "straight") if "grpo/lr" in row]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3  # cosine: decaying from the first update on
