@@ -137,6 +137,11 @@ class FidelityGuard:
         )
         return Decision("stop", False, self.stopped, self.good_step)
 
+    def owes_check(self, step: int, eval_every: int, target_steps: int) -> bool:
+        """A run resumed at an evaluation step whose checkpoint was saved before this guard's check there."""
+        due = bool(eval_every) and step % eval_every == 0 and 0 < step < target_steps
+        return due and self.last_checked != step
+
     def protected_steps(self) -> set[int]:
         """Checkpoints pruning must keep: the rollback target and the best."""
         return {step for step in (self.good_step, self.best_step) if step is not None}

@@ -43,11 +43,11 @@ from build import build_evaluator, load_run
 from config import ConfigError, solver_overrides, to_plain
 from figures import close_figure, comparison_figure
 from models import count_parameters
-from rl.grpo import gaussian_kl, group_advantages, grpo_loss, normalized_log_ratio, step_weights
+from rl.grpo import group_advantages
 from rl.guard import FidelityGuard
-from rl.nft import forward_process_batch, nft_loss, optimality_probability
 from rl.reward import build_reward
-from rl.sde_sampler import sde_rollout, select_timesteps, transition_log_prob, transition_step, window_steps
+from rl.sde_sampler import sde_rollout, window_steps
+from rl.updates import PolicyUpdates
 from run_dir import Run
 from runtime import (
     EXIT_OK,
@@ -58,7 +58,6 @@ from runtime import (
     amp_dtype,
     derive_seed,
     learning_rate,
-    optimizer_step,
     set_learning_rate,
 )
 from sampling import FlowSampler
@@ -114,66 +113,35 @@ def collect_rollout(
     return rollout, reward(rollout.samples, labels)
 
 
-class UpdateStatistics:
-    """What one iteration's updates log: grpo_loss's statistics as running means over all (inner step,
-    timestep) terms (ratio_min / ratio_max as min / max), the mean grad norm of the finite updates, the
-    skipped ones, and |rho - 1| on the first update (0 up to rounding: the policy is still the sampler)."""
-
-    EXTREMES = {"ratio_min": torch.minimum, "ratio_max": torch.maximum}
-
-    def __init__(self, device):
-        self.means_of = {}
-        self.first_ratio_deviation = torch.zeros((), device=device)
-        self.grad_norms = []
-
-    def add(self, stats: dict[str, torch.Tensor], terms: int) -> None:
-        for key, value in stats.items():
-            if key in self.EXTREMES:
-                self.means_of[key] = self.EXTREMES[key](self.means_of[key], value) if key in self.means_of else value
-            else:
-                self.means_of[key] = self.means_of.get(key, 0.0) + value / terms
-
-    def first_update(self, log_probs: torch.Tensor, rollout_log_probs: torch.Tensor) -> None:
-        deviation = (log_probs.detach() - rollout_log_probs).exp().sub(1).abs().max()
-        self.first_ratio_deviation = torch.maximum(self.first_ratio_deviation, deviation)
-
-    def values(self) -> dict[str, float]:
-        grad_norms = torch.stack(self.grad_norms)
-        finite = torch.isfinite(grad_norms)
-        values = {f"grpo/{key}": float(value) for key, value in self.means_of.items()}
-        values.update(
-            {
-                "grpo/grad_norm": grad_norms[finite].mean().item() if bool(finite.any()) else float("nan"),
-                "grpo/skipped_updates": float((~finite).sum()),
-                # |rho - 1| on the first update, where the policy is still the sampler: 0 up to rounding
-                "grpo/first_update_ratio_deviation": float(self.first_ratio_deviation),
-            }
+def load_seed(cfg: DictConfig, device):
+    """The seed's EMA (or raw) weights on the device, in eval mode throughout: rollouts and recomputed
+    log-probs must be the same function. The evaluation solver: the seed's, with solver.* overrides."""
+    seed = load_run(
+        cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema, solver_overrides=solver_overrides(cfg.solver)
+    )
+    if len(seed.sample_shape) != 3:
+        raise ConfigError(
+            f"seed_checkpoint = {cfg.seed_checkpoint!r} was trained on {seed.config.dataset.name!r} "
+            f"samples of shape {list(seed.sample_shape)}; Flow-GRPO's rewards score images, so the "
+            f"seed must be an image model [C, H, W] (e.g. a digits_cfg run)"
         )
-        return values
+    return seed
 
 
-class ReferenceMeans:
-    """The frozen seed policy's transition means along one rollout, for the KL term: fixed for the
-    iteration, computed once per timestep k (reference_mean(k))."""
+def check_schedule_horizon(g: DictConfig, changes: dict, path) -> None:
+    """A scheduled (non-constant) lr is a function of grpo.epochs: a resume may not change it."""
+    if g.lr_schedule != "constant" and "grpo.epochs" in changes:
+        raise ConfigError(
+            f"grpo.epochs = {g.epochs}: resuming {path} (grpo.epochs = {changes['grpo.epochs'][0]}) would change "
+            f"its grpo.lr_schedule = {g.lr_schedule} horizon; resume with the original grpo.epochs "
+            f"(training.max_steps stops it earlier)"
+        )
 
-    def __init__(self, reference_policy: FlowSampler, rollout, grpo: DictConfig, autocast):
-        self.policy, self.rollout, self.grpo, self.autocast = reference_policy, rollout, grpo, autocast
-        self.means = {}
 
-    def __call__(self, k: int) -> torch.Tensor:
-        if k not in self.means:
-            rollout, g = self.rollout, self.grpo
-            with torch.no_grad(), self.autocast():
-                self.means[k] = transition_step(self.policy, g.sampler)(
-                    rollout.states[k],
-                    rollout.times[k],
-                    rollout.next_times[k],
-                    rollout.labels,
-                    g.noise_level,
-                    g.guidance_scale,
-                    tuple(g.guidance_interval),
-                )[0]
-        return self.means[k]
+def iteration_window(g: DictConfig, step: int) -> torch.Tensor | None:
+    """Iteration `step`'s SDE window (grpo.window.*), None when windows are off."""
+    w = g.window
+    return None if w.size is None else window_steps(g.rollout_steps, w.size, w.mode, w.start, w.stride, w.every, step)
 
 
 def load_evaluator(cfg: DictConfig, run_config: DictConfig, sample_shape, device):
@@ -192,14 +160,15 @@ def load_evaluator(cfg: DictConfig, run_config: DictConfig, sample_shape, device
 
 @torch.no_grad()
 def evaluate_policy(
-    policy: FlowSampler, evaluator, reward, solver, grpo: DictConfig, num_samples: int, seed: int, progress=None
+    policy: FlowSampler, evaluator, reward, solver, cfg: DictConfig, final: bool, step: int, progress=None
 ):
     """The same labels and noise every time: deterministic ODE samples with the solver and SDE samples as in
     the rollouts, each scored by the reward (total and eval/{kind}/reward/<term>) and the image metrics
     (eval/{kind}/...; the classifier's real-vs-real floor once, as eval/classifier_fd_real_floor) ->
-    (values, ODE samples, labels). progress: None or a callable given the images drawn, 2 x num_samples in
-    all (ODE, then SDE)."""
-    g, device = grpo, evaluator.device
+    (values, ODE samples, labels); a non-finite value at the final evaluation is an error. progress: None or a
+    callable given the images drawn, 2 x training.num_eval_samples in all (ODE, then SDE)."""
+    g, device = cfg.grpo, evaluator.device
+    num_samples, seed = cfg.training.num_eval_samples, cfg.seed
     started = time.perf_counter()
     ode, labels, _ = evaluator.sample(policy, solver, num_samples, seed, progress=progress)
     noise = torch.randn((len(ode), *evaluator.sample_shape), generator=torch.Generator().manual_seed(seed))
@@ -239,6 +208,10 @@ def evaluate_policy(
         if "classifier_fd_real_floor" in scores:
             values["eval/classifier_fd_real_floor"] = scores.pop("classifier_fd_real_floor")
         values.update({f"eval/{kind}/{key}": value for key, value in scores.items()})
+    # diversity is NaN where no class has two samples: reported as it is, never an error
+    bad = [k for k, v in values.items() if not math.isfinite(v) and "diversity" not in k]
+    if final and bad:
+        raise RunError(f"final evaluation at iteration {step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")
     return values, ode, labels
 
 
@@ -250,23 +223,10 @@ class GRPOTrainer:
         device = runtime.device
         self.log = MetricLogger(run_dir, enabled=False, tensorboard=False)  # opened by fit(), under the lock
 
-        # The seed's EMA (or raw) weights on the device, in eval mode throughout: rollouts and recomputed
-        # log-probs must be the same function. The evaluation solver: the seed's, with solver.* overrides.
-        seed = load_run(
-            cfg.seed_checkpoint, device, use_ema=cfg.grpo.init_from_ema, solver_overrides=solver_overrides(cfg.solver)
-        )
-        if len(seed.sample_shape) != 3:
-            raise ConfigError(
-                f"seed_checkpoint = {cfg.seed_checkpoint!r} was trained on {seed.config.dataset.name!r} "
-                f"samples of shape {list(seed.sample_shape)}; Flow-GRPO's rewards score images, so the "
-                f"seed must be an image model [C, H, W] (e.g. a digits_cfg run)"
-            )
-        self.policy, self.model = seed.sampler, seed.model
+        seed = load_seed(cfg, device)
+        self.policy, self.model, self.num_classes = seed.sampler, seed.model, seed.sampler.num_classes
         self.reference = copy.deepcopy(self.model).requires_grad_(False)  # the frozen seed policy
-        self.reference_policy = FlowSampler(
-            self.reference, self.policy.path, self.policy.prediction, self.policy.num_classes
-        )
-        self.num_classes = self.policy.num_classes
+        self.reference_policy = FlowSampler(self.reference, self.policy.path, self.policy.prediction, self.num_classes)
         self.sample_shape = seed.sample_shape
         self.seed_path, self.seed_step = seed.checkpoint.path, seed.checkpoint.step
         self.run_config = run_config(cfg, seed.config, seed.solver, self.seed_path, self.seed_step)
@@ -283,11 +243,9 @@ class GRPOTrainer:
         self._seed_samples = None
         self.seed_eval = None  # the iteration-0 evaluation's values: every later one is related to them
         self.guard = FidelityGuard(g.guard) if g.guard.enabled else None
-        if g.objective == "diffusion_nft":  # the sampling ("old") policy, refreshed at each iteration
-            self.old_model = copy.deepcopy(self.model).requires_grad_(False)
-            self.old_policy = FlowSampler(
-                self.old_model, self.policy.path, self.policy.prediction, self.policy.num_classes
-            )
+        self.updates = PolicyUpdates(
+            self.policy, self.model, self.reference_policy, self.optimizer, g, self.autocast, self.nonfinite
+        )
 
     def autocast(self):
         device_type = self.runtime.device.type
@@ -338,12 +296,7 @@ class GRPOTrainer:
         changes = run.accept_resume(
             loaded.config, self.run_config, loaded.path, loaded.step, "iteration"
         )  # same seed, recipe, reward
-        if self.cfg.grpo.lr_schedule != "constant" and "grpo.epochs" in changes:
-            raise ConfigError(
-                f"grpo.epochs = {self.cfg.grpo.epochs}: resuming {loaded.path} (grpo.epochs = "
-                f"{changes['grpo.epochs'][0]}) would change its grpo.lr_schedule = {self.cfg.grpo.lr_schedule} "
-                f"horizon; resume with the original grpo.epochs (training.max_steps stops it earlier)"
-            )
+        check_schedule_horizon(self.cfg.grpo, changes, loaded.path)
         ckpt.load_weights(self.model, loaded.model, f"checkpoint {loaded.path} (model)")
         self.optimizer.load_state_dict(loaded.state["optimizer"])
         self.nonfinite.in_a_row.fill_(int(loaded.state["nonfinite_in_a_row"]))
@@ -364,7 +317,7 @@ class GRPOTrainer:
         """One rollout batch and its num_inner updates; returns the values to log."""
         g = self.cfg.grpo
         started = time.perf_counter()
-        window = self.window()
+        window = iteration_window(g, self.step)
         rollout, rewards = collect_rollout(
             self.policy,
             self.reward,
@@ -381,10 +334,8 @@ class GRPOTrainer:
             rewards, group_ids, g.advantage_eps, g.global_std, g.advantage_clip, g.advantage_scale, return_stats=True
         )
         rollout_seconds = time.perf_counter() - started
-        if g.objective == "diffusion_nft":
-            values = self.update_nft(rollout, advantages)
-        else:
-            values = self.update(rollout, advantages, window)
+        values = self.updates(rollout, advantages, window, self.set_lr, self.generator)
+        self.nonfinite.check(self.step, self.run_dir, self.log.print)
         self.step += 1
         values.update(
             {
@@ -399,13 +350,6 @@ class GRPOTrainer:
         )
         return values
 
-    def window(self) -> torch.Tensor | None:
-        """This iteration's SDE window (grpo.window.*), None when windows are off."""
-        w = self.cfg.grpo.window
-        if w.size is None:
-            return None
-        return window_steps(self.cfg.grpo.rollout_steps, w.size, w.mode, w.start, w.stride, w.every, self.step)
-
     def set_lr(self, inner: int) -> None:
         """The scheduled learning rate of update `inner` of this iteration, times the guard's rollback factor."""
         g = self.cfg.grpo
@@ -413,93 +357,6 @@ class GRPOTrainer:
             self.step * g.num_inner + inner, g.lr, g.warmup_steps, g.epochs * g.num_inner, g.lr_schedule, g.min_lr_ratio
         )
         set_learning_rate(self.optimizer, lr * (self.guard.lr_scale if self.guard is not None else 1.0))
-
-    def update(self, rollout, advantages: torch.Tensor, window: torch.Tensor | None = None) -> dict[str, float]:
-        """num_inner optimizer steps on the GRPO loss of the rollout's transitions [B * G advantages]: the
-        window's steps when given, else grpo.timestep_selection's."""
-        g = self.cfg.grpo
-        labels = rollout.labels
-        reference_mean = ReferenceMeans(self.reference_policy, rollout, g, self.autocast)
-        statistics = UpdateStatistics(advantages.device)
-        weights = step_weights(rollout.times, rollout.next_times) if g.ratio_norm else None
-        for inner in range(g.num_inner):
-            self.set_lr(inner)
-            if window is not None:
-                steps = window.tolist()
-            else:
-                steps = select_timesteps(
-                    rollout.num_steps, g.train_timesteps, self.generator(1, inner), g.timestep_selection
-                ).tolist()
-            terms = len(steps) * g.num_inner
-            # One timestep at a time, on the rollout's own batch: the same arithmetic as the rollout, so
-            # the first update's ratio is exactly 1; gradients accumulate over the timesteps.
-            for k in steps:
-                with self.autocast():
-                    log_probs, means, stds = transition_log_prob(
-                        self.policy,
-                        rollout.states[k],
-                        rollout.times[k],
-                        rollout.next_times[k],
-                        rollout.next_states[k],
-                        labels,
-                        g.noise_level,
-                        g.guidance_scale,
-                        g.log_prob_reduce,
-                        g.detach_uncond,
-                        tuple(g.guidance_interval),
-                        g.sampler,
-                    )
-                kl = gaussian_kl(means, reference_mean(k), stds, g.log_prob_reduce) if g.kl_beta > 0 else None
-                if g.ratio_norm:  # GRPO-Guard: unbiased, step-consistent ratios, 1 / dt step weights
-                    normalized = normalized_log_ratio(
-                        log_probs, rollout.log_probs[k], means, rollout.means[k], stds, g.log_prob_reduce
-                    )
-                    loss, stats = grpo_loss(
-                        normalized, torch.zeros_like(normalized), advantages, g.clip_eps, kl, g.kl_beta
-                    )
-                    loss = loss * weights[k]
-                else:
-                    loss, stats = grpo_loss(log_probs, rollout.log_probs[k], advantages, g.clip_eps, kl, g.kl_beta)
-                (loss / len(steps)).backward()
-                if inner == 0:
-                    statistics.first_update(log_probs, rollout.log_probs[k])
-                statistics.add(stats, terms)
-            grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, g.grad_clip)
-            self.nonfinite.update(nonfinite)
-            statistics.grad_norms.append(grad_norm)
-        self.nonfinite.check(self.step, self.run_dir, self.log.print)
-        return statistics.values()
-
-    def update_nft(self, rollout, advantages: torch.Tensor) -> dict[str, float]:
-        """num_inner optimizer steps on DiffusionNFT's loss (rl/nft.py) of the rollout's final samples, each
-        noised grpo.nft.timesteps times per step; + kl_beta x the mean squared velocity gap to the seed (the
-        forward-process counterpart of the Gaussian KL). The old policy is the one that drew the rollout."""
-        g = self.cfg.grpo
-        self.old_model.load_state_dict(self.model.state_dict())
-        r = optimality_probability(advantages, g.nft.advantage_max)
-        statistics = UpdateStatistics(advantages.device)
-        samples = rollout.samples.detach()
-        for inner in range(g.num_inner):
-            self.set_lr(inner)
-            x_t, t, target, index = forward_process_batch(
-                self.policy.path, samples, g.nft.timesteps, self.generator(1, inner)
-            )
-            labels = rollout.labels[index] if rollout.labels is not None else None
-            with self.autocast():
-                v_theta = self.policy.velocity(x_t, t, labels)
-                with torch.no_grad():
-                    v_old = self.old_policy.velocity(x_t, t, labels)
-                    v_ref = self.reference_policy.velocity(x_t, t, labels) if g.kl_beta > 0 else None
-            loss, stats = nft_loss(v_theta, v_old, target, r[index], g.nft.beta)
-            kl = (v_theta.float() - v_ref.float()).square().mean() if v_ref is not None else torch.zeros_like(loss)
-            loss = loss + g.kl_beta * kl
-            loss.backward()
-            statistics.add({**stats, "kl": kl.detach(), "loss": loss.detach()}, g.num_inner)
-            grad_norm, nonfinite = optimizer_step(self.model, self.optimizer, g.grad_clip)
-            self.nonfinite.update(nonfinite)
-            statistics.grad_norms.append(grad_norm)
-        self.nonfinite.check(self.step, self.run_dir, self.log.print)
-        return statistics.values()
 
     # -- the loop --
 
@@ -522,7 +379,7 @@ class GRPOTrainer:
                 if self.guard is not None:
                     self.target_steps = 0 if self.guard.stopped else self.target_steps
                     self.save()  # the seed is the first rollback target
-            elif self.guard is not None and self.owes_evaluation():
+            elif self.guard is not None and self.guard.owes_check(self.step, tr.eval_every, self.target_steps):
                 # A shorter run (training.max_steps) ended here: its last checkpoint was written before this
                 # step's evaluation, which its final one was. Decide here as an uninterrupted run does, and
                 # replace that checkpoint with one that holds the decision.
@@ -566,12 +423,6 @@ class GRPOTrainer:
                 run.finish(self.step, FINAL_OUTPUTS, record)
         return EXIT_OK
 
-    def owes_evaluation(self) -> bool:
-        """Resumed at an evaluation step whose checkpoint was saved before the guard's check there."""
-        every = self.cfg.training.eval_every
-        due = bool(every) and self.step % every == 0 and 0 < self.step < self.target_steps
-        return due and self.guard.last_checked != self.step
-
     @torch.no_grad()
     def evaluate(self, final: bool) -> dict[str, float]:
         """The same labels and noise every time: deterministic ODE samples with the run's solver and SDE
@@ -579,83 +430,78 @@ class GRPOTrainer:
         with ratios to the seed's (iteration 0) values; the guard's check and action. Logs a seed | current
         grid; at the end also writes samples.png / samples.npz and eval.json (with the seed's values and the
         guard's verdict) to the run dir."""
-        tr, g = self.cfg.training, self.cfg.grpo
+        tr, num = self.cfg.training, self.cfg.training.num_eval_samples
         what = "final evaluation" if final else f"evaluation at iteration {self.step}"
-        with self.log.progress(2 * tr.num_eval_samples, 0, tr.progress, what, unit="img") as bar:
-            values, ode, labels = evaluate_policy(
-                self.policy,
-                self.evaluator,
-                self.reward,
-                self.run_config.solver,
-                g,
-                tr.num_eval_samples,
-                self.cfg.seed,
-                progress=bar.update,
-            )
-        # diversity is NaN where no class has two samples: reported as it is, never an error
-        bad = [k for k, v in values.items() if not math.isfinite(v) and "diversity" not in k]
-        if final and bad:
-            raise RunError(f"final evaluation at iteration {self.step}: {', '.join(f'{k} = {values[k]}' for k in bad)}")
+        with self.log.progress(2 * num, 0, tr.progress, what, unit="img") as bar:
+            run = (self.run_config.solver, self.cfg, final, self.step)
+            values, ode, labels = evaluate_policy(self.policy, self.evaluator, self.reward, *run, progress=bar.update)
         if self.seed_eval is None and self.step == 0:
             self.seed_eval = {k: v for k, v in values.items() if k != "eval/sampling_s"}
         values.update(relative_to_seed(values, self.seed_eval))
         if self.guard is not None:
-            values.update(self.guard_acts(values, final))
+            values.update(
+                guard_acts(
+                    self.guard, self.step, values, final, self.run_dir, self.restore, self.publish_best, self.log.warn
+                )
+            )
         self.log.scalars(self.step, values)
-        if self._seed_samples is None:
-            if self.step == 0:
-                self._seed_samples = ode
-            else:
-                self._seed_samples = self.evaluator.sample(
-                    self.reference_policy, self.run_config.solver, tr.num_eval_samples, self.cfg.seed
-                )[0]
-        comparison = comparison_figure(
-            self._seed_samples, ode, labels, self.run_config.dataset.name, self.evaluator.class_names
-        )
-        self.log.figure(self.step, "samples/seed_vs_current", comparison)
-        close_figure(comparison)
+        if self._seed_samples is None and self.step == 0:  # the seed's ODE samples, for the seed | current grid
+            self._seed_samples = ode
+        elif self._seed_samples is None:  # resumed: the frozen seed samples them again, same noise
+            self._seed_samples = self.evaluator.sample(
+                self.reference_policy, self.run_config.solver, num, self.cfg.seed
+            )[0]
+        log_comparison(self.log, self.step, self._seed_samples, ode, labels, self.run_config, self.evaluator)
         if final:
             self.evaluator.save(self.run_dir, ode, labels, solver=self.run_config.solver)
-            result = {"iteration": self.step, **values, "seed": self.seed_eval}
-            if self.guard is not None:
-                result["guard"] = self.guard.summary()
-            ckpt.atomic_write_text(self.run_dir / "eval.json", json.dumps(result, indent=2))
+            write_eval_json(self.run_dir, self.step, values, self.seed_eval, self.guard)
         self.log.print(
             f"eval @ {self.step}: " + " ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in values.items())
         )
         return values
 
-    def guard_acts(self, values: dict[str, float], final: bool) -> dict[str, float]:
-        """The guard's check of this evaluation and its action (rollback: restore the last good checkpoint;
-        stop: restore it, the loop then ends), each said on stderr -> the guard/* values to log."""
-        guard = self.guard
-        decision = guard.check(self.step, values, final)
-        if decision.kind in ("rollback", "stop") and decision.restore_step is not None:
-            self.restore(decision.restore_step)
-        if decision.kind in ("violation", "rollback", "stop"):
-            self.log.warn(f"GUARD: {decision.message}")
-        if final:
-            self.publish_best()  # the final checkpoint exists: it may be the best
-            if not decision.satisfied:
-                best = (
-                    f"the best policy that satisfies it is iteration {guard.best_step}'s, named by "
-                    f"{self.run_dir / 'checkpoints' / ckpt.BEST}: `inference.py checkpoint={self.run_dir}` samples it"
-                    if guard.best_step is not None
-                    else "no evaluated policy satisfied it, not even the seed: nothing is published as best"
-                )
-                self.log.warn(
-                    f"GUARD: the final policy (iteration {self.step}) fails the run's constraint "
-                    f"({guard.describe()}); {best}"
-                )
-        if guard.stopped and (decision.kind == "stop" or final):
-            self.log.warn(f"GUARD: the run was stopped at iteration {self.step}: {guard.stopped}")
-        return {
-            "guard/satisfied": float(decision.satisfied),
-            "guard/violations_in_a_row": float(guard.violations),
-            "guard/rollbacks": float(guard.rollbacks),
-            "guard/lr_scale": guard.lr_scale,
-            "guard/best_step": float(guard.best_step if guard.best_step is not None else -1),
-        }
+
+def guard_acts(guard, step: int, values: dict, final: bool, run_dir, restore, publish_best, warn) -> dict[str, float]:
+    """The guard's check of the evaluation at `step` and its action (rollback: restore(step) of the last good
+    checkpoint; stop: the same, the loop then ends), each said through warn (stderr) -> the guard/* values.
+    At the final evaluation publish_best() names the best checkpoint, and a failing final policy is said."""
+    decision = guard.check(step, values, final)
+    if decision.kind in ("rollback", "stop") and decision.restore_step is not None:
+        restore(decision.restore_step)
+    if decision.kind in ("violation", "rollback", "stop"):
+        warn(f"GUARD: {decision.message}")
+    if final:
+        publish_best()  # the final checkpoint exists: it may be the best
+        if not decision.satisfied:
+            best = (
+                f"the best policy that satisfies it is iteration {guard.best_step}'s, named by "
+                f"{run_dir / 'checkpoints' / ckpt.BEST}: `inference.py checkpoint={run_dir}` samples it"
+                if guard.best_step is not None
+                else "no evaluated policy satisfied it, not even the seed: nothing is published as best"
+            )
+            warn(f"GUARD: the final policy (iteration {step}) fails the run's constraint ({guard.describe()}); {best}")
+    if guard.stopped and (decision.kind == "stop" or final):
+        warn(f"GUARD: the run was stopped at iteration {step}: {guard.stopped}")
+    return {
+        "guard/satisfied": float(decision.satisfied),
+        "guard/violations_in_a_row": float(guard.violations),
+        "guard/rollbacks": float(guard.rollbacks),
+        "guard/lr_scale": guard.lr_scale,
+        "guard/best_step": float(guard.best_step if guard.best_step is not None else -1),
+    }
+
+
+def log_comparison(log, step: int, seed_samples, samples, labels, run_config: DictConfig, evaluator) -> None:
+    """The seed | current grid of the same labels and noise, to TensorBoard."""
+    figure = comparison_figure(seed_samples, samples, labels, run_config.dataset.name, evaluator.class_names)
+    log.figure(step, "samples/seed_vs_current", figure)
+    close_figure(figure)
+
+
+def write_eval_json(run_dir: Path, step: int, values: dict, seed_eval: dict | None, guard) -> None:
+    """RUN/eval.json: the final evaluation, the seed's values and the guard's verdict."""
+    result = {"iteration": step, **values, "seed": seed_eval} | ({"guard": guard.summary()} if guard else {})
+    ckpt.atomic_write_text(run_dir / "eval.json", json.dumps(result, indent=2))
 
 
 RELATIVE_KEYS = ("classifier_fd", "jpeg_bpp", "class_diversity")
