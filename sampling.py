@@ -67,6 +67,52 @@ def _divergence_hutchinson(u: Tensor, x: Tensor, probes: Tensor) -> Tensor:
     return total / probes.shape[0]
 
 
+def _guided_rows(t: Tensor, guidance_interval: tuple[float, float]) -> Tensor | None:
+    """Indices [G] of the samples whose t [B] lies in the closed guidance interval (t_lo, t_hi); None when a
+    narrowed interval holds none of them (one host sync). The full interval [0, 1] needs no mask or sync."""
+    t_lo, t_hi = guidance_interval
+    if not 0.0 <= t_lo <= t_hi <= 1.0:
+        raise ValueError(f"guidance_interval must be (t_lo, t_hi), 0 <= t_lo <= t_hi <= 1; got {guidance_interval}")
+    if t_lo == 0.0 and t_hi == 1.0:
+        return torch.arange(t.shape[0], device=t.device)  # every t in [0, 1]: no mask, no host sync
+    guided = ((t >= t_lo) & (t <= t_hi)).nonzero().squeeze(1)
+    return guided if guided.numel() else None
+
+
+def _rademacher_probes(num_probes: int, batch: int, dim: int, generator, device, dtype) -> Tensor:
+    """Hutchinson's probe vectors, +-1 with equal odds: [num_probes, B, D], drawn from `generator` on `device`."""
+    if num_probes < 1:
+        raise ValueError(f"hutchinson_samples must be >= 1, got {num_probes}")
+    bits = torch.randint(0, 2, (num_probes, batch, dim), generator=generator, device=device)
+    return (2 * bits - 1).to(dtype)
+
+
+def _velocity_and_divergence(sampler, shape, y, guidance_scale: float, probes, state: Tensor, t: Tensor) -> Tensor:
+    """`FlowSampler.log_likelihood`'s augmented field: state [B, D + 1] = [x flattened, int div u] at t ->
+    [u(x, t), div u(x, t)] [B, D + 1], x of `shape` [B, ...]. probes [K, B, D]: Hutchinson's estimate of the
+    divergence; None: the exact divergence."""
+    dim = state.shape[1] - 1
+    with torch.enable_grad():
+        x = state[:, :dim].reshape(shape).detach().requires_grad_(True)
+        u = sampler.velocity(x, t, y, guidance_scale).flatten(1)
+        div = _divergence_exact(u, x) if probes is None else _divergence_hutchinson(u, x, probes)
+    return torch.cat([u.detach(), div.detach()[:, None]], dim=1)
+
+
+def noise_prediction(path: AffinePath, u: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """The noise prediction eps_hat = E[eps | x_t] [B, ...] from the velocity u [B, ...] at x [B, ...], t [B].
+
+    Where alpha(t) = 0 (t = 0 on every path in flow.py) x_t is pure noise, so eps_hat = x / sigma exactly;
+    the velocity -> noise conversion is used only for t > 0, where its denominator alpha d_sigma - sigma
+    d_alpha is nonzero (at t = 0 it is 0 for polynomial n > 1 and infinite for n < 1, which gave NaN)."""
+    scheduler = path.scheduler
+    # At alpha = 0 the conversion is 0/0-prone; evaluate it at a harmless t there and select x / sigma,
+    # so neither the value nor its gradient sees a NaN.
+    at_noise = scheduler.alpha(t) == 0
+    converted = path.convert(u, x, torch.where(at_noise, torch.full_like(t, 0.5), t), "velocity", "noise")
+    return torch.where(expand_t(at_noise, x), x / expand_t(scheduler.sigma(t), x), converted)
+
+
 class FlowSampler:
     """A model that predicts `prediction` on `path`, seen as a velocity field.
 
@@ -131,15 +177,9 @@ class FlowSampler:
                 f"guidance_scale={guidance_scale} needs labels y and num_classes (the null label index); "
                 f"got y={'None' if y is None else 'given'}, num_classes={self.num_classes}"
             )
-        t_lo, t_hi = guidance_interval
-        if not 0.0 <= t_lo <= t_hi <= 1.0:
-            raise ValueError(f"guidance_interval must be (t_lo, t_hi), 0 <= t_lo <= t_hi <= 1; got {guidance_interval}")
-        if t_lo == 0.0 and t_hi == 1.0:
-            guided = torch.arange(batch, device=x.device)  # every t in [0, 1]: no mask, no host sync
-        else:
-            guided = ((t >= t_lo) & (t <= t_hi)).nonzero().squeeze(1)
-            if guided.numel() == 0:
-                return self._model_velocity(x, t, y, r)
+        guided = _guided_rows(t, guidance_interval)
+        if guided is None:
+            return self._model_velocity(x, t, y, r)
         null = torch.full_like(y[guided], self.num_classes)
         r_both = None if r is None else torch.cat([r, r[guided]])
         u = self._model_velocity(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([y, null]), r_both)
@@ -230,10 +270,7 @@ class FlowSampler:
 
         g is infinite at t = 0 (alpha = 0); like Flow-GRPO at its s = 1 endpoint, it is then evaluated at
         the next grid time. Nothing is evaluated at t_next, so the last step into t = 1 (sigma = 0) is
-        finite; its std, g(t) sqrt(dt), vanishes as the grid is refined. Where alpha(t) = 0 (t = 0 on
-        every path in flow.py) x_t is pure noise, so eps_hat = x / sigma exactly; the velocity -> noise
-        conversion is used only for t > 0, where its denominator alpha d_sigma - sigma d_alpha is nonzero
-        (at t = 0 it is 0 for polynomial n > 1 and infinite for n < 1, which gave NaN).
+        finite; its std, g(t) sqrt(dt), vanishes as the grid is refined. eps_hat: `noise_prediction`.
         """
         u = self.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg, detach_uncond)
         x = x.to(u.dtype)
@@ -242,12 +279,7 @@ class FlowSampler:
         t_g = torch.where(t > 0, t, t_next)
         g_squared = noise_level**2 * scheduler.sigma(t_g) / scheduler.alpha(t_g)
         sigma = expand_t(scheduler.sigma(t), x)
-        # At alpha = 0 the conversion is 0/0-prone; evaluate it at a harmless t there and select x / sigma,
-        # so neither the value nor its gradient sees a NaN.
-        at_noise = scheduler.alpha(t) == 0
-        converted = self.path.convert(u, x, torch.where(at_noise, torch.full_like(t, 0.5), t), "velocity", "noise")
-        eps_hat = torch.where(expand_t(at_noise, x), x / sigma, converted)
-        score = -eps_hat / sigma
+        score = -noise_prediction(self.path, u, x, t) / sigma
         drift = u + 0.5 * expand_t(g_squared, x) * score
         dt = t_next - t
         return x + expand_t(dt, x) * drift, expand_t((g_squared * dt).sqrt(), x)
@@ -303,24 +335,10 @@ class FlowSampler:
         batch, dim = x1.shape[0], x1[0].numel()
         exact = dim <= EXACT_DIVERGENCE_MAX_DIM if exact_divergence is None else exact_divergence
         dtype = torch.promote_types(x1.dtype, torch.float32)
-        probes = None
-        if not exact:
-            if hutchinson_samples < 1:
-                raise ValueError(f"hutchinson_samples must be >= 1, got {hutchinson_samples}")
-            bits = torch.randint(0, 2, (hutchinson_samples, batch, dim), generator=generator, device=x1.device)
-            probes = (2 * bits - 1).to(dtype)
-
-        def velocity_and_divergence(state: Tensor, t: Tensor) -> Tensor:
-            with torch.enable_grad():
-                x = state[:, :dim].reshape(x1.shape).detach().requires_grad_(True)
-                u = self.velocity(x, t, y, guidance_scale).flatten(1)
-                div = _divergence_exact(u, x) if exact else _divergence_hutchinson(u, x, probes)
-            return torch.cat([u.detach(), div.detach()[:, None]], dim=1)
-
+        probes = None if exact else _rademacher_probes(hutchinson_samples, batch, dim, generator, x1.device, dtype)
+        field = partial(_velocity_and_divergence, self, x1.shape, y, guidance_scale, probes)
         state1 = torch.cat([x1.flatten(1).to(dtype), x1.new_zeros(batch, 1, dtype=dtype)], dim=1)
-        state0 = solve(
-            velocity_and_divergence, state1, solver, num_steps, rtol=rtol, atol=atol, t_start=1.0, t_end=0.0
-        ).x
+        state0 = solve(field, state1, solver, num_steps, rtol=rtol, atol=atol, t_start=1.0, t_end=0.0).x
         x0, div_integral = state0[:, :dim], state0[:, dim]
         # div_integral = int_1^0 div u dt = -int_0^1 div u dt.
         log_p0 = -0.5 * (x0.square().sum(1) + dim * math.log(2 * math.pi))

@@ -417,56 +417,58 @@ class Trainer:
                 if stop:
                     return EXIT_PREEMPTED
                 if evaluate:
-                    self.evaluate(final=False)
+                    run_evaluation(self, final=False)
             bar.close()
             with run.final_phase():
-                self.evaluate(final=True)
+                run_evaluation(self, final=True)
                 run.finish(self.step, FINAL_OUTPUTS)
         return EXIT_OK
 
-    @torch.no_grad()
-    def evaluate(self, final: bool) -> None:
-        """Sample with the EMA (else raw) model using the run's solver settings; log the scores and a
-        figure; at the end also write samples.png / samples.npz to the run dir (evaluation.Evaluator)."""
-        if not self.runtime.is_main:
-            return
-        from sampling import FlowSampler, NonFiniteSamplesError
 
-        tr, evaluator = self.cfg.training, self.evaluator
-        model = self.ema.model if self.ema else self.model
-        model.eval()
-        sampler = FlowSampler(
-            model, self.path, self.cfg.flow.prediction, num_classes=getattr(self.model, "num_classes", None)
-        )
-        total = evaluator.evaluation_images(tr.num_eval_samples, tr.fid_samples)
-        what = "final evaluation" if final else f"evaluation at step {self.step}"
-        try:
-            with self.log.progress(total, 0, tr.progress, what, unit="img") as bar:
-                scores, samples, labels, latents = evaluator.evaluate(
-                    sampler, self.cfg.solver, tr.num_eval_samples, self.cfg.seed, tr.fid_samples, progress=bar.update
-                )
-        except NonFiniteSamplesError as error:
-            if final:
-                raise RunError(f"final evaluation at step {self.step}: {error}") from None
-            self.log.print(f"WARNING: evaluation at step {self.step} skipped: {error}")
-            self.model.train()
-            return
-        bad = [k for k, v in scores.items() if not math.isfinite(v)]
-        if final and bad:
-            raise RunError(
-                f"final evaluation at step {self.step}: {', '.join(f'{k} = {scores[k]}' for k in bad)} "
-                f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)"
+@torch.no_grad()
+def run_evaluation(trainer: Trainer, final: bool) -> None:
+    """The trainer's periodic (final=False) and last evaluation: sample with the EMA (else raw) model using the
+    run's solver settings; log the scores and a figure; at the end also write samples.png / samples.npz to the
+    run dir (evaluation.Evaluator). Rank 0 only; the model is left in train mode."""
+    if not trainer.runtime.is_main:
+        return
+    from sampling import FlowSampler, NonFiniteSamplesError
+
+    tr, evaluator = trainer.cfg.training, trainer.evaluator
+    model = trainer.ema.model if trainer.ema else trainer.model
+    model.eval()
+    sampler = FlowSampler(
+        model, trainer.path, trainer.cfg.flow.prediction, num_classes=getattr(trainer.model, "num_classes", None)
+    )
+    total = evaluator.evaluation_images(tr.num_eval_samples, tr.fid_samples)
+    what = "final evaluation" if final else f"evaluation at step {trainer.step}"
+    try:
+        with trainer.log.progress(total, 0, tr.progress, what, unit="img") as bar:
+            scores, samples, labels, latents = evaluator.evaluate(
+                sampler, trainer.cfg.solver, tr.num_eval_samples, trainer.cfg.seed, tr.fid_samples, progress=bar.update
             )
-        self.log.scalars(self.step, {f"eval/{k}": v for k, v in scores.items()})
-        figure = evaluator.figure(samples, labels, self.cfg.solver)
-        self.log.figure(self.step, "samples", figure)
+    except NonFiniteSamplesError as error:
         if final:
-            evaluator.save(self.run_dir, samples, labels, latents, figure=figure)
-            self.log.print(
-                f"samples: {self.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())
-            )
-        close_figure(figure)
-        self.model.train()
+            raise RunError(f"final evaluation at step {trainer.step}: {error}") from None
+        trainer.log.print(f"WARNING: evaluation at step {trainer.step} skipped: {error}")
+        trainer.model.train()
+        return
+    bad = [k for k, v in scores.items() if not math.isfinite(v)]
+    if final and bad:
+        raise RunError(
+            f"final evaluation at step {trainer.step}: {', '.join(f'{k} = {scores[k]}' for k in bad)} "
+            f"(the samples are finite; is the data? a NaN or inf in the dataset gives this)"
+        )
+    trainer.log.scalars(trainer.step, {f"eval/{k}": v for k, v in scores.items()})
+    figure = evaluator.figure(samples, labels, trainer.cfg.solver)
+    trainer.log.figure(trainer.step, "samples", figure)
+    if final:
+        evaluator.save(trainer.run_dir, samples, labels, latents, figure=figure)
+        trainer.log.print(
+            f"samples: {trainer.run_dir / 'samples.png'} " + " ".join(f"{k}={v:.4f}" for k, v in scores.items())
+        )
+    close_figure(figure)
+    trainer.model.train()
 
 
 def print_plan(trainer: Trainer) -> None:

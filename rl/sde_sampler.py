@@ -35,7 +35,7 @@ from torch import Tensor
 
 from flow import expand_t
 from ode_solvers import time_grid
-from sampling import FlowSampler
+from sampling import FlowSampler, noise_prediction
 
 LOG_PROB_REDUCTIONS = ("mean", "sum")
 SAMPLERS = ("sde", "cps")
@@ -48,10 +48,8 @@ def cps_step(
     t_next: Tensor,
     y: Tensor | None = None,
     noise_level: float = 0.7,
-    guidance_scale: float = 1.0,
-    guidance_interval: tuple[float, float] = (0.0, 1.0),
-    ep_cfg: bool = False,
-    detach_uncond: bool = False,
+    *guidance,
+    **guidance_kw,
 ) -> tuple[Tensor, Tensor]:
     """One coefficients-preserving step (CPS; Wang & Yu 2025, arXiv 2509.05952, as flow_grpo's
     sde_type="cps"), the same signature and returns as `FlowSampler.sde_step`: from the velocity's data and
@@ -62,15 +60,14 @@ def cps_step(
     discretisation does. It keeps the coefficients, not the marginals: with a fixed fraction of fresh noise
     and the posterior-mean x1_hat the samples are under-dispersed, the more so the larger a (on a Gaussian,
     std 0.84x the data's at a = 0.7, 0.99x at a = 0.1, 200 steps; tests/test_sde_sampler.py).
-    a = noise_level in (0, 1]. The step into t' = 1 (sigma = 0) is deterministic (s = 0).
-    Returns (mean [B, ...], std [B, 1, ..., 1])."""
-    u = sampler.velocity(x, t, y, guidance_scale, guidance_interval, ep_cfg, detach_uncond)
+    a = noise_level in (0, 1]. The step into t' = 1 (sigma = 0) is deterministic (s = 0). guidance:
+    sde_step's guidance_scale, guidance_interval, ep_cfg, detach_uncond (by position or name), passed on to
+    `FlowSampler.velocity` as sde_step does. Returns (mean [B, ...], std [B, 1, ..., 1])."""
+    u = sampler.velocity(x, t, y, *guidance, **guidance_kw)
     x = x.to(u.dtype)
     t, t_next = (torch.as_tensor(v, device=x.device).to(u.dtype).expand(x.shape[0]) for v in (t, t_next))
     scheduler, path = sampler.path.scheduler, sampler.path
-    at_noise = scheduler.alpha(t) == 0  # x is pure noise there: eps_hat = x / sigma exactly (as sde_step)
-    converted = path.convert(u, x, torch.where(at_noise, torch.full_like(t, 0.5), t), "velocity", "noise")
-    eps_hat = torch.where(expand_t(at_noise, x), x / expand_t(scheduler.sigma(t), x), converted)
+    eps_hat = noise_prediction(path, u, x, t)  # exact x / sigma where x is pure noise (alpha = 0)
     data_hat = path.convert(u, x, t, "velocity", "data")
     alpha_next, sigma_next = expand_t(scheduler.alpha(t_next), x), expand_t(scheduler.sigma(t_next), x)
     std = sigma_next * math.sin(noise_level * math.pi / 2)
