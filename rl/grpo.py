@@ -135,7 +135,7 @@ def grpo_loss(
     log_probs_new: Tensor,
     log_probs_old: Tensor,
     advantages: Tensor,
-    clip_eps: float,
+    clip_eps: float = 0.2,  # PPO's clip range
     kl: Tensor | None = None,
     kl_beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
