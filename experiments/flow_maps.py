@@ -9,8 +9,8 @@ and prints the markdown table (experiments/flow_maps.md).
 Training and evaluation are few_step.py's own (`few_step.train`, `few_step.evaluate`): one `train.py`
 process on one thread per model, timed in CPU seconds (user + sys, start-up included); the same samples
 (seed 1), metrics and classifier. Models: `scratch` (the stage's *_meanflow preset) and, with
-convert=true, `converted` (the stage's flow-matching teacher, then the flow-map preset started from it
-with training.init.checkpoint and the gap curriculum; its cost includes the teacher's) and the teacher
+convert=true, `converted` (the stage's flow-matching teacher, then its conversion preset or the flow-map
+preset with CONVERT, started from it with training.init.checkpoint; its cost includes the teacher's) and the teacher
 itself, sampled with Euler and its run's guidance as few_step.py samples it (the same-day reference).
 """
 
@@ -26,7 +26,14 @@ from config import check, check_choice
 from runtime import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"moons": ("moons_meanflow", "moons"), "digits": ("digits_meanflow", "digits_cfg")}  # (flow map, teacher)
+# (flow map, teacher, conversion: a preset, or the flow-map preset with CONVERT)
+STAGES = {
+    "moons": ("moons_meanflow", "moons", "moons_meanflow_convert"),
+    "digits": ("digits_meanflow", "digits_cfg", None),
+}
+# what moons_meanflow_convert adds to moons_meanflow: the teacher's time features, the interval-splitting
+# target (the JVP of a network with 1000x time features is mostly a fast ripple in t), no warmup
+CONVERT = ("model.time_scale=1000.0", "flow.meanflow.derivative=split", "training.warmup_steps=0")
 
 
 @dataclass
@@ -35,7 +42,7 @@ class FlowMapsConfig:
     out: str | None = None  # run directory root (null: runs/flow_maps/<stage>)
     epochs: int | None = None  # training.epochs of every run (null: each preset's)
     convert: bool = False  # also the teacher -> flow map conversion
-    curriculum_steps: int = 1000  # conversion: steps over which the largest r - t widens from 0 to 1
+    curriculum_steps: int = 0  # conversion: steps over which the largest r - t widens from 0 to 1 (0: off)
     classifier: str = "runs/classifiers/digits.safetensors"
 
 
@@ -48,25 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     timings["_path"] = str(timings_path)
-    flow_map, teacher = STAGES[args.stage]
+    flow_map, teacher, conversion = STAGES[args.stage]
     epochs = [f"training.epochs={args.epochs}"] if args.epochs else []
     extra = ["training.classifier=" + args.classifier] if args.stage == "digits" else []
     cost = {"scratch": train(out, "scratch", flow_map, timings, *epochs, *extra)}
     if args.convert:
         teacher_cost = train(out, "teacher", teacher, timings, *epochs, *extra)
+        preset, overrides = (conversion, ()) if conversion else (flow_map, CONVERT)
         student = train(
             out,
             "converted",
-            flow_map,
+            preset,
             timings,
+            *overrides,
             f"training.init.checkpoint={out / 'teacher'}",
             f"flow.meanflow.curriculum_steps={args.curriculum_steps}",
-            "model.time_scale=1000.0",  # the teacher's time features
-            # a fine-tune of the teacher (lr 1e-3, no warmup, as the reflow students), with the paper's
-            # adaptive weighting, which caps the pull of the large targets of a 1000x time embedding
-            "training.lr=1e-3",
-            "training.warmup_steps=0",
-            "flow.meanflow.weight_p=1.0",
             *epochs,
             *extra,
         )

@@ -376,3 +376,33 @@ def test_the_split_target_is_the_average_velocity_of_the_composed_halves():
 
     objective(path, derivative="split").target(Counting(), z, exact(z, t), t, r, None, None)
     assert len(calls) == 2  # two forwards, no derivative
+
+
+def test_conversion_from_1000x_time_features_uses_the_split_target_which_the_fast_ripple_in_t_leaves_alone():
+    """A velocity network with 1000x sinusoidal time features (every model's default, so every trained
+    teacher's) varies fast in t: the JVP's du/dt multiplies that by about 1000 and its target drifts far
+    from u, while interval splitting only evaluates the network. The conversion preset therefore splits."""
+    from config import load_config
+
+    path = flow.make_path("condot")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(512, 2, generator=g)
+    t = torch.rand(512, generator=g) * 0.5
+    r = t + 0.5
+    drift = {}
+    for scale in (1.0, 1000.0):
+        torch.manual_seed(0)
+        model = MLP(interval_conditioning=True, time_scale=scale)
+        torch.nn.init.normal_(model.out[-1].weight, std=0.05)  # a nonzero field (the output starts at zero)
+        v = model(z, t).detach()
+        for derivative in ("jvp", "split"):
+            target = objective(path, derivative=derivative, tangent="model").target(model, z, v, t, r, None, None)
+            drift[scale, derivative] = ((target - v).norm(dim=1).mean() / v.norm(dim=1).mean()).item()
+    assert drift[1000.0, "jvp"] > 10 and drift[1000.0, "split"] < 0.5  # measured: 28 and 0.13
+    assert drift[1.0, "jvp"] < 0.5  # the same network at scale 1: 0.08
+    torch.set_default_dtype(torch.float32)
+    try:
+        cfg = load_config(["experiment=moons_meanflow_convert", "training.init.checkpoint=runs/moons"])
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert cfg.flow.meanflow.derivative == "split" and cfg.model.time_scale == 1000.0
