@@ -53,6 +53,15 @@ def train_subprocess(run_dir, *overrides, wrapper: str | None = None, **popen):
     )
 
 
+def torchrun(script: str, *args, env: dict | None = None) -> None:
+    """`torchrun --standalone --nproc_per_node=2 SCRIPT ARGS` from the repo root (gloo on CPU, one thread per
+    rank; a bare environment unless `env` is given); asserts that it exits 0."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, *args]
+    env = env or {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 def final_state(run_dir):
     """(model, ema, optimizer state) of the newest checkpoint of a run."""
     import checkpoint

@@ -2,8 +2,6 @@
 the discrete time sampler, and exact resume / torchrun equivalence with the new couplings."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import config
 import couplings
 import flow
 import runtime
-from conftest import FAST, ROOT, assert_same_state, final_state, load_script, run_train
+from conftest import FAST, assert_same_state, final_state, load_script, run_train, torchrun
 from sampling import FlowSampler, straightness
 from trainer import Trainer
 
@@ -203,27 +201,7 @@ def test_resume_is_bitwise_exact_with_the_coupling(coupling, teacher, tmp_path):
 @pytest.mark.parametrize("coupling", ["minibatch_ot", "pairs"])
 def test_two_ranks_match_one_process_with_the_coupling(coupling, teacher, tmp_path):
     extra = _pairs_args(teacher) if coupling == "pairs" else ["training.coupling.name=minibatch_ot"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        f"training.run_dir={tmp_path / 'ddp'}",
-        *FAST,
-        *SHORT,
-        *extra,
-    ]
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("train.py", f"training.run_dir={tmp_path / 'ddp'}", *FAST, *SHORT, *extra)
     assert run_train(tmp_path / "single", *SHORT, *extra, "training.grad_accum=2") == 0
     ddp, single = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
     for part in (0, 1):

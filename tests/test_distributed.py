@@ -1,36 +1,14 @@
 """torchrun with 2 CPU processes (gloo) trains the same model as 1 process with the same global batch."""
 
-import subprocess
-import sys
-
 import torch
 
-from conftest import FAST, ROOT, final_state, run_train
+from conftest import FAST, final_state, run_train, torchrun
 
 ARGS = ["training.max_steps=20", "training.checkpoint_every=10", "training.batch_size=64"]
 
 
 def test_two_ranks_match_one_process(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        f"training.run_dir={tmp_path / 'ddp'}",
-        *FAST,
-        *ARGS,
-    ]
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("train.py", f"training.run_dir={tmp_path / 'ddp'}", *FAST, *ARGS)
     # One process doing the same 2 micro-batches by accumulation = the same global batch and draws.
     assert run_train(tmp_path / "single", *ARGS, "training.grad_accum=2") == 0
     ddp, single = final_state(tmp_path / "ddp"), final_state(tmp_path / "single")
@@ -48,26 +26,7 @@ def test_two_ranks_match_one_process_for_a_flow_map(tmp_path):
     so the gradients are all-reduced: rank 0 after 2-rank training equals one process accumulating the
     same two micro-batches (a rank that kept only its own gradient would not)."""
     args = [*ARGS, "experiment=moons_meanflow", "training.max_steps=10"]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        f"training.run_dir={tmp_path / 'ddp'}",
-        *FAST,
-        *args,
-    ]
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("train.py", f"training.run_dir={tmp_path / 'ddp'}", *FAST, *args)
     assert run_train(tmp_path / "single", *args, "training.grad_accum=2") == 0
     assert run_train(tmp_path / "rank_only", *args, "training.batch_size=32") == 0  # one rank's half alone
     ddp, single, alone = (final_state(tmp_path / name) for name in ("ddp", "single", "rank_only"))

@@ -12,7 +12,7 @@ import pytest
 
 import eval_imagenet
 import runtime
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, torchrun
 
 TINY_UNET = ["experiment=digits_cfg", "model.base_ch=8", "model.emb_dim=16", "model.time_freq_dim=16"]
 FAST = ["num_steps=3", "device=cpu", "metrics=false"]
@@ -56,23 +56,9 @@ def evaluate(run_dir, out, *extra):
     return eval_imagenet.main([f"checkpoint={run_dir}", f"out={out}", *FAST, *extra])
 
 
-def torchrun(run_dir, out, *extra):
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "eval_imagenet.py",
-        f"checkpoint={run_dir}",
-        f"out={out}",
-        *FAST,
-        *extra,
-    ]
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def evaluate_on_two_ranks(run_dir, out, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun("eval_imagenet.py", f"checkpoint={run_dir}", f"out={out}", *FAST, *extra, env=env)
 
 
 @pytest.mark.parametrize("which", ["pixel", "latent"])
@@ -81,7 +67,7 @@ def test_one_and_two_ranks_write_identical_samples(which, pixel_run, latent_run,
     n = 23 if which == "pixel" else 9
     args = [f"num_samples={n}", "chunk_size=4", "batch_size=3"]
     assert evaluate(run_dir, tmp_path / "one", *args) == 0
-    torchrun(run_dir, tmp_path / "two", *args)
+    evaluate_on_two_ranks(run_dir, tmp_path / "two", *args)
     one, two = (tmp_path / "one" / "samples.npz").read_bytes(), (tmp_path / "two" / "samples.npz").read_bytes()
     assert one == two
     with np.load(tmp_path / "one" / "samples.npz") as f:
