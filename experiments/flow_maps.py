@@ -1,10 +1,12 @@
 """Flow maps (MeanFlow, flow_map.py) against the few-step table (experiments/few_step.md): quality at
 1, 2, 4, 8 and 32 flow-map jumps, with the training CPU seconds each model cost. Writes
-experiments/flow_maps_<stage>.json and experiments/figures/flow_maps_<stage>.png (quality against NFE)
+experiments/flow_maps_<tag>.json and experiments/figures/flow_maps_<tag>.png (quality against NFE)
 and prints the markdown table (experiments/flow_maps.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=moons
     OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=digits epochs=30
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=fashion data_root=data/standin_digits28 \
+        tag=digits28 classifier=runs/classifiers/digits28.safetensors
 
 Training and evaluation are few_step.py's own (`few_step.train`, `few_step.evaluate`): one `train.py`
 process on one thread per model, timed in CPU seconds (user + sys, start-up included); the same samples
@@ -30,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {
     "moons": ("moons_meanflow", "moons", "moons_meanflow_convert"),
     "digits": ("digits_meanflow", "digits_cfg", None),
+    "fashion": ("fashion_meanflow", "fashion_cfg", None),  # Fashion-MNIST or a 28x28 stand-in (data_root)
 }
+CLASSIFIERS = {"digits": "runs/classifiers/digits.safetensors", "fashion": "runs/classifiers/fashion.safetensors"}
 # what moons_meanflow_convert adds to moons_meanflow: the teacher's time features, the interval-splitting
 # target (the JVP of a network with 1000x time features is mostly a fast ripple in t), no warmup
 CONVERT = ("model.time_scale=1000.0", "flow.meanflow.derivative=split", "training.warmup_steps=0")
@@ -38,27 +42,35 @@ CONVERT = ("model.time_scale=1000.0", "flow.meanflow.derivative=split", "trainin
 
 @dataclass
 class FlowMapsConfig:
-    stage: str | None = None  # required: moons | digits
-    out: str | None = None  # run directory root (null: runs/flow_maps/<stage>)
+    stage: str | None = None  # required: moons | digits | fashion
+    out: str | None = None  # run directory root (null: runs/flow_maps/<tag>)
     epochs: int | None = None  # training.epochs of every run (null: each preset's)
     convert: bool = False  # also the teacher -> flow map conversion
     curriculum_steps: int = 0  # conversion: steps over which the largest r - t widens from 0 to 1 (0: off)
-    classifier: str = "runs/classifiers/digits.safetensors"
+    classifier: str | None = None  # the evaluation classifier (null: the stage's, CLASSIFIERS)
+    data_root: str | None = None  # dataset.root of every run (a 28x28 stand-in; download off)
+    tag: str | None = None  # names the results experiments/flow_maps_<tag>.json (null: the stage)
+    overrides: str = ""  # extra train.py overrides for every flow-map run, space-separated
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_keys(sys.argv[1:] if argv is None else argv, FlowMapsConfig, __doc__)
     check(args.stage is not None, "stage", args.stage, f"is required; choose one of: {', '.join(sorted(STAGES))}")
     check_choice("stage", args.stage, sorted(STAGES))
-    out = Path(args.out or f"runs/flow_maps/{args.stage}")
+    tag = args.tag or args.stage
+    out = Path(args.out or f"runs/flow_maps/{tag}")
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     timings["_path"] = str(timings_path)
     flow_map, teacher, conversion = STAGES[args.stage]
     epochs = [f"training.epochs={args.epochs}"] if args.epochs else []
-    extra = ["training.classifier=" + args.classifier] if args.stage == "digits" else []
-    cost = {"scratch": train(out, "scratch", flow_map, timings, *epochs, *extra)}
+    classifier = args.classifier or CLASSIFIERS.get(args.stage)
+    extra = [] if args.stage == "moons" else ["training.classifier=" + classifier]
+    if args.data_root:
+        extra += [f"dataset.root={args.data_root}", "dataset.download=false"]
+    tuned = args.overrides.split()
+    cost = {"scratch": train(out, "scratch", flow_map, timings, *epochs, *tuned, *extra)}
     if args.convert:
         teacher_cost = train(out, "teacher", teacher, timings, *epochs, *extra)
         preset, overrides = (conversion, ()) if conversion else (flow_map, CONVERT)
@@ -71,24 +83,25 @@ def main(argv: list[str] | None = None) -> int:
             f"training.init.checkpoint={out / 'teacher'}",
             f"flow.meanflow.curriculum_steps={args.curriculum_steps}",
             *epochs,
+            *tuned,
             *extra,
         )
         cost["converted"] = teacher_cost + student
-    guidance = 1.0 if args.stage == "digits" else None  # the guidance is folded into the flow map
+    guidance = None if args.stage == "moons" else 1.0  # the guidance is folded into the flow map
     table = {}
     for name, seconds in cost.items():
-        scores = evaluate(args.stage, out / name, guidance, args.classifier, "flow_map")
+        scores = evaluate(args.stage, out / name, guidance, classifier, "flow_map")
         table[name] = {"seconds": seconds, "nfe": {str(k): v for k, v in scores.items()}}
     if args.convert:  # the teacher as few_step.py scores it (Euler, its run's guidance): the same-day reference
-        scores = evaluate(args.stage, out / "teacher", None, args.classifier)
+        scores = evaluate(args.stage, out / "teacher", None, classifier)
         table["teacher (Euler)"] = {"seconds": timings["teacher"], "nfe": {str(k): v for k, v in scores.items()}}
     timings.pop("_path")
-    (ROOT / f"experiments/flow_maps_{args.stage}.json").write_text(
+    (ROOT / f"experiments/flow_maps_{tag}.json").write_text(
         json.dumps({"timings": timings, "table": table}, indent=2)
     )
     plot_key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
-    figure = ROOT / f"experiments/figures/flow_maps_{args.stage}.png"
-    plot(args.stage, table, plot_key, figure, xlabel="NFE (flow-map jumps; the teacher: Euler steps)")
+    figure = ROOT / f"experiments/figures/flow_maps_{tag}.png"
+    plot(tag, table, plot_key, figure, xlabel="NFE (flow-map jumps; the teacher: Euler steps)")
     keys = ["sliced_w2"] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
     print("\n| model | training CPU s | " + " | ".join(f"{k} @ {n}" for k in keys for n in NFES) + " |")
     print("|---|---|" + "---|" * (len(keys) * len(NFES)))
