@@ -305,6 +305,31 @@ def test_flow_map_settings_fail_with_one_line_naming_the_key(overrides, message)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["flow.meanflow.guidance_scale=2.0"], "flow.meanflow.guidance_scale = 2.0 folds CFG into the target"),
+        (
+            ["flow.meanflow.guidance_condition=true", "+model.guidance_conditioning=true"],
+            "flow.meanflow.guidance_condition = true folds CFG into the target, which needs a class-conditional",
+        ),
+    ],
+)
+def test_folded_guidance_needs_a_class_conditional_model(tmp_path, overrides, message):
+    import runtime
+    import trainer
+    from config import ConfigError, load_config
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        cfg = load_config(["experiment=moons_meanflow", "training.p_uncond=0.1", *overrides])
+        with pytest.raises(ConfigError, match=message) as error:
+            trainer.Trainer(cfg, runtime.Runtime(device=torch.device("cpu")), tmp_path / "run")
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert "\n" not in str(error.value)
+
+
 def test_a_masked_dit_cannot_train_a_flow_map():
     from config import ConfigError, load_config
 
