@@ -57,6 +57,7 @@ def build_flow_map(flow_cfg, path, time_sampler):
         fd_step=m.fd_step,
         curriculum_steps=m.curriculum_steps,
         curriculum_start=m.curriculum_start,
+        guidance_range=tuple(m.guidance_range) if m.guidance_condition else None,
     )
 
 

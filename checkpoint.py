@@ -423,6 +423,7 @@ def load_checkpoint(
 
 
 INTERVAL_PREFIX = "interval_embed."
+GUIDANCE_PREFIX = "guidance_embed."  # models.GuidanceEmbedding, zero-initialised like the interval embedding
 
 
 def load_weights(
@@ -454,9 +455,10 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
     optimizer, step), each part on or off -> (the checkpoint's step when init.step else None, its EMA
     update count, a line saying what was loaded). The architecture must match (load_weights names any
     difference); dataset, flow and masking may change, which is the point (masked pretrain -> unmasked).
-    One addition is allowed: a flow map (model.interval_conditioning) started from a checkpoint without
+    Two additions are allowed: a flow map (model.interval_conditioning) started from a checkpoint without
     an interval embedding keeps that embedding's zero init (models.IntervalEmbedding), so it starts as
-    exactly the checkpoint's velocity model."""
+    exactly the checkpoint's velocity model; likewise a guidance embedding (model.guidance_conditioning,
+    models.GuidanceEmbedding) missing from the checkpoint."""
 
     wanted = {init.model, init.ema} - {"none"}
     loaded = load_checkpoint(
@@ -476,8 +478,12 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
                 f"training.init.{part} = {source!r}, but checkpoint {loaded.path} has no "
                 f"{source}.safetensors; use training.init.{part}=model or none"
             )
-        # the attribute every model family keeps its interval embedding under (models.IntervalEmbedding)
-        new = (INTERVAL_PREFIX,) if getattr(target, "interval_embed", None) is not None else ()
+        # the attributes every model family keeps its zero-initialised embeddings under (models.ZeroInitEmbedding)
+        new = tuple(
+            prefix
+            for prefix in (INTERVAL_PREFIX, GUIDANCE_PREFIX)
+            if getattr(target, prefix.rstrip("."), None) is not None
+        )
         kept = load_weights(target, weights[source], f"training.init.checkpoint {loaded.path} ({source})", new)
     if ema_model is not None and init.ema == "none" and init.model != "none":
         ema_model.load_state_dict(model.state_dict())  # the EMA starts where the model starts
@@ -488,7 +494,8 @@ def init_from_checkpoint(init, model: torch.nn.Module, ema_model: torch.nn.Modul
     ]
     message = f"initialised from {loaded.path} (step {loaded.step}): {', '.join(parts)}"
     if kept:
-        message += f"; {INTERVAL_PREFIX}* ({len(kept)} tensors) not in it: zero-initialised"
+        prefixes = ", ".join(f"{p}*" for p in sorted({k.split(".")[0] + "." for k in kept}))
+        message += f"; {prefixes} ({len(kept)} tensors) not in it: zero-initialised"
     if not init.step:
         return None, None, message
     return loaded.step, int(loaded.state["ema_num_updates"]), message

@@ -258,9 +258,26 @@ def require_tracking_packages(tr, key: str = "training") -> None:
 
 def validate_flow_map(cfg, flow_map) -> None:
     """flow.objective and its settings; a flow map (objective or sampler) needs a model built with
-    interval_conditioning, a velocity output and no token masking."""
+    interval_conditioning, a velocity output and no token masking; guidance as a model condition needs
+    guidance_conditioning on both sides (objective and model)."""
     fl, interval = cfg.flow, bool(cfg.model.get("interval_conditioning", False))
+    guidance_model = bool(cfg.model.get("guidance_conditioning", False))
+    guidance_objective = fl.objective == "meanflow" and fl.meanflow.guidance_condition
     check_choice("flow.objective", fl.objective, flow_map.OBJECTIVES)
+    check(
+        guidance_model == guidance_objective,
+        "model.guidance_conditioning",
+        guidance_model,
+        f"must be {str(guidance_objective).lower()} with flow.objective={fl.objective} and "
+        f"flow.meanflow.guidance_condition={str(bool(fl.meanflow.guidance_condition)).lower()} (only that "
+        "objective trains the guidance embedding; the model and the objective are switched on together)",
+    )
+    check(
+        not (guidance_model and cfg.solver.ep_cfg),
+        "solver.ep_cfg",
+        cfg.solver.ep_cfg,
+        "must be false with model.guidance_conditioning=true (one guided forward, no conditional branch to rescale to)",
+    )
     if fl.objective == "meanflow":
         for condition, key, value, requirement in flow_map.check_settings(fl.meanflow):
             check(condition, key, value, requirement)
@@ -282,6 +299,13 @@ def validate_flow_map(cfg, flow_map) -> None:
             cfg.training.p_uncond,
             f"must be > 0 with flow.meanflow.guidance_scale = {fl.meanflow.guidance_scale} (the folded CFG "
             "target reads the null-label branch, which label dropout trains)",
+        )
+        check(
+            not fl.meanflow.guidance_condition or cfg.training.p_uncond > 0,
+            "training.p_uncond",
+            cfg.training.p_uncond,
+            "must be > 0 with flow.meanflow.guidance_condition=true (the folded CFG target reads the "
+            "null-label branch, which label dropout trains)",
         )
         check(
             float(cfg.model.get("mask_ratio", 0.0) or 0.0) == 0,

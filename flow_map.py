@@ -28,7 +28,10 @@ of v_c (``tangent=model``, the tangent of improved MeanFlow, arXiv 2512.02012); 
 finite difference (``derivative=finite_difference``, error O(h^2) for a step h, for networks forward-mode
 AD does not run through), or the target may avoid derivatives altogether by interval splitting
 (``derivative=split``, `split_target`); CFG can be folded into the target at a fixed scale w (MeanFlow eq. 19 with
-kappa = 0): v_c -> w v_c + (1 - w) u_theta(z_t, t, t | null) for samples that kept their label; the
+kappa = 0): v_c -> w v_c + (1 - w) u_theta(z_t, t, t | null) for samples that kept their label, or, with
+guidance as a model condition (``guidance_condition``, improved MeanFlow), at a scale w drawn per sample
+from a range and given to the model (``model(z, t, y, r=r, w=w)``, models.GuidanceEmbedding), so the
+sampler picks w in one forward per step (null-label rows and the unconditional branch run at w = 1); the
 adaptive weighting w = 1 / (||err||^2 + c)^p (stop-gradient) of the paper; and a curriculum that
 widens the largest gap r - t over the first steps of a run (for conversion from a velocity model).
 
@@ -134,26 +137,36 @@ class MeanFlowObjective:
     fd_step: float = 1e-3
     curriculum_steps: int = 0
     curriculum_start: float = 0.0
+    guidance_range: tuple[float, float] | None = None  # guidance as a model condition: w ~ U[lo, hi] per sample
 
-    def draw(self, t: Tensor, generator: torch.Generator, step: int) -> tuple[Tensor, Tensor]:
-        """(t, r) for a micro-batch whose flow-matching times are t [B]."""
-        return self.intervals(t, generator, curriculum_gap(step, self.curriculum_steps, self.curriculum_start))
+    def draw(self, t: Tensor, generator: torch.Generator, step: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(t, r, w) for a micro-batch whose flow-matching times are t [B]; w [B] is the per-sample guidance
+        scale (guidance_range; drawn after (t, r), so runs without it keep their stream), else None."""
+        t, r = self.intervals(t, generator, curriculum_gap(step, self.curriculum_steps, self.curriculum_start))
+        if self.guidance_range is None:
+            return t, r, None
+        lo, hi = self.guidance_range
+        u = torch.rand(t.shape, generator=generator, device=generator.device).to(t.device, t.dtype)
+        return t, r, lo + (hi - lo) * u
 
-    def target(self, model, x_t: Tensor, v: Tensor, t: Tensor, r: Tensor, y, null_label) -> Tensor:
+    def target(self, model, x_t: Tensor, v: Tensor, t: Tensor, r: Tensor, y, null_label, w=None) -> Tensor:
         """u_tgt = v_g + (r - t) du/dt [B, ...] in float32 (or wider), with no autograd graph. v_g is v with
-        CFG folded in (guidance_scale != 1: samples whose label is not the null label), the tangent v_g or
-        the network's own u(z_t, t, t)."""
+        CFG folded in (samples whose label is not the null label) at the fixed guidance_scale, or at the
+        per-sample w [B] (guidance as a model condition: every pass of u then gets w too), the tangent v_g
+        or the network's own u(z_t, t, t)."""
         dtype = v.dtype
+        condition = {} if w is None else {"w": w}
 
         def u(z, tt, rr):
-            return model(z, tt, y, r=rr).to(dtype)
+            return model(z, tt, y, r=rr, **condition).to(dtype)
 
         with torch.no_grad():
-            if self.guidance_scale != 1.0:
+            if w is not None or self.guidance_scale != 1.0:
+                scale = self.guidance_scale if w is None else expand_t(w.to(dtype), v)
                 null = torch.full_like(y, null_label)
-                u_uncond = model(x_t, t, null, r=t).to(dtype)
+                u_uncond = model(x_t, t, null, r=t).to(dtype)  # w = None: the unguided branch, at w = 1
                 guided = expand_t(y != null_label, v)
-                v = torch.where(guided, self.guidance_scale * v + (1 - self.guidance_scale) * u_uncond, v)
+                v = torch.where(guided, scale * v + (1 - scale) * u_uncond, v)
             if self.derivative == "split":
                 return split_target(u, x_t, v, t, r)
             dz = u(x_t, t, t) if self.tangent == "model" else v
@@ -163,18 +176,24 @@ class MeanFlowObjective:
                 dudt = finite_difference_derivative(u, x_t, t, r, dz.to(x_t.dtype), self.fd_step)
             return v + expand_t(r - t, v) * dudt.to(dtype)
 
-    def loss(self, model, forward_model, x1, eps, t, r, y=None, null_label=None, autocast=None):
+    def loss(self, model, forward_model, x1, eps, t, r, y=None, null_label=None, autocast=None, w=None):
         """(loss [], per_sample [B]) of forward_model(z_t, t, y, r=r) against the stop-gradient target.
 
         model: the plain module (JVP, no-grad passes); forward_model: the same weights as trained (DDP,
-        compiled), whose output carries the gradient. autocast: a context factory for the forwards."""
+        compiled), whose output carries the gradient. autocast: a context factory for the forwards.
+        w [B]: per-sample guidance scales from `draw` (guidance as a model condition); null-label rows get
+        w = 1, and the target and the trained forward both see the same w."""
         autocast = autocast or contextlib.nullcontext
         dtype = torch.promote_types(x1.dtype, torch.float32)
         x_t, v = self.path.sample(x1, eps, t)
         x_t = x_t.to(x1.dtype)
+        condition = {}
+        if w is not None:
+            w = torch.where(y == null_label, torch.ones_like(w), w)  # a dropped label trains unguided
+            condition = {"w": w}
         with autocast():
-            target = self.target(model, x_t, v.to(dtype), t.to(dtype), r.to(dtype), y, null_label)
-            output = forward_model(x_t, t, y, r=r)
+            target = self.target(model, x_t, v.to(dtype), t.to(dtype), r.to(dtype), y, null_label, w)
+            output = forward_model(x_t, t, y, r=r, **condition)
         error = output.to(dtype) - target
         sq_norm = error.square().flatten(1).sum(1)
         per_sample = error.square().flatten(1).mean(1)
@@ -197,4 +216,16 @@ def check_settings(m, key: str = "flow.meanflow") -> list[tuple[bool, str, objec
         (0 < m.fd_step < 0.5 and math.isfinite(m.fd_step), f"{key}.fd_step", m.fd_step, "must be in (0, 0.5)"),
         (m.curriculum_steps >= 0, f"{key}.curriculum_steps", m.curriculum_steps, "must be >= 0 (0 = off)"),
         (0 <= m.curriculum_start <= 1, f"{key}.curriculum_start", m.curriculum_start, "must be in [0, 1]"),
+        (
+            len(m.guidance_range) == 2 and 1 <= m.guidance_range[0] <= m.guidance_range[1],
+            f"{key}.guidance_range",
+            list(m.guidance_range),
+            "must be [lo, hi] with 1 <= lo <= hi (guidance scales; lo = hi: one fixed scale)",
+        ),
+        (
+            not m.guidance_condition or m.guidance_scale == 1,
+            f"{key}.guidance_scale",
+            m.guidance_scale,
+            f"must be 1 with {key}.guidance_condition=true (the scale is drawn from {key}.guidance_range)",
+        ),
     ]

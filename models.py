@@ -5,7 +5,8 @@ Every model is called as ``model(x, t, y)``: x [B, ...] in data space, t [B] flo
 (0 = noise, 1 = data), y [B] long class labels or None. It returns a tensor shaped like x
 whose meaning (velocity, data or noise) is set by ``flow.prediction``; flow.py converts.
 A model built with ``interval_conditioning=True`` (a flow map, flow_map.py) also takes ``r=`` [B], the
-time its output jumps to; ``r=None`` means r = t, the instantaneous velocity.
+time its output jumps to; ``r=None`` means r = t, the instantaneous velocity. One built with
+``guidance_conditioning=True`` also takes ``w=`` [B], the CFG scale it is asked for (``w=None``: 1, none).
 Class-conditional models reserve label index ``num_classes`` as the learned null label that
 classifier-free guidance uses for the unconditional branch.
 """
@@ -45,38 +46,70 @@ class TimeEmbedding(nn.Module):
         return self.mlp(timestep_embedding(t, self.freq_dim, scale=self.scale))
 
 
-class IntervalEmbedding(TimeEmbedding):
-    """The flow-map interval r - t [B] (target time minus the state's time) -> [B, dim], added to the time
-    embedding. Its last layer starts at zero, so a model with it computes exactly what the same weights
-    compute without it until training moves that layer, and a checkpoint saved without it starts a flow
-    map (checkpoint.init_from_checkpoint keeps the zero init for these keys)."""
+class ZeroInitEmbedding(TimeEmbedding):
+    """A scalar condition [B] -> [B, dim], added to the time embedding: the flow-map interval r - t
+    (IntervalEmbedding) and the guidance scale (GuidanceEmbedding). Its last layer starts at zero, so a model
+    with it computes exactly what the same weights compute without it until training moves that layer, and a
+    checkpoint saved without it loads (checkpoint.init_from_checkpoint keeps the zero init for these keys)."""
+
+    def __init__(self, dim: int, freq_dim: int = 64, scale: float = 1.0):
+        # Built on a forked RNG, so the model's other parameters get the same initial values as without it.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(dim, freq_dim, scale=scale)
+        zero_init(self.mlp[-1])
+
+
+class IntervalEmbedding(ZeroInitEmbedding):
+    """The flow-map interval r - t [B] (target time minus the state's time) -> [B, dim]."""
 
     def __init__(self, dim: int, freq_dim: int = 64):
-        # Built on a forked RNG, so the model's other parameters get the same initial values as without it.
         # Scale 1, not 1000: the JVP differentiates the network in t, and features of frequency up to 1000
         # make d_t u, and with it the MeanFlow target, large (experiments/flow_maps.md).
-        with torch.random.fork_rng(devices=[]):
-            super().__init__(dim, freq_dim, scale=1.0)
-        zero_init(self.mlp[-1])
+        super().__init__(dim, freq_dim, scale=1.0)
 
     def forward(self, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         return super().forward(torch.zeros_like(t) if r is None else r - t)
+
+
+class GuidanceEmbedding(ZeroInitEmbedding):
+    """The CFG scale w [B] the model is asked for (guidance as a model condition, improved MeanFlow, arXiv
+    2512.02012; flow_map.py) -> [B, dim], embedded as w - 1 so that w = 1 (no guidance) is the zero input."""
+
+    def __init__(self, dim: int, freq_dim: int = 64):
+        # Scale 100: w - 1 spans a few units (0 to ~5), so its features span about the frequencies t's
+        # 1000 x [0, 1] does. Nothing differentiates in w (the JVP's tangent has no w part).
+        super().__init__(dim, freq_dim, scale=100.0)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return super().forward(w - 1)
 
 
 def interval_embedding(enabled: bool, dim: int, freq_dim: int) -> IntervalEmbedding | None:
     return IntervalEmbedding(dim, freq_dim) if enabled else None
 
 
-def add_interval(model: nn.Module, cond: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-    """cond [B, D] plus the interval embedding of (t, r); a model without one refuses an r."""
-    if model.interval_embed is None:
-        if r is not None:
+def guidance_embedding(enabled: bool, dim: int, freq_dim: int) -> GuidanceEmbedding | None:
+    return GuidanceEmbedding(dim, freq_dim) if enabled else None
+
+
+def add_conditions(
+    model: nn.Module, cond: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None, w: torch.Tensor | None = None
+) -> torch.Tensor:
+    """cond [B, D] plus the interval embedding of (t, r) and the guidance embedding of w [B] (None = 1, no
+    guidance), each where the model has it; a model without one refuses its input (r or w)."""
+    for embed, value, flag, what in (
+        (model.interval_embed, r, "interval_conditioning", "a target time r (a flow map)"),
+        (model.guidance_embed, w, "guidance_conditioning", "a guidance scale w"),
+    ):
+        if embed is None and value is not None:
             raise ValueError(
-                f"{type(model).__name__} was built without interval_conditioning, so it cannot take a target "
-                "time r (a flow map needs model.interval_conditioning=true)"
+                f"{type(model).__name__} was built without {flag}, so it cannot take {what}; it needs model.{flag}=true"
             )
-        return cond
-    return cond + model.interval_embed(t, r)
+    if model.interval_embed is not None:
+        cond = cond + model.interval_embed(t, r)
+    if model.guidance_embed is not None:
+        cond = cond + model.guidance_embed(torch.ones_like(t) if w is None else w.to(t.dtype))
+    return cond
 
 
 class LabelEmbedding(nn.Embedding):
@@ -104,6 +137,7 @@ class MLP(nn.Module):
         num_blocks: int = 2,  # residual blocks after the input projection
         time_freq_dim: int = 64,  # sinusoidal features fed to the time MLP
         interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        guidance_conditioning: bool = False,  # also embed the CFG scale w (forward's w=); zero-initialised
         time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
@@ -121,14 +155,21 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
         self.interval_embed = interval_embedding(interval_conditioning, hidden_dim, time_freq_dim)
+        self.guidance_conditioning = guidance_conditioning
+        self.guidance_embed = guidance_embedding(guidance_conditioning, hidden_dim, time_freq_dim)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.time_embed(t)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, r: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cond = add_interval(self, self.condition(t, y), t, r)  # [B, hidden]
+        cond = add_conditions(self, self.condition(t, y), t, r, w)  # [B, hidden]
         h = self.in_proj(x) + cond
         for block in self.blocks:
             h = h + block(h + cond)
@@ -253,6 +294,7 @@ class UNet(nn.Module):
         emb_dim: int | None = None,  # width of the time (+ class) embedding; None -> 2 * base_ch
         time_freq_dim: int | None = None,  # sinusoidal features fed to the time MLP; None -> emb_dim
         interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        guidance_conditioning: bool = False,  # also embed the CFG scale w (forward's w=); zero-initialised
         time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
@@ -309,12 +351,19 @@ class UNet(nn.Module):
         )
         self.interval_conditioning = interval_conditioning
         self.interval_embed = interval_embedding(interval_conditioning, self.emb_dim, time_freq_dim or self.emb_dim)
+        self.guidance_conditioning = guidance_conditioning
+        self.guidance_embed = guidance_embedding(guidance_conditioning, self.emb_dim, time_freq_dim or self.emb_dim)
 
     def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.time_embed(t)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, r: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        r: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
     ) -> torch.Tensor:
         stride = 2**self.depth
         if x.shape[-2] % stride or x.shape[-1] % stride:
@@ -322,7 +371,7 @@ class UNet(nn.Module):
                 f"U-Net with {self.depth} levels needs H and W divisible by {stride}, got {tuple(x.shape[-2:])}"
             )
         # SiLU once here rather than in every block's projection (ADM applies it per block; same function).
-        emb = F.silu(add_interval(self, self.condition(t, y), t, r))  # [B, emb_dim]
+        emb = F.silu(add_conditions(self, self.condition(t, y), t, r, w))  # [B, emb_dim]
         h = self.conv_in(x)  # [B, widths[0], H, W]
         skips = []
         for layers, down in zip(self.encoder, self.downsample):

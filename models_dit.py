@@ -7,7 +7,8 @@ Every model is called as ``model(x, t, y)``: x [B, C, H, W], t [B] float in [0, 
 y [B] long labels in [0, num_classes) or None (= the learned null label ``num_classes``, used by CFG). It
 returns a tensor shaped like x whose meaning (velocity, data or noise) is set by ``flow.prediction``.
 Built with ``interval_conditioning=True`` (a flow map, flow_map.py) it also takes ``r=`` [B], the time
-its output jumps to (None: r = t), through a zero-initialised embedding of r - t (models.IntervalEmbedding).
+its output jumps to (None: r = t), through a zero-initialised embedding of r - t (models.IntervalEmbedding);
+with ``guidance_conditioning=True`` also ``w=`` [B], the CFG scale asked for (models.GuidanceEmbedding).
 
 Deferred masking (training only): ``model(x, t, y, generator=g, return_mask=True)`` returns
 ``(out, keep)`` with keep [B, num_tokens] bool (True = the token went through the backbone; None when no
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import LabelEmbedding, TimeEmbedding, add_interval, interval_embedding, zero_init
+from models import LabelEmbedding, TimeEmbedding, add_conditions, guidance_embedding, interval_embedding, zero_init
 from moe import ExpertChoiceMoE, Mlp
 
 # --- positions --------------------------------------------------------------------------------------
@@ -273,6 +274,7 @@ class DiT(nn.Module):
         moe_weight: float = 1.0,  # expert hidden width as a fraction of the dense MLP width at that depth
         time_freq_dim: int = 256,  # sinusoidal features fed to the time MLP (DiT)
         interval_conditioning: bool = False,  # also embed r - t (a flow map, flow_map.py); zero-initialised
+        guidance_conditioning: bool = False,  # also embed the CFG scale w (forward's w=); zero-initialised
         time_scale: float = 1000.0,  # t's multiplier in the sinusoidal features (lower: smoother in t)
     ):
         super().__init__()
@@ -351,6 +353,8 @@ class DiT(nn.Module):
         # After the init above, so every other weight is the one the same seed gives without it.
         self.interval_conditioning = interval_conditioning
         self.interval_embed = interval_embedding(interval_conditioning, embed_size, time_freq_dim)
+        self.guidance_conditioning = guidance_conditioning
+        self.guidance_embed = guidance_embedding(guidance_conditioning, embed_size, time_freq_dim)
 
     def initialize_weights(self):
         """DiT's init: xavier-uniform linears, N(0, 0.02) embeddings; adaLN and output stay zero."""
@@ -423,9 +427,11 @@ class DiT(nn.Module):
         keep_ids: torch.Tensor | None = None,
         return_mask: bool = False,
         r: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
     ):
         """x [B, C, H, W], t [B], y [B] | None -> out [B, C, H, W] (and keep [B, N] | None if return_mask);
-        r [B]: a flow map's target time (interval_conditioning; None = t).
+        r [B]: a flow map's target time (interval_conditioning; None = t); w [B]: the CFG scale asked for
+        (guidance_conditioning; None = 1).
 
         Masking happens only in training mode with mask_ratio (default self.mask_ratio) > 0, or wherever
         keep_ids [B, n_keep] (from sample_keep) are given. Drawing them outside the model keeps a
@@ -441,7 +447,7 @@ class DiT(nn.Module):
             tokens = tokens + pos.to(tokens.dtype)
         else:
             rope = pos[None, None]  # [1, 1, N, head_dim / 2]
-        c = add_interval(self, self.condition(t, y), t, r)  # [B, embed_size]
+        c = add_conditions(self, self.condition(t, y), t, r, w)  # [B, embed_size]
 
         for block in self.blocks[: self.mixer_depth]:
             tokens = block(tokens, c, rope)

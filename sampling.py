@@ -127,17 +127,21 @@ class FlowSampler:
         self.prediction = prediction
         self.num_classes = num_classes
 
-    def _model_velocity(self, x: Tensor, t: Tensor, y: Tensor | None, r: Tensor | None = None) -> Tensor:
+    def _model_velocity(
+        self, x: Tensor, t: Tensor, y: Tensor | None, r: Tensor | None = None, w: Tensor | None = None
+    ) -> Tensor:
         """One forward pass, converted to velocity in float32 (or wider). x [B, ...], t [B] -> [B, ...].
-        r [B]: a flow map's target time; the output is then the average velocity over [t, r]."""
+        r [B]: a flow map's target time; the output is then the average velocity over [t, r]. w [B]: the
+        guidance scale a guidance-conditioned model is asked for (None: not passed, i.e. 1)."""
+        condition = {} if w is None else {"w": w}
         if r is not None:
             if self.prediction != "velocity":
                 raise ValueError(
                     f"a flow map predicts an average velocity; this sampler's prediction is {self.prediction!r}"
                 )
-            output = self.model(x, t, y, r=r)
+            output = self.model(x, t, y, r=r, **condition)
             return output.to(torch.promote_types(output.dtype, torch.float32))
-        output = self.model(x, t, y)
+        output = self.model(x, t, y, **condition)
         dtype = torch.promote_types(output.dtype, torch.float32)
         return self.path.to_velocity(output.to(dtype), x.to(dtype), t.to(dtype), self.prediction)
 
@@ -164,6 +168,8 @@ class FlowSampler:
         of its conditional velocity, which curbs the over-saturation of large scales. detach_uncond makes
         the unconditional branch a constant for autograd (Flow-GRPO's log-prob: only the conditional
         branch is trained; otherwise the shared null-label model is trained with weight 1 - s).
+        A model built with guidance_conditioning (flow_map.py, guidance as a model condition) takes the scale
+        as an input instead: one forward of B rows, w = s inside the interval and 1 outside (no ep_cfg).
         """
         batch = x.shape[0]
         t = torch.as_tensor(t, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
@@ -178,6 +184,14 @@ class FlowSampler:
                 f"got y={'None' if y is None else 'given'}, num_classes={self.num_classes}"
             )
         guided = _guided_rows(t, guidance_interval)
+        if getattr(self.model, "guidance_conditioning", False):
+            if ep_cfg:
+                raise ValueError(
+                    "ep_cfg rescales to the conditional branch, which a guidance-conditioned model "
+                    "(guidance_conditioning) does not compute: sample it with ep_cfg off"
+                )
+            w = torch.ones_like(t)
+            return self._model_velocity(x, t, y, r, w if guided is None else w.index_fill(0, guided, guidance_scale))
         if guided is None:
             return self._model_velocity(x, t, y, r)
         null = torch.full_like(y[guided], self.num_classes)

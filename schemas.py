@@ -35,6 +35,11 @@ class MeanFlowConfig:
     fd_step: float = 1.0e-3
     curriculum_steps: int = 0  # widen the largest r - t from curriculum_start to 1 over this many steps; 0 = off
     curriculum_start: float = 0.0
+    # Guidance as a model condition (improved MeanFlow, arXiv 2512.02012): each sample's CFG scale is drawn
+    # from guidance_range, folded into its target and given to the model (model.guidance_conditioning), so
+    # solver.guidance_scale picks it at sampling in one forward. Exclusive with guidance_scale != 1.
+    guidance_condition: bool = False
+    guidance_range: list[float] = field(default_factory=lambda: [1.0, 4.0])  # [lo, hi], w ~ uniform, lo >= 1
 
 
 @dataclass

@@ -229,6 +229,11 @@ class Trainer:
                 f"flow.meanflow.guidance_scale = {self.flow_map.guidance_scale} folds CFG into the target, which "
                 f"needs a class-conditional model; {type(self.model).__name__} has no labels (set it to 1.0)"
             )
+        if self.flow_map is not None and self.flow_map.guidance_range is not None and not self.conditional:
+            raise ConfigError(
+                "flow.meanflow.guidance_condition = true folds CFG into the target, which needs a "
+                f"class-conditional model; {type(self.model).__name__} has no labels (set it to false)"
+            )
         self.batches = MicroBatches(self.dataset, self.time_sampler, cfg, runtime, self.channels_last, null_label)
         self.total_steps = tr.epochs * self.batches.steps_per_epoch  # LR-schedule horizon
         self.target_steps = self.total_steps if tr.max_steps is None else min(self.total_steps, tr.max_steps)
@@ -312,15 +317,15 @@ class Trainer:
 
     def micro_loss(self, step, x1, y, t, eps):
         """One micro-batch's (loss, per-sample losses, t as logged): flow matching, or the flow-map
-        objective (flow_map.py), whose r comes from the micro-batch's generator after its other draws
-        (exact resume; the same t, noise and labels as a flow-matching run of the same seed)."""
+        objective (flow_map.py), whose r (and guidance scales w) come from the micro-batch's generator after
+        its other draws (exact resume; the same t, noise and labels as a flow-matching run of the same seed)."""
         autocast = partial(
             torch.autocast, self.runtime.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         )
         if self.flow_map is not None:
-            t, r = self.flow_map.draw(t, self.batches.generator, step)
+            t, r, w = self.flow_map.draw(t, self.batches.generator, step)  # w: None unless guidance_condition
             loss, per_sample = self.flow_map.loss(
-                self.model, self.forward_model, x1, eps, t, r, y, self.batches.null_label, autocast
+                self.model, self.forward_model, x1, eps, t, r, y, self.batches.null_label, autocast, w
             )
             return loss, per_sample, t
         x_t, _ = self.path.sample(x1, eps, t)

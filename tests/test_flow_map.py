@@ -260,6 +260,36 @@ def test_a_velocity_model_refuses_the_flow_map_sampler_and_a_target_time():
             "training.p_uncond = 0.0: must be > 0 with flow.meanflow.guidance_scale",
         ),
         (["solver.method=flow_mapp"], "solver.method = 'flow_mapp' is not allowed"),
+        (
+            ["experiment=digits_meanflow_guided", "model.guidance_conditioning=false"],
+            "model.guidance_conditioning = False: must be true with flow.objective=meanflow and "
+            "flow.meanflow.guidance_condition=true",
+        ),
+        (
+            ["experiment=digits_meanflow", "+model.guidance_conditioning=true"],
+            "model.guidance_conditioning = True: must be false with flow.objective=meanflow and "
+            "flow.meanflow.guidance_condition=false",
+        ),
+        (
+            ["experiment=digits_meanflow_guided", "flow.meanflow.guidance_scale=2.0"],
+            "flow.meanflow.guidance_scale = 2.0: must be 1 with flow.meanflow.guidance_condition=true",
+        ),
+        (
+            ["experiment=digits_meanflow_guided", "training.p_uncond=0.0"],
+            "training.p_uncond = 0.0: must be > 0 with flow.meanflow.guidance_condition=true",
+        ),
+        (
+            ["experiment=digits_meanflow_guided", "flow.meanflow.guidance_range=[3.0,1.0]"],
+            "flow.meanflow.guidance_range = [3.0, 1.0]: must be [lo, hi] with 1 <= lo <= hi",
+        ),
+        (
+            ["experiment=digits_meanflow_guided", "flow.meanflow.guidance_range=[0.5,2.0]"],
+            "flow.meanflow.guidance_range = [0.5, 2.0]: must be [lo, hi] with 1 <= lo <= hi",
+        ),
+        (
+            ["experiment=digits_meanflow_guided", "solver.ep_cfg=true"],
+            "solver.ep_cfg = True: must be false with model.guidance_conditioning=true",
+        ),
     ],
 )
 def test_flow_map_settings_fail_with_one_line_naming_the_key(overrides, message):
@@ -273,6 +303,31 @@ def test_flow_map_settings_fail_with_one_line_naming_the_key(overrides, message)
     finally:
         torch.set_default_dtype(torch.float64)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["flow.meanflow.guidance_scale=2.0"], "flow.meanflow.guidance_scale = 2.0 folds CFG into the target"),
+        (
+            ["flow.meanflow.guidance_condition=true", "+model.guidance_conditioning=true"],
+            "flow.meanflow.guidance_condition = true folds CFG into the target, which needs a class-conditional",
+        ),
+    ],
+)
+def test_folded_guidance_needs_a_class_conditional_model(tmp_path, overrides, message):
+    import runtime
+    import trainer
+    from config import ConfigError, load_config
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        cfg = load_config(["experiment=moons_meanflow", "training.p_uncond=0.1", *overrides])
+        with pytest.raises(ConfigError, match=message) as error:
+            trainer.Trainer(cfg, runtime.Runtime(device=torch.device("cpu")), tmp_path / "run")
+    finally:
+        torch.set_default_dtype(torch.float64)
+    assert "\n" not in str(error.value)
 
 
 def test_a_masked_dit_cannot_train_a_flow_map():
@@ -303,6 +358,94 @@ def test_guidance_folded_into_the_target_uses_the_null_branch_for_labelled_rows_
     expected = 2.5 * v  # + (1 - 2.5) * 0 from the null branch
     expected[2] = v[2]
     torch.testing.assert_close(target, expected)
+
+
+def guided_mlp():
+    """A class-conditional flow map with a guidance embedding, every layer moved off its init except the
+    guidance embedding's zero last layer: a real network that ignores w (as at init)."""
+    from models import ClassCondMLP
+
+    torch.manual_seed(0)
+    model = ClassCondMLP(
+        num_classes=3,
+        dim=3,
+        hidden_dim=16,
+        num_blocks=1,
+        time_freq_dim=8,
+        interval_conditioning=True,
+        guidance_conditioning=True,
+    )
+    for name, p in model.named_parameters():
+        if not name.startswith("guidance_embed.mlp.2"):
+            torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("derivative, tangent", [("jvp", "conditional"), ("jvp", "model"), ("split", "conditional")])
+def test_a_constant_drawn_guidance_scale_is_the_fixed_scale_objective_while_the_model_ignores_w(derivative, tangent):
+    """guidance_range [w, w] on a model that ignores w: the same target and loss, bit for bit, as the
+    fixed-scale fold at w; and the (t, r) draws are those of the run without it (w is drawn after them)."""
+    model, path, scale = guided_mlp(), flow.make_path(), 2.25
+    fixed = objective(path, guidance_scale=scale, derivative=derivative, tangent=tangent)
+    drawn = objective(path, guidance_range=(scale, scale), derivative=derivative, tangent=tangent)
+    g = torch.Generator().manual_seed(5)
+    x1, eps, t0 = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g), torch.rand(16, generator=g)
+    y = torch.tensor([0, 1, 2, 3] * 4)  # 3: the null label
+    t, r, w_off = fixed.draw(t0, torch.Generator().manual_seed(1), 0)
+    t_on, r_on, w = drawn.draw(t0, torch.Generator().manual_seed(1), 0)
+    assert w_off is None and torch.equal(t_on, t) and torch.equal(r_on, r) and bool((r > t).any())
+    assert torch.equal(w, torch.full_like(t, scale))
+    r = torch.where(torch.arange(16) < 6, t, r)  # some r = t rows, where the split target is the folded v
+    x_t, v = path.sample(x1, eps, t)
+    target = fixed.target(model, x_t, v, t, r, y, 3)
+    assert torch.equal(drawn.target(model, x_t, v, t, r, y, 3, torch.where(y == 3, 1.0, w)), target)
+    unguided = objective(path, derivative=derivative, tangent=tangent)
+    assert not torch.equal(unguided.target(model, x_t, v, t, r, y, 3), target)
+    loss_fixed, per_fixed = fixed.loss(model, model, x1, eps, t, r, y, 3)
+    loss_drawn, per_drawn = drawn.loss(model, model, x1, eps, t, r, y, 3, w=w)
+    assert torch.equal(per_drawn, per_fixed) and torch.equal(loss_drawn, loss_fixed)
+
+
+def test_per_sample_guidance_scales_fold_row_by_row_and_every_pass_gets_w():
+    """v_g = w_i v_i + (1 - w_i) u(z, t, t | null) row by row (a hand computation on a model whose output
+    is constant in z, t, r, so du/dt = 0 and the target is v_g); the unconditional branch is called
+    without w (= 1), every other pass and the trained forward with the row's w, null-label rows at 1."""
+    seen = []
+
+    class Labelled(torch.nn.Module):  # u = -1 for the null label (3), else 5 + w; no dependence on z, t, r
+        def forward(self, z, t, y=None, r=None, w=None):
+            seen.append(None if w is None else w.clone())
+            out = torch.where(y == 3, -1.0, 5.0 + (0.0 if w is None else w))
+            return out[:, None].expand_as(z) + 0 * z
+
+    z, v = torch.randn(4, 2), torch.randn(4, 2)
+    t, r = torch.full((4,), 0.3), torch.tensor([0.3, 0.8, 0.5, 0.9])
+    y = torch.tensor([0, 1, 3, 2])
+    w = torch.tensor([1.0, 2.0, 1.0, 3.5])
+    target = objective(flow.make_path(), guidance_range=(1.0, 4.0)).target(Labelled(), z, v, t, r, y, 3, w)
+    for i in range(4):
+        wi = float(w[i])
+        expected = v[i] if i == 2 else wi * v[i] + (1 - wi) * -1.0
+        torch.testing.assert_close(target[i], expected, rtol=1e-12, atol=1e-12)
+    assert seen[0] is None and all(torch.equal(s, w) for s in seen[1:])  # null branch first, at w = 1
+    # through loss(): a row with the null label is trained at w = 1 whatever was drawn
+    seen.clear()
+    drawn = torch.tensor([2.0, 2.5, 3.0, 1.5])
+    objective(flow.make_path(), guidance_range=(1.0, 4.0)).loss(
+        Labelled(), Labelled(), torch.randn(4, 2), torch.randn(4, 2), t, r, y, 3, w=drawn
+    )
+    assert seen[0] is None and all(torch.equal(s, torch.tensor([2.0, 2.5, 1.0, 1.5])) for s in seen[1:])
+
+
+def test_guidance_scales_are_drawn_per_sample_in_the_range_after_the_interval_draws():
+    drawn = objective(flow.make_path(), guidance_range=(1.0, 3.0))
+    t0 = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    g_on, g_off = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    t, r, w = drawn.draw(t0, g_on, 0)
+    t_off, r_off, _ = objective(flow.make_path()).draw(t0, g_off, 0)
+    assert torch.equal(t, t_off) and torch.equal(r, r_off)
+    assert float(w.min()) >= 1.0 and float(w.max()) <= 3.0 and abs(float(w.mean()) - 2.0) < 0.05
+    torch.testing.assert_close(w, 1.0 + 2.0 * torch.rand(4096, generator=g_off))  # the next draw of the stream
 
 
 def test_the_loss_runs_under_bf16_autocast_through_dit_attention():

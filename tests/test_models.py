@@ -214,12 +214,12 @@ def test_group_count_divides_and_keeps_groups_wide():
 # --- interval conditioning (flow maps) ----------------------------------------------------------------
 
 
-def _family(name: str, interval: bool):
-    """(model, x, y) of each family with a time embedding, small; same seed for both flag values."""
+def _family(name: str, interval: bool, guidance: bool = False):
+    """(model, x, y) of each family with a time embedding, small; same seed for every flag value."""
     import models_dit
 
     torch.manual_seed(0)
-    flag = dict(interval_conditioning=interval)
+    flag = dict(interval_conditioning=interval, guidance_conditioning=guidance)
     tiny_dit = dict(input_size=8, in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
     if name == "mlp":
         return models.MLP(hidden_dim=16, **flag), torch.randn(4, 2), None
@@ -274,6 +274,80 @@ def test_an_old_checkpoint_loads_into_an_interval_model_and_computes_the_same(na
     assert new.interval_embed.mlp[-1].weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="interval_conditioning"):
         old(x, t, y, r=torch.ones(4))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_guidance_conditioning_is_zero_initialised_and_adds_only_its_own_keys(name):
+    """models.GuidanceEmbedding: built on a forked RNG (every other weight is the one the same seed gives
+    without it), its last layer zero, so at init the output is bitwise the same for any w."""
+    old, x, y = _family(name, True)
+    new, _, _ = _family(name, True, guidance=True)
+    assert old.guidance_embed is None and not old.guidance_conditioning and new.guidance_conditioning
+    added = set(new.state_dict()) - set(old.state_dict())
+    assert added and all(k.startswith("guidance_embed.") for k in added)
+    for key, value in old.state_dict().items():
+        torch.testing.assert_close(new.state_dict()[key], value, rtol=0, atol=0)
+    for p in old.parameters():  # outputs off zero (the zero output layers would hide a difference)
+        p.data.add_(0.05 * torch.randn_like(p))
+    new.load_state_dict({**new.state_dict(), **old.state_dict()})  # the guidance embedding as initialised
+    old.eval(), new.eval()
+    t, r = torch.tensor([0.1, 0.4, 0.7, 0.9]), torch.tensor([0.5, 0.4, 1.0, 0.95])
+    with torch.no_grad():
+        before = old(x, t, y, r=r)
+        assert before.abs().sum() > 0
+        for w in (None, torch.ones(4), torch.tensor([1.0, 1.5, 3.0, 7.0])):
+            assert torch.equal(new(x, t, y, r=r, w=w), before)
+        new.guidance_embed.mlp[-1].weight.normal_()  # once that layer moves, w reaches the output
+        assert not torch.equal(new(x, t, y, r=r, w=torch.full((4,), 3.0)), before)
+        assert torch.equal(new(x, t, y, r=r, w=None), new(x, t, y, r=r, w=torch.ones(4)))  # None is w = 1
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_an_old_checkpoint_loads_into_a_guidance_model_which_then_learns_w(name):
+    import checkpoint
+
+    old, x, y = _family(name, True)
+    for p in old.parameters():  # a "trained" flow map
+        p.data.add_(0.05 * torch.randn_like(p))
+    weights = {k: v.clone() for k, v in old.state_dict().items()}
+    new, _, _ = _family(name, True, guidance=True)
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        checkpoint.load_weights(new, weights, "old")
+    kept = checkpoint.load_weights(new, weights, "old", (checkpoint.INTERVAL_PREFIX, checkpoint.GUIDANCE_PREFIX))
+    assert kept and all(k.startswith("guidance_embed.") for k in kept)
+    old.eval(), new.eval()
+    t, r, w = torch.tensor([0.1, 0.4, 0.7, 0.9]), torch.tensor([0.5, 0.9, 1.0, 0.95]), torch.tensor([1.0, 2, 3, 4])
+    with torch.no_grad():
+        assert torch.equal(new(x, t, y, r=r, w=w), old(x, t, y, r=r))
+    new.train()
+    new(x, t, y, r=r, w=w).square().sum().backward()
+    assert new.guidance_embed.mlp[-1].weight.grad.abs().sum() > 0  # training can use w
+    with pytest.raises(ValueError, match="built without guidance_conditioning.*model.guidance_conditioning=true"):
+        old(x, t, y, r=r, w=w)
+
+
+def test_init_from_checkpoint_admits_both_zero_initialised_embeddings(tmp_path):
+    """A velocity checkpoint starts a guidance-conditioned flow map: the interval and guidance embeddings
+    keep their zero init, the message names both, and the model computes what the checkpoint computes."""
+    import checkpoint
+    from schemas import InitConfig
+
+    old, x, y = _family("class_cond_unet", False)
+    for p in old.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    from omegaconf import OmegaConf
+
+    weights, config = old.state_dict(), OmegaConf.create()
+    path = checkpoint.save_checkpoint(tmp_path, 3, model=weights, ema=None, state={}, config=config)
+    new, _, _ = _family("class_cond_unet", True, guidance=True)
+    optimizer = torch.optim.SGD(new.parameters(), lr=0.1)
+    init = InitConfig(checkpoint=str(path), model="model", ema="none")
+    _, _, message = checkpoint.init_from_checkpoint(init, new, None, optimizer, torch.device("cpu"))
+    assert "guidance_embed.*, interval_embed.* (8 tensors) not in it: zero-initialised" in message
+    old.eval(), new.eval()
+    t = torch.tensor([0.1, 0.4, 0.7, 0.9])
+    with torch.no_grad():
+        assert torch.equal(new(x, t, y, r=torch.ones(4), w=torch.full((4,), 2.0)), old(x, t, y))
 
 
 @pytest.mark.parametrize("name", ["dit", "jit"])

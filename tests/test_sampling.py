@@ -238,6 +238,65 @@ def test_sample_nfe_counts_model_calls(solver):
     assert set(model.batch_sizes) <= {4, 8}
 
 
+class GuidanceConditioned(nn.Module):
+    """A flow map built with guidance_conditioning: records each call's (B, t, r, w) and returns
+    w (a [B] scale) broadcast as the velocity, so the sampled output shows which w each row got."""
+
+    guidance_conditioning = interval_conditioning = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y, r=None, w=None):
+        self.calls.append((x.shape[0], t.clone(), None if r is None else r.clone(), None if w is None else w.clone()))
+        return (torch.ones_like(t) if w is None else w)[:, None].expand_as(x).clone()
+
+
+@pytest.mark.parametrize("solver", ["flow_map", "euler", "heun"])
+def test_a_guidance_conditioned_model_is_one_forward_per_step_given_w_inside_the_interval(solver):
+    """Guidance as a model condition (flow_map.py): CFG is the model's input w = guidance_scale for rows
+    whose t is inside the interval and 1 outside, in one B-row forward per evaluation (no null branch)."""
+    model = GuidanceConditioned()
+    sampler = FlowSampler(model, make_path(), num_classes=3)
+    x, y = torch.zeros(4, 5), torch.tensor([0, 1, 2, 1])
+    solution = sampler.sample(x, y, solver=solver, num_steps=4, guidance_scale=2.5, guidance_interval=(0.3, 0.8))
+    assert solution.nfe == len(model.calls) == (8 if solver == "heun" else 4)  # one B-row forward per evaluation
+    for batch, t, r, w in model.calls:
+        assert batch == 4 and (r is None) == (solver != "flow_map")
+        inside = (t >= 0.3) & (t <= 0.8)
+        assert torch.equal(w, torch.where(inside, 2.5, 1.0))
+    assert any(bool(((t >= 0.3) & (t <= 0.8)).any()) for _, t, _, _ in model.calls)
+    assert any(bool((t < 0.3).any()) for _, t, _, _ in model.calls)
+    # the velocity is the model's output at that w: per row, velocity(x, t) = w(t)
+    t = torch.tensor([0.1, 0.5, 0.9, 0.3])
+    u = sampler.velocity(x, t, y, guidance_scale=2.5, guidance_interval=(0.3, 0.8))
+    torch.testing.assert_close(u, torch.tensor([1.0, 2.5, 1.0, 2.5])[:, None].expand(4, 5))
+    # guidance 1: the model is called without w (= 1); ep_cfg has no conditional branch to rescale to
+    model.calls.clear()
+    sampler.velocity(x, t, y, guidance_scale=1.0)
+    assert len(model.calls) == 1 and model.calls[0][3] is None
+    with pytest.raises(ValueError, match="ep_cfg"):
+        sampler.velocity(x, t, y, guidance_scale=2.0, ep_cfg=True)
+
+
+def test_a_guidance_conditioned_unet_samples_in_one_forward_per_jump():
+    """The real model through the real sampler: a ClassCondUNet flow map with guidance_conditioning."""
+    import models
+
+    torch.manual_seed(0)
+    model = models.ClassCondUNet(
+        num_classes=3, base_ch=8, depth=1, emb_dim=16, interval_conditioning=True, guidance_conditioning=True
+    ).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs.get("w")), with_kwargs=True)
+    sampler = FlowSampler(model, make_path(), num_classes=3)
+    solution = sampler.sample(
+        torch.randn(2, 1, 8, 8), torch.tensor([0, 2]), solver="flow_map", num_steps=2, guidance_scale=1.5
+    )
+    assert solution.nfe == 2 and [w.tolist() for w in calls] == [[1.5, 1.5], [1.5, 1.5]]
+
+
 def test_guidance_needs_labels_and_null_class():
     with pytest.raises(ValueError, match="num_classes"):
         FlowSampler(isotropic(), make_path()).velocity(noise(4), torch.tensor(0.5), None, guidance_scale=2.0)

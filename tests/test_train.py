@@ -397,6 +397,29 @@ def test_flow_map_resume_is_bitwise_exact(tmp_path):
     assert_same_state(final_state(tmp_path / "full"), final_state(tmp_path / "split"))
 
 
+def test_a_guidance_conditioned_flow_map_trains_evaluates_and_resumes_bitwise(tmp_path):
+    """digits_meanflow_guided, shrunk: the per-sample guidance scales come from the micro-batch's generator
+    after (t, r), so a resumed run replays exactly; the guidance embedding trains off its zero init, and
+    the final evaluation samples through the one-forward guided sampler."""
+    run = [
+        "experiment=digits_meanflow_guided",
+        "model.base_ch=8",
+        "model.emb_dim=16",
+        "model.time_freq_dim=16",
+        "training.batch_size=32",
+        "training.checkpoint_every=2",
+        "training.num_eval_samples=20",
+        "training.eval_every=0",
+        "solver.num_steps=1",
+    ]
+    assert run_train(tmp_path / "full", *run, "training.max_steps=4") == 0
+    assert run_train(tmp_path / "split", *run, "training.max_steps=2") == 0
+    assert run_train(tmp_path / "split", *run, "training.max_steps=4", "training.resume=auto") == 0
+    full = final_state(tmp_path / "full")
+    assert_same_state(full, final_state(tmp_path / "split"))
+    assert float(full[0]["guidance_embed.mlp.2.weight"].abs().max()) > 0
+
+
 def test_a_flow_map_starts_from_a_velocity_checkpoint_with_a_gap_curriculum(tmp_path, capsys):
     """Conversion: training.init.checkpoint from a run without an interval embedding; the embedding keeps
     its zero init (so step 0 is the teacher), every other weight is the teacher's."""
