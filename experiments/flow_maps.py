@@ -45,7 +45,8 @@ class FlowMapsConfig:
     stage: str | None = None  # required: moons | digits | fashion
     out: str | None = None  # run directory root (null: runs/flow_maps/<tag>)
     epochs: int | None = None  # training.epochs of every run (null: each preset's)
-    convert: bool = False  # also the teacher -> flow map conversion
+    convert: bool = False  # also the teacher -> flow map conversion (implies teacher)
+    teacher: bool = False  # also train (or reuse) and score the stage's flow-matching teacher
     curriculum_steps: int = 0  # conversion: steps over which the largest r - t widens from 0 to 1 (0: off)
     classifier: str | None = None  # the evaluation classifier (null: the stage's, CLASSIFIERS)
     data_root: str | None = None  # dataset.root of every run (a 28x28 stand-in; download off)
@@ -71,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         extra += [f"dataset.root={args.data_root}", "dataset.download=false"]
     tuned = args.overrides.split()
     cost = {"scratch": train(out, "scratch", flow_map, timings, *epochs, *tuned, *extra)}
-    if args.convert:
+    if args.convert or args.teacher:
         teacher_cost = train(out, "teacher", teacher, timings, *epochs, *extra)
+    if args.convert:
         preset, overrides = (conversion, ()) if conversion else (flow_map, CONVERT)
         student = train(
             out,
@@ -92,13 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in cost.items():
         scores = evaluate(args.stage, out / name, guidance, classifier, "flow_map")
         table[name] = {"seconds": seconds, "nfe": {str(k): v for k, v in scores.items()}}
-    if args.convert:  # the teacher as few_step.py scores it (Euler, its run's guidance): the same-day reference
+    if args.convert or args.teacher:  # the teacher as few_step.py scores it (Euler, its run's guidance)
         scores = evaluate(args.stage, out / "teacher", None, classifier)
         table["teacher (Euler)"] = {"seconds": timings["teacher"], "nfe": {str(k): v for k, v in scores.items()}}
     timings.pop("_path")
-    (ROOT / f"experiments/flow_maps_{tag}.json").write_text(
-        json.dumps({"timings": timings, "table": table}, indent=2)
-    )
+    (ROOT / f"experiments/flow_maps_{tag}.json").write_text(json.dumps({"timings": timings, "table": table}, indent=2))
     plot_key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
     figure = ROOT / f"experiments/figures/flow_maps_{tag}.png"
     plot(tag, table, plot_key, figure, xlabel="NFE (flow-map jumps; the teacher: Euler steps)")
