@@ -295,6 +295,7 @@ def test_default_command_learns_class_conditional_moons(tmp_path):
     assert f"{recomputed:.4f}" == f"{printed['sliced_w2_null']:.4f}"
 
 
+@pytest.mark.slow  # about 60 s: a whole digits run, its evaluation and inference.py
 def test_digits_stage_end_to_end(tmp_path):
     """A short digits_cfg run (300 steps, ~30-40 s here) scored by a classifier trained on the real
     digits. Guided samples must be classified as their requested digit at least 60 % of the time:
@@ -348,6 +349,7 @@ def test_digits_stage_end_to_end(tmp_path):
     assert set(scores) >= {"classifier_fd", "jpeg_bpp", "png_bpp", "jpeg_payload_bpp", "png_payload_bpp"}
 
 
+@pytest.mark.slow  # about 30 s: Inception features of a training run's samples
 def test_training_logs_fid_n_against_a_reference(tmp_path, inception_weights):
     import json
 
