@@ -25,7 +25,7 @@ def test_two_ranks_match_one_process_for_a_flow_map(tmp_path):
     """The MeanFlow JVP runs on the plain module outside autograd; the loss's forward goes through DDP,
     so the gradients are all-reduced: rank 0 after 2-rank training equals one process accumulating the
     same two micro-batches (a rank that kept only its own gradient would not)."""
-    args = [*ARGS, "experiment=moons_meanflow", "training.max_steps=10"]
+    args = [*ARGS, "experiment=moons_meanflow", "flow.meanflow.derivative=jvp", "training.max_steps=10"]
     torchrun("train.py", f"training.run_dir={tmp_path / 'ddp'}", *FAST, *args)
     assert run_train(tmp_path / "single", *args, "training.grad_accum=2") == 0
     assert run_train(tmp_path / "rank_only", *args, "training.batch_size=32") == 0  # one rank's half alone

@@ -427,14 +427,17 @@ def test_per_sample_guidance_scales_fold_row_by_row_and_every_pass_gets_w():
         wi = float(w[i])
         expected = v[i] if i == 2 else wi * v[i] + (1 - wi) * -1.0
         torch.testing.assert_close(target[i], expected, rtol=1e-12, atol=1e-12)
-    assert seen[0] is None and all(torch.equal(s, w) for s in seen[1:])  # null branch first, at w = 1
+    # the null branch first (every row, at w = 1), then the derivative's passes on the rows with r != t
+    assert seen[0] is None and len(seen) > 1 and all(torch.equal(s, w[1:]) for s in seen[1:])
     # through loss(): a row with the null label is trained at w = 1 whatever was drawn
     seen.clear()
     drawn = torch.tensor([2.0, 2.5, 3.0, 1.5])
     objective(flow.make_path(), guidance_range=(1.0, 4.0)).loss(
         Labelled(), Labelled(), torch.randn(4, 2), torch.randn(4, 2), t, r, y, 3, w=drawn
     )
-    assert seen[0] is None and all(torch.equal(s, torch.tensor([2.0, 2.5, 1.0, 1.5])) for s in seen[1:])
+    trained_w = torch.tensor([2.0, 2.5, 1.0, 1.5])
+    assert seen[0] is None and all(torch.equal(s, trained_w[1:]) for s in seen[1:-1])
+    assert torch.equal(seen[-1], trained_w)  # the trained forward: every row
 
 
 def test_guidance_scales_are_drawn_per_sample_in_the_range_after_the_interval_draws():
@@ -500,6 +503,46 @@ def test_inference_samples_a_flow_map_checkpoint_in_k_jumps_and_still_runs_its_o
         assert not np.allclose(outputs["one"], outputs["two"]) and not np.allclose(outputs["two"], outputs["ode"])
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("derivative", ["jvp", "finite_difference", "split"])
+def test_the_derivative_passes_run_on_the_rows_with_r_not_t_alone(derivative):
+    """Rows at r = t get v exactly and cost no pass; the other rows' targets equal a whole-batch evaluation
+    (the formula written out on every row, whose r = t rows drop out through the factor r - t)."""
+    model = small_mlp()
+    t, r = times(16)
+    g = torch.Generator().manual_seed(5)
+    z, v = torch.randn(16, 3, generator=g), torch.randn(16, 3, generator=g)
+    batches = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, z, t, y=None, r=None):
+            batches.append(z.shape[0])
+            return model(z, t, y, r=r)
+
+    target = objective(flow.make_path(), derivative=derivative, tangent="model").target(
+        Recording(), z, v, t, r, None, None
+    )
+    assert batches and set(batches) == {8}  # times() puts 8 of the 16 rows at r = t
+    assert torch.equal(target[:8], v[:8])
+
+    def u(z_, t_, r_):
+        return model(z_, t_, r=r_)
+
+    with torch.no_grad():
+        if derivative == "split":
+            whole = flow_map.split_target(u, z, v, t, r)
+        else:
+            dz = model(z, t)
+            dudt = (
+                flow_map.total_derivative(u, z, t, r, dz)[1]
+                if derivative == "jvp"
+                else flow_map.finite_difference_derivative(u, z, t, r, dz, 1e-3)
+            )
+            whole = v + (r - t)[:, None] * dudt
+    torch.testing.assert_close(target, whole, rtol=1e-12, atol=1e-12)
+    batches.clear()
+    assert torch.equal(objective(flow.make_path()).target(Recording(), z, v, t, t, None, None), v) and not batches
 
 
 def test_the_split_target_is_the_average_velocity_of_the_composed_halves():

@@ -429,6 +429,7 @@ def test_a_flow_map_starts_from_a_velocity_checkpoint_with_a_gap_curriculum(tmp_
     teacher = final_state(tmp_path / "teacher")
     convert = [
         "experiment=moons_meanflow",
+        "model.time_freq_dim=64",  # the teacher's
         f"training.init.checkpoint={tmp_path / 'teacher'}",
         "flow.meanflow.curriculum_steps=100",
         "training.batch_size=64",
@@ -453,7 +454,8 @@ def test_a_flow_map_starts_from_a_velocity_checkpoint_with_a_gap_curriculum(tmp_
 @pytest.mark.slow
 def test_a_flow_map_trains_with_a_compiled_forward(tmp_path):
     """torch.compile wraps the loss forward (with its r= argument); the JVP runs on the eager module."""
-    run = [*SHORT[1:], "experiment=moons_meanflow", "training.max_steps=5", "training.compile=true"]
+    run = [*SHORT[1:], "experiment=moons_meanflow", "flow.meanflow.derivative=jvp", "training.max_steps=5"]
+    run.append("training.compile=true")
     assert run_train(tmp_path / "compiled", *run) == 0
     model = final_state(tmp_path / "compiled")[0]
     assert all(torch.isfinite(value).all() for value in model.values())
