@@ -150,11 +150,20 @@ def plot(stage: str, table: dict, key: str, path: Path, xlabel: str = "NFE (Eule
     figure.savefig(path)
 
 
-def results_paths(stage: str, out: Path, update_docs: bool) -> tuple[Path, Path]:
-    """-> (table json, figure png): beside the runs in `out`, or the tracked experiments/ files when asked."""
+def results_paths(name: str, out: Path, out_arg: str | None, update_docs: bool) -> tuple[Path, Path]:
+    """-> (table json, figure png) named `name`: beside the runs in `out`, or the tracked experiments/ files
+    when asked; an `out` (given as out_arg) inside experiments/ is refused, so no tracked file changes unasked."""
+    docs = (ROOT / "experiments").resolve()
+    check(
+        not out.resolve().is_relative_to(docs),
+        "out",
+        out_arg,
+        f"is inside {docs}, whose files are tracked; choose a folder outside it (update_docs=true writes the "
+        f"table and figure there)",
+    )
     if update_docs:
-        return ROOT / f"experiments/few_step_{stage}.json", ROOT / f"experiments/figures/few_step_{stage}.png"
-    return out / f"few_step_{stage}.json", out / f"few_step_{stage}.png"
+        return ROOT / f"experiments/{name}.json", ROOT / f"experiments/figures/{name}.png"
+    return out / f"{name}.json", out / f"{name}.png"
 
 
 @dataclass
@@ -174,15 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     check_choice("stage", args.stage, sorted(STAGES))
     check(args.pairs >= 1, "pairs", args.pairs, "must be >= 1")
     out = Path(args.out or f"runs/few_step/{args.stage}")
-    docs = (ROOT / "experiments").resolve()
-    check(
-        not out.resolve().is_relative_to(docs),
-        "out",
-        args.out,
-        f"is inside {docs}, whose files are tracked; choose a folder outside it (update_docs=true writes the "
-        f"table and figure there)",
-    )
-    json_path, figure_path = results_paths(args.stage, out, args.update_docs)
+    json_path, figure_path = results_paths(f"few_step_{args.stage}", out, args.out, args.update_docs)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}

@@ -1,7 +1,8 @@
 """Flow maps (MeanFlow, flow_map.py) against the few-step table (experiments/few_step.md): quality at
 1, 2, 4, 8 and 32 flow-map jumps, with the training CPU seconds each model cost. Writes
-experiments/flow_maps_<tag>.json and experiments/figures/flow_maps_<tag>.png (quality against NFE)
-and prints the markdown table (experiments/flow_maps.md).
+flow_maps_<tag>.json and flow_maps_<tag>.png (quality against NFE) beside the runs in `out` (with
+update_docs=true: the tracked experiments/ and experiments/figures/ files instead) and prints the
+markdown table (experiments/flow_maps.md).
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=moons
     OMP_NUM_THREADS=1 .venv/bin/python experiments/flow_maps.py stage=digits epochs=30
@@ -21,13 +22,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from few_step import NFES, evaluate, plot, train
+from few_step import NFES, evaluate, plot, results_paths, train
 
 from cli import parse_keys
 from config import check, check_choice
 from runtime import run_main
 
-ROOT = Path(__file__).resolve().parents[1]
 # (flow map, teacher, conversion: a preset, or the flow-map preset with CONVERT)
 STAGES = {
     "moons": ("moons_meanflow", "moons", "moons_meanflow_convert"),
@@ -43,7 +43,8 @@ CONVERT = ("model.time_scale=1000.0", "flow.meanflow.derivative=split", "trainin
 @dataclass
 class FlowMapsConfig:
     stage: str | None = None  # required: moons | digits | fashion
-    out: str | None = None  # run directory root (null: runs/flow_maps/<tag>)
+    out: str | None = None  # run directory root, also where the table goes (null: runs/flow_maps/<tag>)
+    update_docs: bool = False  # write the table and figure into the tracked experiments/ files instead
     epochs: int | None = None  # training.epochs of every run (null: each preset's)
     convert: bool = False  # also the teacher -> flow map conversion (implies teacher)
     teacher: bool = False  # also train (or reuse) and score the stage's flow-matching teacher
@@ -52,6 +53,8 @@ class FlowMapsConfig:
     data_root: str | None = None  # dataset.root of every run (a 28x28 stand-in; download off)
     tag: str | None = None  # names the results experiments/flow_maps_<tag>.json (null: the stage)
     overrides: str = ""  # extra train.py overrides for every flow-map run, space-separated
+    guidance: float = 1.0  # the flow maps' solver.guidance_scale when scored: 1 for CFG folded in at a fixed
+    # scale, the model's input w for one trained with guidance as a condition (moons: unconditional, unused)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     check_choice("stage", args.stage, sorted(STAGES))
     tag = args.tag or args.stage
     out = Path(args.out or f"runs/flow_maps/{tag}")
+    check(args.guidance >= 1, "guidance", args.guidance, "must be >= 1 (1 = no guidance)")
+    json_path, figure = results_paths(f"flow_maps_{tag}", out, args.out, args.update_docs)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             *extra,
         )
         cost["converted"] = teacher_cost + student
-    guidance = None if args.stage == "moons" else 1.0  # the guidance is folded into the flow map
+    guidance = None if args.stage == "moons" else args.guidance
     table = {}
     for name, seconds in cost.items():
         scores = evaluate(args.stage, out / name, guidance, classifier, "flow_map")
@@ -98,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(args.stage, out / "teacher", None, classifier)
         table["teacher (Euler)"] = {"seconds": timings["teacher"], "nfe": {str(k): v for k, v in scores.items()}}
     timings.pop("_path")
-    (ROOT / f"experiments/flow_maps_{tag}.json").write_text(json.dumps({"timings": timings, "table": table}, indent=2))
+    json_path.write_text(json.dumps({"timings": timings, "table": table}, indent=2))
     plot_key = "sliced_w2" if args.stage == "moons" else "classifier_fd"
-    figure = ROOT / f"experiments/figures/flow_maps_{tag}.png"
     plot(tag, table, plot_key, figure, xlabel="NFE (flow-map jumps; the teacher: Euler steps)")
+    print(f"wrote {json_path} and {figure}")
     keys = ["sliced_w2"] if args.stage == "moons" else ["classifier_accuracy", "classifier_fd"]
     print("\n| model | training CPU s | " + " | ".join(f"{k} @ {n}" for k in keys for n in NFES) + " |")
     print("|---|---|" + "---|" * (len(keys) * len(NFES)))
