@@ -20,8 +20,8 @@ i.e. one Jacobian-vector product of u with the tangent (dz, dt, dr) = (v, 1, 0).
 u = v - (t - r) du/dt is the same equation ((t - r) = -(r - t)); since r > t here, (r - t) >= 0 and
 the du/dt term *adds*. The training target is u_tgt = v_c + (r - t) sg(du/dt), with v_c the conditional
 velocity d_alpha x1 + d_sigma eps (flow.AffinePath.target_velocity) standing in for v, as in
-flow matching; sg = stop-gradient, so the loss ||u_theta(z_t, r, t) - u_tgt||^2 costs one JVP and one
-backward. Its minimiser is the true average velocity (MeanFlow, sec. 4.1).
+flow matching; sg = stop-gradient, so the loss ||u_theta(z_t, r, t) - u_tgt||^2 costs one JVP (on the
+rows with r != t) and one backward. Its minimiser is the true average velocity (MeanFlow, sec. 4.1).
 
 Options: the JVP tangent may be the network's own instantaneous velocity u_theta(z_t, t, t) instead
 of v_c (``tangent=model``, the tangent of improved MeanFlow, arXiv 2512.02012); du/dt may be a central
