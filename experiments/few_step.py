@@ -150,14 +150,14 @@ def plot(stage: str, table: dict, key: str, path: Path, xlabel: str = "NFE (Eule
     figure.savefig(path)
 
 
-def results_paths(name: str, out: Path, out_arg: str | None, update_docs: bool) -> tuple[Path, Path]:
+def results_paths(name: str, out: Path, update_docs: bool) -> tuple[Path, Path]:
     """-> (table json, figure png) named `name`: beside the runs in `out`, or the tracked experiments/ files
-    when asked; an `out` (given as out_arg) inside experiments/ is refused, so no tracked file changes unasked."""
+    when asked; an `out` inside experiments/ is refused, so no tracked file changes unasked."""
     docs = (ROOT / "experiments").resolve()
     check(
         not out.resolve().is_relative_to(docs),
         "out",
-        out_arg,
+        str(out),
         f"is inside {docs}, whose files are tracked; choose a folder outside it (update_docs=true writes the "
         f"table and figure there)",
     )
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     check_choice("stage", args.stage, sorted(STAGES))
     check(args.pairs >= 1, "pairs", args.pairs, "must be >= 1")
     out = Path(args.out or f"runs/few_step/{args.stage}")
-    json_path, figure_path = results_paths(f"few_step_{args.stage}", out, args.out, args.update_docs)
+    json_path, figure_path = results_paths(f"few_step_{args.stage}", out, args.update_docs)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or args.stage
     out = Path(args.out or f"runs/flow_maps/{tag}")
     check(args.guidance >= 1, "guidance", args.guidance, "must be >= 1 (1 = no guidance)")
-    json_path, figure = results_paths(f"flow_maps_{tag}", out, args.out, args.update_docs)
+    json_path, figure = results_paths(f"flow_maps_{tag}", out, args.update_docs)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
