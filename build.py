@@ -48,7 +48,7 @@ def build_flow_map(flow_cfg, path, time_sampler):
     m = flow_cfg.meanflow
     return flow_map.MeanFlowObjective(
         path,
-        flow_map.IntervalSampler(time_sampler, m.equal_fraction),
+        flow_map.IntervalSampler(time_sampler, m.equal_fraction, m.endpoint_fraction),
         weight_p=m.weight_p,
         weight_c=m.weight_c,
         guidance_scale=m.guidance_scale,

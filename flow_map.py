@@ -101,15 +101,22 @@ class IntervalSampler:
     """(t, r) for a batch: t from the run's time sampler; with probability 1 - equal_fraction a second
     draw t' gives the interval (min(t, t'), max(t, t')), otherwise r = t (plain flow matching on those
     samples: u(z, t, t) = v). MeanFlow trains 75 % of samples at r = t (its best ratio, Table 1a).
+    Two draws of uniform times give gaps of density 2 (1 - gap), none near the whole interval that a
+    one-jump sampler uses; endpoint_fraction moves that share of the r != t samples to (0, 1) exactly.
     max_gap caps r - t (the conversion curriculum); every draw comes from the micro-batch's generator."""
 
     time_sampler: TimeSampler
     equal_fraction: float = 0.75
+    endpoint_fraction: float = 0.0
 
     def __call__(self, t: Tensor, generator: torch.Generator, max_gap: float = 1.0) -> tuple[Tensor, Tensor]:
         other = self.time_sampler(t.shape[0], generator, t.device).to(t.dtype)
         equal = torch.rand(t.shape, generator=generator, device=generator.device).to(t.device) < self.equal_fraction
         low, high = torch.minimum(t, other), torch.maximum(t, other)
+        if self.endpoint_fraction > 0:  # drawn only when asked, so runs without it keep their random stream
+            whole = torch.rand(t.shape, generator=generator, device=generator.device).to(t.device)
+            whole = whole < self.endpoint_fraction
+            low, high = torch.where(whole, 0.0, low), torch.where(whole, 1.0, high)
         start = torch.where(equal, t, low)
         end = torch.where(equal, t, torch.minimum(high, low + max_gap))
         return start, end
@@ -219,6 +226,7 @@ def check_settings(m, key: str = "flow.meanflow") -> list[tuple[bool, str, objec
     """(condition, key, value, requirement) for every MeanFlow setting; config.validate raises the first."""
     return [
         (0 <= m.equal_fraction <= 1, f"{key}.equal_fraction", m.equal_fraction, "must be in [0, 1]"),
+        (0 <= m.endpoint_fraction <= 1, f"{key}.endpoint_fraction", m.endpoint_fraction, "must be in [0, 1]"),
         (m.weight_p >= 0, f"{key}.weight_p", m.weight_p, "must be >= 0 (0 = plain squared error)"),
         (m.weight_c > 0, f"{key}.weight_c", m.weight_c, "must be > 0"),
         (m.guidance_scale >= 1, f"{key}.guidance_scale", m.guidance_scale, "must be >= 1 (1 = no guidance)"),

@@ -353,6 +353,7 @@ ADDED_KEYS = {
     "grpo.guard.lr_factor": 0.5,
     "grpo.guard.max_rollbacks": 3,
     "grpo.guard.samples": "ode",
+    "flow.meanflow.endpoint_fraction": 0.0,  # flow-map runs started before the knob drew no endpoints
 }
 
 

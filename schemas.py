@@ -27,6 +27,7 @@ class MeanFlowConfig:
     """The flow-map objective's settings (flow_map.py), read with flow.objective = meanflow."""
 
     equal_fraction: float = 0.75  # fraction of samples trained at r = t (plain flow matching); MeanFlow's 75 %
+    endpoint_fraction: float = 0.0  # of the r != t samples, the share at the whole interval (t, r) = (0, 1)
     weight_p: float = 1.0  # adaptive weight 1 / (||err||^2 + c)^p, stop-gradient; 0 = plain squared error
     weight_c: float = 1.0e-3
     guidance_scale: float = 1.0  # CFG folded into the target at this fixed scale (1 = none); sample at 1

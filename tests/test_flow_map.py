@@ -192,6 +192,30 @@ def test_interval_draws_are_ordered_equal_at_the_fraction_and_capped_by_the_curr
     assert torch.equal(again[0], t) and torch.equal(again[1], r)
 
 
+def test_endpoint_fraction_moves_that_share_of_the_moving_draws_to_the_whole_interval():
+    time_sampler = flow.make_time_sampler("uniform")
+    t0 = time_sampler(20000, torch.Generator().manual_seed(8))
+    plain = flow_map.IntervalSampler(time_sampler, equal_fraction=0.5)
+    ends = flow_map.IntervalSampler(time_sampler, equal_fraction=0.5, endpoint_fraction=0.3)
+    t, r = ends(t0, torch.Generator().manual_seed(9))
+    moving = r != t
+    whole = (t == 0) & (r == 1)
+    assert abs(float(whole[moving].double().mean()) - 0.3) < 0.02
+    assert abs(float(moving.double().mean()) - 0.5) < 0.02  # the r = t share is unchanged
+    # the other moving rows are the plain sampler's draws (the endpoint draw comes after them)
+    t_plain, r_plain = plain(t0, torch.Generator().manual_seed(9))
+    keep = ~whole
+    assert torch.equal(t[keep], t_plain[keep]) and torch.equal(r[keep], r_plain[keep])
+    # endpoint_fraction = 0 draws nothing more: the generator ends where the plain sampler's does
+    g_plain, g_zero = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    plain(t0, g_plain)
+    flow_map.IntervalSampler(time_sampler, equal_fraction=0.5, endpoint_fraction=0.0)(t0, g_zero)
+    assert torch.equal(g_plain.get_state(), g_zero.get_state())
+    # the curriculum still caps the gap of the endpoint rows
+    t_cap, r_cap = ends(t0, torch.Generator().manual_seed(9), max_gap=0.25)
+    assert float((r_cap - t_cap).max()) <= 0.25 + 1e-6
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_flow_map_sampling_of_the_exact_map_is_the_exact_ode_solution(steps):
     path = flow.make_path("condot")
@@ -255,6 +279,7 @@ def test_a_velocity_model_refuses_the_flow_map_sampler_and_a_target_time():
             "flow.meanflow.tangent = 'model_free': must be one of: conditional, model",
         ),
         (["flow.meanflow.equal_fraction=1.5"], "flow.meanflow.equal_fraction = 1.5: must be in [0, 1]"),
+        (["flow.meanflow.endpoint_fraction=-0.1"], "flow.meanflow.endpoint_fraction = -0.1: must be in [0, 1]"),
         (
             ["flow.meanflow.guidance_scale=2.0"],
             "training.p_uncond = 0.0: must be > 0 with flow.meanflow.guidance_scale",
