@@ -150,7 +150,8 @@ def main(root: str, anchor_path: str, judge_path: str, n: int, fd_samples: int) 
     print(f"\n| one transform for all: scale, squeeze, contrast, blur sigma, threshold {header}")
     mean_bpp = bpp.mean(1).tolist()
     fds = [mean_fd(features[v], y, reference, fd_samples) for v in range(len(variants))]
-    for v in pareto_front(mean_bpp, fds):
+    front = pareto_front(mean_bpp, fds)
+    for v in front:
         print(row(", ".join(map(str, variants[v])), torch.full((n,), v)))
 
     print(
@@ -158,7 +159,7 @@ def main(root: str, anchor_path: str, judge_path: str, n: int, fd_samples: int) 
         "| vs the data | judge accuracy | classifier-FD |\n|---|---|---|---|---|"
     )
     whole = jpeg_bits_per_pixel(uint8_to_model_space(train.x)).mean().item()
-    kept = [v for v in pareto_front(mean_bpp, fds) if judged[v].mean() >= 0.95 * judged[identity].mean()]
+    kept = [v for v in front if judged[v].mean() >= 0.95 * judged[identity].mean()]
     for v in sorted(kept, key=lambda v: -mean_bpp[v]):
         image = transform(train.x.float() / 255, *variants[v])
         image_bpp = jpeg_bits_per_pixel(uint8_to_model_space(image))
