@@ -52,6 +52,7 @@ def build_flow_map(flow_cfg, path, time_sampler):
         weight_p=m.weight_p,
         weight_c=m.weight_c,
         guidance_scale=m.guidance_scale,
+        guidance_interval=tuple(m.guidance_interval),
         tangent=m.tangent,
         derivative=m.derivative,
         fd_step=m.fd_step,

@@ -28,7 +28,8 @@ of v_c (``tangent=model``, the tangent of improved MeanFlow, arXiv 2512.02012); 
 finite difference (``derivative=finite_difference``, error O(h^2) for a step h, for networks forward-mode
 AD does not run through), or the target may avoid derivatives altogether by interval splitting
 (``derivative=split``, `split_target`); CFG can be folded into the target at a fixed scale w (MeanFlow eq. 19 with
-kappa = 0): v_c -> w v_c + (1 - w) u_theta(z_t, t, t | null) for samples that kept their label, or, with
+kappa = 0): v_c -> w v_c + (1 - w) u_theta(z_t, t, t | null) for samples that kept their label (and whose t
+lies in ``guidance_interval``: the flow map then learns the sampler that guides on that interval only), or, with
 guidance as a model condition (``guidance_condition``, improved MeanFlow), at a scale w drawn per sample
 from a range and given to the model (``model(z, t, y, r=r, w=w)``, models.GuidanceEmbedding), so the
 sampler picks w in one forward per step (null-label rows and the unconditional branch run at w = 1); the
@@ -139,6 +140,7 @@ class MeanFlowObjective:
     weight_p: float = 1.0
     weight_c: float = 1e-3
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # closed [t_lo, t_hi] in which CFG is folded in
     tangent: str = "conditional"
     derivative: str = "jvp"
     fd_step: float = 1e-3
@@ -158,16 +160,17 @@ class MeanFlowObjective:
 
     def target(self, model, x_t: Tensor, v: Tensor, t: Tensor, r: Tensor, y, null_label, w=None) -> Tensor:
         """u_tgt = v_g + (r - t) du/dt [B, ...] in float32 (or wider), with no autograd graph. v_g is v with
-        CFG folded in (samples whose label is not the null label) at the fixed guidance_scale, or at the
-        per-sample w [B] (guidance as a model condition: every pass of u then gets w too), the tangent v_g
-        or the network's own u(z_t, t, t)."""
+        CFG folded in (samples whose label is not the null label and whose t is in guidance_interval) at the
+        fixed guidance_scale, or at the per-sample w [B] (guidance as a model condition: every pass of u then
+        gets w too), the tangent v_g or the network's own u(z_t, t, t)."""
         dtype = v.dtype
         with torch.no_grad():
             if w is not None or self.guidance_scale != 1.0:
                 scale = self.guidance_scale if w is None else expand_t(w.to(dtype), v)
                 null = torch.full_like(y, null_label)
                 u_uncond = model(x_t, t, null, r=t).to(dtype)  # w = None: the unguided branch, at w = 1
-                guided = expand_t(y != null_label, v)
+                t_lo, t_hi = self.guidance_interval  # the sampler's guidance interval, folded in
+                guided = expand_t((y != null_label) & (t >= t_lo) & (t <= t_hi), v)
                 v = torch.where(guided, scale * v + (1 - scale) * u_uncond, v)
             # Rows with r = t have the target v whatever du/dt is (its factor r - t is 0), so the tangent, the
             # JVP and the split run on the rows with r != t alone: with MeanFlow's 75 % at r = t, a quarter of
@@ -230,6 +233,12 @@ def check_settings(m, key: str = "flow.meanflow") -> list[tuple[bool, str, objec
         (m.weight_p >= 0, f"{key}.weight_p", m.weight_p, "must be >= 0 (0 = plain squared error)"),
         (m.weight_c > 0, f"{key}.weight_c", m.weight_c, "must be > 0"),
         (m.guidance_scale >= 1, f"{key}.guidance_scale", m.guidance_scale, "must be >= 1 (1 = no guidance)"),
+        (
+            len(m.guidance_interval) == 2 and 0 <= m.guidance_interval[0] <= m.guidance_interval[1] <= 1,
+            f"{key}.guidance_interval",
+            list(m.guidance_interval),
+            "must be [t_lo, t_hi] with 0 <= t_lo <= t_hi <= 1",
+        ),
         (m.tangent in TANGENTS, f"{key}.tangent", m.tangent, f"must be one of: {', '.join(TANGENTS)}"),
         (m.derivative in DERIVATIVES, f"{key}.derivative", m.derivative, f"must be one of: {', '.join(DERIVATIVES)}"),
         (0 < m.fd_step < 0.5 and math.isfinite(m.fd_step), f"{key}.fd_step", m.fd_step, "must be in (0, 0.5)"),

@@ -354,6 +354,7 @@ ADDED_KEYS = {
     "grpo.guard.max_rollbacks": 3,
     "grpo.guard.samples": "ode",
     "flow.meanflow.endpoint_fraction": 0.0,  # flow-map runs started before the knob drew no endpoints
+    "flow.meanflow.guidance_interval": [0.0, 1.0],  # flow-map runs started before it folded CFG at every t
 }
 
 

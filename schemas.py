@@ -31,6 +31,7 @@ class MeanFlowConfig:
     weight_p: float = 1.0  # adaptive weight 1 / (||err||^2 + c)^p, stop-gradient; 0 = plain squared error
     weight_c: float = 1.0e-3
     guidance_scale: float = 1.0  # CFG folded into the target at this fixed scale (1 = none); sample at 1
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # [t_lo, t_hi] where it folds
     tangent: str = "conditional"  # JVP z-tangent: conditional (v = d_alpha x1 + d_sigma eps) | model (u(z, t, t))
     derivative: str = "jvp"  # jvp (torch.func.jvp) | finite_difference (central, step fd_step) | split (no derivative)
     fd_step: float = 1.0e-3

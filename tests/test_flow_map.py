@@ -385,6 +385,36 @@ def test_guidance_folded_into_the_target_uses_the_null_branch_for_labelled_rows_
     torch.testing.assert_close(target, expected)
 
 
+def test_guidance_folds_only_at_times_in_its_interval_the_ends_included():
+    """With guidance_interval [0.2, 0.6], rows at t = 0.2 and 0.6 (closed ends) and 0.4 fold CFG in, rows at
+    0.1 and 0.7 keep v, the flow map of a sampler that guides on that interval alone."""
+
+    class Labelled(torch.nn.Module):  # u = 0 for the null label (3), else 5
+        def forward(self, z, t, y=None, r=None):
+            return torch.where((y == 3)[:, None], 0.0, 5.0).expand_as(z)
+
+    z, v = torch.randn(5, 2), torch.randn(5, 2)
+    t = r = torch.tensor([0.1, 0.2, 0.4, 0.6, 0.7])
+    y = torch.zeros(5, dtype=torch.long)
+    target = objective(flow.make_path(), guidance_scale=2.5, guidance_interval=(0.2, 0.6)).target(
+        Labelled(), z, v, t, r, y, 3
+    )
+    expected = v.clone()
+    expected[1:4] = 2.5 * v[1:4]
+    torch.testing.assert_close(target, expected)
+    whole = objective(flow.make_path(), guidance_scale=2.5).target(Labelled(), z, v, t, r, y, 3)
+    torch.testing.assert_close(whole, 2.5 * v)  # the default [0, 1] folds at every t
+
+
+@pytest.mark.parametrize("interval", [[0.5, 0.2], [-0.1, 0.5], [0.0, 1.5], [0.3]])
+def test_a_fold_interval_outside_zero_one_is_refused_naming_the_key(interval):
+    from config import ConfigError, load_config
+
+    value = "[" + ",".join(str(x) for x in interval) + "]"
+    with pytest.raises(ConfigError, match=r"flow\.meanflow\.guidance_interval.*0 <= t_lo <= t_hi <= 1"):
+        load_config(["experiment=digits_meanflow", f"flow.meanflow.guidance_interval={value}"])
+
+
 def guided_mlp():
     """A class-conditional flow map with a guidance embedding, every layer moved off its init except the
     guidance embedding's zero last layer: a real network that ignores w (as at init)."""
