@@ -32,7 +32,7 @@ from runtime import run_main
 STAGES = {
     "moons": ("moons_meanflow", "moons", "moons_meanflow_convert"),
     "digits": ("digits_meanflow", "digits_cfg", None),
-    "fashion": ("fashion_meanflow", "fashion_cfg", None),  # Fashion-MNIST or a 28x28 stand-in (data_root)
+    "fashion": ("fashion_meanflow", "fashion_cfg", "fashion_meanflow_convert"),  # Fashion-MNIST or a stand-in
 }
 CLASSIFIERS = {"digits": "runs/classifiers/digits.safetensors", "fashion": "runs/classifiers/fashion.safetensors"}
 # what moons_meanflow_convert adds to moons_meanflow: the teacher's time features, the interval-splitting

@@ -647,3 +647,22 @@ def test_conversion_from_1000x_time_features_uses_the_split_target_which_the_fas
     finally:
         torch.set_default_dtype(torch.float64)
     assert cfg.flow.meanflow.derivative == "split" and cfg.model.time_scale == 1000.0
+
+
+def test_the_fashion_conversion_folds_the_teachers_own_guided_sampler():
+    """fashion_meanflow_convert starts from a fashion_cfg run: it keeps that model's time features, splits
+    (no JVP), and folds CFG at the teacher's sampling scale on the teacher's guidance interval, so the flow
+    map learns the sampler the teacher runs."""
+    from config import load_config
+
+    torch.set_default_dtype(torch.float32)
+    try:
+        student = load_config(["experiment=fashion_meanflow_convert", "training.init.checkpoint=runs/fashion_cfg"])
+        teacher = load_config(["experiment=fashion_cfg"])
+    finally:
+        torch.set_default_dtype(torch.float64)
+    m = student.flow.meanflow
+    assert m.derivative == "split" and student.model.time_scale == teacher.model.get("time_scale", 1000.0)
+    assert m.guidance_scale == teacher.solver.guidance_scale
+    assert list(m.guidance_interval) == list(teacher.solver.guidance_interval) != [0.0, 1.0]
+    assert student.solver.method == "flow_map" and student.solver.guidance_scale == 1.0
