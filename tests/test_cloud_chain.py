@@ -430,6 +430,7 @@ def test_render_dry_run_prints_a_parseable_chain_without_importing_torch():
     assert "estimate" not in result.stderr
 
 
+@pytest.mark.slow  # SkyPilot's optimizer prices the chain; the render dry run stays in the fast suite
 def test_launch_dry_run_prints_the_chain_and_its_costs(capsys):
     assert (
         sky_chain.main(

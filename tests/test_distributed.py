@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) trains the same model as 1 process with the same global batch."""
 
+import pytest
 import torch
 
 from conftest import FAST, final_state, run_train, torchrun
@@ -7,6 +8,7 @@ from conftest import FAST, final_state, run_train, torchrun
 ARGS = ["training.max_steps=20", "training.checkpoint_every=10", "training.batch_size=64"]
 
 
+@pytest.mark.slow  # the flow-map case below runs the same trainer on 2 ranks in the fast suite
 def test_two_ranks_match_one_process(tmp_path):
     torchrun("train.py", f"training.run_dir={tmp_path / 'ddp'}", *FAST, *ARGS)
     # One process doing the same 2 micro-batches by accumulation = the same global batch and draws.

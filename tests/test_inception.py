@@ -149,6 +149,7 @@ def test_precision_and_recall_of_a_set_against_itself_are_one(self_metrics, feat
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # sqrtm of the singular S1 S2 (rank 23)
+@pytest.mark.slow  # scipy's sqrtm of two 2048-d products; test_metrics checks frechet_distance against it
 def test_inception_metrics_keys_and_fid_matches_a_direct_scipy_computation(
     extractor, images_a, features_a, features_b, reference_b
 ):

@@ -482,6 +482,7 @@ def rows_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # three guarded runs; test_interrupted_run_resumes_bitwise keeps GRPO's resume in the fast suite
 def test_guard_rollbacks_resume_bitwise(tmp_path, seed_run, run_grpo, monkeypatch):
     """5 iterations in one go == 2, stop, then resume to 5, through the guard's rollbacks: same weights,
     optimizer state, guard state and best.json; and the same when SIGTERM stops it at iteration 2 (an
@@ -579,6 +580,7 @@ def test_each_objective_trains_through_the_entry_point(tmp_path, seed_run, run_g
     assert any(not torch.equal(model[key], seed_weights[key]) for key in model)  # it trained something
 
 
+@pytest.mark.slow  # a second objective's resume; test_interrupted_run_resumes_bitwise keeps GRPO's in the fast suite
 def test_diffusion_nft_with_a_cosine_lr_resumes_bitwise(tmp_path, seed_run, run_grpo):
     common = [
         "grpo.objective=diffusion_nft",
