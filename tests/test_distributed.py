@@ -8,7 +8,7 @@ from conftest import FAST, final_state, run_train, torchrun
 ARGS = ["training.max_steps=20", "training.checkpoint_every=10", "training.batch_size=64"]
 
 
-@pytest.mark.slow  # the flow-map case below runs the same trainer on 2 ranks in the fast suite
+@pytest.mark.slow  # the flow-map case below runs the same trainer and checks on 2 ranks in the fast suite
 def test_two_ranks_match_one_process(tmp_path):
     torchrun("train.py", f"training.run_dir={tmp_path / 'ddp'}", *FAST, *ARGS)
     # One process doing the same 2 micro-batches by accumulation = the same global batch and draws.
@@ -35,3 +35,6 @@ def test_two_ranks_match_one_process_for_a_flow_map(tmp_path):
     for key in single[0]:
         torch.testing.assert_close(ddp[0][key], single[0][key], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(ddp[0][key], alone[0][key], rtol=1e-5, atol=1e-6) for key in single[0])
+    # only rank 0 wrote: one set of checkpoints, no second rank's leftovers
+    written = sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir() if p.name != "latest")
+    assert written == ["step_0000010"]

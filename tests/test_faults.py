@@ -426,7 +426,7 @@ def test_classifier_script_takes_the_training_dataset_keys():
 # --- random kills ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # many kill points; the fast suite kills mid-step and mid-save in test_train
+@pytest.mark.slow  # three kills at random moments; test_train kills mid-step and mid-save in the fast suite
 def test_random_sigkills_then_resume_end_bitwise_identical(tmp_path):
     """Three SIGKILLs at random moments (seeded), each followed by the same command again."""
     long = ["training.max_steps=300", "training.checkpoint_every=15", "training.batch_size=64"]
